@@ -1,0 +1,3 @@
+from mmpeft.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""Backbone families: each module registers a loader `load(spec, path) -> Backbone`; `load_backbone` picks one."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from mmpeft.registry import Registry
+
+if TYPE_CHECKING:
+    from mmpeft.recipe import BackboneSpec
+
+logger = logging.getLogger("mmpeft")
+
+BACKBONES: Registry[Callable] = Registry("backbone family")
+DEMO_BACKBONES: Registry[Callable[[], Path]] = Registry("demo backbone")  # name -> builder returning a local dir
+FAMILY_MODULES = ("dual_encoder",)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be found or used, with what would work instead."""
+
+
+def resolve_path(spec: BackboneSpec) -> str:
+    """A demo name builds (once) into the cache; a local dir or hub id passes through unchanged."""
+    _import_families()
+    if spec.id in DEMO_BACKBONES:
+        return str(DEMO_BACKBONES.get(spec.id)())
+    if spec.id.startswith("mmpeft-demo/"):
+        raise BackboneError(f"backbone.id: unknown demo backbone {spec.id!r}; demo backbones: "
+                            f"{', '.join(DEMO_BACKBONES.names())}")
+    return str(Path(spec.id).expanduser()) if Path(spec.id).expanduser().is_dir() else spec.id
+
+
+def detect_family(path: str, spec: BackboneSpec) -> str:
+    if spec.family != "auto":
+        return spec.family
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, path, spec)
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    generative = "ForConditionalGeneration" in architectures or "ForImageTextToText" in architectures
+    family = "generative" if generative else "dual_encoder"
+    if family not in BACKBONES:
+        raise BackboneError(f"backbone.id {spec.id!r} looks {family}, which this version cannot load; "
+                            f"families: {', '.join(BACKBONES.names())}")
+    return family
+
+
+def load_backbone(spec: BackboneSpec):
+    path = resolve_path(spec)
+    family = detect_family(path, spec)
+    return BACKBONES.get(family)(spec, path)
+
+
+def load_pretrained(model_class, spec: BackboneSpec, path: str):
+    """(model, processor) through the Auto classes, with dtype, revision and optional quantization."""
+    from transformers import AutoProcessor
+
+    kwargs = {"dtype": DTYPES[spec.dtype]}
+    if spec.quantization is not None:
+        from mmpeft.quantization import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(spec.quantization)
+    model = _from_pretrained(model_class, path, spec, **kwargs)
+    processor = _from_pretrained(AutoProcessor, path, spec)
+    return model, processor
+
+
+def _from_pretrained(cls, path: str, spec: BackboneSpec, **kwargs):
+    try:
+        return cls.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs)
+    except OSError as error:
+        where = "local directory" if Path(path).is_dir() else "hub id (offline here? set HF_HUB_OFFLINE=0 online)"
+        raise BackboneError(f"backbone.id {spec.id!r}: could not load {cls.__name__} from {where}: "
+                            f"{str(error).splitlines()[0]}") from None
+
+
+def _import_families() -> None:
+    for module in FAMILY_MODULES:
+        importlib.import_module(f"mmpeft.backbones.{module}")
+    importlib.import_module("mmpeft.backbones.demo")

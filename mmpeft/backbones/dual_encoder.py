@@ -1,0 +1,134 @@
+"""Dual encoders (CLIP, SigLIP, any model with get_image_features/get_text_features): images scored against label texts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpeft.backbones import BACKBONES, BackboneError, load_pretrained
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmpeft.data import LabelSet
+    from mmpeft.recipe import BackboneSpec
+
+# Module-name patterns per tower; they match with or without a peft wrapper in front.
+TOWER_PATTERNS = {
+    "vision": r"(vision_model|vision_tower|visual)",
+    "text": r"(text_model|text_tower|textual)",
+}
+ATTENTION_PROJECTIONS = r"(q_proj|k_proj|v_proj|out_proj)"
+
+
+class DualEncoder(nn.Module):
+    """Wraps a transformers dual encoder; methods may replace `.model` (peft) or set `head`/`text_prompts`."""
+
+    family = "dual_encoder"
+
+    def __init__(self, model: nn.Module, processor, name_or_path: str):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.name_or_path = name_or_path
+        self.model_type = getattr(model.config, "model_type", "unknown")
+        self.head: nn.Module | None = None  # linear probe: logits from image features instead of label texts
+        self.text_prompts: nn.Module | None = None  # prompt learners: produce class text features themselves
+
+    # --- inputs -------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def image_processor(self):
+        return getattr(self.processor, "image_processor", self.processor)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        padding = "max_length" if self.model_type.startswith("siglip") else True
+        max_length = getattr(self.base_model.config.text_config, "max_position_embeddings", None)
+        tokens = self.tokenizer(texts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+
+    # --- features -----------------------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers model under any peft wrapper."""
+        model = self.model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = getattr(self.base_model, "dtype", pixel_values.dtype)
+        output = self.model.get_image_features(pixel_values=pixel_values.to(self.device, dtype))
+        return F.normalize(_pooled(output).float(), dim=-1)
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids}
+        if attention_mask is not None and not self.model_type.startswith("siglip"):
+            kwargs["attention_mask"] = attention_mask
+        return F.normalize(_pooled(self.model.get_text_features(**kwargs)).float(), dim=-1)
+
+    def class_text_features(self, labels: LabelSet) -> torch.Tensor:
+        """One normalised embedding per class: the mean over its prompt texts (a template ensemble)."""
+        if self.text_prompts is not None:
+            return self.text_prompts(self, labels)
+        prompts = [labels.prompts(i) for i in range(len(labels))]
+        flat = [text for group in prompts for text in group]
+        features = self.encode_texts(**self.tokenize(flat))
+        chunks = torch.split(features, [len(group) for group in prompts])
+        return F.normalize(torch.stack([chunk.mean(0) for chunk in chunks]), dim=-1)
+
+    def logit_scale(self) -> torch.Tensor:
+        scale = getattr(self.base_model, "logit_scale", None)
+        return scale.exp().float() if scale is not None else torch.tensor(100.0, device=self.device)
+
+    def logit_bias(self) -> torch.Tensor | float:
+        bias = getattr(self.base_model, "logit_bias", None)
+        return bias.float() if bias is not None else 0.0
+
+    def classify(self, pixel_values: torch.Tensor, text_features: torch.Tensor | None) -> torch.Tensor:
+        """Logits [batch, classes]: scaled cosine similarity to each class text (or the linear head)."""
+        image_features = self.encode_images(pixel_values)
+        if self.head is not None:
+            return self.head(image_features)
+        return image_features @ text_features.t() * self.logit_scale() + self.logit_bias()
+
+    # --- for methods --------------------------------------------------------------------------------------------
+    def tower_pattern(self, tower: str) -> str:
+        return TOWER_PATTERNS[tower]
+
+    def default_lora_targets(self, towers: tuple[str, ...]) -> str:
+        """A peft `target_modules` regex: attention projections of every encoder layer of the chosen towers."""
+        tower = "|".join(TOWER_PATTERNS[t] for t in towers)
+        return rf".*({tower})\.encoder\.layers\.\d+\.self_attn\.{ATTENTION_PROJECTIONS}"
+
+
+def _pooled(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def is_dual_encoder(model: nn.Module) -> bool:
+    return hasattr(model, "get_image_features") and hasattr(model, "get_text_features")
+
+
+@BACKBONES.register("dual_encoder")
+def load(spec: BackboneSpec, path: str) -> DualEncoder:
+    from transformers import AutoModel
+
+    model, processor = load_pretrained(AutoModel, spec, path)
+    if not is_dual_encoder(model):
+        raise BackboneError(f"backbone.id {spec.id!r}: {type(model).__name__} has no get_image_features/"
+                            "get_text_features, so it is not a dual encoder; try backbone.family: generative")
+    return DualEncoder(model, processor, path)

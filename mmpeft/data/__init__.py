@@ -1,0 +1,88 @@
+"""Data: raw rows -> label set -> bad-row checks -> stratified splits -> k-shot, as one call (`load_data`).
+
+Images stay references (paths, or rows of a `datasets` table) until an `ImageDataset` item is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmpeft.data.augment import check_augment
+from mmpeft.data.dataset import Example, ImageCollator, ImageDataset, collate_images
+from mmpeft.data.errors import DataError
+from mmpeft.data.labels import LabelSet
+from mmpeft.data.shifts import SHIFTS, apply_shifts, parse_shift, shift_label
+from mmpeft.data.sources import DatasetImage, Row, load_image, read_rows
+from mmpeft.data.splits import k_shot, split_examples
+from mmpeft.data.validate import check_empty_classes, find_bad_rows, report_bad_rows
+from mmpeft.recipe import DataSpec
+
+__all__ = [
+    "SHIFTS", "DataError", "DataSplits", "DatasetImage", "Example", "ImageCollator", "ImageDataset", "LabelSet",
+    "Row", "apply_shifts", "collate_images", "k_shot", "load_data", "load_image", "parse_shift", "shift_label",
+    "split_examples",
+]
+
+MAX_LISTED_SKIPS = 100  # bad rows quoted in `info` (the count is always exact)
+
+
+@dataclass
+class DataSplits:
+    """The examples of each split, the label set, the parsed `data.shift`, and facts for the run's report."""
+
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+    labels: LabelSet
+    info: dict[str, Any] = field(default_factory=dict)
+    shifts: tuple[str, ...] = ()  # `data.shift` parsed: pass to every ImageDataset
+
+    def dataset(self, split: str, augment: bool = False, seed: int = 0, spec: DataSpec | None = None,
+                ) -> ImageDataset:
+        """An ImageDataset of one split with `shifts` applied (and `spec.augment` when `augment` is true)."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        return ImageDataset(getattr(self, split), self.shifts, spec.augment if augment and spec else None, seed)
+
+
+def load_data(spec: DataSpec, seed: int) -> DataSplits:
+    """Read, check, split and sample the data of a recipe; raises DataError with what to fix."""
+    shifts = parse_shift(spec.shift)  # fail fast on typos, before any file is read
+    for shift in spec.eval_shifts:
+        parse_shift(shift)
+    check_augment(spec.augment)
+    raw = read_rows(spec)
+    if not raw.rows:
+        raise DataError(f"no rows found in {raw.where} (data.source: {spec.source})")
+    good, bad = find_bad_rows(raw.rows, spec.classes)
+    report_bad_rows(bad, raw.where, spec.on_bad_rows)
+    if not good:
+        raise DataError(f"no usable rows in {raw.where}: all {len(bad)} rows are bad")
+    labels = LabelSet.from_spec(spec, (row.label for row in good), raw.label_names)
+    check_empty_classes(labels.keys, (row.label for row in good), raw.where, len(bad))
+    examples = [Example(row.image, labels.index(row.label), row.text) for row in good]  # type: ignore[arg-type]
+    train, val, test = split_examples(examples, spec.split, seed, labels.names)
+    if spec.shots is not None:
+        train = k_shot(train, spec.shots, seed, labels.names)
+    info = {
+        "source": spec.source,
+        "where": raw.where,
+        "classes": len(labels),
+        "counts": {"train": len(train), "val": len(val), "test": len(test)},
+        "class_counts": {name: _per_class(split, len(labels)) for name, split in
+                         (("train", train), ("val", val), ("test", test))},
+        "shots": spec.shots,
+        "seed": seed,
+        "shifts": list(shifts),
+        "skipped": len(bad),
+        "skipped_rows": [str(b) for b in bad[:MAX_LISTED_SKIPS]],
+    }
+    return DataSplits(train, val, test, labels, info, shifts)
+
+
+def _per_class(examples: list[Example], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for example in examples:
+        counts[example.label] += 1
+    return counts

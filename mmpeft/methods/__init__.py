@@ -1,0 +1,14 @@
+"""Methods: one module each, registered by name. `METHODS` is the only list of them."""
+
+from __future__ import annotations
+
+import importlib
+
+from mmpeft.methods.base import METHODS, Method, MethodConfig, count_parameters
+
+METHOD_MODULES = ("zero_shot", "full", "lora")
+
+for _module in METHOD_MODULES:
+    importlib.import_module(f"mmpeft.methods.{_module}")
+
+__all__ = ["METHODS", "Method", "MethodConfig", "count_parameters"]

@@ -1,0 +1,93 @@
+"""The shape every method has: a config dataclass, `apply` to a backbone, and save/load of its own trainable state."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmpeft.io import atomic_path, write_json
+from mmpeft.registry import Registry
+from mmpeft.schema import to_plain
+
+if TYPE_CHECKING:
+    from mmpeft.recipe import Recipe
+
+STATE_FILE = "trainable.safetensors"
+CONFIG_FILE = "method.json"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str
+
+
+class Method:
+    """Default behaviour: train whatever `apply` left with requires_grad; save exactly those tensors."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = MethodConfig
+    trains: ClassVar[bool] = True
+    families: ClassVar[tuple[str, ...]] = ("dual_encoder",)
+
+    @classmethod
+    def check(cls, recipe: Recipe) -> list[str]:
+        """Problems with this method in this recipe, found before any model loads."""
+        family = recipe.backbone.family
+        if family != "auto" and family not in cls.families:
+            return [f"method.name: {cls.name!r} does not apply to backbone family {family!r}; "
+                    f"it supports {', '.join(cls.families)}"]
+        return []
+
+    def apply(self, backbone: nn.Module, config: MethodConfig) -> None:
+        raise NotImplementedError
+
+    def save(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in trainable_state(backbone).items()}
+        with atomic_path(directory / STATE_FILE) as tmp:
+            save_file(state, str(tmp))
+        write_json(directory / CONFIG_FILE, {"method": to_plain(config), "base": backbone.name_or_path})
+
+    def load(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+        """Restore trained state onto a backbone that `apply` has already wrapped."""
+        state = load_file(str(directory / STATE_FILE))
+        load_trainable_state(backbone, state)
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    return METHODS.register(cls.name)(cls)
+
+
+def trainable_state(module: nn.Module) -> dict:
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: nn.Module, state: dict) -> None:
+    params = dict(module.named_parameters())
+    missing = [name for name in trainable_state(module) if name not in state]
+    unknown = [name for name in state if name not in params]
+    if missing or unknown:
+        raise ValueError(f"saved state does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}")
+    for name, value in state.items():
+        params[name].data.copy_(value.to(params[name].device, params[name].dtype))
+
+
+def count_parameters(module: nn.Module) -> dict[str, float]:
+    total = trainable = 0
+    for p in module.parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)  # packed 4-bit holds 2 values per byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+def read_method_config(directory: Path) -> dict:
+    return json.loads((directory / CONFIG_FILE).read_text())

@@ -1,0 +1,44 @@
+"""Full fine-tuning: every backbone parameter trains; saved as a complete transformers model folder."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from mmpeft.io import write_json
+from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, register
+from mmpeft.schema import to_plain
+
+
+@dataclass(frozen=True)
+class FullConfig(MethodConfig):
+    name: str = "full"
+    towers: tuple[Literal["vision", "text"], ...] = ("vision", "text")
+
+
+@register
+class Full(Method):
+    name = "full"
+    Config = FullConfig
+    families = ("dual_encoder", "generative")
+
+    def apply(self, backbone: nn.Module, config: FullConfig) -> None:
+        backbone.requires_grad_(False)
+        patterns = [re.compile(backbone.tower_pattern(t)) for t in config.towers]
+        for name, param in backbone.model.named_parameters():
+            if set(config.towers) == {"vision", "text"} or any(p.search(name) for p in patterns):
+                param.requires_grad_(True)
+
+    def save(self, backbone: nn.Module, config: FullConfig, directory: Path) -> None:
+        """A complete model folder: `from_pretrained(directory)` loads it without mmpeft."""
+        backbone.model.save_pretrained(directory)
+        backbone.processor.save_pretrained(directory)
+        write_json(directory / CONFIG_FILE, {"method": to_plain(config), "base": backbone.name_or_path})
+
+    def load(self, backbone: nn.Module, config: FullConfig, directory: Path) -> None:
+        trained = type(backbone.model).from_pretrained(directory, dtype=backbone.model.dtype)
+        backbone.model.load_state_dict(trained.state_dict())

@@ -1,0 +1,25 @@
+"""Zero-shot: the backbone as it is, scored against label texts; nothing trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from mmpeft.methods.base import Method, MethodConfig, register
+
+
+@register
+class ZeroShot(Method):
+    name = "zero_shot"
+    trains = False
+    families = ("dual_encoder", "generative")
+
+    def apply(self, backbone: nn.Module, config: MethodConfig) -> None:
+        backbone.requires_grad_(False)
+
+    def save(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+        """Nothing was trained, so there is nothing to save."""
+
+    def load(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+        """Nothing to restore."""

@@ -1,0 +1,43 @@
+"""Training objectives: what a batch's loss is. The loop in train.py knows nothing about models beyond this."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+from mmpeft.registry import Registry
+
+if TYPE_CHECKING:
+    from mmpeft.data import LabelSet
+
+OBJECTIVES: Registry[Callable] = Registry("objective")
+
+
+class Objective:
+    def loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@OBJECTIVES.register("classification")
+class Classification(Objective):
+    """Cross-entropy over the scores of each image against every class's label text."""
+
+    def __init__(self, backbone, labels: LabelSet):
+        self.backbone = backbone
+        self.labels = labels
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        text_features = None if self.backbone.head is not None else self.backbone.class_text_features(self.labels)
+        return self.backbone.classify(batch["pixel_values"], text_features)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch), batch["labels"].to(self.backbone.device))
+
+
+def make_objective(name: str, backbone, labels: LabelSet) -> Objective:
+    return OBJECTIVES.get(name)(backbone, labels)

@@ -1,0 +1,278 @@
+"""The recipe: typed, frozen, validated before any model loads. Defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmpeft.schema import RecipeError, build, did_you_mean, to_plain
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_ROOT.parent
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Dtype = "float32"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    id: str = "mmpeft-demo/digits-clip"  # hub id, local directory, or a demo backbone name
+    family: Literal["auto", "dual_encoder", "generative"] = "auto"
+    dtype: Dtype = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    quantization: QuantizationSpec | None = None
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    val: float = 0.15  # fractions of all rows, stratified by class
+    test: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1):
+            raise ValueError(f"split fractions val={self.val}, test={self.test} must be in [0, 1) "
+                             "with test > 0 and val + test < 1")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    random_resized_crop: bool = False
+    crop_scale: tuple[float, ...] = (0.8, 1.0)
+    horizontal_flip: bool = False
+    color_jitter: float = 0.0  # max relative change of brightness/contrast/saturation
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: Literal["digits", "folder", "csv", "jsonl", "hf", "hf_disk"] = "digits"
+    path: str | None = None  # folder/file path, or a `datasets` builder/name for source: hf
+    image_root: str | None = None  # where csv/jsonl image paths resolve (default: the file's folder)
+    hf_split: str = "train"
+    image_column: str = "image"
+    label_column: str = "label"
+    text_column: str = "text"  # captions, for train.objective: contrastive
+    classes: tuple[str, ...] | None = None  # the label set; rows outside it are bad rows
+    label_names: dict[str, str] | None = None  # raw label -> name used in prompts
+    label_prompts: dict[str, tuple[str, ...]] | None = None  # per-label prompt texts (synonyms, descriptions)
+    templates: tuple[str, ...] = ("a photo of a {label}.",)
+    split: SplitSpec = field(default_factory=SplitSpec)
+    shots: int | None = None  # k training examples per class (k-shot), sampled by seed
+    shift: tuple[str, ...] = ()  # image shifts applied to every split, composed in order
+    eval_shifts: tuple[str, ...] = ()  # extra test-time shifts ("none", "rot90", "rot90+invert", ...)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    on_bad_rows: Literal["error", "skip"] = "error"
+
+    def __post_init__(self) -> None:
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.path is required for data.source: {self.source}")
+        if self.shots is not None and self.shots < 1:
+            raise ValueError(f"data.shots must be >= 1, got {self.shots}")
+        for template in self.templates:
+            if "{label}" not in template:
+                raise ValueError(f"data.templates: {template!r} has no {{label}} placeholder")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    objective: Literal["classification", "contrastive"] = "classification"
+    epochs: int = 5
+    batch_size: int = 32  # per process
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    select_metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
+    early_stopping_patience: int | None = None  # epochs without val improvement
+    checkpoint_every_steps: int | None = None  # also at every epoch end
+    log_with: Literal["tensorboard"] | None = None
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    batch_size: int = 64
+    zero_shot: bool = True  # evaluate the untouched backbone first, for comparison
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    dir: str = "runs"
+    name: str | None = None  # default: <recipe name>-<timestamp>
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: Any  # a method's own config dataclass (see mmpeft.methods)
+    seed: int = 0
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    name: str = "recipe"
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
+    """YAML file or mapping (+ `key.sub=value` overrides) -> validated Recipe; raises RecipeError."""
+    if isinstance(source, Recipe) and not overrides:
+        return source
+    if isinstance(source, Recipe):
+        source = source.to_dict()
+    base_dir = Path.cwd()
+    label = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError([f"recipe file not found: {path}"])
+        data = _read_yaml(path)
+        base_dir, label = path.resolve().parent, str(path)
+        data.setdefault("name", path.stem)
+    else:
+        data = copy.deepcopy(source)
+    data = resolve_presets(data, base_dir)
+    for key, value in parse_overrides(overrides).items():
+        _set_path(data, key, value)
+    data = resolve_presets(data, base_dir)  # an override may name a preset
+    return validate(data, base_dir, label)
+
+
+def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
+    from mmpeft.methods import METHODS
+
+    problems: list[str] = []
+    method_data = data.get("method")
+    method = None
+    if method_data is None:
+        problems.append(f"method: required; valid methods: {', '.join(METHODS.names())}")
+    elif not isinstance(method_data, dict) or "name" not in method_data:
+        problems.append(f"method: expected a method name, a preset file or a mapping with `name`, got {method_data!r}")
+    elif method_data["name"] not in METHODS:
+        name = method_data["name"]
+        problems.append(f"method.name: unknown method {name!r}{did_you_mean(str(name), METHODS.names())}; "
+                        f"valid: {', '.join(METHODS.names())}")
+    else:
+        method = build(METHODS.get(method_data["name"]).Config, method_data, "method", problems)
+    rest = {k: v for k, v in data.items() if k != "method"}
+    recipe = build(Recipe, {**rest, "method": None}, "", problems)
+    complete = recipe is not None and None not in (recipe.backbone, recipe.data, recipe.train, recipe.eval)
+    if complete:
+        recipe = recipe.replace(method=method)
+        problems += _check_files(recipe, base_dir)
+        if method is not None:
+            problems += METHODS.get(method.name).check(recipe)
+    if problems:
+        raise RecipeError(problems, label)
+    return recipe
+
+
+def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
+    problems = []
+    data = recipe.data
+    if data.source in ("folder", "csv", "jsonl", "hf_disk") and data.path and not Path(data.path).exists():
+        problems.append(f"data.path: {data.source} source {data.path!r} does not exist")
+    if data.image_root and not Path(data.image_root).is_dir():
+        problems.append(f"data.image_root: folder {data.image_root!r} does not exist")
+    backbone_id = recipe.backbone.id
+    looks_local = backbone_id.startswith((".", "/", "~")) or Path(backbone_id).exists()
+    if looks_local and not Path(backbone_id).expanduser().is_dir():
+        problems.append(f"backbone.id: local directory {backbone_id!r} does not exist")
+    return problems
+
+
+def resolve_presets(data: dict, base_dir: Path) -> dict:
+    """`method: adapters/lora-r8.yaml` (or `lora-r8`, or a bare method name) -> a method mapping."""
+    method = data.get("method")
+    if isinstance(method, str):
+        data["method"] = _load_method_preset(method, base_dir)
+    elif isinstance(method, dict) and "preset" in method:
+        merged = _load_method_preset(method["preset"], base_dir)
+        merged.update({k: v for k, v in method.items() if k != "preset"})
+        data["method"] = merged
+    return data
+
+
+def _load_method_preset(ref: str, base_dir: Path) -> dict:
+    from mmpeft.methods import METHODS
+
+    if ref in METHODS:
+        return {"name": ref}
+    for candidate in preset_candidates(ref, base_dir):
+        if candidate.is_file():
+            preset = _read_yaml(candidate)
+            if "name" not in preset:
+                raise RecipeError([f"method: preset {candidate} has no `name` key"])
+            return preset
+    presets = [p.stem for p in (PROJECT_ROOT / "adapters").glob("*.yaml")]
+    raise RecipeError([f"method: {ref!r} is neither a method ({', '.join(METHODS.names())}) nor a preset file"
+                       f"{did_you_mean(Path(ref).stem, presets)}; presets in adapters/: {', '.join(sorted(presets))}"])
+
+
+def preset_candidates(ref: str, base_dir: Path) -> list[Path]:
+    names = [ref] if ref.endswith((".yaml", ".yml")) else [ref, f"{ref}.yaml"]
+    roots = [Path.cwd(), base_dir, PROJECT_ROOT, PROJECT_ROOT / "adapters"]
+    return [root / name for name in names for root in roots]
+
+
+def parse_overrides(overrides: list[str] | dict | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError([f"override {item!r}: expected key.sub=value (for example train.epochs=3)"])
+        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return parsed
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if isinstance(child, str) and key == "method":
+            child = node[key] = resolve_presets({"method": child}, Path.cwd())["method"]
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise RecipeError([f"override {dotted}: {key!r} is not a section (it is {child!r})"])
+        node = child
+    node[keys[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError([f"{path}: not valid YAML: {error}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: the top level must be a mapping, got {type(data).__name__}"])
+    return data
