@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mmpeft.registry import Registry
 
 if TYPE_CHECKING:
-    from mmpeft.data import LabelSet
+    from mmpeft.data import ImageDataset, LabelSet
 
 OBJECTIVES: Registry[Callable] = Registry("objective")
 
@@ -27,7 +27,7 @@ class Objective:
 class Classification(Objective):
     """Cross-entropy over the scores of each image against every class's label text."""
 
-    def __init__(self, backbone, labels: LabelSet):
+    def __init__(self, backbone, labels: LabelSet, dataset: ImageDataset | None = None):
         self.backbone = backbone
         self.labels = labels
 
@@ -39,5 +39,9 @@ class Classification(Objective):
         return F.cross_entropy(self.logits(batch), batch["labels"].to(self.backbone.device))
 
 
-def make_objective(name: str, backbone, labels: LabelSet) -> Objective:
-    return OBJECTIVES.get(name)(backbone, labels)
+def make_objective(name: str, backbone, labels: LabelSet, dataset: ImageDataset | None = None) -> Objective:
+    """`dataset` (the training set) lets an objective follow its seed and epoch (contrastive caption sampling)."""
+    return OBJECTIVES.get(name)(backbone, labels, dataset)
+
+
+import mmpeft.contrastive  # noqa: E402, F401  (registers "contrastive"; it imports OBJECTIVES from here)

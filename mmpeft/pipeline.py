@@ -14,7 +14,7 @@ import torch
 from accelerate.utils import set_seed
 
 from mmpeft.backbones import load_backbone
-from mmpeft.data import ImageDataset, load_data, parse_shift
+from mmpeft.data import ImageDataset, load_data, parse_shift, shift_label
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.io import write_json, write_text
 from mmpeft.methods import METHODS, count_parameters
@@ -73,6 +73,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     set_seed(recipe.seed, deterministic=False)
     data = load_data(recipe.data, recipe.seed)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
+    set_seed(recipe.seed, deterministic=False)  # backbone.init: scratch draws its weights from the seed alone
     backbone = load_backbone(recipe.backbone)
     method = METHODS.get(recipe.method.name)()
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
@@ -81,6 +82,8 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     if recipe.eval.zero_shot and method.name != "zero_shot":
         metrics["zero_shot"] = evaluate_sets(backbone, test_sets, data.labels, recipe, "zero-shot")
         print_line("zero-shot", metrics["zero_shot"])
+        if wants_retrieval(recipe):
+            metrics["retrieval"] = {"zero_shot": evaluate_retrieval_set(backbone, test_sets, data, recipe, "zero-shot")}
     set_seed(recipe.seed, deterministic=False)  # the method's init must not depend on whether zero-shot ran
     method.apply(backbone, recipe.method)
     metrics["params"] = count_parameters(backbone)
@@ -89,6 +92,8 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     if method.trains:
         metrics["train"] = train(recipe, run_dir, backbone, data, resume)
     metrics["test"] = evaluate_sets(backbone, test_sets, data.labels, recipe, "test")
+    if wants_retrieval(recipe):
+        metrics.setdefault("retrieval", {})["test"] = evaluate_retrieval_set(backbone, test_sets, data, recipe, "test")
     metrics["memory"] = memory_footprint(backbone)
     print_line(method.name, metrics["test"], metrics["params"])
     save_adapter(method, backbone, recipe, run_dir)
@@ -102,10 +107,9 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
 
 
 def train(recipe: Recipe, run_dir: Path, backbone, data, resume: bool) -> dict:
-    train_set = ImageDataset(data.train, shifts=tuple(recipe.data.shift), augment=recipe.data.augment,
-                             seed=recipe.seed)
-    objective = make_objective(recipe.train.objective, backbone, data.labels)
-    val_set = ImageDataset(data.val, shifts=tuple(recipe.data.shift)) if data.val else None
+    train_set = data.dataset("train", augment=True, seed=recipe.seed, spec=recipe.data)
+    objective = make_objective(recipe.train.objective, backbone, data.labels, train_set)
+    val_set = data.dataset("val") if data.val else None
 
     def evaluate_val() -> dict:
         truth, predicted = predict(backbone, val_set, data.labels, recipe.eval.batch_size, desc="val")
@@ -123,8 +127,7 @@ def train(recipe: Recipe, run_dir: Path, backbone, data, resume: bool) -> dict:
 
 def evaluation_sets(recipe: Recipe, data) -> dict[str, ImageDataset]:
     """The test split under the recipe's shift, plus one entry per `data.eval_shifts`."""
-    base = "+".join(recipe.data.shift) or "none"
-    sets = {base: ImageDataset(data.test, shifts=tuple(recipe.data.shift))}
+    sets = {shift_label(data.shifts): data.dataset("test")}
     for spec in recipe.data.eval_shifts:
         sets.setdefault(spec, ImageDataset(data.test, shifts=parse_shift(spec)))
     return sets
@@ -140,6 +143,26 @@ def evaluate_sets(backbone, sets: dict[str, ImageDataset], labels, recipe: Recip
     if len(results) > 1:
         main["shifts"] = {name: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"]} for name, r in results.items()}
     return main
+
+
+def wants_retrieval(recipe: Recipe) -> bool:
+    """`eval.retrieval`, or by default: on when training is contrastive (image-caption matching)."""
+    if recipe.eval.retrieval is not None:
+        return recipe.eval.retrieval
+    return recipe.train.objective == "contrastive"
+
+
+def evaluate_retrieval_set(backbone, sets: dict[str, ImageDataset], data, recipe: Recipe, desc: str) -> dict:
+    """Retrieval on the test split under the recipe's own shift (the first of `sets`), printed in one line."""
+    from mmpeft.evaluation.retrieval import evaluate_retrieval
+
+    name, dataset = next(iter(sets.items()))
+    result = evaluate_retrieval(backbone, dataset, data.labels, recipe.eval.batch_size, desc=f"{desc} retrieval")
+    result["shift"] = name
+    i2t, t2i = result["image_to_text"], result["text_to_image"]
+    print(f"{desc:>10}: retrieval [{name}] image->text R@1 {i2t['R@1']:.3f} R@5 {i2t['R@5']:.3f}  "
+          f"text->image R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f}", flush=True)
+    return result
 
 
 def save_adapter(method, backbone, recipe: Recipe, run_dir: Path) -> None:

@@ -34,6 +34,12 @@ class BackboneSpec:
     revision: str | None = None
     trust_remote_code: bool = False
     quantization: QuantizationSpec | None = None
+    init: Literal["pretrained", "scratch"] = "pretrained"  # scratch: random weights from the id's config (seed)
+
+    def __post_init__(self) -> None:
+        if self.init == "scratch" and self.quantization is not None:
+            raise ValueError("backbone.init: 'scratch' cannot be combined with backbone.quantization "
+                             "(random weights train in full precision)")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,8 @@ class AugmentSpec:
     crop_scale: tuple[float, ...] = (0.8, 1.0)
     horizontal_flip: bool = False
     color_jitter: float = 0.0  # max relative change of brightness/contrast/saturation
+    affine_degrees: float = 0.0  # random rotation in [-d, d] degrees
+    affine_translate: float = 0.0  # random shift up to this fraction of the width/height
 
 
 @dataclass(frozen=True)
@@ -74,10 +82,14 @@ class DataSpec:
     eval_shifts: tuple[str, ...] = ()  # extra test-time shifts ("none", "rot90", "rot90+invert", ...)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     on_bad_rows: Literal["error", "skip"] = "error"
+    subset: Literal["pretrain", "heldout"] | None = None  # digits only: the fixed 60/40 pre-training partition
 
     def __post_init__(self) -> None:
         if self.source != "digits" and not self.path:
             raise ValueError(f"data.path is required for data.source: {self.source}")
+        if self.subset is not None and self.source != "digits":
+            raise ValueError(f"data.subset: {self.subset!r} applies to data.source: digits only, "
+                             f"not {self.source!r}")
         if self.shots is not None and self.shots < 1:
             raise ValueError(f"data.shots must be >= 1, got {self.shots}")
         for template in self.templates:
@@ -107,6 +119,7 @@ class TrainSpec:
 class EvalSpec:
     batch_size: int = 64
     zero_shot: bool = True  # evaluate the untouched backbone first, for comparison
+    retrieval: bool | None = None  # image<->text recall on the test split; default: on for objective contrastive
 
 
 @dataclass(frozen=True)
@@ -182,6 +195,7 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
     if complete:
         recipe = recipe.replace(method=method)
         problems += _check_files(recipe, base_dir)
+        problems += _check_shifts(recipe)
         if method is not None:
             problems += METHODS.get(method.name).check(recipe)
     if problems:
@@ -200,6 +214,20 @@ def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
     looks_local = backbone_id.startswith((".", "/", "~")) or Path(backbone_id).exists()
     if looks_local and not Path(backbone_id).expanduser().is_dir():
         problems.append(f"backbone.id: local directory {backbone_id!r} does not exist")
+    return problems
+
+
+def _check_shifts(recipe: Recipe) -> list[str]:
+    """Unknown shift names, found before any data is read (the names live in mmpeft.data.shifts)."""
+    from mmpeft.data.shifts import parse_shift
+
+    problems = []
+    for key in ("shift", "eval_shifts"):
+        for i, text in enumerate(getattr(recipe.data, key)):
+            try:
+                parse_shift(text)
+            except ValueError as error:
+                problems.append(f"data.{key}[{i}]: {error}")
     return problems
 
 

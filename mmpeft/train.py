@@ -142,8 +142,9 @@ class Trainer:
         self.train_set.set_epoch(epoch)
         batches = self.epoch_batches(epoch)
         start = progress.batch_in_epoch
+        # own generator: creating the iterator must not draw from the global RNG that dropout uses
         loader = DataLoader(self.train_set, batch_sampler=batches[start:], collate_fn=self.collate,
-                            num_workers=spec.num_workers)
+                            num_workers=spec.num_workers, generator=torch.Generator().manual_seed(self.seed + epoch))
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.epochs}", initial=start, total=len(batches), disable=None)
         tic = time.perf_counter()
         for index, batch in enumerate(bar, start=start):

@@ -107,6 +107,14 @@ def test_jsonl_source_and_image_root(tmp_path: Path) -> None:
     assert len(data.val) == 0 and len(data.test) == 3 and len(data.train) == 9
 
 
+def test_jsonl_broken_line_is_a_bad_row(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png")
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"image": "a.png", "label": "cat"}\n{"image": "a.png", "label": \n["a.png"]\n')
+    with pytest.raises(DataError, match=r"2 bad rows .*line 2: not valid JSON.*line 3: expected a JSON object"):
+        load_data(DataSpec(source="jsonl", path=str(path)), seed=0)
+
+
 def test_missing_column_is_named(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "rows.csv", ["img,label", "a.png,cat"])
     with pytest.raises(DataError, match=r"data.image_column: no column 'image'.*did you mean 'img'"):

@@ -60,15 +60,23 @@ def load_backbone(spec: BackboneSpec):
 
 
 def load_pretrained(model_class, spec: BackboneSpec, path: str):
-    """(model, processor) through the Auto classes, with dtype, revision and optional quantization."""
-    from transformers import AutoProcessor
+    """(model, processor) through the Auto classes, with dtype, revision and optional quantization.
+
+    `backbone.init: scratch` builds the architecture from the folder's config with fresh random weights (drawn
+    from torch's global generator, which the pipeline seeds) and keeps its processor: pre-training from zero.
+    """
+    from transformers import AutoConfig, AutoProcessor
 
     kwargs = {"dtype": DTYPES[spec.dtype]}
     if spec.quantization is not None:
         from mmpeft.quantization import bnb_config
 
         kwargs["quantization_config"] = bnb_config(spec.quantization)
-    model = _from_pretrained(model_class, path, spec, **kwargs)
+    if spec.init == "scratch":
+        config = _from_pretrained(AutoConfig, path, spec)
+        model = model_class.from_config(config, dtype=kwargs["dtype"], trust_remote_code=spec.trust_remote_code)
+    else:
+        model = _from_pretrained(model_class, path, spec, **kwargs)
     processor = _from_pretrained(AutoProcessor, path, spec)
     return model, processor
 

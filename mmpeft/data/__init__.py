@@ -16,7 +16,7 @@ from mmpeft.data.shifts import SHIFTS, apply_shifts, parse_shift, shift_label
 from mmpeft.data.sources import DatasetImage, Row, load_image, read_rows
 from mmpeft.data.splits import k_shot, split_examples
 from mmpeft.data.validate import check_empty_classes, find_bad_rows, report_bad_rows
-from mmpeft.recipe import DataSpec
+from mmpeft.recipe import DataSpec, SplitSpec
 
 __all__ = [
     "SHIFTS", "DataError", "DataSplits", "DatasetImage", "Example", "ImageCollator", "ImageDataset", "LabelSet",
@@ -62,7 +62,7 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
     labels = LabelSet.from_spec(spec, (row.label for row in good), raw.label_names)
     check_empty_classes(labels.keys, (row.label for row in good), raw.where, len(bad))
     examples = [Example(row.image, labels.index(row.label), row.text) for row in good]  # type: ignore[arg-type]
-    train, val, test = split_examples(examples, spec.split, seed, labels.names)
+    train, val, test = _split(examples, spec, seed, labels.names)
     if spec.shots is not None:
         train = k_shot(train, spec.shots, seed, labels.names)
     info = {
@@ -73,12 +73,35 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
         "class_counts": {name: _per_class(split, len(labels)) for name, split in
                          (("train", train), ("val", val), ("test", test))},
         "shots": spec.shots,
+        "subset": spec.subset,
         "seed": seed,
         "shifts": list(shifts),
         "skipped": len(bad),
         "skipped_rows": [str(b) for b in bad[:MAX_LISTED_SKIPS]],
     }
     return DataSplits(train, val, test, labels, info, shifts)
+
+
+def _split(examples: list[Example], spec: DataSpec, seed: int, names: list[str],
+           ) -> tuple[list[Example], list[Example], list[Example]]:
+    """Stratified splits; with `data.subset` (digits), only within the fixed pre-training/held-out partition.
+
+    `subset: heldout` splits the held-out part by `data.split`. `subset: pretrain` trains on the whole pre-training
+    part and takes val and test from the held-out part in the ratio `split.val : split.test` (all of it is test when
+    `split.val` is 0), so a pre-training run reports accuracy on images it never saw.
+    """
+    if spec.subset is None:
+        return split_examples(examples, spec.split, seed, names)
+    from mmpeft.data.digits import partition_digits
+
+    pretrain, heldout = partition_digits(examples)
+    if spec.subset == "heldout":
+        return split_examples(heldout, spec.split, seed, names)
+    if spec.split.val == 0:
+        return pretrain, [], heldout
+    test_share = spec.split.test / (spec.split.val + spec.split.test)
+    val, _, test = split_examples(heldout, SplitSpec(val=0.0, test=test_share), seed, names)
+    return pretrain, val, test
 
 
 def _per_class(examples: list[Example], num_classes: int) -> list[int]:

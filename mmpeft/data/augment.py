@@ -16,7 +16,8 @@ RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of random resized crops, as in torc
 
 
 def augment_enabled(spec: AugmentSpec | None) -> bool:
-    return spec is not None and (spec.random_resized_crop or spec.horizontal_flip or spec.color_jitter > 0)
+    return spec is not None and (spec.random_resized_crop or spec.horizontal_flip or spec.color_jitter > 0
+                                 or spec.affine_degrees > 0 or spec.affine_translate > 0)
 
 
 def check_augment(spec: AugmentSpec) -> None:
@@ -26,14 +27,20 @@ def check_augment(spec: AugmentSpec) -> None:
         raise ValueError(f"data.augment.crop_scale must be two numbers 0 < low <= high <= 1, got {list(scale)}")
     if spec.color_jitter < 0:
         raise ValueError(f"data.augment.color_jitter must be >= 0, got {spec.color_jitter}")
+    if not 0 <= spec.affine_degrees <= 180:
+        raise ValueError(f"data.augment.affine_degrees must be in [0, 180], got {spec.affine_degrees}")
+    if not 0 <= spec.affine_translate < 1:
+        raise ValueError(f"data.augment.affine_translate must be in [0, 1), got {spec.affine_translate}")
 
 
 def augment(image: Image.Image, spec: AugmentSpec, rng: random.Random) -> Image.Image:
-    """Random resized crop (back to the input size), horizontal flip, colour jitter, in that order."""
+    """Random resized crop (back to the input size), horizontal flip, small affine, colour jitter, in that order."""
     if spec.random_resized_crop:
         image = random_resized_crop(image, spec.crop_scale, rng)
     if spec.horizontal_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if spec.affine_degrees > 0 or spec.affine_translate > 0:
+        image = random_affine(image, spec.affine_degrees, spec.affine_translate, rng)
     if spec.color_jitter > 0:
         image = color_jitter(image, spec.color_jitter, rng)
     return image
@@ -60,6 +67,15 @@ def random_resized_crop(image: Image.Image, scale: tuple[float, ...], rng: rando
             h = round(width / RATIO[0])
         left, top = (width - w) // 2, (height - h) // 2
     return image.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+
+
+def random_affine(image: Image.Image, degrees: float, translate: float, rng: random.Random) -> Image.Image:
+    """Rotate by up to `degrees` and shift by up to `translate` of the size; uncovered pixels are black."""
+    angle = rng.uniform(-degrees, degrees)
+    width, height = image.size
+    dx = rng.uniform(-translate, translate) * width
+    dy = rng.uniform(-translate, translate) * height
+    return image.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy))
 
 
 def color_jitter(image: Image.Image, strength: float, rng: random.Random) -> Image.Image:

@@ -152,10 +152,18 @@ def read_hf(spec: DataSpec) -> list[Row]:
                 raise DataError(f"data.hf_split: {path} has no split {spec.hf_split!r}"
                                 f"{did_you_mean(spec.hf_split, list(loaded))}; splits: {', '.join(loaded)}")
             loaded = loaded[spec.hf_split]
-    elif Path(path).is_dir():
-        loaded = datasets.load_dataset("imagefolder", data_dir=path, split=spec.hf_split)
     else:
-        loaded = datasets.load_dataset(path, split=spec.hf_split)
+        local = Path(path).is_dir()
+        try:
+            if local:
+                loaded = datasets.load_dataset("imagefolder", data_dir=path, split=spec.hf_split)
+            else:
+                loaded = datasets.load_dataset(path, split=spec.hf_split)
+        except Exception as error:  # datasets raises many types (hub, split, builder); all mean "cannot load"
+            hint = "" if local else (" (offline? use a local directory, a dataset saved with save_to_disk "
+                                     "and data.source: hf_disk, or a name already in the datasets cache)")
+            raise DataError(f"data.path: cannot load {path!r} split {spec.hf_split!r} with datasets: "
+                            f"{type(error).__name__}: {error}{hint}") from error
     return rows_from_dataset(loaded, spec, path)
 
 
@@ -166,8 +174,8 @@ def rows_from_dataset(table: Any, spec: DataSpec, where: str) -> list[Row]:
     _require_columns(Path(where), list(table.column_names), spec)
     label_feature = table.features[spec.label_column]
     names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
-    labels = table[spec.label_column]
-    texts = table[spec.text_column] if spec.text_column in table.column_names else [None] * len(table)
+    labels = _column(table, spec.label_column)
+    texts = _column(table, spec.text_column) if spec.text_column in table.column_names else [None] * len(table)
     images = table.select_columns([spec.image_column])
     is_image = isinstance(table.features[spec.image_column], datasets.Image)
     if is_image:
@@ -183,7 +191,7 @@ def rows_from_dataset(table: Any, spec: DataSpec, where: str) -> list[Row]:
             source = f"row {index}"
             if not is_image:
                 rows.append(_make_row({spec.image_column: value, spec.label_column: label,
-                                       spec.text_column: text}, source, root or os.getcwd(), spec))
+                                       spec.text_column: text}, source, root, spec))
             elif not value.get("bytes") and value.get("path") and os.path.isfile(value["path"]):
                 rows.append(Row(value["path"], label, text, source))
             else:
@@ -229,8 +237,16 @@ def _require_columns(path: Path, columns: list[str], spec: DataSpec) -> None:
         raise DataError("; ".join(problems) + f" (columns: {', '.join(columns) or 'none'})")
 
 
-def _make_row(record: dict, source: str, root: str, spec: DataSpec) -> Row:
-    """Resolve the image path inside `root`; a path that leaves it is a bad row, never read."""
+def _column(table: Any, name: str) -> list:
+    """A whole column as a list (one arrow read; indexing a `datasets` Column row by row is ~50x slower)."""
+    return table.select_columns([name])[:][name]
+
+
+def _make_row(record: dict, source: str, root: str | None, spec: DataSpec) -> Row:
+    """Resolve the image path inside `root`; a path that leaves it is a bad row, never read.
+
+    `root` is None only for path columns of a `datasets` table without data.image_root: paths are taken as given.
+    """
     label = record.get(spec.label_column)
     label = None if label is None or str(label).strip() == "" else str(label).strip()
     text = record.get(spec.text_column)
@@ -239,7 +255,7 @@ def _make_row(record: dict, source: str, root: str, spec: DataSpec) -> Row:
     if value is None or str(value).strip() == "":
         return Row("", label, text, source, f"empty image column {spec.image_column!r}")
     value = str(value).strip()
-    resolved = os.path.abspath(os.path.join(root, value))
-    if os.path.commonpath([resolved, root]) != root:
+    resolved = os.path.abspath(os.path.join(root or os.getcwd(), value))
+    if root is not None and os.path.commonpath([resolved, root]) != root:
         return Row(resolved, label, text, source, f"image path {value!r} escapes the image root {root}")
     return Row(resolved, label, text, source)

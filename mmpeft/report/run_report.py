@@ -25,9 +25,10 @@ def write_run_report(run_dir: Path, metrics: dict, names: list[str]) -> None:
     for label, scores in (("zero-shot", metrics.get("zero_shot")), ("after training", test)):
         if scores is None:
             continue
-        for shift, shifted in scores.get("shifts", {"": scores}).items():
-            name = f"{label} [{shift}]" if shift else label
-            lines.append(f"| {name} | {shifted['accuracy']:.4f} | {shifted['macro_f1']:.4f} |")
+        shift = next(iter(scores["shifts"]), "") if "shifts" in scores else ""
+        name = f"{label} [{shift}]" if shift else label
+        lines.append(f"| {name} | {scores['accuracy']:.4f} | {scores['macro_f1']:.4f} |")
+    lines += shift_table(metrics) + retrieval_table(metrics)
     train = metrics.get("train")
     if train:
         lines += ["", f"Training: {train['epochs_run']} epochs, {train['steps']} steps, {train['seconds']:.1f} s "
@@ -43,3 +44,38 @@ def write_run_report(run_dir: Path, metrics: dict, names: list[str]) -> None:
                      f"{int(row['support'])} |")
     lines += ["", f"![confusion matrix]({CONFUSION_PNG})", ""]
     write_text(run_dir / "report.md", "\n".join(lines))
+
+
+def shift_table(metrics: dict) -> list[str]:
+    """Accuracy of the test split under each image shift (`data.shift` first, then `data.eval_shifts`)."""
+    test, zero_shot = metrics["test"], metrics.get("zero_shot") or {}
+    if "shifts" not in test:
+        return []
+    lines = ["", "## Accuracy under each image shift (test)", ""]
+    if zero_shot.get("shifts"):
+        lines += ["| shift | zero-shot | after training | change |", "|---|---|---|---|"]
+        for shift, scores in test["shifts"].items():
+            before = zero_shot["shifts"][shift]["accuracy"]
+            lines.append(f"| {shift} | {before:.4f} | {scores['accuracy']:.4f} | {scores['accuracy'] - before:+.4f} |")
+    else:
+        lines += ["| shift | after training |", "|---|---|"]
+        lines += [f"| {shift} | {scores['accuracy']:.4f} |" for shift, scores in test["shifts"].items()]
+    return lines
+
+
+def retrieval_table(metrics: dict) -> list[str]:
+    """Image->text and text->image Recall@K and median rank, zero-shot and after training."""
+    retrieval = metrics.get("retrieval")
+    if not retrieval:
+        return []
+    first = next(iter(retrieval.values()))
+    i2t, t2i = first["image_to_text"], first["text_to_image"]
+    lines = ["", f"## Retrieval (test [{first['shift']}]: {i2t['queries']} images, {t2i['queries']} texts)", "",
+             "| evaluation | image->text R@1 | R@5 | R@10 | median rank | text->image R@1 | R@5 | R@10 | median rank |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, label in (("zero_shot", "zero-shot"), ("test", "after training")):
+        if key in retrieval:
+            cells = [f"{d['R@1']:.4f} | {d['R@5']:.4f} | {d['R@10']:.4f} | {d['median_rank']:g}"
+                     for d in (retrieval[key]["image_to_text"], retrieval[key]["text_to_image"])]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return lines

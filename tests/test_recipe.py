@@ -1,0 +1,107 @@
+"""Recipes are strict: every problem is reported at once, with its YAML path and a did-you-mean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmpeft.recipe import PROJECT_ROOT, load_recipe
+from mmpeft.schema import RecipeError
+
+SHIPPED = sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
+PRESETS = sorted((PROJECT_ROOT / "adapters").glob("*.yaml"))
+
+
+def problems_of(source, overrides=None) -> list[str]:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(source, overrides)
+    return caught.value.problems
+
+
+def test_defaults_fill_every_section():
+    recipe = load_recipe({"method": "lora"})
+    assert recipe.method.r == 8 and recipe.train.epochs == 5 and recipe.data.source == "digits"
+
+
+def test_unknown_key_names_path_and_suggests():
+    (problem,) = problems_of({"method": "lora", "train": {"epocs": 3}})
+    assert problem.startswith("train.epocs: unknown key") and "did you mean 'epochs'" in problem
+
+
+def test_all_problems_reported_at_once():
+    problems = problems_of({"method": {"name": "lora", "rr": 2, "towers": ["vison"]},
+                            "train": {"lr": "fast", "batch_size": 1.5}, "data": {"shots": 0}})
+    joined = "\n".join(problems)
+    for expected in ("method.rr", "did you mean 'r'", "method.towers[0]: 'vison'", "did you mean 'vision'",
+                     "train.lr: expected a number", "train.batch_size: expected an integer", "data.shots"):
+        assert expected in joined
+    assert len(problems) == 5
+
+
+def test_unknown_method_lists_choices():
+    (problem,) = problems_of({"method": {"name": "lorra"}})
+    assert "method.name" in problem and "did you mean 'lora'" in problem and "zero_shot" in problem
+
+
+def test_missing_files_rejected_before_loading(tmp_path):
+    problems = problems_of({"method": "zero_shot", "backbone": {"id": str(tmp_path / "nope")},
+                            "data": {"source": "csv", "path": str(tmp_path / "rows.csv")}})
+    assert any(p.startswith("backbone.id: local directory") for p in problems)
+    assert any(p.startswith("data.path: csv source") for p in problems)
+
+
+def test_data_path_required_for_file_sources():
+    (problem,) = problems_of({"method": "zero_shot", "data": {"source": "folder"}})
+    assert "data.path is required" in problem
+
+
+def test_preset_and_overrides(tmp_path):
+    recipe = load_recipe({"method": "adapters/lora-r8.yaml"}, ["method.r=16", "train.epochs=2", "seed=7"])
+    assert (recipe.method.name, recipe.method.r, recipe.train.epochs, recipe.seed) == ("lora", 16, 2, 7)
+    recipe = load_recipe({"method": {"preset": "lora-vision-r8", "alpha": 4}})
+    assert recipe.method.towers == ("vision",) and recipe.method.alpha == 4.0
+
+
+def test_unknown_preset_suggests_close_name():
+    (problem,) = problems_of({"method": "adapters/lora-r9.yaml"})
+    assert "did you mean 'lora-r8'" in problem
+
+
+def test_bad_override_syntax():
+    (problem,) = problems_of({"method": "lora"}, ["train.epochs"])
+    assert "expected key.sub=value" in problem
+
+
+def test_template_needs_placeholder():
+    (problem,) = problems_of({"method": "lora", "data": {"templates": ["a photo"]}})
+    assert "{label}" in problem
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe({"method": "adapters/lora-r8.yaml", "train": {"epochs": 2}})
+    path = tmp_path / "resolved.yaml"
+    path.write_text(recipe.to_yaml())
+    again = load_recipe(path)
+    assert again.replace(name=recipe.name) == recipe
+
+
+def test_recipe_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("method: lora\ntrain: [1, 2\n")
+    (problem,) = problems_of(path)
+    assert str(path) in problem and "not valid YAML" in problem
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path: Path):
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# mmpeft "), f"{path.name} must begin with the command that runs it"
+    load_recipe(path)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_validates(path: Path):
+    assert "name" in yaml.safe_load(path.read_text())
+    load_recipe({"method": str(path)})
