@@ -24,8 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_dependencies()
     try:
         return dispatch(args)
     except KeyboardInterrupt:
@@ -36,6 +35,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def quiet_dependencies() -> None:
+    """Keep the terminal for mmpeft's own progress and results: dependencies' notices go to debug level."""
+    import warnings
+
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels package notice
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def dispatch(args: argparse.Namespace) -> int:
