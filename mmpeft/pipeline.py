@@ -74,7 +74,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     data = load_data(recipe.data, recipe.seed)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
     set_seed(recipe.seed, deterministic=False)  # backbone.init: scratch draws its weights from the seed alone
-    backbone = load_backbone(recipe.backbone)
+    backbone = place(load_backbone(recipe.backbone), recipe)
     method = METHODS.get(recipe.method.name)()
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
                      "seed": recipe.seed, "data": data.info}
@@ -104,6 +104,15 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     logger.info("run folder: %s", run_dir)
     return metrics
+
+
+def place(backbone, recipe: Recipe):
+    """Move to accelerate's device (GPU when present); quantized weights were placed when loaded."""
+    if recipe.backbone.quantization is None:
+        from accelerate import PartialState
+
+        backbone.to(PartialState().device)
+    return backbone
 
 
 def train(recipe: Recipe, run_dir: Path, backbone, data, resume: bool) -> dict:

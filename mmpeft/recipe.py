@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,8 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
 
 def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
     problems = []
+    if recipe.train.log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        problems.append("train.log_with: tensorboard is not installed; `pip install tensorboard` or remove the key")
     data = recipe.data
     if data.source in ("folder", "csv", "jsonl", "hf_disk") and data.path and not Path(data.path).exists():
         problems.append(f"data.path: {data.source} source {data.path!r} does not exist")

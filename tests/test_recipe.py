@@ -94,14 +94,32 @@ def test_recipe_file_errors_name_the_file(tmp_path):
     assert str(path) in problem and "not valid YAML" in problem
 
 
+def recipe_loaders() -> dict:
+    """How each command loads its recipe; a command that adds recipe sections adds its loader here."""
+    return {"run": load_recipe}
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path: Path):
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# mmpeft "), f"{path.name} must begin with the command that runs it"
-    load_recipe(path)
+    command = first_line.split()[2]
+    loaders = recipe_loaders()
+    assert command in loaders, f"{path.name}: no loader for `mmpeft {command}` in recipe_loaders()"
+    loaders[command](path)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_every_preset_validates(path: Path):
     assert "name" in yaml.safe_load(path.read_text())
     load_recipe({"method": str(path)})
+
+
+def test_tensorboard_tracking_needs_the_package():
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        (problem,) = problems_of({"method": "lora", "train": {"log_with": "tensorboard"}})
+        assert "pip install tensorboard" in problem
+    else:
+        assert load_recipe({"method": "lora", "train": {"log_with": "tensorboard"}}).train.log_with == "tensorboard"

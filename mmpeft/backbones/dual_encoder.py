@@ -22,6 +22,7 @@ TOWER_PATTERNS = {
     "text": r"(text_model|text_tower|textual)",
 }
 ATTENTION_PROJECTIONS = r"(q_proj|k_proj|v_proj|out_proj)"
+TOWER_ATTRIBUTES = {"vision": "vision_model", "text": "text_model"}  # the towers of CLIP-style models
 
 
 class DualEncoder(nn.Module):
@@ -114,6 +115,24 @@ class DualEncoder(nn.Module):
         tower = "|".join(TOWER_PATTERNS[t] for t in towers)
         return rf".*({tower})\.encoder\.layers\.\d+\.self_attn\.{ATTENTION_PROJECTIONS}"
 
+    def default_ia3_targets(self, towers: tuple[str, ...]) -> tuple[str, str]:
+        """peft IA3 (target_modules, feedforward_modules) regexes: key/value projections and the MLP's fc2."""
+        tower = "|".join(TOWER_PATTERNS[t] for t in towers)
+        layers = rf".*({tower})\.encoder\.layers\.\d+"
+        return rf"{layers}\.(self_attn\.(k_proj|v_proj)|mlp\.fc2)", rf"{layers}\.mlp\.fc2"
+
+    def tower_model(self, tower: str) -> nn.Module:
+        """The transformer of one tower (with `.embeddings` and `.encoder.layers`), under any peft wrapper."""
+        model = getattr(self.base_model, TOWER_ATTRIBUTES[tower], None)
+        if model is None:
+            raise BackboneError(f"{type(self.base_model).__name__} has no {TOWER_ATTRIBUTES[tower]}: "
+                                f"methods that edit the {tower} tower's layers do not support it yet")
+        return model
+
+    def encoder_layers(self, tower: str) -> list[nn.Module]:
+        """Encoder layers of a tower; each has `.self_attn` and `.mlp` (CLIP and SigLIP alike)."""
+        return list(self.tower_model(tower).encoder.layers)
+
 
 def _pooled(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -128,6 +147,10 @@ def load(spec: BackboneSpec, path: str) -> DualEncoder:
     from transformers import AutoModel
 
     model, processor = load_pretrained(AutoModel, spec, path)
+    if spec.quantization is not None:
+        from mmpeft.quantization import prepare_loaded
+
+        prepare_loaded(model)
     if not is_dual_encoder(model):
         raise BackboneError(f"backbone.id {spec.id!r}: {type(model).__name__} has no get_image_features/"
                             "get_text_features, so it is not a dual encoder; try backbone.family: generative")

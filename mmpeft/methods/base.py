@@ -15,6 +15,7 @@ from mmpeft.registry import Registry
 from mmpeft.schema import to_plain
 
 if TYPE_CHECKING:
+    from mmpeft.data import LabelSet
     from mmpeft.recipe import Recipe
 
 STATE_FILE = "trainable.safetensors"
@@ -33,17 +34,34 @@ class Method:
     Config: ClassVar[type] = MethodConfig
     trains: ClassVar[bool] = True
     families: ClassVar[tuple[str, ...]] = ("dual_encoder",)
+    family_note: ClassVar[str] = ""  # appended to the refusal for another family (what to use instead, what is planned)
+    quantized_bits: ClassVar[tuple[int, ...]] = ()  # 4/8: the method can train on a bitsandbytes-quantized base
+    quantized_note: ClassVar[str] = "its layers cannot sit on quantized weights"
+    variants: ClassVar[dict[str, dict]] = {}  # named settings of the config, one row each in the support table
 
     @classmethod
-    def check(cls, recipe: Recipe) -> list[str]:
-        """Problems with this method in this recipe, found before any model loads."""
+    def check(cls, recipe: Recipe, cuda: bool | None = None) -> list[str]:
+        """Problems with this method in this recipe, found before any model loads (`cuda`: None = this machine)."""
+        from mmpeft import quantization
+
+        problems = []
         family = recipe.backbone.family
         if family != "auto" and family not in cls.families:
-            return [f"method.name: {cls.name!r} does not apply to backbone family {family!r}; "
-                    f"it supports {', '.join(cls.families)}"]
-        return []
+            problems.append(f"method.name: {cls.name!r} does not apply to backbone family {family!r}; "
+                            f"it supports {', '.join(cls.families)}{cls.family_note}")
+        quant = recipe.backbone.quantization
+        if quant is not None:
+            if quant.bits not in cls.quantized_bits:
+                others = [m for m in METHODS.names() if quant.bits in METHODS.get(m).quantized_bits
+                          and METHODS.get(m).trains and (family == "auto" or family in METHODS.get(m).families)]
+                problems.append(f"method.name: {cls.name!r} cannot run on a {quant.bits}-bit backbone "
+                                f"(backbone.quantization.bits: {quant.bits}): {cls.quantized_note}; methods that "
+                                f"can: {', '.join(others)}; or remove backbone.quantization")
+            problems += quantization.problems(quant)
+        return problems
 
-    def apply(self, backbone: nn.Module, config: MethodConfig) -> None:
+    def apply(self, backbone: nn.Module, config: MethodConfig, labels: LabelSet | None = None) -> None:
+        """Wrap `backbone` in place. `labels` is the task's label set, for methods whose shape depends on it."""
         raise NotImplementedError
 
     def save(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
@@ -64,6 +82,20 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 def register(cls: type[Method]) -> type[Method]:
     return METHODS.register(cls.name)(cls)
+
+
+def freeze(backbone: nn.Module) -> None:
+    """Freeze every weight before a method unfreezes or adds its own; a k-bit base also gets peft's preparation."""
+    from mmpeft.quantization import prepare_for_training
+
+    backbone.requires_grad_(False)
+    prepare_for_training(backbone.model)
+
+
+def require_labels(method: str, labels: LabelSet | None, why: str) -> LabelSet:
+    if labels is None:
+        raise ValueError(f"method {method!r} needs the task's label set ({why}): call apply(backbone, config, labels)")
+    return labels
 
 
 def trainable_state(module: nn.Module) -> dict:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
 from mmpeft.io import write_json
 from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, register
 from mmpeft.schema import to_plain
+
+if TYPE_CHECKING:
+    from mmpeft.data import LabelSet
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,9 @@ class Full(Method):
     name = "full"
     Config = FullConfig
     families = ("dual_encoder", "generative")
+    quantized_note = "it updates every weight, and quantized weights are frozen integer codes"
 
-    def apply(self, backbone: nn.Module, config: FullConfig) -> None:
+    def apply(self, backbone: nn.Module, config: FullConfig, labels: LabelSet | None = None) -> None:
         backbone.requires_grad_(False)
         patterns = [re.compile(backbone.tower_pattern(t)) for t in config.towers]
         for name, param in backbone.model.named_parameters():

@@ -1,16 +1,21 @@
-"""LoRA through peft; targets come from the backbone (which modules of which tower), never per-backbone code here."""
+"""LoRA, DoRA and rsLoRA through peft; targets come from the backbone (which modules of which tower), never per-backbone
+code here. `PeftMethod` is the save/load shape every peft-backed method shares (IA3 too)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
 from mmpeft.io import write_json
-from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, register
+from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, freeze, register
 from mmpeft.schema import to_plain
+
+if TYPE_CHECKING:
+    from mmpeft.data import LabelSet
+    from mmpeft.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -22,8 +27,8 @@ class LoraSpec(MethodConfig):
     towers: tuple[Literal["vision", "text"], ...] = ("vision", "text")
     target_modules: tuple[str, ...] | None = None  # module names or one regex; default: attention projections
     bias: Literal["none", "all", "lora_only"] = "none"
-    use_dora: bool = False
-    use_rslora: bool = False
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output, LoRA on the direction
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r: steadier as r grows
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -32,43 +37,66 @@ class LoraSpec(MethodConfig):
             raise ValueError("method.towers must name at least one of: vision, text")
 
 
-@register
-class Lora(Method):
-    name = "lora"
-    Config = LoraSpec
+def peft_targets(targets: tuple[str, ...]) -> str | list[str]:
+    """A single string is a regex for peft (full match); several are module-name suffixes."""
+    return targets[0] if len(targets) == 1 else list(targets)
+
+
+class PeftMethod(Method):
+    """A method peft implements: wrap `backbone.model` in a PeftModel; save and load in peft's own format."""
+
     families = ("dual_encoder", "generative")
+    quantized_bits = (4, 8)
 
-    def peft_config(self, backbone: nn.Module, config: LoraSpec):
-        from peft import LoraConfig
+    def peft_config(self, backbone: nn.Module, config: MethodConfig):
+        raise NotImplementedError
 
-        targets = config.target_modules
-        if targets is None:
-            targets = backbone.default_lora_targets(config.towers)
-        elif len(targets) == 1:
-            targets = targets[0]  # a single string is a regex for peft
-        else:
-            targets = list(targets)
-        return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
-                          bias=config.bias, use_dora=config.use_dora, use_rslora=config.use_rslora)
-
-    def apply(self, backbone: nn.Module, config: LoraSpec) -> None:
+    def apply(self, backbone: nn.Module, config: MethodConfig, labels: LabelSet | None = None) -> None:
         from peft import get_peft_model
 
-        backbone.requires_grad_(False)
+        freeze(backbone)
         try:
             backbone.model = get_peft_model(backbone.model, self.peft_config(backbone, config))
         except ValueError as error:
             raise ValueError(f"method.target_modules: {error}") from None
 
-    def save(self, backbone: nn.Module, config: LoraSpec, directory: Path) -> None:
-        """peft's own format: `PeftModel.from_pretrained(base, directory)` loads it."""
+    def save(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+        """peft's own format: `PeftModel.from_pretrained(base, directory)` loads it without mmpeft."""
         backbone.model.save_pretrained(directory)
         write_json(directory / CONFIG_FILE, {"method": to_plain(config), "base": backbone.name_or_path})
 
-    def load(self, backbone: nn.Module, config: LoraSpec, directory: Path) -> None:
+    def load(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         result = set_peft_model_state_dict(backbone.model, load_file(str(directory / "adapter_model.safetensors")))
         if result.unexpected_keys:
             raise ValueError(f"adapter in {directory} does not match this backbone: {result.unexpected_keys[:3]}")
+
+
+@register
+class Lora(PeftMethod):
+    name = "lora"
+    Config = LoraSpec
+    variants = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
+
+    @classmethod
+    def check(cls, recipe: Recipe, cuda: bool | None = None) -> list[str]:
+        from mmpeft.quantization import cuda_available
+
+        problems = super().check(recipe, cuda)
+        quant = recipe.backbone.quantization
+        cuda = cuda_available() if cuda is None else cuda
+        if recipe.method.use_dora and quant is not None and quant.bits == 8 and not cuda:
+            problems.append("method.use_dora: true on an 8-bit backbone needs CUDA: bitsandbytes 0.50's CPU backend "
+                            "loses the int8 scales when peft dequantizes the weight for DoRA; on CPU use "
+                            "backbone.quantization.bits: 4, or method.use_dora: false")
+        return problems
+
+    def peft_config(self, backbone: nn.Module, config: LoraSpec):
+        from peft import LoraConfig
+
+        targets = config.target_modules
+        targets = backbone.default_lora_targets(config.towers) if targets is None else peft_targets(targets)
+        return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
+                          bias=config.bias, use_dora=config.use_dora, use_rslora=config.use_rslora)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from mmpeft.methods.base import Method, MethodConfig, register
+
+if TYPE_CHECKING:
+    from mmpeft.data import LabelSet
 
 
 @register
@@ -14,8 +18,9 @@ class ZeroShot(Method):
     name = "zero_shot"
     trains = False
     families = ("dual_encoder", "generative")
+    quantized_bits = (4, 8)
 
-    def apply(self, backbone: nn.Module, config: MethodConfig) -> None:
+    def apply(self, backbone: nn.Module, config: MethodConfig, labels: LabelSet | None = None) -> None:
         backbone.requires_grad_(False)
 
     def save(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
