@@ -19,4 +19,32 @@ def load_recipe(source, overrides=None):
     return _load(source, overrides)
 
 
-__all__ = ["__version__", "load_recipe", "run"]
+def compare(recipe, overrides=None, resume=None) -> dict:
+    """Run a methods x seeds grid (a recipe plus `grid:`); returns rows, summary, zero-shot. See mmpeft.compare."""
+    from mmpeft.compare import compare as _compare
+
+    return _compare(recipe, overrides, resume=resume)
+
+
+def fewshot(recipe, overrides=None, resume=None) -> dict:
+    """Run a methods x shots x seeds grid plus zero-shot baselines. See mmpeft.compare.fewshot."""
+    from mmpeft.compare import fewshot as _fewshot
+
+    return _fewshot(recipe, overrides, resume=resume)
+
+
+def export(run_dir, out, how="auto", dtype=None, verify=True, tolerance=None, onnx=False) -> dict:
+    """Export a finished run as a merged model or its adapter, verified. See mmpeft.export.export."""
+    from mmpeft.export import export as _export
+
+    return _export(run_dir, out, how=how, dtype=dtype, verify=verify, tolerance=tolerance, onnx=onnx)
+
+
+def merge(run_dirs, weights=None, how="linear", density=None, out="merged-adapter", seed=0) -> dict:
+    """Combine several runs' adapters (linear, TIES, DARE) and evaluate the result. See mmpeft.export.merge."""
+    from mmpeft.export import merge as _merge
+
+    return _merge(run_dirs, weights, how=how, density=density, out=out, seed=seed)
+
+
+__all__ = ["__version__", "compare", "export", "fewshot", "load_recipe", "merge", "run"]

@@ -18,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a recipe without loading any model")
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
+    for name, what in (("compare", "methods x seeds grid over one recipe: table, paired tests, plots"),
+                       ("fewshot", "methods x shots (1,2,4,8,16) x seeds grid plus zero-shot baselines")):
+        grid = commands.add_parser(name, help=what)
+        grid.add_argument("recipe", nargs="?", help="compare recipe YAML: a recipe plus a `grid:` section")
+        grid.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grid.seeds=[0,1] train.epochs=3")
+        grid.add_argument("--resume", metavar="GRID_DIR", help="continue a grid folder; finished cells are skipped")
     return parser
 
 
@@ -28,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except KeyboardInterrupt:
-        print("interrupted; continue with: mmpeft run --resume <run folder>", file=sys.stderr)
+        again = args.command if args.command in ("compare", "fewshot") else "run"
+        print(f"interrupted; continue with: mmpeft {again} --resume <{'grid' if again != 'run' else 'run'} folder>",
+              file=sys.stderr)
         return 130
     except Exception as error:  # known user errors get one line; others keep their traceback with -v
         if args.verbose or not is_user_error(error):
@@ -60,6 +68,14 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.resume and args.recipe and "=" in args.recipe:
             overrides = [args.recipe, *overrides]
         mmpeft.run(None if args.resume else args.recipe, overrides, resume=args.resume)
+    elif args.command in ("compare", "fewshot"):
+        if args.recipe is None and args.resume is None:
+            raise ValueError(f"mmpeft {args.command} needs a recipe file or --resume GRID_DIR")
+        overrides = args.overrides
+        if args.resume and args.recipe and "=" in args.recipe:
+            overrides = [args.recipe, *overrides]
+        grid = getattr(mmpeft, args.command)
+        grid(None if args.resume else args.recipe, overrides, resume=args.resume)
     elif args.command == "check":
         recipe = mmpeft.load_recipe(args.recipe, args.overrides)
         print(recipe.to_yaml(), end="")

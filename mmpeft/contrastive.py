@@ -43,7 +43,7 @@ def clip_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
 
     `logits[i, j]` scores image i against caption j; with one positive per row this is CLIP's loss exactly.
     """
-    targets = positives.float()
+    targets = positives.to(logits.dtype)
     image_to_text = -(targets / targets.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
     targets_t = targets.t()
     text_to_image = -(targets_t / targets_t.sum(1, keepdim=True) * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
@@ -56,7 +56,7 @@ def siglip_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     `logits` already include SigLIP's learnable bias; every pair is an independent binary decision, so several
     positives per row need no renormalisation.
     """
-    signs = positives.float() * 2 - 1
+    signs = positives.to(logits.dtype) * 2 - 1
     return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
 
 
@@ -81,7 +81,7 @@ class Contrastive(Objective):
         self.sigmoid = backbone.model_type.startswith("siglip")
         scale = getattr(backbone.base_model, "logit_scale", None)
         # A checkpoint that starts above the cap (some SigLIPs) keeps its value: the cap stops growth, never rewrites.
-        self.scale_max = max(LOGIT_SCALE_MAX, float(scale)) if scale is not None else LOGIT_SCALE_MAX
+        self.scale_max = max(LOGIT_SCALE_MAX, float(scale.detach())) if scale is not None else LOGIT_SCALE_MAX
 
     # --- captions -----------------------------------------------------------------------------------------------
     def captions(self, batch: dict) -> list[str]:

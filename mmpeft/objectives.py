@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from mmpeft.evaluation.classify import batch_logits
 from mmpeft.registry import Registry
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ class Classification(Objective):
 
     def logits(self, batch: dict) -> torch.Tensor:
         text_features = None if self.backbone.head is not None else self.backbone.class_text_features(self.labels)
-        return self.backbone.classify(batch["pixel_values"], text_features)
+        return batch_logits(self.backbone, batch, text_features)
 
     def loss(self, batch: dict) -> torch.Tensor:
         return F.cross_entropy(self.logits(batch), batch["labels"].to(self.backbone.device))

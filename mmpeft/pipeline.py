@@ -11,10 +11,12 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from mmpeft.backbones import load_backbone
 from mmpeft.data import ImageDataset, load_data, parse_shift, shift_label
+from mmpeft.data.feature_cache import FeatureBinding, bind_features, keep_after_apply
+from mmpeft.distributed import process_state
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.io import write_json, write_text
 from mmpeft.methods import METHODS, count_parameters
@@ -60,12 +62,18 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None =
 
 
 def new_run_dir(recipe: Recipe) -> Path:
-    name = recipe.output.name or f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(recipe.output.dir) / name
+    """One folder per run, named by the main process (its clock) when several processes share the run."""
+    state = process_state()
+    name = [recipe.output.name or f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"]
+    if state.num_processes > 1:
+        broadcast_object_list(name)
+    run_dir = Path(recipe.output.dir) / name[0]
     if (run_dir / METRICS_FILE).exists():
         raise FileExistsError(f"run folder {run_dir} already holds a finished run; choose another output.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
+    state.wait_for_everyone()
     return run_dir
 
 
@@ -79,8 +87,9 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
                      "seed": recipe.seed, "data": data.info}
     test_sets = evaluation_sets(recipe, data)
+    features = bind_features(recipe, backbone)  # image features of the untouched image tower, computed once
     if recipe.eval.zero_shot and method.name != "zero_shot":
-        metrics["zero_shot"] = evaluate_sets(backbone, test_sets, data.labels, recipe, "zero-shot")
+        metrics["zero_shot"] = evaluate_sets(backbone, test_sets, data.labels, recipe, "zero-shot", features)
         print_line("zero-shot", metrics["zero_shot"])
         if wants_retrieval(recipe):
             metrics["retrieval"] = {"zero_shot": evaluate_retrieval_set(backbone, test_sets, data, recipe, "zero-shot")}
@@ -89,36 +98,46 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     metrics["params"] = count_parameters(backbone)
     logger.info("method %s: %d trainable of %d parameters (%.3f%%)", method.name, metrics["params"]["trainable"],
                 metrics["params"]["total"], metrics["params"]["percent"])
+    features = keep_after_apply(features, recipe, method, backbone)
     if method.trains:
-        metrics["train"] = train(recipe, run_dir, backbone, data, resume)
-    metrics["test"] = evaluate_sets(backbone, test_sets, data.labels, recipe, "test")
+        metrics["train"] = train(recipe, run_dir, backbone, data, resume, features)
+    metrics["test"] = evaluate_sets(backbone, test_sets, data.labels, recipe, "test", features)
+    metrics["feature_cache"] = features.stats() if features is not None else {"used": False}
     if wants_retrieval(recipe):
         metrics.setdefault("retrieval", {})["test"] = evaluate_retrieval_set(backbone, test_sets, data, recipe, "test")
     metrics["memory"] = memory_footprint(backbone)
     print_line(method.name, metrics["test"], metrics["params"])
-    save_adapter(method, backbone, recipe, run_dir)
-    from mmpeft.report import write_run_report
+    state = process_state()
+    if state.is_main_process:  # one writer, whatever the number of processes
+        save_adapter(method, backbone, recipe, run_dir)
+        from mmpeft.report import write_run_report
 
-    write_run_report(run_dir, metrics, data.labels.names)
-    write_json(run_dir / METRICS_FILE, metrics)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    logger.info("run folder: %s", run_dir)
+        write_run_report(run_dir, metrics, data.labels.names)
+        write_json(run_dir / METRICS_FILE, metrics)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        logger.info("run folder: %s", run_dir)
+    state.wait_for_everyone()
     return metrics
 
 
 def place(backbone, recipe: Recipe):
     """Move to accelerate's device (GPU when present); quantized weights were placed when loaded."""
     if recipe.backbone.quantization is None:
-        from accelerate import PartialState
-
-        backbone.to(PartialState().device)
+        backbone.to(process_state().device)
     return backbone
 
 
-def train(recipe: Recipe, run_dir: Path, backbone, data, resume: bool) -> dict:
+def train(recipe: Recipe, run_dir: Path, backbone, data, resume: bool, features: FeatureBinding | None = None) -> dict:
     train_set = data.dataset("train", augment=True, seed=recipe.seed, spec=recipe.data)
+    if features is not None and train_set.augment is not None:
+        logger.info("feature cache: off for training: data.augment changes the images every epoch "
+                    "(val and test features stay cached)")
+    elif features is not None:
+        train_set = features.wrap(train_set, "train")
     objective = make_objective(recipe.train.objective, backbone, data.labels, train_set)
     val_set = data.dataset("val") if data.val else None
+    if val_set is not None and features is not None:
+        val_set = features.wrap(val_set, "val")
 
     def evaluate_val() -> dict:
         truth, predicted = predict(backbone, val_set, data.labels, recipe.eval.batch_size, desc="val")
@@ -142,10 +161,13 @@ def evaluation_sets(recipe: Recipe, data) -> dict[str, ImageDataset]:
     return sets
 
 
-def evaluate_sets(backbone, sets: dict[str, ImageDataset], labels, recipe: Recipe, desc: str) -> dict:
+def evaluate_sets(backbone, sets: dict[str, ImageDataset], labels, recipe: Recipe, desc: str,
+                  features: FeatureBinding | None = None) -> dict:
     """{"accuracy", "macro_f1", ... for the recipe's shift, "shifts": {name: {...}} when several}."""
     results = {}
     for name, dataset in sets.items():
+        if features is not None:
+            dataset = features.wrap(dataset, f"{desc} [{name}]")
         truth, predicted = predict(backbone, dataset, labels, recipe.eval.batch_size, desc=f"{desc} [{name}]")
         results[name] = classification_metrics(truth, predicted, labels.names)
     main = dict(next(iter(results.values())))
@@ -195,6 +217,8 @@ def memory_footprint(backbone) -> dict:
 
 
 def print_line(what: str, scores: dict, params: dict | None = None) -> None:
+    if not process_state().is_main_process:
+        return
     text = f"{what:>10}: accuracy {scores['accuracy']:.3f}  macro-F1 {scores['macro_f1']:.3f}"
     for name, shifted in scores.get("shifts", {}).items():
         text += f"  [{name}: {shifted['accuracy']:.3f}]"
@@ -207,12 +231,15 @@ class run_logging:
     """Log to <run>/train.log (appending on resume) for the duration of a run."""
 
     def __init__(self, run_dir: Path):
-        self.handler = logging.FileHandler(run_dir / "train.log")
+        main = process_state().is_main_process
+        self.handler = logging.FileHandler(run_dir / "train.log") if main else logging.NullHandler()
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def __enter__(self):
         logger.addHandler(self.handler)
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        if not process_state().is_main_process:
+            logger.setLevel(logging.WARNING)
+        elif logger.level == logging.NOTSET or logger.level > logging.INFO:
             logger.setLevel(logging.INFO)
         self.started = time.perf_counter()
         return self

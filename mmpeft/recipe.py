@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +47,7 @@ class BackboneSpec:
 class SplitSpec:
     val: float = 0.15  # fractions of all rows, stratified by class
     test: float = 0.25
+    seed: int | None = None  # default: the recipe's seed; compare grids pin it so every cell shares one split
 
     def __post_init__(self) -> None:
         if not (0 <= self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1):
@@ -114,6 +115,13 @@ class TrainSpec:
     checkpoint_every_steps: int | None = None  # also at every epoch end
     log_with: Literal["tensorboard"] | None = None
     num_workers: int = 0
+    # Image features of a frozen image tower (zero-shot, linear probe, text-side methods) are computed once and
+    # reused across epochs and runs: "memory" (this process), "disk" (also under $MMPEFT_CACHE/features), or
+    # "recompute" (encode every batch; not "off", which YAML reads as false).
+    feature_cache: Literal["memory", "disk", "recompute"] = "memory"
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes, CUDA only
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun / accelerate launch; one process ignores it
 
 
 @dataclass(frozen=True)

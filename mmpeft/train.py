@@ -6,9 +6,10 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,7 +17,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmpeft.data import collate_images
-from mmpeft.io import atomic_path, write_json
+from mmpeft.distributed import process_state
+from mmpeft.io import write_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -73,14 +75,62 @@ class Progress:
     finished: bool = False
 
 
-def make_accelerator(mixed_precision: str = "no", **kwargs) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", strategy: str = "ddp", **kwargs) -> Accelerator:
+    """DDP comes from the launcher (torchrun / accelerate launch); FSDP from `train.strategy: fsdp`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    processes = process_state().num_processes
     state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed_precision and AcceleratorState().num_processes == 1:
+    if state and state.get("_mixed_precision") != mixed_precision and processes == 1:
         AcceleratorState._reset_state()  # one process, several runs (tests, notebooks, compare grids)
+    if strategy == "fsdp" and processes > 1:
+        if not torch.cuda.is_available():  # accelerate's FSDP plugin supports GPUs only
+            raise ValueError("train.strategy: fsdp needs CUDA GPUs (accelerate's FSDP); use ddp on CPU processes")
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+            transformer_cls_names_to_wrap=["CLIPEncoderLayer", "SiglipEncoderLayer"], state_dict_type="FULL_STATE_DICT",
+            cpu_ram_efficient_loading=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def make_optimizer(spec: TrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.optimizer == "adamw_8bit":
+        if not torch.cuda.is_available():
+            raise ValueError("train.optimizer: adamw_8bit (bitsandbytes) needs a CUDA GPU; use adamw on this machine")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:
+    """Both towers (or the whole generative model); non-reentrant, so peft's frozen inputs need no grad hack."""
+    model = backbone.base_model if hasattr(backbone, "base_model") else backbone.model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """Process `rank`'s share of a global batch: contiguous, nearly equal parts."""
+    base, extra = divmod(len(batch), world)
+    start = rank * base + min(rank, extra)
+    return batch[start:start + base + (rank < extra)]
+
+
+class LossModule(torch.nn.Module):
+    """The objective's loss as a module forward, so DDP/FSDP wrappers see (and synchronise) every step."""
+
+    def __init__(self, backbone: torch.nn.Module, objective: Objective):
+        super().__init__()
+        self.backbone = backbone
+        self.objective = objective
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.objective.loss(batch)
 
 
 class Trainer:
@@ -90,31 +140,48 @@ class Trainer:
         self.backbone, self.objective, self.train_set, self.spec, self.seed = backbone, objective, train_set, spec, seed
         self.run_dir, self.evaluate_val, self.callbacks = Path(run_dir), evaluate_val, callbacks
         kwargs = {"log_with": spec.log_with, "project_dir": str(self.run_dir / "tracking")} if spec.log_with else {}
-        self.accelerator = make_accelerator(spec.mixed_precision, **kwargs)
+        self.accelerator = make_accelerator(spec.mixed_precision, strategy=spec.strategy, **kwargs)
         if spec.log_with:
             self.accelerator.init_trackers(self.run_dir.name, config=tracker_config)
         backbone.to(self.accelerator.device)
-        self.params = [p for p in backbone.parameters() if p.requires_grad]
-        if not self.params:
+        if spec.gradient_checkpointing:
+            enable_gradient_checkpointing(backbone)
+        if not any(p.requires_grad for p in backbone.parameters()):
             raise ValueError("the method left no trainable parameters; use method: zero_shot to only evaluate")
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=spec.weight_decay)
-        batches = math.ceil(len(train_set) / spec.batch_size)
-        self.steps_per_epoch = math.ceil(batches / spec.grad_accum_steps)
+        self.loss_module = self.accelerator.prepare_model(LossModule(backbone, objective))
+        self.params = [p for p in self.loss_module.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(spec, self.params)
+        self.world = self.accelerator.num_processes
+        self.steps_per_epoch = math.ceil(len(self.epoch_batches(0)) / spec.grad_accum_steps)
         total = self.steps_per_epoch * spec.epochs
         from transformers import get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, round(spec.warmup_ratio * total), total)
-        self.collate = collate_images(backbone.preprocess)
+        # a dataset may bring its own collate (cached image features: mmpeft.data.feature_cache.FeatureDataset)
+        self.collate = getattr(train_set, "collate", None) or collate_images(backbone.preprocess)
         self.progress = Progress()
         self.best_state: dict[str, torch.Tensor] | None = None
+        if self.world > 1:
+            logger.info("%d processes x batch %d per process = global batch %d", self.world, spec.batch_size,
+                        self.world * spec.batch_size)
+            torch.manual_seed(seed * 1009 + self.accelerator.process_index)  # distinct dropout per process
 
     # --- batches ------------------------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The batch order of an epoch depends on (seed, epoch) only, so a resumed run sees the same batches."""
+        """Global batches of an epoch; the order depends on (seed, epoch) only, so a resumed run sees the same ones.
+
+        With several processes each global batch holds `batch_size` examples per process; a last batch too small
+        to give every process an example is dropped (DDP needs every process to take part in every step).
+        """
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.train_set), generator=generator).tolist()
-        size = self.spec.batch_size
-        return [order[i:i + size] for i in range(0, len(order), size)]
+        world = self.accelerator.num_processes
+        size = self.spec.batch_size * world
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        return [b for b in batches if len(b) >= world]
+
+    def local_part(self, batch: list[int]) -> list[int]:
+        return shard(batch, self.accelerator.process_index, self.world)
 
     # --- the loop -----------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> Progress:
@@ -143,7 +210,8 @@ class Trainer:
         batches = self.epoch_batches(epoch)
         start = progress.batch_in_epoch
         # own generator: creating the iterator must not draw from the global RNG that dropout uses
-        loader = DataLoader(self.train_set, batch_sampler=batches[start:], collate_fn=self.collate,
+        local = [self.local_part(b) for b in batches[start:]]
+        loader = DataLoader(self.train_set, batch_sampler=local, collate_fn=self.collate,
                             num_workers=spec.num_workers, generator=torch.Generator().manual_seed(self.seed + epoch))
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.epochs}", initial=start, total=len(batches), disable=None)
         tic = time.perf_counter()
@@ -151,7 +219,7 @@ class Trainer:
             for callback in self.callbacks:
                 batch = callback.transform_batch(batch)
             with self.accelerator.autocast():
-                loss = self.objective.loss(batch)
+                loss = self.loss_module(batch)
                 for callback in self.callbacks:
                     extra = callback.extra_loss(batch)
                     if extra is not None:
@@ -161,7 +229,7 @@ class Trainer:
                     f"loss became {loss.item()} at epoch {epoch + 1}, batch {index + 1}; {self.last_checkpoint_note()}."
                     f" Try a lower train.lr (now {spec.lr}) or train.mixed_precision: no")
             self.accelerator.backward(loss / spec.grad_accum_steps)
-            progress.samples_seen += len(batch["labels"])
+            progress.samples_seen += len(batches[index])
             if (index + 1) % spec.grad_accum_steps == 0 or index + 1 == len(batches):
                 self.optimizer_step()
                 progress.batch_in_epoch = index + 1
@@ -227,8 +295,11 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Written beside, then swapped in: an interrupted save leaves the previous checkpoint intact."""
-        if not self.accelerator.is_main_process:
-            return
+        if self.accelerator.is_main_process:
+            self._write_checkpoint()
+        self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self) -> None:
         final = self.checkpoint_dir
         staging = final.with_name("staging")
         shutil.rmtree(staging, ignore_errors=True)
@@ -275,4 +346,3 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-__all__ = ["Callback", "HOOK_NAMES", "Progress", "Trainer", "TrainingDiverged", "atomic_path", "make_accelerator"]

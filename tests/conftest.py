@@ -50,6 +50,14 @@ def tiny_siglip_dir() -> Path:
     return tiny_backbone("siglip")
 
 
+@pytest.fixture(scope="session")
+def digits_clip_dir() -> Path:
+    """The pre-trained demo backbone, built (about a minute) only if the test cache lacks it."""
+    from mmpeft.backbones.digits_clip import build_digits_clip
+
+    return build_digits_clip()
+
+
 @pytest.fixture
 def color_recipe(color_folder, tiny_clip_dir, tmp_path) -> dict:
     """A quick recipe on the colour folder: learnable in a few epochs on a random tiny CLIP."""

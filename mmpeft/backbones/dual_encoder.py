@@ -101,7 +101,11 @@ class DualEncoder(nn.Module):
 
     def classify(self, pixel_values: torch.Tensor, text_features: torch.Tensor | None) -> torch.Tensor:
         """Logits [batch, classes]: scaled cosine similarity to each class text (or the linear head)."""
-        image_features = self.encode_images(pixel_values)
+        return self.score(self.encode_images(pixel_values), text_features)
+
+    def score(self, image_features: torch.Tensor, text_features: torch.Tensor | None) -> torch.Tensor:
+        """Logits from image features already encoded (by `encode_images`, or cached for a frozen image tower)."""
+        image_features = image_features.to(self.device)
         if self.head is not None:
             return self.head(image_features)
         return image_features @ text_features.t() * self.logit_scale() + self.logit_bias()

@@ -14,14 +14,14 @@ from mmpeft.data.errors import DataError
 from mmpeft.data.labels import LabelSet
 from mmpeft.data.shifts import SHIFTS, apply_shifts, parse_shift, shift_label
 from mmpeft.data.sources import DatasetImage, Row, load_image, read_rows
-from mmpeft.data.splits import k_shot, split_examples
+from mmpeft.data.splits import examples_fingerprint, k_shot, split_examples
 from mmpeft.data.validate import check_empty_classes, find_bad_rows, report_bad_rows
 from mmpeft.recipe import DataSpec, SplitSpec
 
 __all__ = [
     "SHIFTS", "DataError", "DataSplits", "DatasetImage", "Example", "ImageCollator", "ImageDataset", "LabelSet",
-    "Row", "apply_shifts", "collate_images", "k_shot", "load_data", "load_image", "parse_shift", "shift_label",
-    "split_examples",
+    "Row", "apply_shifts", "collate_images", "examples_fingerprint", "k_shot", "load_data", "load_image",
+    "parse_shift", "shift_label", "split_examples",
 ]
 
 MAX_LISTED_SKIPS = 100  # bad rows quoted in `info` (the count is always exact)
@@ -75,6 +75,9 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
         "shots": spec.shots,
         "subset": spec.subset,
         "seed": seed,
+        "split_seed": spec.split.seed if spec.split.seed is not None else seed,
+        "fingerprints": {"train": examples_fingerprint(train), "val": examples_fingerprint(val),
+                         "test": examples_fingerprint(test)},
         "shifts": list(shifts),
         "skipped": len(bad),
         "skipped_rows": [str(b) for b in bad[:MAX_LISTED_SKIPS]],
@@ -84,12 +87,15 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
 
 def _split(examples: list[Example], spec: DataSpec, seed: int, names: list[str],
            ) -> tuple[list[Example], list[Example], list[Example]]:
-    """Stratified splits; with `data.subset` (digits), only within the fixed pre-training/held-out partition.
+    """Stratified splits by `data.split.seed` (default: the run's seed); with `data.subset` (digits), only within
+    the fixed pre-training/held-out partition.
 
     `subset: heldout` splits the held-out part by `data.split`. `subset: pretrain` trains on the whole pre-training
     part and takes val and test from the held-out part in the ratio `split.val : split.test` (all of it is test when
     `split.val` is 0), so a pre-training run reports accuracy on images it never saw.
     """
+    if spec.split.seed is not None:
+        seed = spec.split.seed
     if spec.subset is None:
         return split_examples(examples, spec.split, seed, names)
     from mmpeft.data.digits import partition_digits

@@ -6,6 +6,7 @@ same split, so no test image is ever seen in training.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import TypeVar
@@ -13,6 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 from mmpeft.data.errors import DataError
+from mmpeft.data.sources import DatasetImage
 from mmpeft.recipe import SplitSpec
 
 E = TypeVar("E")  # anything with `.label` (an int) and `.image`
@@ -68,6 +70,20 @@ def k_shot(examples: Sequence[E], k: int, seed: int, names: Sequence[str] | None
         order = np.random.default_rng([seed, label]).permutation(len(by_class[label]))
         chosen += [by_class[label][j] for j in order[:k]]
     return [examples[i] for i in sorted(chosen)]
+
+
+def examples_fingerprint(examples: Sequence[E]) -> str:
+    """A short hash of which examples (image reference and label, in order) a split holds.
+
+    Why: a compare grid checks from each cell's metrics that its cells really shared one test split and, per seed
+    and k, one training sample. In-memory images are identified by object id, so compare those within one process.
+    """
+    digest = hashlib.sha1()
+    for example in examples:
+        image = example.image
+        ref = image if isinstance(image, str) else repr(image) if isinstance(image, DatasetImage) else f"id:{id(image)}"
+        digest.update(f"{ref}\t{example.label}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def _image_groups(examples: Sequence[E]) -> list[list[int]]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -38,6 +39,12 @@ class Method:
     quantized_bits: ClassVar[tuple[int, ...]] = ()  # 4/8: the method can train on a bitsandbytes-quantized base
     quantized_note: ClassVar[str] = "its layers cannot sit on quantized weights"
     variants: ClassVar[dict[str, dict]] = {}  # named settings of the config, one row each in the support table
+    # What `save` writes, so export can check a run folder and pick the loader: "mmpeft" (STATE_FILE, the default
+    # save), "peft" (adapter_config.json + adapter_model.safetensors) or "transformers" (a complete model folder).
+    saved_format: ClassVar[Literal["mmpeft", "peft", "transformers"]] = "mmpeft"
+    # Why the trained state can never fold into the base weights (shown by `mmpeft export --merge` before any model
+    # loads); None: `merge` decides on the built model.
+    merge_blocker: ClassVar[str | None] = None
 
     @classmethod
     def check(cls, recipe: Recipe, cuda: bool | None = None) -> list[str]:
@@ -64,6 +71,15 @@ class Method:
         """Wrap `backbone` in place. `labels` is the task's label set, for methods whose shape depends on it."""
         raise NotImplementedError
 
+    def image_tower_frozen(self, backbone: nn.Module, config: MethodConfig) -> bool:
+        """After `apply`: are image features exactly the untouched backbone's? If so they may be cached once.
+
+        The default reads the applied model instead of trusting a declaration: no trainable parameter and no forward
+        hook under the image tower. A method that changes image-path weights at apply time without training them
+        must override this (the feature cache's spot check catches it too, at the cost of a warning).
+        """
+        return image_path_untouched(backbone)
+
     def save(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in trainable_state(backbone).items()}
@@ -75,6 +91,48 @@ class Method:
         """Restore trained state onto a backbone that `apply` has already wrapped."""
         state = load_file(str(directory / STATE_FILE))
         load_trainable_state(backbone, state)
+
+    def merge(self, backbone: nn.Module, config: MethodConfig) -> None:
+        """Fold the trained state into the base weights in place, so `backbone.model` becomes a plain transformers
+        model that computes what the trained backbone computes (for `mmpeft export --merge`); raise CannotMerge
+        saying why when it cannot. The default covers peft adapters (merge_and_unload) and methods whose trained
+        tensors already are base weights (BitFit, full fine-tuning); it refuses heads, prompt vectors and added
+        modules. A method with another way to fold overrides this."""
+        if self.merge_blocker:
+            raise CannotMerge(self.merge_blocker)
+        fold_into_base(backbone)
+
+
+class CannotMerge(ValueError):
+    """A method's trained state cannot be folded into the base model's own weights; the message says why."""
+
+
+def fold_into_base(backbone: nn.Module) -> None:
+    """The default `Method.merge`: unwrap a peft model with its own merge; refuse anything the base cannot hold."""
+    if getattr(backbone, "head", None) is not None:
+        raise CannotMerge("trains a classification head on the image features, which replaces label-text scoring; "
+                          "the base model has no place for it")
+    if getattr(backbone, "text_prompts", None) is not None:
+        raise CannotMerge("learns text prompt vectors, which are inputs to the text tower, not weights")
+    model = backbone.model
+    if hasattr(model, "peft_config"):
+        if any(getattr(c, "is_prompt_learning", False) for c in model.peft_config.values()):
+            raise CannotMerge("is peft prompt learning: its virtual tokens are inputs, not weights")
+        model = model.merge_and_unload()
+    added = added_tensors(model)
+    if added:
+        raise CannotMerge(f"adds {len(added)} tensors the base architecture does not have (for example "
+                          f"{added[0]!r}): no base weight can absorb them")
+    backbone.model = model
+
+
+def added_tensors(model: nn.Module) -> list[str]:
+    """State-dict keys of `model` that a fresh instance of its architecture lacks (built on the meta device)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        fresh = type(model)._from_config(model.config)
+    return sorted(set(model.state_dict()) - set(fresh.state_dict()))
 
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -100,6 +158,17 @@ def require_labels(method: str, labels: LabelSet | None, why: str) -> LabelSet:
 
 def trainable_state(module: nn.Module) -> dict:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def image_path_untouched(backbone: nn.Module) -> bool:
+    """No trainable parameter and no forward hook under the image tower (and `encode_images` not replaced)."""
+    if not hasattr(backbone, "tower_pattern") or "encode_images" in vars(backbone):
+        return False
+    vision = re.compile(backbone.tower_pattern("vision"))
+    if any(p.requires_grad for name, p in backbone.named_parameters() if vision.search(name)):
+        return False
+    return not any(module._forward_hooks or module._forward_pre_hooks
+                   for name, module in backbone.named_modules() if vision.search(name))
 
 
 def load_trainable_state(module: nn.Module, state: dict) -> None:

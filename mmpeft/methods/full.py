@@ -29,6 +29,7 @@ class Full(Method):
     Config = FullConfig
     families = ("dual_encoder", "generative")
     quantized_note = "it updates every weight, and quantized weights are frozen integer codes"
+    saved_format = "transformers"  # already a complete model: a merged export has nothing to fold
 
     def apply(self, backbone: nn.Module, config: FullConfig, labels: LabelSet | None = None) -> None:
         backbone.requires_grad_(False)

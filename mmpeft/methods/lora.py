@@ -47,6 +47,7 @@ class PeftMethod(Method):
 
     families = ("dual_encoder", "generative")
     quantized_bits = (4, 8)
+    saved_format = "peft"  # merged exports use peft's merge_and_unload (the default Method.merge)
 
     def peft_config(self, backbone: nn.Module, config: MethodConfig):
         raise NotImplementedError

@@ -1,0 +1,26 @@
+"""Continual learning: a task sequence on one backbone + method, a regulariser, and the forgetting matrix.
+
+`continual(recipe)` runs a sequence (also `mmpeft continual RECIPE`); `run_continual_cell` is one cell of a
+`regularisers x seeds` comparison grid; `load_continual_recipe` validates a recipe without running it.
+"""
+
+from __future__ import annotations
+
+from mmpeft.continual.tasks import ContinualRecipe, Task, load_continual_recipe
+
+
+def continual(recipe, overrides=None, resume=None) -> dict:
+    """Run (or resume) a continual recipe; see mmpeft.continual.runner.continual."""
+    from mmpeft.continual.runner import continual as _continual
+
+    return _continual(recipe, overrides, resume)
+
+
+def run_continual_cell(recipe, regulariser_name, seed: int, overrides=None, output_dir=None) -> dict:
+    """One regulariser x seed cell as a flat row; see mmpeft.continual.runner.run_continual_cell."""
+    from mmpeft.continual.runner import run_continual_cell as _cell
+
+    return _cell(recipe, regulariser_name, seed, overrides=overrides, output_dir=output_dir)
+
+
+__all__ = ["ContinualRecipe", "Task", "continual", "load_continual_recipe", "run_continual_cell"]

@@ -1,0 +1,319 @@
+"""`mmpeft continual RECIPE`: train a task sequence on one backbone + method, with a regulariser, and measure R.
+
+Order of a run: read every task's data -> zero-shot accuracy of the untouched backbone on each task (and the
+control set) -> apply the method -> for each task: regulariser.begin_task, the ordinary Trainer (with the
+regulariser as its callback), regulariser.end_task, evaluate every task's test set (row i of R) and the control
+set, checkpoint -> metrics.json, plots, report.md, the final adapter.
+
+The checkpoint after each task (`state/`: trainable weights, regulariser tensors and facts, R so far) is written
+beside and swapped in, so it is whole or absent. `--resume RUN_DIR` restores it and continues at the next task;
+a task interrupted midway also continues from the Trainer's own checkpoint (`tasks/<i>/checkpoints/last`). Each
+task seeds with (seed + task index), so a resumed run gives the numbers an unbroken run gives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+
+from mmpeft.backbones import load_backbone
+from mmpeft.continual.metrics import summarise
+from mmpeft.continual.regularisers import Regulariser, TaskContext, make_regulariser, trainable_parameters
+from mmpeft.continual.regularisers.base import copy_into
+from mmpeft.continual.sequence import TaskSequence, load_sequence
+from mmpeft.continual.tasks import ContinualRecipe, load_continual_recipe
+from mmpeft.data import ImageDataset, LabelSet, collate_images
+from mmpeft.evaluation import classification_metrics, predict
+from mmpeft.io import write_json
+from mmpeft.methods import METHODS, count_parameters
+from mmpeft.objectives import Classification
+from mmpeft.pipeline import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, new_run_dir, run_logging
+from mmpeft.train import Trainer
+
+logger = logging.getLogger("mmpeft")
+
+STATE_DIR = "state"
+TASKS_DIR = "tasks"
+TASK_ADAPTERS_DIR = "task_adapters"
+
+
+@dataclass
+class SequenceProgress:
+    """What the per-task checkpoint records besides tensors."""
+
+    done: int = 0  # tasks finished
+    matrix: list[list[float]] = field(default_factory=list)  # rows of R so far
+    control: list[float] = field(default_factory=list)  # control accuracy after each finished task
+    zero_shot: dict | None = None  # {"tasks": [b_j], "control": float | None}
+    train: list[dict] = field(default_factory=list)  # per task: steps, seconds, history
+
+
+class RecordingClassification(Classification):
+    """Cross-entropy over label texts that leaves the batch's logits in the batch (`logits`), so a regulariser
+    that needs them (LwF) does not run a second forward."""
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        logits = self.logits(batch)
+        batch["logits"] = logits
+        return F.cross_entropy(logits, batch["labels"].to(self.backbone.device))
+
+
+def continual(recipe: str | Path | dict | ContinualRecipe | None, overrides: list[str] | dict | None = None,
+              resume: str | Path | None = None) -> dict:
+    """Run a continual recipe (or resume RUN_DIR) and return its metrics (also in <run folder>/metrics.json)."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no {RECIPE_FILE} there; is it a continual run folder?")
+        if (run_dir / METRICS_FILE).is_file():
+            logger.info("run %s is already complete", run_dir)
+            return json.loads((run_dir / METRICS_FILE).read_text())
+        loaded = load_continual_recipe(run_dir / RECIPE_FILE, overrides)
+    else:
+        if recipe is None:
+            raise ValueError("mmpeft continual needs a recipe file or --resume RUN_DIR")
+        loaded = load_continual_recipe(recipe, overrides)
+        if loaded.output.name and (Path(loaded.output.dir) / loaded.output.name / STATE_DIR).exists():
+            folder = Path(loaded.output.dir) / loaded.output.name
+            raise FileExistsError(f"run folder {folder} holds an interrupted continual run; continue it with "
+                                  f"`mmpeft continual --resume {folder}` or choose another output.name")
+        run_dir = new_run_dir(loaded)  # type: ignore[arg-type]  (it needs .name, .output and .to_yaml only)
+    with run_logging(run_dir):
+        try:
+            return execute(loaded, run_dir, resume=resume is not None)
+        except KeyboardInterrupt:
+            logger.info("interrupted; continue with: mmpeft continual --resume %s", run_dir)
+            raise
+
+
+def run_continual_cell(recipe: str | Path | dict | ContinualRecipe, regulariser_name: str | dict, seed: int,
+                       overrides: list[str] | dict | None = None, output_dir: str | Path | None = None) -> dict:
+    """One cell of a `regularisers x seeds` grid: the recipe with this regulariser and seed, as a flat row.
+
+    `regulariser_name` is a name (its settings come from the recipe when it names the same regulariser, else the
+    regulariser's defaults) or a mapping with `name` and settings. The run folder is
+    `<output_dir or recipe output.dir>/<recipe name>-<regulariser>-seed<seed>`; a finished one is reused.
+    """
+    base = load_continual_recipe(recipe, overrides)
+    if isinstance(regulariser_name, dict):
+        settings = dict(regulariser_name)
+    elif regulariser_name == base.regulariser.name:
+        settings = asdict(base.regulariser)
+    else:
+        settings = {"name": regulariser_name}
+    label = settings.get("label") or settings["name"]
+    settings.pop("label", None)
+    output = {"dir": str(output_dir) if output_dir is not None else base.output.dir,
+              "name": f"{base.name}-{label}-seed{seed}"}
+    cell = load_continual_recipe(base.to_dict() | {"regulariser": settings, "seed": seed, "output": output})
+    run_dir = Path(output["dir"]) / output["name"]
+    if (run_dir / METRICS_FILE).is_file():
+        metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    else:
+        metrics = continual(cell, resume=run_dir if (run_dir / RECIPE_FILE).is_file() else None)
+    return {"regulariser": label, "seed": seed, "method": cell.recipe.method.name, **metrics["summary"],
+            "run_dir": str(run_dir)}
+
+
+# --- one sequence ---------------------------------------------------------------------------------------------------
+def execute(recipe: ContinualRecipe, run_dir: Path, resume: bool = False) -> dict:
+    base = recipe.recipe
+    set_seed(recipe.seed, deterministic=False)
+    sequence = load_sequence(recipe)
+    logger.info("tasks: %s", "; ".join(f"{t.task.name}: {len(t.train)} train / {len(t.test)} test, classes "
+                                       f"{','.join(t.classes)}" for t in sequence.tasks))
+    set_seed(recipe.seed, deterministic=False)
+    backbone = load_backbone(base.backbone)
+    progress = read_progress(run_dir) if resume else SequenceProgress()
+    if progress.zero_shot is None and base.eval.zero_shot:
+        progress.zero_shot = evaluate_step(backbone, sequence, None, recipe, step=None)
+        print_row("zero-shot", progress.zero_shot["tasks"], progress.zero_shot["control"])
+    set_seed(recipe.seed, deterministic=False)  # the method's init must not depend on whether zero-shot ran
+    method = METHODS.get(base.method.name)()
+    method.apply(backbone, base.method)
+    params = count_parameters(backbone)
+    regulariser = make_regulariser(recipe.regulariser, recipe.seed)
+    if progress.done:
+        restore_state(run_dir, backbone, regulariser)
+        logger.info("resuming at task %d of %d (%s)", progress.done + 1, len(sequence.tasks),
+                    sequence.tasks[progress.done].task.name if progress.done < len(sequence.tasks) else "-")
+    for index in range(progress.done, len(sequence.tasks)):
+        train_info = train_task(recipe, sequence, backbone, regulariser, index, run_dir)
+        row = evaluate_step(backbone, sequence, regulariser, recipe, step=index)
+        progress.matrix.append(row["tasks"])
+        if row["control"] is not None:
+            progress.control.append(row["control"])
+        progress.train.append(train_info)
+        progress.done = index + 1
+        save_state(run_dir, backbone, regulariser, progress)
+        shutil.rmtree(run_dir / TASKS_DIR / str(index), ignore_errors=True)
+        print_row(f"after {sequence.tasks[index].task.name}", row["tasks"], row["control"])
+    return finish(recipe, sequence, backbone, method, regulariser, progress, params, run_dir)
+
+
+def train_task(recipe: ContinualRecipe, sequence: TaskSequence, backbone, regulariser: Regulariser, index: int,
+               run_dir: Path) -> dict:
+    """One task through the ordinary Trainer; a task interrupted midway continues from the Trainer's checkpoint."""
+    base, task = recipe.recipe, sequence.tasks[index]
+    labels = sequence.labels_upto(index)
+    objective = RecordingClassification(backbone, labels)
+    collate = collate_images(backbone.preprocess)
+    context = TaskContext(index=index, backbone=backbone, train_set=task.dataset("train"),
+                          train_sets=[t.dataset("train") for t in sequence.tasks], labels=labels,
+                          previous_classes=sequence.previous_classes(index), logits=objective.logits,
+                          collate=collate, batch_size=base.eval.batch_size, seed=recipe.seed + index)
+    set_seed(recipe.seed + index, deterministic=False)
+    regulariser.begin_task(context)
+    evaluate_val = None
+    if task.val:
+        val_set = task.dataset("val")
+
+        def evaluate_val() -> dict:
+            truth, predicted = predict(backbone, val_set, labels, base.eval.batch_size, desc="val")
+            scores = classification_metrics(truth, predicted, labels.names)
+            return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+
+    task_dir = run_dir / TASKS_DIR / str(index)
+    trainer = Trainer(backbone, objective, task.dataset("train", augment=True, seed=recipe.seed), base.train,
+                      recipe.seed, task_dir, evaluate_val=evaluate_val, callbacks=(regulariser,))
+    print(f"task {index + 1}/{len(sequence.tasks)} [{task.task.name}]: {len(task.train)} examples, "
+          f"{len(labels)} classes, regulariser {regulariser.name}", flush=True)
+    result = trainer.fit(resume=(trainer.checkpoint_dir / "progress.json").is_file())
+    regulariser.end_task(context)
+    return {"task": task.task.name, "steps": result.global_step, "epochs_run": result.epoch,
+            "seconds": round(result.train_seconds, 3), "best_epoch": result.best_epoch, "history": result.history}
+
+
+def evaluate_step(backbone, sequence: TaskSequence, regulariser: Regulariser | None, recipe: ContinualRecipe,
+                  step: int | None) -> dict:
+    """Accuracy on every task's test set after task `step` (None: the untouched backbone), plus the control set."""
+    batch_size = recipe.recipe.eval.batch_size
+    row = []
+    for j, task in enumerate(sequence.tasks):
+        labels = sequence.labels_upto(j) if step is None else sequence.eval_labels(step, j)
+        if regulariser is None:
+            row.append(accuracy(backbone, task.dataset("test"), labels, batch_size))
+        else:
+            with regulariser.evaluating(j):
+                row.append(accuracy(backbone, task.dataset("test"), labels, batch_size))
+    control = None
+    if sequence.control is not None and sequence.control_labels is not None:
+        control = accuracy(backbone, sequence.control.dataset("test"), sequence.control_labels, batch_size)
+    return {"tasks": row, "control": control}
+
+
+def accuracy(backbone, dataset: ImageDataset, labels: LabelSet, batch_size: int) -> float:
+    truth, predicted = predict(backbone, dataset, labels, batch_size, desc="eval")
+    return float(np.mean(truth == predicted))
+
+
+def finish(recipe: ContinualRecipe, sequence: TaskSequence, backbone, method, regulariser: Regulariser,
+           progress: SequenceProgress, params: dict, run_dir: Path) -> dict:
+    from mmpeft.continual.report import write_continual_report
+
+    base = recipe.recipe
+    zero_shot = progress.zero_shot or {}
+    metrics = {
+        "recipe": recipe.name, "backbone": base.backbone.id, "method": base.method.name,
+        "regulariser": recipe.regulariser.name, "seed": recipe.seed,
+        "protocol": "class-incremental, single head: scored against every class seen so far (no task id)"
+                    if any(t.task.selects_classes for t in sequence.tasks) else
+                    "domain-incremental: every task scored against the same classes (no task id)",
+        "tasks": [{"name": t.task.name, "classes": t.classes, "shift": list(t.shifts),
+                   "counts": {"train": len(t.train), "val": len(t.val), "test": len(t.test)}} for t in sequence.tasks],
+        "accuracy_matrix": progress.matrix,
+        "zero_shot": zero_shot.get("tasks"),
+        "control": ({"name": sequence.control.task.name, "zero_shot": zero_shot.get("control"),
+                     "after_task": progress.control} if sequence.control is not None else None),
+        "summary": summarise(progress.matrix, zero_shot.get("tasks"), progress.control or None),
+        "params": params,
+        "train": progress.train,
+    }
+    save_adapters(method, backbone, regulariser, recipe, run_dir)
+    write_continual_report(run_dir, metrics)
+    write_json(run_dir / METRICS_FILE, metrics)
+    shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
+    shutil.rmtree(run_dir / TASKS_DIR, ignore_errors=True)
+    summary = metrics["summary"]
+    forgetting = summary["average_forgetting"]
+    print(f"{recipe.regulariser.name}: average accuracy {summary['average_accuracy']:.3f}, average forgetting "
+          f"{'n/a' if forgetting is None else f'{forgetting:.3f}'}; run folder {run_dir}", flush=True)
+    return metrics
+
+
+def save_adapters(method, backbone, regulariser: Regulariser, recipe: ContinualRecipe, run_dir: Path) -> None:
+    """The final trainable state in the method's own format; one per task too when the regulariser keeps them."""
+    _save_method_state(method, backbone, recipe, run_dir / ADAPTER_DIR)
+    per_task = getattr(regulariser, "task_states", None)
+    if per_task is None:
+        return
+    params = trainable_parameters(backbone)
+    current = {name: p.detach().clone() for name, p in params.items()}
+    for index, state in per_task().items():
+        copy_into(params, state)
+        _save_method_state(method, backbone, recipe, run_dir / TASK_ADAPTERS_DIR / f"task{index + 1}")
+    copy_into(params, current)
+
+
+def _save_method_state(method, backbone, recipe: ContinualRecipe, final: Path) -> None:
+    staging = final.with_name(f".{final.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    method.save(backbone, recipe.recipe.method, staging)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+
+
+# --- the per-task checkpoint ----------------------------------------------------------------------------------------
+def save_state(run_dir: Path, backbone, regulariser: Regulariser, progress: SequenceProgress) -> None:
+    """Written into a staging folder and swapped in: an interrupted save leaves the previous checkpoint whole."""
+    final = run_dir / STATE_DIR
+    staging, old = final.with_name(f".{STATE_DIR}.staging"), final.with_name(f".{STATE_DIR}.previous")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    trainable = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(backbone).items()}
+    save_file(trainable, str(staging / "trainable.safetensors"))
+    tensors, meta = regulariser.state()
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / "regulariser.safetensors"))
+    write_json(staging / "regulariser.json", {"name": regulariser.name, **meta})
+    write_json(staging / "progress.json", asdict(progress))  # last: a staging folder without it is incomplete
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_progress(run_dir: Path) -> SequenceProgress:
+    for folder in (run_dir / STATE_DIR, run_dir / f".{STATE_DIR}.previous"):  # .previous: killed mid-swap
+        if (folder / "progress.json").is_file():
+            return SequenceProgress(**json.loads((folder / "progress.json").read_text()))
+    return SequenceProgress()
+
+
+def restore_state(run_dir: Path, backbone, regulariser: Regulariser) -> None:
+    folder = run_dir / STATE_DIR
+    if not (folder / "progress.json").is_file():
+        folder = run_dir / f".{STATE_DIR}.previous"
+    saved = json.loads((folder / "regulariser.json").read_text())
+    if saved.get("name") != regulariser.name:
+        raise ValueError(f"--resume: the checkpoint was written by regulariser {saved.get('name')!r}, "
+                         f"the recipe names {regulariser.name!r}")
+    copy_into(trainable_parameters(backbone), load_file(str(folder / "trainable.safetensors")))
+    regulariser.load_state(load_file(str(folder / "regulariser.safetensors")), saved)
+
+
+def print_row(what: str, row: list[float], control: float | None) -> None:
+    text = f"{what:>22}: " + "  ".join(f"{value:.3f}" for value in row)
+    if control is not None:
+        text += f"  | control {control:.3f}"
+    print(text, flush=True)
