@@ -94,7 +94,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         if wants_retrieval(recipe):
             metrics["retrieval"] = {"zero_shot": evaluate_retrieval_set(backbone, test_sets, data, recipe, "zero-shot")}
     set_seed(recipe.seed, deterministic=False)  # the method's init must not depend on whether zero-shot ran
-    method.apply(backbone, recipe.method)
+    method.apply(backbone, recipe.method, data.labels)
     metrics["params"] = count_parameters(backbone)
     logger.info("method %s: %d trainable of %d parameters (%.3f%%)", method.name, metrics["params"]["trainable"],
                 metrics["params"]["total"], metrics["params"]["percent"])

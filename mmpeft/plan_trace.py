@@ -156,7 +156,9 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        # [batch, heads, T, d] viewed from [batch, T, heads, d], the layout the fused kernels return: the reshape
+        # before the output projection is then a view, not a copy
+        out = q.new_empty(*q.shape[:-3], q.shape[-2], q.shape[-3], v.shape[-1]).transpose(-3, -2)
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse, *([mask] if isinstance(mask, torch.Tensor) else []))
         return out

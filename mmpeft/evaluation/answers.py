@@ -1,0 +1,87 @@
+"""Free-form answers from generative backbones: greedy generation, scored by exact and normalised match (VQA-style).
+
+Why both: exact match is strict and easy to explain; the normalised match forgives what a reader would (case,
+punctuation, articles, "7" vs "seven"), as the VQA evaluation does, so a model that says "Seven." is not wrong.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mmpeft.data import collate_images
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmpeft.backbones.generative import GenerativeBackbone
+    from mmpeft.data import ImageDataset, LabelSet
+
+ARTICLES = {"a", "an", "the"}
+NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+           "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+EXAMPLES_KEPT = 10  # (prediction, reference) pairs quoted in the metrics
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation to spaces (a decimal point stays), drop articles, number words to digits."""
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text.lower())
+    text = text.translate(str.maketrans({c: " " for c in string.punctuation if c != "."}))
+    words = [NUMBERS.get(word, word) for word in text.split() if word not in ARTICLES]
+    return " ".join(words)
+
+
+def answer_metrics(predictions: list[str], references: list[str]) -> dict:
+    """{"exact_match", "normalized_match", "n", "examples"}: exact compares stripped strings."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    n = len(references)
+    exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    normal = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+    return {"exact_match": exact / n if n else float("nan"), "normalized_match": normal / n if n else float("nan"),
+            "n": n, "examples": [{"prediction": p, "reference": r}
+                                 for p, r in list(zip(predictions, references))[:EXAMPLES_KEPT]]}
+
+
+@torch.no_grad()
+def generate_answers(backbone: GenerativeBackbone, texts: list[str], images: list[list[Image.Image]],
+                     max_new_tokens: int) -> list[str]:
+    """Greedy answers to rendered prompts (batched, left-padded), special tokens removed."""
+    inputs = backbone.encode(texts, images, padding_side="left")
+    tokenizer = backbone.tokenizer
+    output = backbone.base_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=backbone.pad_token_id)
+    new = output[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def references(backbone: GenerativeBackbone, batch: dict, labels: LabelSet) -> list[str]:
+    """What each example should answer: its own text (`data.text_column`), else the templated label name."""
+    own = batch.get("texts") or [None] * len(batch["labels"])
+    names = labels.names
+    return [text if text else backbone.task.answer_template.format(label=names[int(label)])
+            for text, label in zip(own, batch["labels"].tolist())]
+
+
+@torch.no_grad()
+def evaluate_answers(backbone: GenerativeBackbone, dataset: ImageDataset, labels: LabelSet, batch_size: int = 16,
+                     desc: str = "answers") -> dict:
+    """Generate an answer for every example of `dataset` and compare with its reference answer."""
+    if getattr(backbone, "family", None) != "generative":
+        raise ValueError("eval.generate: free-form answers need a generative backbone (backbone.family: generative)")
+    was_training = backbone.training
+    backbone.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_images(backbone.preprocess))
+    predictions, wanted = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None):
+        texts = [backbone.prompt_text(question) for question in backbone.questions(batch)]
+        predictions += generate_answers(backbone, texts, [[image] for image in batch["pixel_values"]],
+                                        backbone.task.max_new_tokens)
+        wanted += references(backbone, batch, labels)
+    backbone.train(was_training)
+    return answer_metrics(predictions, wanted)
