@@ -19,18 +19,33 @@ def load_recipe(source, overrides=None):
     return _load(source, overrides)
 
 
+def plan(recipe, overrides: list[str] | dict | None = None, gpu_memory: str | int | None = None) -> list[dict]:
+    """Memory of a recipe's training step per method, from configs alone (no weights); fits `gpu_memory`?
+    See mmpeft.planner.plan."""
+    from mmpeft.planner import plan as _plan
+
+    return _plan(recipe, overrides, gpu_memory=gpu_memory)
+
+
 def compare(recipe, overrides=None, resume=None) -> dict:
-    """Run a methods x seeds grid (a recipe plus `grid:`); returns rows, summary, zero-shot. See mmpeft.compare."""
-    from mmpeft.compare import compare as _compare
+    """Run a methods x seeds grid (a recipe plus `grid:`); returns rows, summary, zero-shot. See mmpeft.comparison."""
+    from mmpeft.comparison import compare as _compare
 
     return _compare(recipe, overrides, resume=resume)
 
 
 def fewshot(recipe, overrides=None, resume=None) -> dict:
-    """Run a methods x shots x seeds grid plus zero-shot baselines. See mmpeft.compare.fewshot."""
-    from mmpeft.compare import fewshot as _fewshot
+    """Run a methods x shots x seeds grid plus zero-shot baselines. See mmpeft.comparison.fewshot."""
+    from mmpeft.comparison import fewshot as _fewshot
 
     return _fewshot(recipe, overrides, resume=resume)
+
+
+def continual(recipe, overrides=None, resume=None) -> dict:
+    """Run (or resume) a task sequence with a regulariser; returns R and its summaries. See mmpeft.continual."""
+    from mmpeft.continual.runner import continual as _continual
+
+    return _continual(recipe, overrides, resume=resume)
 
 
 def export(run_dir, out, how="auto", dtype=None, verify=True, tolerance=None, onnx=False) -> dict:
@@ -47,4 +62,4 @@ def merge(run_dirs, weights=None, how="linear", density=None, out="merged-adapte
     return _merge(run_dirs, weights, how=how, density=density, out=out, seed=seed)
 
 
-__all__ = ["__version__", "compare", "export", "fewshot", "load_recipe", "merge", "run"]
+__all__ = ["__version__", "compare", "continual", "export", "fewshot", "load_recipe", "merge", "plan", "run"]

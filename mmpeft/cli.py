@@ -18,13 +18,47 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a recipe without loading any model")
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
+    plan = commands.add_parser("plan", help="will it fit? one training step's memory per method, no weights loaded")
+    plan.add_argument("recipe", help="recipe YAML (a compare recipe plans every method of its grid)")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.batch_size=64")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="budget, e.g. 24GiB or 80GB (default: this machine's GPU)")
     for name, what in (("compare", "methods x seeds grid over one recipe: table, paired tests, plots"),
                        ("fewshot", "methods x shots (1,2,4,8,16) x seeds grid plus zero-shot baselines")):
         grid = commands.add_parser(name, help=what)
         grid.add_argument("recipe", nargs="?", help="compare recipe YAML: a recipe plus a `grid:` section")
         grid.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grid.seeds=[0,1] train.epochs=3")
         grid.add_argument("--resume", metavar="GRID_DIR", help="continue a grid folder; finished cells are skipped")
+    continual = commands.add_parser("continual", help="a task sequence with a regulariser: accuracy matrix, forgetting")
+    continual.add_argument("recipe", nargs="?", help="continual recipe YAML: a recipe plus `tasks:` and `regulariser:`")
+    continual.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. regulariser.strength=100")
+    continual.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sequence at its task")
+    add_export_commands(commands)
     return parser
+
+
+def add_export_commands(commands) -> None:
+    """`mmpeft export` and `mmpeft merge` (see mmpeft.export)."""
+    export = commands.add_parser("export", help="a finished run as a merged model or its adapter alone, verified")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
+    how = export.add_mutually_exclusive_group()
+    how.add_argument("--merge", dest="how", action="store_const", const="merged",
+                     help="fold the method into the base weights; refuse a method that cannot fold")
+    how.add_argument("--adapter-only", dest="how", action="store_const", const="adapter",
+                     help="only the trained state (peft format where peft made the method)")
+    export.set_defaults(how="auto")  # neither: merged when the method can fold, else the adapter, with a note
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="merged model's dtype")
+    export.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip reloading from disk and comparing outputs with the trained model")
+    export.add_argument("--tolerance", type=float, help="relative tolerance of the check (default by dtype)")
+    export.add_argument("--onnx", action="store_true", help="also export the towers as ONNX (needs onnxruntime)")
+    merge = commands.add_parser("merge", help="combine adapters of runs on one base (linear, TIES, DARE), evaluated")
+    merge.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    merge.add_argument("--weights", nargs="+", type=float, help="one per run (default: equal)")
+    merge.add_argument("--how", default="linear", choices=("linear", "ties", "dare_linear", "dare_ties"))
+    merge.add_argument("--density", type=float, help="ties/dare: fraction of entries kept (default 0.5)")
+    merge.add_argument("--seed", type=int, default=0, help="DARE's random drops")
+    merge.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except KeyboardInterrupt:
-        again = args.command if args.command in ("compare", "fewshot") else "run"
-        print(f"interrupted; continue with: mmpeft {again} --resume <{'grid' if again != 'run' else 'run'} folder>",
-              file=sys.stderr)
+        again = args.command if args.command in ("compare", "fewshot", "continual") else "run"
+        folder = "grid" if again in ("compare", "fewshot") else "run"
+        print(f"interrupted; continue with: mmpeft {again} --resume <{folder} folder>", file=sys.stderr)
         return 130
     except Exception as error:  # known user errors get one line; others keep their traceback with -v
         if args.verbose or not is_user_error(error):
@@ -76,6 +110,22 @@ def dispatch(args: argparse.Namespace) -> int:
             overrides = [args.recipe, *overrides]
         grid = getattr(mmpeft, args.command)
         grid(None if args.resume else args.recipe, overrides, resume=args.resume)
+    elif args.command == "continual":
+        if args.recipe is None and args.resume is None:
+            raise ValueError("mmpeft continual needs a recipe file or --resume RUN_DIR")
+        overrides = args.overrides
+        if args.resume and args.recipe and "=" in args.recipe:
+            overrides = [args.recipe, *overrides]
+        mmpeft.continual(None if args.resume else args.recipe, overrides, resume=args.resume)
+    elif args.command == "export":
+        mmpeft.export(args.run_dir, args.out, how=args.how, dtype=args.dtype, verify=args.verify,
+                      tolerance=args.tolerance, onnx=args.onnx)
+    elif args.command == "merge":
+        mmpeft.merge(args.run_dirs, args.weights, how=args.how, density=args.density, out=args.out, seed=args.seed)
+    elif args.command == "plan":
+        from mmpeft.planner import render
+
+        print(render(mmpeft.plan(args.recipe, args.overrides, gpu_memory=args.gpu_memory)), end="")
     elif args.command == "check":
         recipe = mmpeft.load_recipe(args.recipe, args.overrides)
         print(recipe.to_yaml(), end="")

@@ -129,7 +129,10 @@ class Contrastive(Objective):
     def logits(self, batch: dict, captions: list[str] | None = None) -> torch.Tensor:
         """[B, B]: image i against caption j, scaled (plus SigLIP's bias)."""
         captions = self.captions(batch) if captions is None else captions
-        image_features = self.backbone.encode_images(batch["pixel_values"])
+        if "image_features" in batch:  # cached features of a frozen image tower (mmpeft.data.feature_cache)
+            image_features = batch["image_features"].to(self.backbone.device)
+        else:
+            image_features = self.backbone.encode_images(batch["pixel_values"])
         logits = image_features @ self.text_features(batch, captions).t() * self.logit_scale()
         return logits + self.backbone.logit_bias() if self.sigmoid else logits
 

@@ -1,7 +1,9 @@
 """Compare recipes: an ordinary recipe plus a `grid:` section (methods x seeds [x shots]), validated before any run.
 
 A grid entry is a method name, a preset (file or name in adapters/), or a mapping (`{preset: lora-r8, r: 16, label:
-lora-r16}` or `{name: lora, towers: [text]}`). A bare method name runs its preset from adapters/ where the method has
+lora-r16}` or `{name: lora, towers: [text]}`); a mapping's `train:` changes the shared budget for that method only
+(typically its learning rate: a 650-parameter probe and full fine-tuning do not share a good one), and the report
+lists every such change. A bare method name runs its preset from adapters/ where the method has
 one (DEFAULT_PRESETS, then adapters/<name>.yaml), else the defaults of the method's config dataclass; the report
 states which for every entry.
 
@@ -25,6 +27,7 @@ from mmpeft.recipe import (
     PROJECT_ROOT,
     OutputSpec,
     Recipe,
+    TrainSpec,
     _read_yaml,
     _set_path,
     load_recipe,
@@ -44,7 +47,7 @@ GRID_RECIPE = "compare.yaml"
 
 @dataclass(frozen=True)
 class GridSpec:
-    methods: tuple[str | dict[str, Any], ...]  # names, presets, or mappings with name/preset (+ label)
+    methods: tuple[str | dict[str, Any], ...]  # names, presets, or mappings with name/preset (+ label, train)
     seeds: tuple[int, ...] = (0, 1, 2)
     shots: tuple[int, ...] | None = None  # k per class; None: every cell uses data.shots (all examples by default)
     baseline: str | None = None  # paired tests against this label; default: the entry running method `full`
@@ -56,6 +59,7 @@ class MethodEntry:
     label: str  # names the cells and the table rows
     config: Any  # the method's validated config dataclass
     source: str  # where its settings came from: a preset file, "defaults of <Config>", or "inline"
+    train_changes: dict[str, Any] = dataclasses.field(default_factory=dict)  # this method's `train:` keys
 
 
 @dataclass(frozen=True)
@@ -138,12 +142,11 @@ def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = N
         if command == "fewshot" and grid.shots is None:
             grid = dataclasses.replace(grid, shots=FEWSHOT_SHOTS)
         problems += grid_problems(grid)
-        if recipe is not None:
-            if grid.shots is not None and recipe.data.shots is not None:
-                problems.append(f"data.shots: {recipe.data.shots} conflicts with grid.shots {list(grid.shots)}; "
-                                "a grid takes k from grid.shots: remove data.shots")
-            entries = resolve_methods(grid, recipe, base_dir, problems)
-            baseline = pick_baseline(grid, entries, problems)
+        if recipe is not None and grid.shots is not None and recipe.data.shots is not None:
+            problems.append(f"data.shots: {recipe.data.shots} conflicts with grid.shots {list(grid.shots)}; "
+                            "a grid takes k from grid.shots: remove data.shots")
+        entries = resolve_methods(grid, recipe, base_dir, problems)
+        baseline = pick_baseline(grid, entries, problems)
     if problems:
         raise RecipeError(problems, label)
     return CompareSetup(grid, recipe, entries, baseline, command)
@@ -169,8 +172,9 @@ def grid_problems(grid: GridSpec) -> list[str]:
     return problems
 
 
-def resolve_methods(grid: GridSpec, recipe: Recipe, base_dir: Path, problems: list[str]) -> tuple[MethodEntry, ...]:
-    """Each grid entry -> a validated method config, checked against the shared recipe like `method:` would be."""
+def resolve_methods(grid: GridSpec, recipe: Recipe | None, base_dir: Path, problems: list[str],
+                    ) -> tuple[MethodEntry, ...]:
+    """Each grid entry -> a validated method config, checked against the shared recipe (when it is valid)."""
     from mmpeft.methods import METHODS
 
     entries = []
@@ -181,6 +185,12 @@ def resolve_methods(grid: GridSpec, recipe: Recipe, base_dir: Path, problems: li
         except ValueError as error:
             problems.append(f"{where}: {error}")
             continue
+        changes = mapping.pop("train", None) or {}
+        if not isinstance(changes, dict):
+            problems.append(f"{where}.train: expected a mapping of train keys (e.g. {{lr: 0.03}}), got {changes!r}")
+            changes = {}
+        if changes and recipe is not None:
+            build(TrainSpec, {**to_plain(recipe.train), **changes}, f"{where}.train", problems)
         name = mapping.get("name")
         if name not in METHODS:
             problems.append(f"{where}: unknown method {name!r}{did_you_mean(str(name), METHODS.names())}; "
@@ -191,8 +201,9 @@ def resolve_methods(grid: GridSpec, recipe: Recipe, base_dir: Path, problems: li
         config = build(METHODS.get(name).Config, mapping, where, problems)
         if config is None:
             continue
-        problems += [f"{where} ({label}): {p}" for p in METHODS.get(name).check(recipe.replace(method=config))]
-        entries.append(MethodEntry(label, config, source))
+        if recipe is not None:
+            problems += [f"{where} ({label}): {p}" for p in METHODS.get(name).check(recipe.replace(method=config))]
+        entries.append(MethodEntry(label, config, source, changes))
     labels = [e.label for e in entries]
     for label in sorted({x for x in labels if labels.count(x) > 1}):
         problems.append(f"grid.methods: label {label!r} appears {labels.count(label)} times; give entries distinct "
@@ -218,7 +229,8 @@ def entry_mapping(entry: str | dict, base_dir: Path) -> tuple[str, dict, str]:
         ref = str(mapping.pop("preset"))
         path = default_preset(ref) or find_preset(ref, base_dir)
         merged = {**_read_yaml(path), **mapping}
-        source = _shown(path) + (f" with {mapping}" if mapping else "")
+        changed = {k: v for k, v in mapping.items() if k != "train"}
+        source = _shown(path) + (f" with {changed}" if changed else "")
         return str(label or re.sub(r"\.ya?ml$", "", Path(ref).name)), merged, source
     if "name" not in mapping:
         raise ValueError(f"a mapping entry needs `name` (a method) or `preset`, got keys {sorted(entry)}")
@@ -265,10 +277,20 @@ def plan_cells(setup: CompareSetup, grid_dir: Path) -> list[Cell]:
                 name = f"{entry.label}-k{shots}-seed{seed}" if grid.shots else f"{entry.label}-seed{seed}"
                 cell_recipe = recipe.replace(
                     method=entry.config, seed=seed, data=dataclasses.replace(data, shots=shots),
+                    train=dataclasses.replace(recipe.train, **train_changes(recipe, entry)),
                     eval=dataclasses.replace(recipe.eval, zero_shot=False),  # the grid evaluates zero-shot once
                     output=OutputSpec(dir=str(grid_dir / "cells"), name=name))
                 cells.append(Cell(name, entry.label, seed, shots, cell_recipe, grid_dir / "cells" / name))
     return cells
+
+
+def train_changes(recipe: Recipe, entry: MethodEntry) -> dict[str, Any]:
+    """An entry's `train:` keys as typed values (validated at load time, so building cannot fail here)."""
+    if not entry.train_changes:
+        return {}
+    problems: list[str] = []
+    merged = build(TrainSpec, {**to_plain(recipe.train), **entry.train_changes}, "train", problems)
+    return {key: getattr(merged, key) for key in entry.train_changes}
 
 
 def setup_yaml(setup: CompareSetup, grid_dir: Path) -> str:
@@ -277,7 +299,8 @@ def setup_yaml(setup: CompareSetup, grid_dir: Path) -> str:
     data.pop("method")
     data["output"] = {"dir": str(grid_dir.parent), "name": grid_dir.name}
     grid = to_plain(setup.grid)
-    grid["methods"] = [{"label": e.label, **to_plain(e.config)} for e in setup.methods]
+    grid["methods"] = [{"label": e.label, **to_plain(e.config), **({"train": e.train_changes} if e.train_changes
+                                                                     else {})} for e in setup.methods]
     data["grid"] = grid
     head = f"# mmpeft {setup.command} --resume {grid_dir}\n# resolved: every default filled in, methods spelt out\n"
     return head + yaml.safe_dump(data, sort_keys=False)

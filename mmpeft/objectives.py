@@ -47,3 +47,4 @@ def make_objective(name: str, backbone, labels: LabelSet, dataset: ImageDataset 
 
 
 import mmpeft.contrastive  # noqa: E402, F401  (registers "contrastive"; it imports OBJECTIVES from here)
+import mmpeft.generative_objective  # noqa: E402, F401  (registers "generative")

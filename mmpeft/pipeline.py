@@ -83,6 +83,8 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
     set_seed(recipe.seed, deterministic=False)  # backbone.init: scratch draws its weights from the seed alone
     backbone = place(load_backbone(recipe.backbone), recipe)
+    if hasattr(backbone, "configure"):  # generative: question, answer template, scoring and generation settings
+        backbone.configure(recipe)
     method = METHODS.get(recipe.method.name)()
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
                      "seed": recipe.seed, "data": data.info}
@@ -91,6 +93,8 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     if recipe.eval.zero_shot and method.name != "zero_shot":
         metrics["zero_shot"] = evaluate_sets(backbone, test_sets, data.labels, recipe, "zero-shot", features)
         print_line("zero-shot", metrics["zero_shot"])
+        if recipe.eval.generate:
+            metrics["answers"] = {"zero_shot": evaluate_answer_set(backbone, test_sets, data, recipe, "zero-shot")}
         if wants_retrieval(recipe):
             metrics["retrieval"] = {"zero_shot": evaluate_retrieval_set(backbone, test_sets, data, recipe, "zero-shot")}
     set_seed(recipe.seed, deterministic=False)  # the method's init must not depend on whether zero-shot ran
@@ -103,6 +107,8 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         metrics["train"] = train(recipe, run_dir, backbone, data, resume, features)
     metrics["test"] = evaluate_sets(backbone, test_sets, data.labels, recipe, "test", features)
     metrics["feature_cache"] = features.stats() if features is not None else {"used": False}
+    if recipe.eval.generate:
+        metrics.setdefault("answers", {})["test"] = evaluate_answer_set(backbone, test_sets, data, recipe, "test")
     if wants_retrieval(recipe):
         metrics.setdefault("retrieval", {})["test"] = evaluate_retrieval_set(backbone, test_sets, data, recipe, "test")
     metrics["memory"] = memory_footprint(backbone)
@@ -196,6 +202,18 @@ def evaluate_retrieval_set(backbone, sets: dict[str, ImageDataset], data, recipe
     return result
 
 
+def evaluate_answer_set(backbone, sets: dict[str, ImageDataset], data, recipe: Recipe, desc: str) -> dict:
+    """Free-form answers (generative backbones) on the test split under the recipe's own shift, printed."""
+    from mmpeft.evaluation.answers import evaluate_answers
+
+    result = evaluate_answers(backbone, next(iter(sets.values())), data.labels, recipe.eval.batch_size,
+                              desc=f"{desc} answers")
+    if process_state().is_main_process:
+        print(f"{desc:>10}: answers exact match {result['exact_match']:.3f}  normalised match "
+              f"{result['normalized_match']:.3f}", flush=True)
+    return result
+
+
 def save_adapter(method, backbone, recipe: Recipe, run_dir: Path) -> None:
     """Saved into a staging folder and renamed: the adapter folder is complete or absent."""
     if not method.trains:
@@ -208,9 +226,9 @@ def save_adapter(method, backbone, recipe: Recipe, run_dir: Path) -> None:
 
 
 def memory_footprint(backbone) -> dict:
-    weights = sum(p.numel() * p.element_size() for p in backbone.parameters())
-    weights += sum(b.numel() * b.element_size() for b in backbone.buffers())
-    result = {"weights_bytes": int(weights)}
+    from mmpeft.quantization import weight_bytes
+
+    result = {"weights_bytes": weight_bytes(backbone)}  # includes bitsandbytes' quantization state
     if torch.cuda.is_available():
         result["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
     return result

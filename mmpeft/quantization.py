@@ -90,11 +90,11 @@ def prepare_loaded(model: nn.Module) -> None:
 def prepare_for_training(model: nn.Module) -> None:
     """peft's k-bit preparation on a quantized model; a no-op otherwise.
 
-    Arguments chosen deliberately: `use_gradient_checkpointing=False`, because checkpointing trades step time for
-    activation memory, which for the short sequences of dual encoders is rarely the bottleneck, and its
-    input-grad hook would interfere with the embedding hooks of the prompt methods; it belongs to a train-level
-    knob. The fp32 cast of non-quantized parameters (norms, embeddings) is kept: it is what keeps QLoRA stable in
-    half precision, and it is a no-op for an fp32 model.
+    Arguments chosen deliberately: `use_gradient_checkpointing=False`. Checkpointing trades step time for
+    activation memory, which is the recipe's choice (`train.gradient_checkpointing`, non-reentrant), not a side
+    effect of quantizing; peft's default would also switch on the reentrant variant and its input-grad hook on the
+    embeddings, where the prompt methods hook in. The fp32 cast of non-quantized parameters (norms, embeddings) is
+    kept: it is what keeps QLoRA stable in half precision, and a no-op for an fp32 model.
     """
     if quantized_bits(model) is None:
         return

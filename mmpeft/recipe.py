@@ -85,8 +85,15 @@ class DataSpec:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     on_bad_rows: Literal["error", "skip"] = "error"
     subset: Literal["pretrain", "heldout"] | None = None  # digits only: the fixed 60/40 pre-training partition
+    # Generative backbones: each image is asked `question` (or its row's own `prompt_column` value) and answers with
+    # its row's text (`text_column`) or `answer_template` filled with the class name.
+    question: str = "What is in the image?"
+    prompt_column: str = "prompt"
+    answer_template: str = "{label}"
 
     def __post_init__(self) -> None:
+        if "{label}" not in self.answer_template:
+            raise ValueError(f"data.answer_template: {self.answer_template!r} has no {{label}} placeholder")
         if self.source != "digits" and not self.path:
             raise ValueError(f"data.path is required for data.source: {self.source}")
         if self.subset is not None and self.source != "digits":
@@ -101,7 +108,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    objective: Literal["classification", "contrastive"] = "classification"
+    objective: Literal["classification", "contrastive", "generative"] = "classification"  # generative: answer loss
     epochs: int = 5
     batch_size: int = 32  # per process
     lr: float = 1e-3
@@ -129,6 +136,13 @@ class EvalSpec:
     batch_size: int = 64
     zero_shot: bool = True  # evaluate the untouched backbone first, for comparison
     retrieval: bool | None = None  # image<->text recall on the test split; default: on for objective contrastive
+    length_normalize: bool = False  # generative label scoring: mean instead of sum of the answer's token log-probs
+    generate: bool = False  # generative: also generate free-form answers (exact and normalised match)
+    max_new_tokens: int = 16  # generation length limit for eval.generate
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)
@@ -205,6 +219,7 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
         recipe = recipe.replace(method=method)
         problems += _check_files(recipe, base_dir)
         problems += _check_shifts(recipe)
+        problems += _check_generative(recipe)
         if method is not None:
             problems += METHODS.get(method.name).check(recipe)
     if problems:
@@ -225,6 +240,19 @@ def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
     looks_local = backbone_id.startswith((".", "/", "~")) or Path(backbone_id).exists()
     if looks_local and not Path(backbone_id).expanduser().is_dir():
         problems.append(f"backbone.id: local directory {backbone_id!r} does not exist")
+    return problems
+
+
+def _check_generative(recipe: Recipe) -> list[str]:
+    """Generative-only settings on a backbone declared a dual encoder (family auto is checked when it loads)."""
+    if recipe.backbone.family != "dual_encoder":
+        return []
+    problems = []
+    if recipe.train.objective == "generative":
+        problems.append("train.objective: 'generative' trains answers of image-text-to-text models, but "
+                        "backbone.family is 'dual_encoder'; use classification or contrastive")
+    if recipe.eval.generate:
+        problems.append("eval.generate: free-form answers need backbone.family: generative (or auto)")
     return problems
 
 

@@ -55,6 +55,8 @@ __all__ = [
     "UNK_TOKEN",
     "build_word_tokenizer",
     "save_tiny_clip",
+    "save_tiny_llava",
+    "save_tiny_qwen2vl",
     "save_tiny_siglip",
     "tiny_backbone",
     "tiny_clip_config",
@@ -357,7 +359,24 @@ def save_tiny_siglip(
     return _save(out_dir, _seeded_model(SiglipModel, config, seed), processor)
 
 
-_BUILDERS = {"clip": save_tiny_clip, "siglip": save_tiny_siglip}
+def save_tiny_llava(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Save a random LLaVA (CLIP vision tower + tiny Llama) with a BPE tokenizer, chat template and PIL processor,
+    loadable with AutoModelForImageTextToText / AutoProcessor offline (builder: `mmpeft.tiny_generative`)."""
+    from mmpeft.tiny_generative import build_llava
+
+    return build_llava(out_dir, seed=seed)
+
+
+def save_tiny_qwen2vl(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Save a random Qwen2-VL with the image-only processor; a process must import `mmpeft.backbones.image_only`
+    (mmpeft's loader does) before `AutoProcessor.from_pretrained`, or it silently gets a bare tokenizer."""
+    from mmpeft.tiny_generative import build_qwen2vl
+
+    return build_qwen2vl(out_dir, seed=seed)
+
+
+_BUILDERS = {"clip": save_tiny_clip, "siglip": save_tiny_siglip, "llava": save_tiny_llava,
+             "qwen2vl": save_tiny_qwen2vl}
 # Bump when the builders change what they write, so stale cached folders are rebuilt instead of reused.
 _BUILD_VERSION = 1
 _MARKER = "mmpeft-tiny.json"
@@ -370,7 +389,7 @@ def _is_complete(path: Path, marker: dict[str, Any]) -> bool:
         return False
 
 
-def tiny_backbone(kind: Literal["clip", "siglip"] = "clip", seed: int = 0) -> Path:
+def tiny_backbone(kind: Literal["clip", "siglip", "llava", "qwen2vl"] = "clip", seed: int = 0) -> Path:
     """Path of a cached tiny backbone under `cache_dir("tiny-backbones", f"{kind}-{seed}")`, built on first use.
 
     The folder is written to a temporary sibling and renamed into place, so a killed build never leaves a half

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MMPEFT_CACHE", str(Path(__file__).resolve().parent.parent / ".test-cache"))
+torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting, and timing-independent
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
 

@@ -19,7 +19,7 @@ logger = logging.getLogger("mmpeft")
 
 BACKBONES: Registry[Callable] = Registry("backbone family")
 DEMO_BACKBONES: Registry[Callable[[], Path]] = Registry("demo backbone")  # name -> builder returning a local dir
-FAMILY_MODULES = ("dual_encoder",)
+FAMILY_MODULES = ("dual_encoder", "generative")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,6 +89,26 @@ def _from_pretrained(cls, path: str, spec: BackboneSpec, **kwargs):
         where = "local directory" if Path(path).is_dir() else "hub id (offline here? set HF_HUB_OFFLINE=0 online)"
         raise BackboneError(f"backbone.id {spec.id!r}: could not load {cls.__name__} from {where}: "
                             f"{str(error).splitlines()[0]}") from None
+
+
+def family_towers(family: str) -> tuple[str, ...] | None:
+    """The towers a family's methods can target (its module's TOWER_PATTERNS keys); None for "auto" or unknown."""
+    if family not in FAMILY_MODULES:
+        return None
+    return tuple(importlib.import_module(f"mmpeft.backbones.{family}").TOWER_PATTERNS)
+
+
+def resolve_towers(family: str, towers: tuple[str, ...] | None) -> tuple[str, ...]:
+    """`method.towers` for a family: None -> its DEFAULT_TOWERS (else all), "all" -> every tower; others refused."""
+    valid = family_towers(family) or ()
+    default = tuple(getattr(importlib.import_module(f"mmpeft.backbones.{family}"), "DEFAULT_TOWERS", valid))
+    if towers is None:
+        return default
+    unknown = [t for t in towers if t != "all" and t not in valid]
+    if unknown:
+        raise BackboneError(f"method.towers: {', '.join(map(repr, unknown))} is not a tower of {family} backbones; "
+                            f"valid: {', '.join(valid)}, all (leave method.towers out for {', '.join(default)})")
+    return valid if "all" in towers else tuple(dict.fromkeys(towers))
 
 
 def _import_families() -> None:

@@ -22,6 +22,22 @@ def tiny_siglip() -> Path:
     return tiny_backbone("siglip")
 
 
+@DEMO_BACKBONES.register("mmpeft-demo/tiny-llava")
+def tiny_llava() -> Path:
+    """A random tiny LLaVA (generative; about 70k parameters): for wiring checks and CPU demos, not for numbers."""
+    from mmpeft.testing import tiny_backbone
+
+    return tiny_backbone("llava")
+
+
+@DEMO_BACKBONES.register("mmpeft-demo/tiny-qwen2vl")
+def tiny_qwen2vl() -> Path:
+    """A random tiny Qwen2-VL (generative; about 90k parameters), saved with the image-only processor."""
+    from mmpeft.testing import tiny_backbone
+
+    return tiny_backbone("qwen2vl")
+
+
 @DEMO_BACKBONES.register("mmpeft-demo/digits-clip")
 def digits_clip() -> Path:
     """A 267k-parameter CLIP pre-trained by mmpeft on 1,078 real digit scans; built once (about a minute)."""

@@ -81,6 +81,10 @@ def build_digits_clip() -> Path:
     marker = {"name": NAME, "build_version": BUILD_VERSION}
     if _is_complete(target, marker):
         return target
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process would build while the others wait at its barriers
+        raise BackboneError(f"backbone.id {NAME!r} is not built yet, and a multi-process run cannot build it; "
+                            "build it once in a single process first: python -c 'from mmpeft.backbones."
+                            "digits_clip import build_digits_clip; build_digits_clip()'")
     with _lock(root, "digits-clip"):
         if _is_complete(target, marker):  # another process built it while this one waited
             return target

@@ -1,4 +1,4 @@
-"""Dual encoders (CLIP, SigLIP, any model with get_image_features/get_text_features): images scored against label texts."""
+"""Dual encoders (CLIP, SigLIP, any model with get_image_features/get_text_features): images scored against labels."""
 
 from __future__ import annotations
 

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 from mmpeft.continual.tasks import ContinualRecipe, Task, load_continual_recipe
 
 
@@ -24,3 +27,14 @@ def run_continual_cell(recipe, regulariser_name, seed: int, overrides=None, outp
 
 
 __all__ = ["ContinualRecipe", "Task", "continual", "load_continual_recipe", "run_continual_cell"]
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this package rebinds the name `mmpeft.continual` from the API function to the package; making the
+    package callable keeps `mmpeft.continual(recipe)` working either way."""
+
+    def __call__(self, recipe, overrides=None, resume=None) -> dict:
+        return continual(recipe, overrides, resume)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -37,7 +37,7 @@ from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.io import write_json
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import Classification
-from mmpeft.pipeline import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, new_run_dir, run_logging
+from mmpeft.pipeline import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, new_run_dir, place, run_logging
 from mmpeft.train import Trainer
 
 logger = logging.getLogger("mmpeft")
@@ -133,14 +133,14 @@ def execute(recipe: ContinualRecipe, run_dir: Path, resume: bool = False) -> dic
     logger.info("tasks: %s", "; ".join(f"{t.task.name}: {len(t.train)} train / {len(t.test)} test, classes "
                                        f"{','.join(t.classes)}" for t in sequence.tasks))
     set_seed(recipe.seed, deterministic=False)
-    backbone = load_backbone(base.backbone)
+    backbone = place(load_backbone(base.backbone), base)
     progress = read_progress(run_dir) if resume else SequenceProgress()
     if progress.zero_shot is None and base.eval.zero_shot:
         progress.zero_shot = evaluate_step(backbone, sequence, None, recipe, step=None)
         print_row("zero-shot", progress.zero_shot["tasks"], progress.zero_shot["control"])
     set_seed(recipe.seed, deterministic=False)  # the method's init must not depend on whether zero-shot ran
     method = METHODS.get(base.method.name)()
-    method.apply(backbone, base.method)
+    method.apply(backbone, base.method, sequence.labels)  # every class of the sequence (label-shaped methods)
     params = count_parameters(backbone)
     regulariser = make_regulariser(recipe.regulariser, recipe.seed)
     if progress.done:
@@ -165,13 +165,8 @@ def train_task(recipe: ContinualRecipe, sequence: TaskSequence, backbone, regula
                run_dir: Path) -> dict:
     """One task through the ordinary Trainer; a task interrupted midway continues from the Trainer's checkpoint."""
     base, task = recipe.recipe, sequence.tasks[index]
-    labels = sequence.labels_upto(index)
-    objective = RecordingClassification(backbone, labels)
-    collate = collate_images(backbone.preprocess)
-    context = TaskContext(index=index, backbone=backbone, train_set=task.dataset("train"),
-                          train_sets=[t.dataset("train") for t in sequence.tasks], labels=labels,
-                          previous_classes=sequence.previous_classes(index), logits=objective.logits,
-                          collate=collate, batch_size=base.eval.batch_size, seed=recipe.seed + index)
+    context, objective = task_context(recipe, sequence, backbone, index)
+    labels = context.labels
     set_seed(recipe.seed + index, deterministic=False)
     regulariser.begin_task(context)
     evaluate_val = None
@@ -192,6 +187,19 @@ def train_task(recipe: ContinualRecipe, sequence: TaskSequence, backbone, regula
     regulariser.end_task(context)
     return {"task": task.task.name, "steps": result.global_step, "epochs_run": result.epoch,
             "seconds": round(result.train_seconds, 3), "best_epoch": result.best_epoch, "history": result.history}
+
+
+def task_context(recipe: ContinualRecipe, sequence: TaskSequence, backbone, index: int,
+                 ) -> tuple[TaskContext, RecordingClassification]:
+    """What the regulariser sees of task `index`, and the objective that trains it (over every class seen so far)."""
+    labels = sequence.labels_upto(index)
+    objective = RecordingClassification(backbone, labels)
+    context = TaskContext(index=index, backbone=backbone, train_set=sequence.tasks[index].dataset("train"),
+                          train_sets=[t.dataset("train") for t in sequence.tasks], labels=labels,
+                          previous_classes=sequence.previous_classes(index), logits=objective.logits,
+                          collate=collate_images(backbone.preprocess), batch_size=recipe.recipe.eval.batch_size,
+                          seed=recipe.seed + index, is_last=index == len(sequence.tasks) - 1)
+    return context, objective
 
 
 def evaluate_step(backbone, sequence: TaskSequence, regulariser: Regulariser | None, recipe: ContinualRecipe,

@@ -122,7 +122,8 @@ def _remap(task: Task, splits: DataSplits, classes: list[str], labels: LabelSet)
     def keep(examples: list[Example]) -> list[Example]:
         return [Example(e.image, mapping[e.label], e.text) for e in examples if e.label in mapping]
 
-    data = TaskData(task, classes, keep(splits.train), keep(splits.val), keep(splits.test), parse_shift(task.data.shift))
+    shifts = parse_shift(task.data.shift)
+    data = TaskData(task, classes, keep(splits.train), keep(splits.val), keep(splits.test), shifts)
     if not data.train or not data.test:
         raise DataError(f"task {task.name!r}: no {'training' if not data.train else 'test'} examples for classes "
                         f"{', '.join(classes)}")

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from mmpeft.data.shifts import parse_shift
 from mmpeft.recipe import DataSpec, Recipe, load_recipe, parse_overrides, resolve_presets
 from mmpeft.schema import RecipeError, build, did_you_mean, to_plain
 
@@ -171,19 +172,19 @@ def _build_task(item: Any, where: str, base_data: dict | None, problems: list[st
             problems.append(f"{where}.{key}: unknown key{did_you_mean(str(key), DATA_KEYS)}; a task takes `name` "
                             f"and data keys: {', '.join(DATA_KEYS)}")
             ok = False
+    for key in ("shift", "eval_shifts"):  # the task's own shift names (the base's are checked by load_recipe)
+        values = changes.get(key) or []
+        for i, text in enumerate([values] if isinstance(values, str) else values):
+            try:
+                parse_shift(str(text))
+            except ValueError as error:
+                problems.append(f"{where}.{key}[{i}]: {error}")
+                ok = False
     if not ok or base_data is None:
         return None
     merged = build(DataSpec, _deep_merge(base_data, changes), where, problems)
     if merged is None:
         return None
-    for key in ("shift", "eval_shifts"):
-        from mmpeft.data.shifts import parse_shift
-
-        for i, text in enumerate(getattr(merged, key)):
-            try:
-                parse_shift(text)
-            except ValueError as error:
-                problems.append(f"{where}.{key}[{i}]: {error}")
     if "classes" in changes and not merged.classes:
         problems.append(f"{where}.classes: a task that selects classes needs at least one, got {changes['classes']!r}")
     return Task(name, changes, merged)

@@ -61,7 +61,8 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
         raise DataError(f"no usable rows in {raw.where}: all {len(bad)} rows are bad")
     labels = LabelSet.from_spec(spec, (row.label for row in good), raw.label_names)
     check_empty_classes(labels.keys, (row.label for row in good), raw.where, len(bad))
-    examples = [Example(row.image, labels.index(row.label), row.text) for row in good]  # type: ignore[arg-type]
+    examples = [Example(row.image, labels.index(row.label), row.text, row.prompt)  # type: ignore[arg-type]
+                for row in good]
     train, val, test = _split(examples, spec, seed, labels.names)
     if spec.shots is not None:
         train = k_shot(train, spec.shots, seed, labels.names)

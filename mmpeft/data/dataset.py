@@ -29,6 +29,7 @@ class Example:
     image: ImageRef
     label: int
     text: str | None = None
+    prompt: str | None = None  # the row's own question (generative backbones); None: the recipe's data.question
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -62,6 +63,8 @@ class ImageDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {"image": image, "label": example.label, "index": index}
         if example.text is not None:
             item["text"] = example.text
+        if example.prompt is not None:
+            item["prompt"] = example.prompt
         return item
 
     def rng(self, index: int) -> random.Random:
@@ -92,4 +95,6 @@ class ImageCollator:
         }
         if any("text" in item for item in items):
             batch["texts"] = [item.get("text") for item in items]
+        if any("prompt" in item for item in items):
+            batch["prompts"] = [item.get("prompt") for item in items]
         return batch

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mmpeft")
 
 INDEX_SEEDED_SHIFTS = ("noise",)  # shifts whose output depends on the example's position (see data/shifts.py)
-SPOT_CHECK = 4  # cached features compared against a fresh forward pass, per wrapped dataset
+SPOT_CHECK = 4  # cached features compared against a fresh forward pass, at the first cache hit of a run
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
@@ -197,6 +197,7 @@ class FeatureBinding:
         self.computed = self.reused = 0
         self.seconds = 0.0
         self.enabled = True
+        self.checked = False  # one spot check per run: every wrap of a run sees the same model
 
     def wrap(self, dataset: ImageDataset, desc: str = "features") -> Dataset:
         """A FeatureDataset over `dataset` (the dataset itself once a spot check has failed)."""
@@ -207,7 +208,7 @@ class FeatureBinding:
         missing = self.cache.lookup(self.fingerprint, keys, self.disk)
         absent = set(missing)
         hits = [i for i in range(len(keys)) if i not in absent]
-        if hits and not self.spot_check(dataset, keys, hits[:SPOT_CHECK]):
+        if hits and not self.checked and not self.spot_check(dataset, keys, hits[:SPOT_CHECK]):
             return dataset
         if missing:
             fresh = encode_dataset(self.backbone, Subset(dataset, missing), self.batch_size, desc=f"{desc} features")
@@ -223,6 +224,7 @@ class FeatureBinding:
         tolerance = 1e-4 if self.backbone.base_model.dtype == torch.float32 else 2e-2
         difference = (fresh - cached).abs().max().item()
         if difference <= tolerance:
+            self.checked = True
             return True
         logger.warning("feature cache: cached image features differ from this model's by %.2g (> %.0g): the "
                        "method changes the image path without training it; recomputing every batch instead",
@@ -238,8 +240,8 @@ class FeatureBinding:
 def bind_features(recipe: Recipe, backbone) -> FeatureBinding | None:
     """The cache for this run's backbone, or None (logged) when the recipe or the backbone rules it out."""
     setting = recipe.train.feature_cache
-    if setting == "recompute" or not hasattr(backbone, "score"):
-        return None
+    if setting == "recompute" or getattr(backbone, "family", None) != "dual_encoder":
+        return None  # generative backbones score each example's own prompt: no image-only features to reuse
     fingerprint = backbone_fingerprint(recipe.backbone, backbone.name_or_path)
     if fingerprint is None:
         logger.info("feature cache: off: backbone %r has no files that identify its weights (init: %s)",

@@ -53,6 +53,7 @@ class Row:
     text: str | None
     source: str
     problem: str | None = None  # set by the reader when the row is unusable as read (e.g. path escapes root)
+    prompt: str | None = None  # the row's own question for generative backbones (data.prompt_column)
 
 
 @dataclass
@@ -176,6 +177,7 @@ def rows_from_dataset(table: Any, spec: DataSpec, where: str) -> list[Row]:
     names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
     labels = _column(table, spec.label_column)
     texts = _column(table, spec.text_column) if spec.text_column in table.column_names else [None] * len(table)
+    prompts = _column(table, spec.prompt_column) if spec.prompt_column in table.column_names else [None] * len(table)
     images = table.select_columns([spec.image_column])
     is_image = isinstance(table.features[spec.image_column], datasets.Image)
     if is_image:
@@ -188,14 +190,15 @@ def rows_from_dataset(table: Any, spec: DataSpec, where: str) -> list[Row]:
             index = start + offset
             label = _label_text(labels[index], names)
             text = str(texts[index]) if texts[index] not in (None, "") else None
+            prompt = str(prompts[index]) if prompts[index] not in (None, "") else None
             source = f"row {index}"
             if not is_image:
                 rows.append(_make_row({spec.image_column: value, spec.label_column: label,
-                                       spec.text_column: text}, source, root, spec))
+                                       spec.text_column: text, spec.prompt_column: prompt}, source, root, spec))
             elif not value.get("bytes") and value.get("path") and os.path.isfile(value["path"]):
-                rows.append(Row(value["path"], label, text, source))
+                rows.append(Row(value["path"], label, text, source, prompt=prompt))
             else:
-                rows.append(Row(DatasetImage(images, spec.image_column, index), label, text, source))
+                rows.append(Row(DatasetImage(images, spec.image_column, index), label, text, source, prompt=prompt))
     return rows
 
 
@@ -251,6 +254,8 @@ def _make_row(record: dict, source: str, root: str | None, spec: DataSpec) -> Ro
     label = None if label is None or str(label).strip() == "" else str(label).strip()
     text = record.get(spec.text_column)
     text = None if text is None or str(text).strip() == "" else str(text)
+    prompt = record.get(spec.prompt_column)
+    prompt = None if prompt is None or str(prompt).strip() == "" else str(prompt)
     value = record.get(spec.image_column)
     if value is None or str(value).strip() == "":
         return Row("", label, text, source, f"empty image column {spec.image_column!r}")
@@ -258,4 +263,4 @@ def _make_row(record: dict, source: str, root: str | None, spec: DataSpec) -> Ro
     resolved = os.path.abspath(os.path.join(root or os.getcwd(), value))
     if root is not None and os.path.commonpath([resolved, root]) != root:
         return Row(resolved, label, text, source, f"image path {value!r} escapes the image root {root}")
-    return Row(resolved, label, text, source)
+    return Row(resolved, label, text, source, prompt=prompt)

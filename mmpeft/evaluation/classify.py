@@ -19,6 +19,8 @@ def batch_logits(backbone, batch: dict, text_features: torch.Tensor | None) -> t
     """Logits of a batch of images, or of cached image features (the batches of a FeatureDataset)."""
     if "image_features" in batch:
         return backbone.score(batch["image_features"], text_features)
+    if hasattr(backbone, "classify_batch"):  # generative: each example's own prompt matters, not only its image
+        return backbone.classify_batch(batch, text_features)
     return backbone.classify(batch["pixel_values"], text_features)
 
 

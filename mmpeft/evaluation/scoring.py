@@ -43,6 +43,12 @@ def score_answers(backbone: GenerativeBackbone, texts: list[str], images: list[l
     group's cache is shared by all C answers.
     """
     encoded = [backbone.encode_one(text, imgs) for text, imgs in zip(texts, images)]
+    return score_encoded(backbone, encoded, answers, length_normalize, max_rows)
+
+
+def score_encoded(backbone: GenerativeBackbone, encoded: list[dict[str, torch.Tensor]], answers: list[list[int]],
+                  length_normalize: bool = False, max_rows: int = MAX_ROWS) -> torch.Tensor:
+    """`score_answers` for prompts already through `backbone.encode_one` (in-context prompts measure them first)."""
     ids, mask = answer_matrix(answers, backbone.pad_token_id)
     scores = torch.empty(len(encoded), len(answers))
     by_length: dict[int, list[int]] = {}

@@ -12,7 +12,7 @@ import torch
 from mmpeft.export.card import model_card
 from mmpeft.export.loading import CARD, load_adapter, write_manifest
 from mmpeft.export.runs import ExportError, RunFolder, read_run, run_data
-from mmpeft.export.single import manifest_for, run_scores
+from mmpeft.export.single import base_info, manifest_for, run_scores
 from mmpeft.io import atomic_dir, write_json, write_text
 from mmpeft.schema import to_plain
 
@@ -40,9 +40,9 @@ def merge(run_dirs: list[str | Path], weights: list[float] | None = None, how: M
     out = Path(out)
     first = runs[0]
     with atomic_dir(out) as stage:
-        base_config = combine(runs, weights, how, density, seed, stage)
+        base = combine(runs, weights, how, density, seed, stage)
         data = [run_data(run) for run in runs]
-        manifest = manifest_for(first, data[0], "merge", "peft", base_config, None, 0, first.recipe.backbone.dtype,
+        manifest = manifest_for(first, data[0], "merge", "peft", base, None, 0, first.recipe.backbone.dtype,
                                 [], merge={"how": how, "weights": weights, "density": density, "seed": seed})
         manifest["source_runs"] = [str(run.path.resolve()) for run in runs]
         manifest["size_bytes"] = sum(p.stat().st_size for p in stage.glob("*.safetensors"))
@@ -110,12 +110,13 @@ def check_compatible(runs: list[RunFolder]) -> None:
 def combine(runs: list[RunFolder], weights: list[float], how: str, density: float | None, seed: int,
             stage: Path):
     """Load every source adapter onto one base, add the weighted combination as "default", save only that.
-    Returns the base model's config."""
+    Returns what identifies the base (single.base_info)."""
     from peft import PeftModel
 
     from mmpeft.backbones import load_backbone
 
     base = load_backbone(runs[0].recipe.backbone)
+    info = base_info(base)
     names = [f"run{i}" for i in range(len(runs))]
     try:
         model = PeftModel.from_pretrained(base.model, str(runs[0].adapter), adapter_name=names[0])
@@ -130,7 +131,7 @@ def combine(runs: list[RunFolder], weights: list[float], how: str, density: floa
     for name in names:
         model.delete_adapter(name)
     model.save_pretrained(str(stage))
-    return base.model.config
+    return info
 
 
 def evaluate(backbone, runs: list[RunFolder], data: list) -> list[dict]:

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from mmpeft.export.runs import ExportError, missing_files
+from mmpeft.export.runs import FORMAT_FILES, ExportError
 from mmpeft.io import write_json
 
 logger = logging.getLogger("mmpeft")
@@ -74,7 +74,7 @@ def read_manifest(directory: str | Path) -> dict:
     except json.JSONDecodeError as error:
         raise ExportError(f"{path} is not valid JSON ({error}); the export folder is damaged: export again") from None
     missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
-    missing += missing_files(directory, manifest["format"]) if manifest["format"] != "transformers" else []
+    missing += [name for name in FORMAT_FILES[manifest["format"]] if not (directory / name).is_file()]
     if missing:
         raise ExportError(f"{directory}: missing {', '.join(sorted(set(missing)))}; the export folder is incomplete:"
                           " export again")
@@ -124,9 +124,9 @@ def load_adapter(directory: str | Path, base: str | None = None):
 
         spec = dataclasses.replace(spec, id=str(directory), quantization=None, init="pretrained",
                                    dtype=manifest.get("dtype", spec.dtype))
-        return load_backbone(spec).eval()
+        return _with_task(load_backbone(spec), manifest).eval()
     spec = _with_base(spec, manifest, base, directory)
-    backbone = load_backbone(spec)
+    backbone = _with_task(load_backbone(spec), manifest)
     check_base(manifest, backbone.base_model.config, spec.id, directory)
     if manifest["format"] == "peft":
         from peft import PeftModel
@@ -139,6 +139,13 @@ def load_adapter(directory: str | Path, base: str | None = None):
     else:
         _apply_own_format(backbone, manifest, directory, spec.id)
     return backbone.eval()
+
+
+def _with_task(backbone, manifest: dict):
+    """A generative backbone asks the exported question and scores the exported answer template."""
+    if hasattr(backbone, "task") and manifest.get("task"):
+        backbone.task = type(backbone.task)(**manifest["task"])
+    return backbone
 
 
 def _with_base(spec, manifest: dict, base: str | None, directory: Path):

@@ -1,4 +1,4 @@
-"""A finished run folder, checked before any model loads, and the trained model rebuilt from it (base + apply + load)."""
+"""A finished run folder, checked before any model loads, and its trained model rebuilt (base + apply + load)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,8 @@ def rebuild(run: RunFolder, labels, dtype: str | None = None, dequantize: bool =
     recipe = run.recipe.replace(backbone=dataclasses.replace(run.recipe.backbone, **changes))
     set_seed(recipe.seed, deterministic=False)  # as the run did: backbone.init: scratch draws from the seed
     backbone = place(load_backbone(recipe.backbone), recipe)
+    if hasattr(backbone, "configure"):  # generative: the question and answer template scoring uses
+        backbone.configure(recipe)
     set_seed(recipe.seed, deterministic=False)
     run.method.apply(backbone, recipe.method, labels)
     try:

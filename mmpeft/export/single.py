@@ -3,7 +3,6 @@ alone, staged beside `out`, verified against the trained model, and only then re
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 from pathlib import Path
@@ -51,9 +50,9 @@ def export(run_dir: str | Path, out: str | Path, how: How = "auto", dtype: str |
         how = "adapter"
     dtype = dtype or run.recipe.backbone.dtype
     tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
-    data = run_data(run)
     out = Path(out)
     with atomic_dir(out) as stage:
+        data = run_data(run)
         manifest = None
         if how != "adapter":
             try:
@@ -69,7 +68,7 @@ def export(run_dir: str | Path, out: str | Path, how: How = "auto", dtype: str |
         if onnx:
             from mmpeft.export.onnx_towers import export_towers
 
-            manifest["onnx"] = export_towers(stage, make_probe(data), tolerance)
+            manifest["onnx"] = export_towers(stage, make_probe(data), tolerance, str(out))
         manifest = write_manifest(stage, manifest)
         kind = "merged model" if manifest["kind"] == "merged" else f"adapter ({manifest['format']} format)"
         write_text(stage / CARD, model_card(manifest, f"{run.name}: {kind}"))
@@ -86,19 +85,18 @@ def cannot_merge_message(run: RunFolder, reason: str) -> str:
 
 
 def export_merged(run: RunFolder, data, stage: Path, dtype: str, verify: bool, tolerance: float, out: Path) -> dict:
-    """Base + method folded together, saved with its processor; a 4/8-bit run folds into the base reloaded unquantised."""
+    """Base + method folded together, saved with its processor; a 4/8-bit run folds into an unquantised base."""
     from mmpeft.backbones import load_backbone
     from mmpeft.recipe import BackboneSpec
 
     spec = run.recipe.backbone
     probe = make_probe(data)
     trained = rebuild(run, data.labels)
-    base_config = trained.base_model.config
+    base = base_info(trained)
     trained_out = outputs(trained, probe) if verify else None
     notes = []
     if spec.quantization is not None or dtype != spec.dtype:
-        del trained
-        gc.collect()
+        del trained  # one model in memory at a time
         model = rebuild(run, data.labels, dtype=dtype, dequantize=True)
         reference = outputs(model, probe) if verify else None
     else:
@@ -135,7 +133,7 @@ def export_merged(run: RunFolder, data, stage: Path, dtype: str, verify: bool, t
     elif dtype != spec.dtype and verification:
         notes.append(f"trained in {spec.dtype}, exported in {dtype}: outputs differ from the trained model by up to "
                      f"{verification['vs_trained_run']:.3g}")
-    return manifest_for(run, data, "merged", "transformers", base_config, verification, size, dtype, notes,
+    return manifest_for(run, data, "merged", "transformers", base, verification, size, dtype, notes,
                         parameters=parameters)
 
 
@@ -148,7 +146,7 @@ def export_adapter(run: RunFolder, data, stage: Path, verify: bool, tolerance: f
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, stage / path.name)
     trained = rebuild(run, data.labels)
     size = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
-    manifest = manifest_for(run, data, "adapter", run.format, trained.base_model.config, None, size,
+    manifest = manifest_for(run, data, "adapter", run.format, base_info(trained), None, size,
                             run.recipe.backbone.dtype, [])
     if verify:
         write_manifest(stage, manifest)  # load_adapter reads it, as a user's load would
@@ -159,7 +157,14 @@ def export_adapter(run: RunFolder, data, stage: Path, verify: bool, tolerance: f
     return manifest
 
 
-def manifest_for(run: RunFolder, data, kind: str, fmt: str, base_config, verification: dict | None, size: int,
+def base_info(backbone) -> dict:
+    """What identifies the base: its family, model type and shape-defining config fields (see load_adapter)."""
+    config = backbone.base_model.config
+    return {"family": backbone.family, "model_type": getattr(config, "model_type", "unknown"),
+            "architecture": architecture(config)}
+
+
+def manifest_for(run: RunFolder, data, kind: str, fmt: str, base: dict, verification: dict | None, size: int,
                  dtype: str, notes: list[str], **extra) -> dict:
     """What load_adapter and the model card need: base, method, labels, data, scores, checks."""
     from mmpeft import __version__
@@ -169,14 +174,19 @@ def manifest_for(run: RunFolder, data, kind: str, fmt: str, base_config, verific
     return {
         "mmpeft_version": __version__, "kind": kind, "format": fmt, "source_runs": [str(run.path.resolve())],
         "method": to_plain(run.recipe.method), "backbone": to_plain(run.recipe.backbone),
-        "base": {"id": run.recipe.backbone.id, "model_type": getattr(base_config, "model_type", "unknown"),
-                 "architecture": architecture(base_config)},
+        "base": {"id": run.recipe.backbone.id, **base},
         "labels": {"keys": labels.keys, "names": labels.names, "prompts": [labels.prompts(i) for i in
                                                                            range(len(labels))]},
         "data": {k: info.get(k) for k in ("source", "where", "classes", "counts")},
         "metrics": [run_scores(run)], "dtype": dtype, "size_bytes": size, "verification": verification,
-        "notes": notes, **extra,
+        "notes": notes, "task": generative_task(run.recipe), **extra,
     }
+
+
+def generative_task(recipe) -> dict:
+    """How a generative model is asked (question, answer template, scoring); the loader sets it back."""
+    return {"question": recipe.data.question, "answer_template": recipe.data.answer_template,
+            "length_normalize": recipe.eval.length_normalize, "max_new_tokens": recipe.eval.max_new_tokens}
 
 
 def run_scores(run: RunFolder) -> dict:

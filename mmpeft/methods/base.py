@@ -121,8 +121,8 @@ def fold_into_base(backbone: nn.Module) -> None:
         model = model.merge_and_unload()
     added = added_tensors(model)
     if added:
-        raise CannotMerge(f"adds {len(added)} tensors the base architecture does not have (for example "
-                          f"{added[0]!r}): no base weight can absorb them")
+        raise CannotMerge(f"adds {len(added)} tensor{'s' if len(added) > 1 else ''} the base architecture does not "
+                          f"have (for example {added[0]!r}): no base weight can absorb them")
     backbone.model = model
 
 

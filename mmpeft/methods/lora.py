@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
+from mmpeft.backbones import family_towers, resolve_towers
 from mmpeft.io import write_json
 from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, freeze, register
 from mmpeft.schema import to_plain
@@ -24,7 +25,8 @@ class LoraSpec(MethodConfig):
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    towers: tuple[Literal["vision", "text"], ...] = ("vision", "text")
+    # dual_encoder: vision, text (default both); generative: language (default), vision, projector; "all": every one
+    towers: tuple[Literal["vision", "text", "language", "projector", "all"], ...] | None = None
     target_modules: tuple[str, ...] | None = None  # module names or one regex; default: attention projections
     bias: Literal["none", "all", "lora_only"] = "none"
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output, LoRA on the direction
@@ -33,8 +35,8 @@ class LoraSpec(MethodConfig):
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"method.r must be >= 1, got {self.r}")
-        if not self.towers:
-            raise ValueError("method.towers must name at least one of: vision, text")
+        if self.towers is not None and not self.towers:
+            raise ValueError("method.towers must name at least one tower, or be left out for the family's default")
 
 
 def peft_targets(targets: tuple[str, ...]) -> str | list[str]:
@@ -56,8 +58,9 @@ class PeftMethod(Method):
         from peft import get_peft_model
 
         freeze(backbone)
+        peft_config = self.peft_config(backbone, config)  # its own errors name their field (method.towers)
         try:
-            backbone.model = get_peft_model(backbone.model, self.peft_config(backbone, config))
+            backbone.model = get_peft_model(backbone.model, peft_config)
         except ValueError as error:
             raise ValueError(f"method.target_modules: {error}") from None
 
@@ -92,12 +95,20 @@ class Lora(PeftMethod):
             problems.append("method.use_dora: true on an 8-bit backbone needs CUDA: bitsandbytes 0.50's CPU backend "
                             "loses the int8 scales when peft dequantizes the weight for DoRA; on CPU use "
                             "backbone.quantization.bits: 4, or method.use_dora: false")
+        if recipe.method.target_modules is None and family_towers(recipe.backbone.family) is not None:
+            try:  # family "auto": checked when the backbone is loaded
+                resolve_towers(recipe.backbone.family, recipe.method.towers)
+            except ValueError as error:
+                problems.append(str(error))
         return problems
 
     def peft_config(self, backbone: nn.Module, config: LoraSpec):
         from peft import LoraConfig
 
         targets = config.target_modules
-        targets = backbone.default_lora_targets(config.towers) if targets is None else peft_targets(targets)
+        if targets is None:
+            targets = backbone.default_lora_targets(resolve_towers(backbone.family, config.towers))
+        else:
+            targets = peft_targets(targets)
         return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
                           bias=config.bias, use_dora=config.use_dora, use_rslora=config.use_rslora)

@@ -6,6 +6,9 @@ table cannot claim what the code refuses (or the reverse).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from mmpeft.methods.base import METHODS
 from mmpeft.recipe import BackboneSpec, QuantizationSpec, Recipe
 from mmpeft.schema import to_plain
@@ -27,18 +30,18 @@ def rows() -> list[tuple[str, str, object]]:
 
 def support_matrix(cuda: bool = True) -> dict[tuple[str, str], dict[str, bool]]:
     """{(method, setting): {column: accepted}}; quantized columns are for the method's first family."""
-    matrix = {}
-    for name, setting, config in rows():
-        cls = METHODS.get(name)
+    return {(name, setting): {"dual_encoder": accepts(config, "dual_encoder", None, cuda),
+                              "generative": accepts(config, "generative", None, cuda),
+                              "4-bit": accepts(config, METHODS.get(name).families[0], 4, cuda),
+                              "8-bit": accepts(config, METHODS.get(name).families[0], 8, cuda)}
+            for name, setting, config in rows()}
 
-        def accepts(family: str, bits: int | None = None) -> bool:
-            quantization = QuantizationSpec(bits=bits) if bits else None
-            recipe = Recipe(method=config, backbone=BackboneSpec(family=family, quantization=quantization))
-            return not cls.check(recipe, cuda=cuda)
 
-        matrix[(name, setting)] = {"dual_encoder": accepts("dual_encoder"), "generative": accepts("generative"),
-                                   "4-bit": accepts(cls.families[0], 4), "8-bit": accepts(cls.families[0], 8)}
-    return matrix
+def accepts(config, family: str, bits: int | None, cuda: bool) -> bool:
+    """Whether recipe validation lets this method config run on this family at this quantization."""
+    quantization = QuantizationSpec(bits=bits) if bits else None
+    recipe = Recipe(method=config, backbone=BackboneSpec(family=family, quantization=quantization))
+    return not METHODS.get(config.name).check(recipe, cuda=cuda)
 
 
 def render_support_table() -> str:
@@ -77,3 +80,17 @@ def readme_section(readme: str) -> str | None:
     if start not in readme or end not in readme:
         return None
     return readme.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Rewrite the table in README.md (or the given files) in place, touching nothing else.
+
+    `python -c "from mmpeft.methods import support; support.main()"` after adding a method or a family.
+    """
+    paths = (argv if argv is not None else sys.argv[1:]) or ["README.md"]
+    for path in map(Path, paths):
+        path.write_text(replace_section(path.read_text()))
+
+
+if __name__ == "__main__":
+    main()

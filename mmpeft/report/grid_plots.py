@@ -29,7 +29,7 @@ def _zero_shot_line(axes, zero_shot: float | None) -> None:
 def _finish(figure, axes, title: str, xlabel: str, path: Path) -> None:
     axes.set_title(title)
     axes.set_xlabel(xlabel)
-    axes.set_ylabel("test accuracy (mean +- std over seeds)")
+    axes.set_ylabel("test accuracy (mean ± std over seeds)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8, loc="best")
     save_figure(figure, path)

@@ -38,6 +38,7 @@ COLUMNS = {
     "feature_cache": "whether cached image features of the frozen image tower were used",
     "train_sample": "fingerprint of the training examples (equal for every method at one seed and k)",
     "test_split": "fingerprint of the test split (equal for every cell)",
+    "val_split": "fingerprint of the validation split (equal for every cell)",
     "error": "why a failed cell failed (full traceback in cells/<cell>/error.txt)",
 }
 PLOTS = {"params": "accuracy_vs_params.png", "shots": "accuracy_vs_shots.png", "time": "accuracy_vs_time.png"}
@@ -90,14 +91,15 @@ def summary_tables(groups: Sequence[dict], baseline: str | None, zero_shot: floa
     lines = []
     for k in dict.fromkeys(g["shots"] for g in groups):
         at_k = [g for g in groups if g["shots"] == k and g["seeds"] > 0]
+        trained = [g for g in at_k if g["trainable_params"] > 0]  # nothing trained is not "cheapest"
         lines += [f"### k = {shots_text(k)} training examples per class", ""] if len(groups) else []
         header = ("| method | seeds | accuracy (mean ± std) | 95% CI | macro-F1 (mean ± std) | trainable params | "
                   f"trainable % | train s | samples/s | vs {baseline or 'baseline'} (paired t-test, seeds) |")
         lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
         best = {"accuracy": _best(at_k, lambda g: g["accuracy"].mean, max),
                 "macro_f1": _best(at_k, lambda g: g["macro_f1"].mean, max),
-                "params": _best(at_k, lambda g: g["trainable_params"], min),
-                "seconds": _best(at_k, lambda g: g["train_seconds"].mean, min),
+                "params": _best(trained, lambda g: g["trainable_params"], min),
+                "seconds": _best(trained, lambda g: g["train_seconds"].mean, min),
                 "speed": _best(at_k, lambda g: g["samples_per_second"], max)}
         if zero_shot is not None:
             lines.append(f"| zero-shot (recipe prompts) | – | {zero_shot:.4f} | – | – | 0 | 0 | 0 | – | – |")
@@ -261,7 +263,8 @@ def write_grid_report(grid_dir: Path, setup, rows: Sequence[dict], zero_shot: di
              f"- Training examples: {shots}.",
              f"- Seeds: {', '.join(map(str, grid.seeds))}; a seed sets the method's initialisation, the batch order"
              " and the k-shot sample, not the split.",
-             f"- Budget, the same for every cell: {train.epochs} epochs, batch {train.batch_size}, lr {train.lr:g}, "
+             f"- Budget, the same for every cell except the per-method changes in the table below: "
+             f"{train.epochs} epochs, batch {train.batch_size}, lr {train.lr:g}, "
              f"weight decay {train.weight_decay:g}, warmup {train.warmup_ratio:g}, {train.optimizer}, "
              f"mixed precision {train.mixed_precision}, augmentation "
              + ("on" if _augmenting(data.augment) else "off") + ".",
@@ -270,10 +273,12 @@ def write_grid_report(grid_dir: Path, setup, rows: Sequence[dict], zero_shot: di
              "- Memory: `weights_bytes` is the model's parameters and buffers after the method was applied; "
              "`cuda_peak_bytes` is the CUDA allocator's peak during the cell (GPU only). Process RSS is not "
              "reported: it is process-wide and never decreases, so it cannot be attributed to one cell.",
-             f"- {sharing_check(rows)}", "", "| label | method | settings from | settings |", "|---|---|---|---|"]
+             f"- {sharing_check(rows)}", "", "| label | method | settings from | settings | budget changes |",
+             "|---|---|---|---|---|"]
     for entry in setup.methods:
         settings = {k: v for k, v in _plain(entry.config).items() if k != "name"}
-        lines.append(f"| {entry.label} | {entry.config.name} | {entry.source} | `{settings}` |")
+        changes = ", ".join(f"{k}: {v}" for k, v in entry.train_changes.items()) or "–"
+        lines.append(f"| {entry.label} | {entry.config.name} | {entry.source} | `{settings}` | {changes} |")
     if zero_shot:
         lines += ["", "## Zero-shot baselines (test)", "",
                   "The untouched backbone, scored against each prompt template alone, their ensemble (class text "

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import stats
 
 ALPHA = 0.05
+TIE = 1e-9  # accuracy differences closer than this are equal (0.7 - 0.6 != 0.8 - 0.7 in floating point)
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ def paired_test(method: dict[int, float], baseline: dict[int, float], alpha: flo
     if n < 2:
         return PairedTest(n, mean, math.nan, math.nan,
                           f"no test: needs >= 2 seeds shared with the baseline, has {n}")
-    if np.all(differences == differences[0]):
-        if differences[0] == 0:
+    if np.ptp(differences) <= TIE:  # the same gap on every seed (up to float noise): t is undefined
+        if abs(mean) <= TIE:
             return PairedTest(n, 0.0, math.nan, 1.0, f"identical to the baseline on all {n} seeds")
         return PairedTest(n, mean, math.nan, math.nan,
                           f"no test: the difference is {mean:+.4f} on every seed (no seed noise to compare with)")

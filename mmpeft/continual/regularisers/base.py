@@ -47,6 +47,7 @@ class TaskContext:
     collate: Callable[[list[dict]], dict]
     batch_size: int
     seed: int
+    is_last: bool = False  # no task follows (state kept only for later tasks need not be computed)
 
     def batches(self, batch_size: int | None = None, limit: int | None = None) -> Iterator[dict]:
         """The task's training examples in a fixed order (the first `limit` of a seeded permutation)."""

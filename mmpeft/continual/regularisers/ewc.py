@@ -42,7 +42,7 @@ class EWCConfig(RegulariserConfig):
     strength: float = 1000.0  # the whole factor in front of sum F (theta - theta*)^2 (lambda/2 in the paper)
     fisher: FisherMode = "per_sample"
     fisher_samples: int | None = 256  # training examples of the task used for F (a seeded subset); null: all
-    fisher_batch_size: int = 32  # forward batch size of the estimate (per_sample still takes one gradient each)
+    fisher_batch_size: int = 32  # per_batch: the batch whose mean gradient is squared (per_sample: always 1)
 
     def __post_init__(self) -> None:
         if self.strength < 0:
@@ -97,10 +97,13 @@ def task_fisher(task: TaskContext, params: dict[str, torch.Tensor], config: EWCC
         labels = batch["labels"].to(log_probs.device)
         return log_probs.gather(1, labels[:, None]).squeeze(1)
 
+    # per_sample: each example on its own (one forward and one backward each) is faster here than one batched
+    # forward with a retained graph per example, and keeps memory flat for any model size
+    batch_size = 1 if config.fisher == "per_sample" else config.fisher_batch_size
     try:
         with torch.enable_grad():
-            return empirical_fisher(params, task.batches(config.fisher_batch_size, config.fisher_samples),
-                                    log_likelihood, config.fisher)
+            return empirical_fisher(params, task.batches(batch_size, config.fisher_samples), log_likelihood,
+                                    config.fisher)
     finally:
         backbone.train(was_training)
 
@@ -119,6 +122,8 @@ class EWC(Regulariser):
         self.terms = [(to_device(f, self.params), to_device(a, self.params)) for f, a in self.terms]
 
     def end_task(self, task: TaskContext) -> None:
+        if task.is_last:
+            return  # no task follows: a Fisher estimated now would never be used
         fisher = task_fisher(task, self.params, self.config)
         self.terms.append((fisher, snapshot(self.params)))
 

@@ -51,6 +51,8 @@ class OnlineEWC(Regulariser):
             self.fisher, self.anchor = to_device(self.fisher, self.params), to_device(self.anchor, self.params)
 
     def end_task(self, task: TaskContext) -> None:
+        if task.is_last:
+            return  # no task follows: a Fisher estimated now would never be used
         new = task_fisher(task, self.params, self.config)
         if self.fisher is None:
             self.fisher = new

@@ -9,10 +9,10 @@ initialised from text features) is counted by its own formula instead, and the p
 
 from __future__ import annotations
 
-import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,13 +23,13 @@ if TYPE_CHECKING:
     from mmpeft.data import LabelSet
     from mmpeft.recipe import BackboneSpec, QuantizationSpec, Recipe
 
-logger = logging.getLogger("mmpeft")
 
 # bitsandbytes layouts: 4-bit packs two values per byte with one absmax per 64 values (fp32, or 8-bit codes with one
 # fp32 absmax per 256 of them under double quantization); 8-bit keeps int8 values and one fp32 scale per output row.
 BLOCK_4BIT = 64
 BLOCK_NESTED = 256
-CODE_BYTES = 256 * 4 + 4  # per 4-bit double-quantized layer: the absmax code book and offset
+CODE_4BIT = 16 * 4  # per 4-bit layer: its nf4/fp4 code book
+CODE_NESTED = 256 * 4 + 4  # per double-quantized layer: the absmax code book and offset
 
 
 class PlanError(BackboneError):
@@ -58,6 +58,11 @@ def build_meta_backbone(recipe: Recipe, labels: LabelSet) -> MetaBackbone:
 
     spec = recipe.backbone
     path, config = load_config(spec)
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    if spec.family == "generative" or "ForConditionalGeneration" in architectures \
+            or "ForImageTextToText" in architectures:
+        raise PlanError(f"backbone.id {spec.id!r} is a generative VLM ({architectures or config.model_type}); the "
+                        "planner covers dual encoders (CLIP, SigLIP, ...) in this version")
     model = _meta_model(config, spec)
     if not is_dual_encoder(model):
         raise PlanError(f"backbone.id {spec.id!r}: {type(model).__name__} is not a dual encoder; the planner "
@@ -86,7 +91,7 @@ def load_config(spec: BackboneSpec) -> tuple[str, Any]:
     """(path, config) from a demo name, a local folder, or a hub id whose config is in the local HF cache."""
     from transformers import AutoConfig
 
-    path = resolve_path(spec)
+    path = resolve_path(_config_twin(spec))
     kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     try:
         return path, AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
@@ -100,6 +105,19 @@ def load_config(spec: BackboneSpec) -> tuple[str, Any]:
         except OSError as error:
             local_error = error
     raise PlanError(unknown_backbone_message(spec.id, local_error)) from None
+
+
+def _config_twin(spec: BackboneSpec) -> BackboneSpec:
+    """A demo backbone built by pre-training (digits-clip) has a `<name>-config` twin with the same architecture,
+    tokenizer and processor and random weights: planning reads that, so it never triggers the pre-training."""
+    import dataclasses
+
+    import mmpeft.backbones.demo  # noqa: F401  (registers the demo names)
+    from mmpeft.backbones import DEMO_BACKBONES
+
+    twin = f"{spec.id}-config"
+    return dataclasses.replace(spec, id=twin) if spec.id.startswith("mmpeft-demo/") and twin in DEMO_BACKBONES \
+        else spec
 
 
 def unknown_backbone_message(backbone_id: str, error: Exception | None = None) -> str:
@@ -118,9 +136,9 @@ def unknown_backbone_message(backbone_id: str, error: Exception | None = None) -
 def cached_hub_models() -> list[str]:
     """Model repo ids in the local Hugging Face hub cache that hold a config.json."""
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        repos = scan_cache_dir().repos
+        repos = scan_cache_dir(constants.HF_HUB_CACHE).repos
     except Exception:  # noqa: BLE001 - no cache folder, or an unreadable one: nothing cached
         return []
     return sorted(r.repo_id for r in repos if r.repo_type == "model"
@@ -198,8 +216,8 @@ def quantized_bytes(shape: torch.Size, quantization: QuantizationSpec) -> int:
         return numel + shape[0] * 4  # int8 values + one fp32 scale per output row
     blocks = -(-numel // BLOCK_4BIT)
     if quantization.double_quant:
-        return -(-numel // 2) + blocks + 4 * -(-blocks // BLOCK_NESTED) + CODE_BYTES
-    return -(-numel // 2) + 4 * blocks
+        return -(-numel // 2) + CODE_4BIT + blocks + 4 * -(-blocks // BLOCK_NESTED) + CODE_NESTED
+    return -(-numel // 2) + CODE_4BIT + 4 * blocks
 
 
 def trainable_bytes(module: nn.Module) -> int:

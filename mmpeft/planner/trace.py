@@ -17,7 +17,7 @@ Two things differ between meta tensors and a GPU, and are emulated here:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 if TYPE_CHECKING:
     from torch import nn
 
-    from mmpeft.plan_meta import MetaBackbone
+    from mmpeft.planner.model import MetaBackbone
 
 OUTSIDE = "outside encoder layers"
 
@@ -116,18 +116,31 @@ def _loss(meta: MetaBackbone, shape: StepShape) -> torch.Tensor:
     backbone = meta.backbone
     pixels = torch.empty(shape.batch, shape.channels, shape.image_size, shape.image_size, device="meta")
     if backbone.text_prompts is not None and not shape.contrastive:
-        text = backbone.class_text_features(meta.labels)
+        text = _without_padding_mask(backbone, lambda: backbone.class_text_features(meta.labels))
     elif backbone.head is not None:
         text = None
     else:
         ids = torch.zeros(shape.text_rows, shape.text_length, dtype=torch.long, device="meta")
         text = backbone.encode_texts(ids)  # no padding mask: reading one needs data (its [T, T] mask is small)
     if shape.contrastive:
+        if text is None:
+            raise ValueError("train.objective: 'contrastive' trains image-text similarity, but this method scores "
+                             "images with a linear head; use train.objective: classification")
         logits = backbone.encode_images(pixels) @ text.t()
         target = torch.zeros(shape.batch, dtype=torch.long, device="meta")
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
     logits = backbone.classify(pixels, text)
     return F.cross_entropy(logits, torch.zeros(shape.batch, dtype=torch.long, device="meta"))
+
+
+def _without_padding_mask(backbone: nn.Module, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Prompt learners pass a padding mask; checking one on meta tensors needs data, so the trace drops it."""
+    encode = backbone.encode_texts
+    backbone.encode_texts = lambda input_ids, attention_mask=None: encode(input_ids)
+    try:
+        return run()
+    finally:
+        del backbone.encode_texts
 
 
 @contextlib.contextmanager

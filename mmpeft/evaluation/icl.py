@@ -1,0 +1,265 @@
+"""In-context few-shot prompts for generative backbones: k demonstrations (image, question, answer) before the query.
+
+Why these pieces: the demonstrations are earlier chat turns in the model's own template, so the model sees them as a
+conversation it already had. Which demonstrations are shown matters as much as how many, so three strategies are
+compared: `random` (by seed), `balanced` (classes in turn) and `nearest` (most similar train images by the backbone's
+own image embedding, the most similar placed last, next to the query). A prompt longer than the model's context is
+shortened by dropping whole demonstrations, farthest from the query first, and every drop is counted; tokens are never
+cut. Classification is by label scoring (mmpeft.evaluation.scoring), so k = 0 is the zero-shot baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from mmpeft.evaluation.metrics import classification_metrics
+from mmpeft.evaluation.scoring import score_encoded
+from mmpeft.io import write_json, write_text
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmpeft.backbones.generative import GenerativeBackbone
+    from mmpeft.recipe import Recipe
+
+logger = logging.getLogger("mmpeft")
+
+STRATEGIES = ("random", "balanced", "nearest")
+DEFAULT_SHOTS = (0, 1, 2, 4)
+ROWS_FILE, TABLE_FILE, PLOT_FILE = "icl.json", "icl.md", "icl_accuracy.png"
+CHUNK = 32  # queries whose prompts are scored together (equal-length prompts share forwards)
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One demonstration: an image with the question asked and the answer given."""
+
+    image: Image.Image
+    question: str
+    answer: str
+
+
+@dataclass
+class IclPrompt:
+    """A rendered in-context prompt: its text, its images in order (demonstrations, then the query), its encoding,
+    the demonstrations kept and how many were dropped to fit the context."""
+
+    text: str
+    images: list[Image.Image]
+    encoded: dict[str, torch.Tensor]
+    kept: list[Demo]
+    dropped: int
+    over_limit: bool  # still longer than the limit with every demonstration dropped
+
+
+def check_strategies(strategies: Sequence[str]) -> None:
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"in-context strategies: unknown {', '.join(map(repr, unknown))}; valid: "
+                         f"{', '.join(STRATEGIES)}")
+
+
+def select_demos(strategy: str, k: int, labels: Sequence[int], seed: int, query: int,
+                 similarity: np.ndarray | None = None) -> list[int]:
+    """Indices into the train pool, in prompt order. Random and balanced are nested in k for one (seed, query)."""
+    check_strategies([strategy])
+    k = min(k, len(labels))
+    if k <= 0:
+        return []
+    rng = random.Random(f"mmpeft-icl:{seed}:{query}")
+    if strategy == "nearest":
+        if similarity is None:
+            raise ValueError("strategy 'nearest' needs the query's similarity to every train image")
+        top = np.argsort(-similarity, kind="stable")[:k]
+        return [int(i) for i in top[::-1]]  # most similar last, next to the query
+    if strategy == "random":
+        order = list(range(len(labels)))
+        rng.shuffle(order)
+        return order[:k]
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    classes = sorted(by_class)
+    rng.shuffle(classes)
+    for members in by_class.values():
+        rng.shuffle(members)
+    chosen, turn = [], 0
+    while len(chosen) < k:
+        members = by_class[classes[turn % len(classes)]]
+        if turn // len(classes) < len(members):
+            chosen.append(members[turn // len(classes)])
+        turn += 1
+    return chosen
+
+
+def build_prompt(backbone: GenerativeBackbone, demos: Sequence[Demo], question: str, image: Image.Image,
+                 max_length: int | None = None) -> IclPrompt:
+    """The query's prompt after `demos`; beyond `max_length` tokens, whole demonstrations go, the first first."""
+    kept = list(demos)
+    while True:
+        text = backbone.prompt_text(question, [(d.question, d.answer) for d in kept])
+        images = [d.image for d in kept] + [image]
+        encoded = backbone.encode_one(text, images)
+        length = encoded["input_ids"].shape[1]
+        if max_length is None or length <= max_length or not kept:
+            over = max_length is not None and length > max_length
+            return IclPrompt(text, images, encoded, kept, len(demos) - len(kept), over)
+        kept = kept[1:]
+
+
+@torch.no_grad()
+def run_icl_sweep(recipe: str | Path | dict | Recipe, shots: Sequence[int] = DEFAULT_SHOTS,
+                  strategies: Sequence[str] = STRATEGIES, seeds: Sequence[int] = (0,),
+                  out_dir: str | Path | None = None, max_queries: int | None = 200,
+                  max_length: int | None = None) -> list[dict]:
+    """Accuracy of in-context prompting vs k per strategy and seed: one row per (strategy, k, seed).
+
+    A seed means what `seed` means in a recipe (the split, `data.shots` sample, demonstration draws). Rows carry
+    `method` ("icl-<strategy>"), `shots`, `seed`, `accuracy`, `macro_f1`, like compare rows, plus truncation counts.
+    With `out_dir`, writes icl.json, icl.md and icl_accuracy.png there. `max_length`: default the model's context.
+    """
+    from accelerate.utils import set_seed
+
+    from mmpeft.backbones import load_backbone
+    from mmpeft.data import load_data
+    from mmpeft.pipeline import place
+    from mmpeft.recipe import load_recipe
+
+    check_strategies(strategies)
+    if any(k < 0 for k in shots):
+        raise ValueError(f"in-context shots must be >= 0, got {list(shots)}")
+    recipe = load_recipe(recipe)
+    backbone = place(load_backbone(recipe.backbone), recipe)
+    if getattr(backbone, "family", None) != "generative":
+        raise ValueError(f"in-context prompting needs a generative backbone; backbone.id {recipe.backbone.id!r} is "
+                         f"{getattr(backbone, 'family', 'unknown')!r}")
+    backbone.configure(recipe)
+    backbone.eval()
+    limit = max_length or backbone.context_length
+    rows: list[dict] = []
+    for seed in seeds:
+        set_seed(seed, deterministic=False)
+        data = load_data(recipe.data, seed)
+        rows += _sweep_seed(backbone, data, recipe, seed, shots, strategies, max_queries, limit)
+    if out_dir is not None:
+        write_outputs(Path(out_dir), rows, recipe.name)
+    return rows
+
+
+def _sweep_seed(backbone: GenerativeBackbone, data, recipe: Recipe, seed: int, shots: Sequence[int],
+                strategies: Sequence[str], max_queries: int | None, limit: int | None) -> list[dict]:
+    train, test = data.dataset("train"), data.dataset("test")
+    queries = list(range(len(test)))
+    if max_queries is not None and len(queries) > max_queries:
+        queries = sorted(random.Random(f"mmpeft-icl-queries:{seed}").sample(queries, max_queries))
+    items = [test[i] for i in queries]
+    answers = backbone.class_text_features(data.labels)
+    names = data.labels.names
+    pool: dict[int, Demo] = {}
+
+    def demo(index: int) -> Demo:
+        if index not in pool:
+            example = train.examples[index]
+            question = example.prompt or backbone.task.question
+            answer = example.text or backbone.task.answer_template.format(label=names[example.label])
+            pool[index] = Demo(train[index]["image"], question, answer)
+        return pool[index]
+
+    similarity = None
+    if "nearest" in strategies and any(k > 0 for k in shots):
+        pool_images = [train[i]["image"] for i in range(len(train))]
+        query_vectors = backbone.image_embeddings([item["image"] for item in items])
+        similarity = (query_vectors @ backbone.image_embeddings(pool_images).t()).cpu().numpy()
+    rows = []
+    for k in shots:
+        for strategy in strategies:
+            if k == 0 and strategy != strategies[0]:  # no demonstrations: identical for every strategy
+                rows.append({**rows[-1], "method": f"icl-{strategy}", "strategy": strategy})
+                continue
+            tic = time.perf_counter()
+            prompts = []
+            for position, (query, item) in enumerate(zip(queries, items)):
+                chosen = select_demos(strategy, k, train.labels, seed, query,
+                                      similarity[position] if similarity is not None else None)
+                question = item.get("prompt") or backbone.task.question
+                prompts.append(build_prompt(backbone, [demo(i) for i in chosen], question, item["image"], limit))
+            predicted = np.concatenate([
+                score_encoded(backbone, [p.encoded for p in prompts[i:i + CHUNK]], answers,
+                              recipe.eval.length_normalize).argmax(-1).numpy()
+                for i in range(0, len(prompts), CHUNK)])
+            truth = np.array([item["label"] for item in items])
+            rows.append(_row(strategy, k, seed, truth, predicted, names, prompts, time.perf_counter() - tic))
+    return rows
+
+
+def _row(strategy: str, k: int, seed: int, truth: np.ndarray, predicted: np.ndarray, names: list[str],
+         prompts: list[IclPrompt], seconds: float) -> dict:
+    scores = classification_metrics(truth, predicted, names)
+    truncated = sum(p.dropped > 0 for p in prompts)
+    over = sum(p.over_limit for p in prompts)
+    if truncated or over:
+        logger.warning("in-context %s k=%d seed %d: %d of %d prompts exceeded the context; %d demonstrations dropped"
+                       "%s", strategy, k, seed, truncated, len(prompts), sum(p.dropped for p in prompts),
+                       f"; {over} too long even without demonstrations" if over else "")
+    return {"method": f"icl-{strategy}", "strategy": strategy, "shots": k, "seed": seed, "status": "ok",
+            "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "n": scores["n"],
+            "truncated_prompts": truncated, "dropped_demos": sum(p.dropped for p in prompts),
+            "over_limit": over, "seconds": round(seconds, 3)}
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, int]]]:
+    """{strategy: {k: (mean accuracy, std over seeds, seeds)}}."""
+    grouped: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        grouped.setdefault(row["strategy"], {}).setdefault(row["shots"], []).append(row["accuracy"])
+    return {strategy: {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in sorted(by_k.items())}
+            for strategy, by_k in grouped.items()}
+
+
+def write_outputs(out_dir: Path, rows: list[dict], title: str) -> None:
+    """icl.json (rows), icl.md (accuracy vs k per strategy, mean +- std over seeds) and the plot."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / ROWS_FILE, rows)
+    summary = summarize(rows)
+    ks = sorted({row["shots"] for row in rows})
+    lines = [f"# In-context prompting: {title}", "", "Accuracy (mean +- std over seeds) by demonstrations per query.",
+             "", "| strategy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for strategy, by_k in summary.items():
+        cells = [f"{by_k[k][0]:.4f} +- {by_k[k][1]:.4f}" if k in by_k else "" for k in ks]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    truncated = sum(row["truncated_prompts"] for row in rows)
+    if truncated:
+        lines += ["", f"{truncated} prompts exceeded the model's context and lost whole demonstrations "
+                  f"({sum(row['dropped_demos'] for row in rows)} in all); see {ROWS_FILE}."]
+    lines += ["", f"![accuracy vs k]({PLOT_FILE})", ""]
+    write_text(out_dir / TABLE_FILE, "\n".join(lines))
+    plot_accuracy(summary, out_dir / PLOT_FILE, title)
+
+
+def plot_accuracy(summary: dict[str, dict[int, tuple[float, float, int]]], path: Path, title: str) -> None:
+    from mmpeft.report.plots import plt, save_figure
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    ks = sorted({k for by_k in summary.values() for k in by_k})
+    position = {k: i for i, k in enumerate(ks)}  # evenly spaced: k is usually 0, 1, 2, 4, 8
+    for strategy, by_k in summary.items():
+        x = [position[k] for k in by_k]
+        mean = np.array([v[0] for v in by_k.values()])
+        std = np.array([v[1] for v in by_k.values()])
+        axes.plot(x, mean, marker="o", label=strategy)
+        axes.fill_between(x, mean - std, mean + std, alpha=0.15)
+    axes.set_xticks(range(len(ks)), [str(k) for k in ks])
+    axes.set_xlabel("demonstrations per query (k)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"In-context prompting: {title}")
+    axes.legend()
+    save_figure(figure, path)

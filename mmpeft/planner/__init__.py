@@ -1,0 +1,189 @@
+"""`mmpeft plan RECIPE`: will this recipe fit on my GPU? Answered before any weight is read.
+
+- model.py: the backbone built from its config on the meta device, the recipe's method applied (the run's own code,
+  so parameter counts are the run's), weight bytes at the recipe's dtype or 4/8-bit layout.
+- trace.py: the activations one training step keeps for backward, traced on meta tensors.
+- budget.py: the arithmetic (peak, reserve, largest batch, suggestions); units.py: '24GiB' <-> bytes.
+- render.py: the table the command prints.
+
+This module turns a recipe into those inputs and returns one plain dict per method. (It is a package, not
+`mmpeft/plan.py`, because a submodule named `plan` would replace the `mmpeft.plan()` function once imported.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmpeft.planner.budget import (
+    Activations,
+    Device,
+    Figures,
+    Settings,
+    estimate,
+    largest_batch,
+    suggestions,
+)
+from mmpeft.planner.model import (
+    MetaBackbone,
+    PlanError,
+    build_meta_backbone,
+    parameter_counts,
+    trainable_sizes,
+    weight_bytes,
+)
+from mmpeft.planner.render import render
+from mmpeft.planner.trace import StepShape, trace_step
+from mmpeft.planner.units import format_bytes, parse_memory
+
+if TYPE_CHECKING:
+    from mmpeft.data import LabelSet
+    from mmpeft.recipe import DataSpec, Recipe
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def plan(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
+         gpu_memory: str | int | None = None) -> list[dict]:
+    """One plan per method of the recipe (or of its compare grid): parameters, bytes, verdict, suggestions.
+
+    `gpu_memory` ('24GiB', '80GB', or bytes) is the budget; without it, the first CUDA device's memory, else no
+    verdict. Nothing is downloaded and no weights are read.
+    """
+    budget = parse_memory(gpu_memory) if gpu_memory is not None else _device_memory()
+    return [plan_recipe(one, label, budget) for label, one in plan_targets(recipe, overrides)]
+
+
+def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
+                 ) -> list[tuple[str, Recipe]]:
+    """(label, recipe) per method: the recipe's own, or each entry of a compare recipe's `grid.methods`."""
+    from mmpeft.recipe import Recipe, load_recipe
+
+    if isinstance(source, Recipe) or not _has_grid(source):
+        loaded = load_recipe(source, overrides)
+        return [(loaded.method.name, loaded)]
+    try:
+        from mmpeft.grid import load_setup
+    except ImportError:
+        raise PlanError("this recipe has a `grid:` section (a compare recipe), which this installation cannot read "
+                        "(mmpeft.grid is missing); plan one method with a plain recipe") from None
+    setup = load_setup(source, overrides)
+    return [(entry.label, setup.recipe.replace(method=entry.config)) for entry in setup.methods]
+
+
+def plan_recipe(recipe: Recipe, label: str | None = None, budget: int | None = None, device: Device = "cuda") -> dict:
+    """The plan of one validated recipe as a plain dict (`device`: whose allocator and optimizer the step runs on)."""
+    from mmpeft.methods import METHODS
+
+    method = METHODS.get(recipe.method.name)
+    meta = build_meta_backbone(recipe, plan_labels(recipe.data))
+    train, quant = recipe.train, recipe.backbone.quantization
+    shape = step_shape(meta, recipe, train.batch_size)
+    autocast = AUTOCAST.get(train.mixed_precision)
+    traces = [trace_step(meta, s, autocast) for s in (shape, dataclasses.replace(
+        shape, batch=shape.batch + 1, text_rows=shape.text_rows + int(shape.contrastive)))]
+    weights: dict[int | None, int] = {None: weight_bytes(meta, None, method.trains)}
+    for bits in (4, 8):
+        weights[bits] = weight_bytes(meta, _quantization(quant, bits), method.trains)
+    figures = Figures(weights, trainable_sizes(meta.backbone) if method.trains else [],
+                      Activations(shape.batch, *traces), shape.channels * shape.image_size ** 2 * 4, device)
+    settings = Settings(train.batch_size, train.gradient_checkpointing, quant.bits if quant else None, train.optimizer)
+    current = estimate(figures, settings)
+    total, trainable = parameter_counts(meta.backbone)
+    result: dict[str, Any] = {
+        "label": label or recipe.method.name, "method": recipe.method.name, "backbone": recipe.backbone.id,
+        "model": type(meta.backbone.base_model).__name__, "dtype": recipe.backbone.dtype,
+        "quantization": settings.bits, "counted_by": meta.counted_by, "trains": method.trains,
+        "total_params": total, "trainable_params": trainable,
+        "batch_size": train.batch_size, "image_size": shape.image_size, "image_tokens": image_tokens(meta),
+        "text_rows": shape.text_rows, "text_length": shape.text_length, "objective": train.objective,
+        "gradient_checkpointing": settings.checkpointing, "optimizer": train.optimizer,
+        "mixed_precision": train.mixed_precision, "device": device,
+        "bytes": dataclasses.asdict(current),
+        "activations_by_checkpointing": {False: figures.activations.kept(settings.batch, False),
+                                         True: figures.activations.kept(settings.batch, True)},
+        "budget": budget, "fits": None if budget is None else current.total <= budget,
+        "max_batch": None, "suggestions": [],
+        "notes": list(meta.notes) + plan_notes(recipe, meta),
+    }
+    if budget is not None and method.trains:
+        result["max_batch"] = largest_batch(figures, settings, budget)
+        if not result["fits"]:
+            result["suggestions"] = suggestions(figures, settings, budget, method.quantized_bits)
+    return result
+
+
+def plan_labels(spec: DataSpec) -> LabelSet:
+    """The label set without opening an image: `data.classes`, or the labels of the rows (folder names, columns)."""
+    from mmpeft.data import DataError, LabelSet, read_rows
+
+    if spec.classes is not None:
+        return LabelSet.from_spec(spec, spec.classes)
+    raw = read_rows(spec)
+    found = [row.label for row in raw.rows if row.label is not None]
+    if not found:
+        raise DataError(f"no labelled rows found in {raw.where} (data.source: {spec.source})")
+    return LabelSet.from_spec(spec, found, raw.label_names)
+
+
+def step_shape(meta: MetaBackbone, recipe: Recipe, batch: int) -> StepShape:
+    """Image size from the vision config; text rows and length from the class prompts, tokenized when possible."""
+    vision = meta.backbone.tower_model("vision").config
+    prompts = [text for i in range(len(meta.labels)) for text in meta.labels.prompts(i)]
+    length = meta.backbone.base_model.config.text_config.max_position_embeddings
+    if meta.tokenizer is not None:
+        length = int(meta.backbone.tokenize(prompts)["input_ids"].shape[1])
+    contrastive = recipe.train.objective == "contrastive"
+    return StepShape(batch=batch, image_size=vision.image_size, channels=getattr(vision, "num_channels", 3),
+                     text_rows=batch if contrastive else len(prompts), text_length=length, contrastive=contrastive)
+
+
+def image_tokens(meta: MetaBackbone) -> int:
+    vision = meta.backbone.tower_model("vision")
+    patches = (vision.config.image_size // vision.config.patch_size) ** 2
+    return patches + (1 if hasattr(vision.embeddings, "class_embedding") else 0)
+
+
+def plan_notes(recipe: Recipe, meta: MetaBackbone) -> list[str]:
+    notes = []
+    if meta.tokenizer is None:
+        notes.append("no tokenizer files found: text length taken as the text tower's maximum")
+    if recipe.train.objective == "contrastive":
+        notes.append("contrastive: one caption per example, assumed as long as the longest class prompt")
+    if recipe.train.strategy == "fsdp":
+        notes.append("train.strategy fsdp shards weights, gradients and optimizer state across processes: this "
+                     "one-process plan is an upper bound per GPU")
+    return notes
+
+
+def _quantization(spec: Any, bits: int) -> Any:
+    from mmpeft.recipe import QuantizationSpec
+
+    return dataclasses.replace(spec, bits=bits) if spec is not None else QuantizationSpec(bits=bits)
+
+
+def _has_grid(source: Any) -> bool:
+    if isinstance(source, dict):
+        return "grid" in source
+    path = Path(source)
+    if not path.is_file():
+        return False
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return False  # load_recipe reports it with the file's name
+    return isinstance(data, dict) and "grid" in data
+
+
+def _device_memory() -> int | None:
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+__all__ = ["PlanError", "estimate", "format_bytes", "parse_memory", "plan", "plan_recipe", "plan_targets", "render"]

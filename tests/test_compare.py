@@ -1,0 +1,233 @@
+"""Compare / few-shot grids on a tiny CLIP: tables match cells, stats match hand computations, resume, failures,
+shared splits and samples, and the frozen-tower feature cache (same numbers with and without it)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mmpeft
+from mmpeft import pipeline
+from mmpeft.data import load_data
+from mmpeft.grid import load_setup, plan_cells
+from mmpeft.report.stats import paired_test, summarize
+from mmpeft.schema import RecipeError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LORA_TEXT = {"name": "lora", "r": 2, "alpha": 4, "towers": ["text"], "label": "lora-text"}
+
+
+def grid_recipe(color_recipe: dict, grid: dict, epochs: int = 1) -> dict:
+    recipe = {k: v for k, v in color_recipe.items() if k != "method"}
+    recipe["train"] = {**recipe["train"], "epochs": epochs, "batch_size": 12}
+    recipe["output"] = {**recipe["output"], "name": "grid"}
+    return {**recipe, "grid": grid}
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 2000, path
+
+
+def test_compare_grid_rows_match_cells_with_table_and_plots(color_recipe, tmp_path):
+    recipe = grid_recipe(color_recipe, {"methods": ["full", LORA_TEXT, "linear_probe"], "seeds": [0, 1]})
+    result = mmpeft.compare(recipe)
+    grid = tmp_path / "runs" / "grid"
+    with open(grid / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["cell"] for r in rows] == ["full-seed0", "lora-text-seed0", "linear_probe-seed0",
+                                         "full-seed1", "lora-text-seed1", "linear_probe-seed1"]
+    for row in rows:
+        metrics = json.loads((grid / "cells" / row["cell"] / "metrics.json").read_text())
+        assert row["status"] == "ok" and float(row["accuracy"]) == metrics["test"]["accuracy"]
+        assert float(row["macro_f1"]) == metrics["test"]["macro_f1"]
+        assert int(row["trainable_params"]) == metrics["params"]["trainable"]
+        assert float(row["train_seconds"]) == metrics["train"]["seconds"]
+        assert row["feature_cache"] == str(row["method"] != "full")  # frozen image tower -> cached features
+    assert len({r["test_split"] for r in rows}) == 1
+    assert rows[0]["train_sample"] == rows[1]["train_sample"] == rows[2]["train_sample"]
+
+    summary = {g["method"]: g for g in json.loads((grid / "summary.json").read_text())}
+    accuracies = [float(r["accuracy"]) for r in rows if r["method"] == "linear_probe"]
+    assert summary["linear_probe"]["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert summary["full"]["paired"] is None and summary["lora-text"]["paired"]["n"] == 2
+    table = (grid / "summary.md").read_text()
+    assert "| lora-text | 2 |" in table and "vs full (paired t-test" in table and "**" in table
+    report = (grid / "report.md").read_text()
+    for expected in ("## Protocol", "split seed 0", "every method trained on the same examples",
+                     "adapters/full.yaml", "## Zero-shot baselines", "recipe prompts", "![accuracy_vs_params.png]"):
+        assert expected in report, expected
+    for name in ("accuracy_vs_params.png", "accuracy_vs_time.png"):
+        assert_png(grid / name)
+    assert result["zero_shot"]["rows"][0]["prompts"] == "recipe prompts"
+    assert len(result["rows"]) == 6
+
+
+def test_fewshot_via_cli_has_shots_plot_and_nested_samples(color_recipe, tmp_path):
+    from mmpeft.cli import main
+
+    recipe = grid_recipe(color_recipe, {"methods": ["linear_probe"], "seeds": [0], "shots": [1, 2],
+                                        "templates": ["photo"]})
+    path = tmp_path / "fewshot.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["fewshot", str(path)]) == 0
+    grid = tmp_path / "runs" / "grid"
+    for k in (1, 2):
+        metrics = json.loads((grid / "cells" / f"linear_probe-k{k}-seed0" / "metrics.json").read_text())
+        assert metrics["data"]["class_counts"]["train"] == [k, k, k]
+    assert_png(grid / "accuracy_vs_shots.png")
+    zero_shot = json.loads((grid / "zero_shot.json").read_text())["rows"]
+    kinds = [row["kind"] for row in zero_shot]
+    assert kinds[0] == "recipe" and kinds.count("template") == 5 and kinds[-1] == "ensemble"
+    assert "### k = 2" in (grid / "summary.md").read_text()
+
+
+def test_cells_share_split_and_k_shot_sample(color_recipe, tmp_path):
+    recipe = grid_recipe(color_recipe, {"methods": ["linear_probe", LORA_TEXT], "seeds": [0, 1], "shots": [1, 3]})
+    setup = load_setup(recipe)
+    train = {}
+    test = set()
+    for cell in plan_cells(setup, tmp_path / "grid"):
+        data = load_data(cell.recipe.data, cell.recipe.seed)
+        test.add(tuple(e.image for e in data.test) + tuple(e.image for e in data.val))
+        train.setdefault((cell.seed, cell.shots), set()).add(tuple(e.image for e in data.train))
+    assert len(test) == 1  # one split for every cell, whatever its seed
+    assert all(len(samples) == 1 for samples in train.values())  # same sample for every method at (seed, k)
+    (small,), (large,) = train[(0, 1)], train[(0, 3)]
+    assert set(small) < set(large)  # nested in k
+    assert train[(0, 3)] != train[(1, 3)]  # the seed draws the sample
+
+
+def test_summary_and_paired_test_match_hand_computation():
+    full = {0: 0.80, 1: 0.85, 2: 0.90, 3: 0.82}
+    lora = {0: 0.78, 1: 0.86, 2: 0.85, 3: 0.80}
+    s = summarize(list(lora.values()))
+    mean = (0.78 + 0.86 + 0.85 + 0.80) / 4
+    std = math.sqrt(sum((v - mean) ** 2 for v in lora.values()) / 3)
+    t_crit = 3.182446305284263  # Student t, 97.5% quantile, 3 degrees of freedom
+    assert (s.n, s.mean, s.std) == (4, pytest.approx(mean), pytest.approx(std))
+    assert (s.ci_low, s.ci_high) == (pytest.approx(mean - t_crit * std / 2), pytest.approx(mean + t_crit * std / 2))
+
+    d = [lora[i] - full[i] for i in range(4)]  # -0.02, 0.01, -0.05, -0.02
+    d_mean = sum(d) / 4
+    d_std = math.sqrt(sum((x - d_mean) ** 2 for x in d) / 3)
+    test = paired_test(lora, full)
+    assert test.n == 4 and test.mean_difference == pytest.approx(-0.02)
+    assert test.t == pytest.approx(d_mean / (d_std / 2))  # -1.6329931618554523
+    assert test.p == pytest.approx(0.20097, abs=1e-4) and test.verdict.startswith("not distinguishable")
+
+    strong = paired_test({0: 0.9, 1: 0.95, 2: 0.93}, {0: 0.5, 1: 0.52, 2: 0.51})
+    assert strong.p < 0.05 and strong.verdict.startswith("distinguishable")
+    assert math.isnan(summarize([0.7]).std) and math.isnan(summarize([0.7]).ci_low)
+    one = paired_test({0: 0.7}, {0: 0.6})
+    assert math.isnan(one.p) and "needs >= 2 seeds" in one.verdict
+    assert paired_test({0: 0.7, 1: 0.8}, {0: 0.7, 1: 0.8}).verdict.startswith("identical")
+    assert "every seed" in paired_test({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.7}).verdict
+
+
+def test_failed_cell_is_recorded_and_rerun_skips_finished_cells(color_recipe, tmp_path, monkeypatch):
+    recipe = grid_recipe(color_recipe, {"methods": ["zero_shot", "linear_probe"], "seeds": [0, 1]})
+    original = pipeline.execute
+    calls: list[str] = []
+
+    def flaky(recipe, run_dir, resume=False):
+        calls.append(run_dir.name)
+        if run_dir.name == "linear_probe-seed0":
+            raise RuntimeError("boom: simulated failure")
+        if run_dir.name == "linear_probe-seed1" and len(calls) == 4:
+            raise KeyboardInterrupt  # the first attempt is interrupted here
+        return original(recipe, run_dir, resume)
+
+    monkeypatch.setattr(pipeline, "execute", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        mmpeft.compare(recipe)
+    grid = tmp_path / "runs" / "grid"
+    rows = json.loads((grid / "results.json").read_text())["rows"]
+    assert [(r["cell"], r["status"]) for r in rows] == [("zero_shot-seed0", "ok"), ("linear_probe-seed0", "failed"),
+                                                        ("zero_shot-seed1", "ok")]  # went on after the failure
+    assert "boom: simulated failure" in rows[1]["error"]
+    assert "RuntimeError" in (grid / "cells" / "linear_probe-seed0" / "error.txt").read_text()
+
+    calls.clear()
+    result = mmpeft.compare(None, resume=grid)  # finished cells are skipped; failed and interrupted ones run
+    assert calls == ["linear_probe-seed0", "linear_probe-seed1"]
+    assert [r["status"] for r in result["rows"]] == ["ok", "failed", "ok", "ok"]
+    report = (grid / "report.md").read_text()
+    assert "## Failed cells" in report and "boom" in report
+    assert "1 (1 failed)" in (grid / "summary.md").read_text()
+
+
+def test_cached_and_uncached_runs_give_identical_metrics(color_recipe):
+    recipe = {**color_recipe, "method": {k: v for k, v in LORA_TEXT.items() if k != "label"}}
+    cached = mmpeft.run(recipe, ["output.name=cached", "train.epochs=2"])
+    plain = mmpeft.run(recipe, ["output.name=plain", "train.epochs=2", "train.feature_cache=recompute"])
+    assert cached["feature_cache"]["used"] and not plain["feature_cache"]["used"]
+    assert cached["feature_cache"]["reused"] > 0
+    assert cached["test"] == plain["test"] and cached["zero_shot"] == plain["zero_shot"]
+    assert cached["train"]["history"] == plain["train"]["history"]
+
+
+@pytest.mark.parametrize(("method", "frozen"), [
+    ({"name": "zero_shot"}, True), ({"name": "linear_probe"}, True), ({"name": "coop", "n_ctx": 4}, True),
+    ({"name": "lora", "towers": ["text"]}, True), ({"name": "full", "towers": ["text"]}, True),
+    ({"name": "lora", "towers": ["vision"]}, False), ({"name": "full"}, False), ({"name": "vpt", "n_tokens": 2}, False),
+])
+def test_methods_declare_whether_the_image_tower_stays_frozen(color_recipe, method, frozen):
+    from mmpeft.backbones import load_backbone
+    from mmpeft.methods import METHODS
+
+    recipe = mmpeft.load_recipe({**color_recipe, "method": method})
+    data = load_data(recipe.data, 0)
+    backbone = load_backbone(recipe.backbone)
+    applied = METHODS.get(recipe.method.name)()
+    applied.apply(backbone, recipe.method, data.labels)
+    assert applied.image_tower_frozen(backbone, recipe.method) is frozen
+
+
+def test_stale_cached_features_fall_back_to_recomputing(color_recipe, caplog):
+    from mmpeft.backbones import load_backbone
+    from mmpeft.data.feature_cache import FeatureCache, FeatureDataset, bind_features
+
+    recipe = mmpeft.load_recipe(color_recipe)
+    data = load_data(recipe.data, 0)
+    backbone = load_backbone(recipe.backbone)
+    binding = bind_features(recipe, backbone)
+    binding.cache = FeatureCache()
+    first = binding.wrap(data.dataset("test"))
+    assert isinstance(first, FeatureDataset) and binding.computed == len(data.test)
+    with torch.no_grad():  # change the image path behind the cache's back (same files, so same fingerprint)
+        backbone.model.visual_projection.weight.mul_(-1)
+    assert not isinstance(binding.wrap(data.dataset("test")), FeatureDataset)
+    assert not binding.enabled and "differ from this model's" in caplog.text
+
+
+def test_compare_recipe_problems_are_reported_at_once(color_recipe):
+    recipe = grid_recipe(color_recipe, {"methods": ["lora", "lorra", {"preset": "lora-r8", "rr": 2},
+                                                    {"name": "full", "label": "lora"}],
+                                        "seeds": [1, 1], "shotz": [1], "baseline": "fulll"})
+    recipe["method"] = "lora"
+    with pytest.raises(RecipeError) as caught:
+        load_setup(recipe, ["train.epocs=2"])
+    joined = "\n".join(caught.value.problems)
+    for expected in ("method: a compare recipe takes its methods from grid.methods", "grid.shotz: unknown key",
+                     "grid.methods[1]: 'lorra' is neither a method", "grid.methods[2].rr: unknown key",
+                     "grid.seeds: [1, 1] repeats a seed", "train.epocs: unknown key", "label 'lora' appears 2",
+                     "grid.baseline: 'fulll'"):
+        assert expected in joined, expected
+
+
+def test_bare_names_map_to_presets_or_defaults(color_recipe):
+    setup = load_setup(grid_recipe(color_recipe, {"methods": ["lora", "dora", "houlsby", "zero_shot",
+                                                              {"preset": "lora-r8", "r": 4, "label": "lora-r4"}]}),
+                       command="fewshot")
+    sources = {e.label: e.source for e in setup.methods}
+    assert sources["lora"] == "adapters/lora-r8.yaml" and sources["dora"] == "adapters/dora-r8.yaml"
+    assert sources["houlsby"] == "adapters/houlsby.yaml" and sources["zero_shot"].startswith("defaults of")
+    assert {e.label: e.config for e in setup.methods}["lora-r4"].r == 4
+    assert setup.grid.shots == (1, 2, 4, 8, 16) and setup.baseline is None

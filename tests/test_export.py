@@ -1,0 +1,226 @@
+"""Export round trips on tiny CLIP/SigLIP: merged models in plain transformers, adapters in plain peft, methods that
+cannot merge, a 4-bit run, weighted merges, and refusals of damaged or mismatched folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+
+import mmpeft
+from mmpeft.export import ExportError, load_adapter, read_run
+from mmpeft.export.runs import rebuild, run_data
+from mmpeft.export.verify import make_probe, outputs
+
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, color_folder, tiny_clip_dir, tiny_siglip_dir):
+    """trained(name) -> a finished run folder, made once per module on first use (one step on 4 shots per class, no
+    validation, no zero-shot)."""
+    from mmpeft.testing import tiny_backbone
+
+    root, made = tmp_path_factory.mktemp("export-runs"), {}
+    dirs = {"clip": lambda: tiny_clip_dir, "siglip": lambda: tiny_siglip_dir, "llava": lambda: tiny_backbone("llava")}
+    methods = {"lora": {"name": "lora", "r": 4, "alpha": 8}, "bottleneck": {"name": "bottleneck",
+                                                                           "reduction_factor": 8}}
+    specs = {"clip": ("clip", "lora", {}), "clip_b": ("clip", "lora", {"seed": 1}),
+             "siglip": ("siglip", "lora", {}), "bottleneck": ("clip", "bottleneck", {}), "llava": ("llava", "lora", {}),
+             "clip_4bit": ("clip", "lora", {"backbone": {"id": str(tiny_clip_dir), "quantization": {"bits": 4}}})}
+
+    def make(name: str):
+        if name not in made:
+            backbone, method, extra = specs[name]
+            recipe = {"name": name, "seed": 0,
+                      "backbone": {"id": str(dirs[backbone]())},
+                      "data": {"source": "folder", "path": str(color_folder),
+                               "templates": ["a photo of a {label} image."], "split": {"val": 0.0, "test": 0.25},
+                               "shots": 4},
+                      "method": methods[method], "train": {"epochs": 1, "batch_size": 12, "lr": 0.02,
+                                                           "warmup_ratio": 0.0},
+                      "eval": {"batch_size": 32, "zero_shot": False}, "output": {"dir": str(root), "name": name},
+                      **extra}
+            mmpeft.run(recipe)
+            made[name] = root / name
+        return made[name]
+
+    return make
+
+
+def trained_outputs(run_dir):
+    """The trained model's outputs on the export probe batch, rebuilt from the run folder."""
+    run = read_run(run_dir)
+    data = run_data(run)
+    probe = make_probe(data)
+    return outputs(rebuild(run, data.labels), probe), probe
+
+
+def no_staging_left(parent) -> bool:
+    return not [p for p in parent.iterdir() if p.name.endswith(".staging")]
+
+
+@pytest.mark.parametrize("backbone", ["clip", "siglip"])
+def test_merged_export_gives_the_adapter_models_logits_in_plain_transformers(trained, backbone, tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    run_dir = trained(backbone)
+    result = mmpeft.export(run_dir, tmp_path / "merged", how="merged")
+    out = tmp_path / "merged"
+    assert result["kind"] == "merged" and result["verification"]["relative"] <= 1e-4
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file() and no_staging_left(tmp_path)
+    assert "AutoModel.from_pretrained" in (out / "README.md").read_text()
+
+    reference, probe = trained_outputs(run_dir)
+    model, processor = AutoModel.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
+    prompts = [probe.labels.prompts(i)[0] for i in range(len(probe.labels))]
+    siglip = backbone == "siglip"
+    inputs = processor(text=prompts, images=probe.images, padding="max_length" if siglip else True,
+                       return_tensors="pt")
+    if siglip:  # mmpeft scores SigLIP text without a mask, as SigLIP was trained (padded to max_length)
+        inputs.pop("attention_mask", None)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="--onnx needs onnx, onnxscript and onnxruntime (pip install 'mmpeft[onnx]')")
+def test_onnx_towers_match_pytorch(trained, tmp_path):
+    import onnxruntime
+
+    result = mmpeft.export(trained("siglip"), tmp_path / "merged", how="merged", onnx=True)
+    assert result["onnx"]["verification"]["relative"] <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "merged" / "onnx" / "image_encoder.onnx"))
+    pixels = torch.rand(3, 3, 24, 24).numpy()  # another batch size than the export's: the batch axis is dynamic
+    assert session.run(None, {"pixel_values": pixels})[0].shape[0] == 3
+
+
+def test_generative_merged_export_loads_as_image_text_to_text(trained, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    result = mmpeft.export(trained("llava"), tmp_path / "merged", how="merged")
+    assert result["base"]["family"] == "generative" and result["verification"]["relative"] <= 1e-4
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")).__name__.startswith("Llava")
+    assert "model.generate" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_adapter_only_reloads_exactly_in_plain_peft_and_mmpeft(trained, tiny_clip_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    run_dir = trained("clip")
+    result = mmpeft.export(run_dir, tmp_path / "adapter", how="adapter")
+    out = tmp_path / "adapter"
+    assert result["format"] == "peft" and result["verification"]["max"] == 0.0
+    reference, probe = trained_outputs(run_dir)
+    assert all(torch.equal(reference[k], v) for k, v in outputs(load_adapter(out), probe).items())
+
+    plain = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_clip_dir), out).eval()
+    backbone = load_adapter(out)
+    backbone.model = plain  # the same scoring code on the model plain peft loaded
+    assert torch.equal(outputs(backbone, probe)["logits"], reference["logits"])
+    card = (out / "README.md").read_text()
+    assert "PeftModel.from_pretrained" in card and "lora" in card and "blue" in card
+
+
+def test_methods_that_cannot_merge_say_why_and_export_their_adapter(trained, tmp_path, capsys):
+    from mmpeft.cli import main
+
+    run_dir = trained("bottleneck")
+    with pytest.raises(ExportError, match=r"method 'bottleneck' cannot be merged into the base weights: it adds "
+                                          r"\d+ tensors .*--adapter-only"):
+        mmpeft.export(run_dir, tmp_path / "merged", how="merged")
+    assert not (tmp_path / "merged").exists() and no_staging_left(tmp_path)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "cli"), "--merge"]) == 2
+    assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "cli").exists()
+
+    result = mmpeft.export(run_dir, tmp_path / "auto")  # how="auto": falls back to the adapter, with a note
+    assert "exporting the adapter alone" in capsys.readouterr().out
+    assert result["kind"] == "adapter" and result["format"] == "mmpeft" and result["verification"]["max"] == 0.0
+    assert "load_adapter" in (tmp_path / "auto" / "README.md").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="4-bit loading needs bitsandbytes")
+def test_4bit_run_merges_into_a_dequantised_base(trained, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    result = mmpeft.export(trained("clip_4bit"), tmp_path / "merged", how="merged", dtype="float32")
+    out = tmp_path / "merged"
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}
+    assert any("4-bit" in note and "MiB" in note for note in result["notes"])
+    assert result["verification"]["passed"] and result["verification"]["vs_trained_run"] > 0
+    AutoModel.from_pretrained(out)
+
+
+def test_weighted_merges_write_an_evaluation_table(trained, tmp_path):
+    from mmpeft.cli import main
+
+    runs = [trained("clip"), trained("clip_b")]
+    for how in ("linear", "dare_ties"):
+        result = mmpeft.merge(runs, [0.5, 0.5], how=how, out=tmp_path / how)
+        table = json.loads((tmp_path / how / "merge_results.json").read_text())
+        assert [row["run"] for row in table["runs"]] == ["clip", "clip_b"] and table["how"] == how
+        assert all(0 <= row["merged"] <= 1 for row in result["table"])
+        assert "| clip_b | 18 |" in (tmp_path / how / "merge_results.md").read_text()
+    assert main(["merge", *map(str, runs), "--weights", "0.7", "0.3", "--how", "ties", "--density", "0.6",
+                 "--out", str(tmp_path / "ties")]) == 0
+    manifest = json.loads((tmp_path / "ties" / "mmpeft_export.json").read_text())
+    assert manifest["merge"] == {"how": "ties", "weights": [0.7, 0.3], "density": 0.6, "seed": 0}
+    load_adapter(tmp_path / "ties")  # peft format, checked against its manifest
+
+
+def test_merge_refuses_runs_with_different_bases_or_methods(trained, tmp_path):
+    with pytest.raises(ExportError, match=r"different bases \(backbone.id"):
+        mmpeft.merge([trained("clip"), trained("siglip")], out=tmp_path / "x")
+    with pytest.raises(ExportError, match="different methods \\('lora' vs 'bottleneck'\\)"):
+        mmpeft.merge([trained("clip"), trained("bottleneck")], out=tmp_path / "x")
+    with pytest.raises(ExportError, match="weights: 1 given for 2 runs"):
+        mmpeft.merge([trained("clip"), trained("clip_b")], [1.0], out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_damaged_or_mismatched_folders_are_refused(trained, tiny_siglip_dir, tmp_path):
+    run_dir = trained("clip")
+    mmpeft.export(run_dir, tmp_path / "good", how="adapter", verify=False)
+
+    def damaged(name: str, change) -> object:
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "good", folder)
+        change(folder)
+        return folder
+
+    wrong_base = r"was trained on base .*another architecture \(model_type: 'clip' \(trained\) vs 'siglip'"
+    with pytest.raises(ExportError, match=wrong_base):
+        load_adapter(tmp_path / "good", base=str(tiny_siglip_dir))
+    missing = damaged("missing", lambda f: (f / "adapter_model.safetensors").unlink())
+    with pytest.raises(ExportError, match="missing adapter_model.safetensors"):
+        load_adapter(missing)
+    corrupt = damaged("corrupt", lambda f: (f / "adapter_model.safetensors").write_bytes(b"not safetensors"))
+    with pytest.raises(ExportError, match="adapter_model.safetensors changed after export"):
+        load_adapter(corrupt)
+    with pytest.raises(ExportError, match="no mmpeft_export.json"):
+        load_adapter(run_dir / "adapter")
+
+    broken_run = tmp_path / "broken-run"
+    shutil.copytree(run_dir, broken_run)
+    (broken_run / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(ExportError, match=r"adapter: missing adapter_config.json \(method 'lora' saves"):
+        mmpeft.export(broken_run, tmp_path / "out")
+    (broken_run / "metrics.json").unlink()
+    with pytest.raises(ExportError, match="the run did not finish; continue it with `mmpeft run --resume"):
+        mmpeft.export(broken_run, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="already exists and is not an empty folder"):
+        mmpeft.export(run_dir, tmp_path / "good")
+
+
+def test_failed_verification_writes_nothing(trained, tmp_path):
+    with pytest.raises(ExportError, match=r"verification failed .*nothing was written"):
+        mmpeft.export(trained("clip"), tmp_path / "merged", how="merged", tolerance=-1.0)
+    assert not (tmp_path / "merged").exists() and no_staging_left(tmp_path)

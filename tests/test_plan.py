@@ -1,0 +1,188 @@
+"""`mmpeft plan`: counts equal the instantiated model's, the meta trace keeps what a real forward keeps, the verdict
+flips exactly at the planned total, suggestions really fit, and bad input gives clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import mmpeft
+from mmpeft.backbones import load_backbone
+from mmpeft.cli import main
+from mmpeft.methods import METHODS, count_parameters
+from mmpeft.planner import PlanError, format_bytes, parse_memory, plan, plan_labels, plan_recipe, step_shape
+from mmpeft.planner.model import build_meta_backbone
+from mmpeft.planner.trace import trace_step
+from mmpeft.recipe import load_recipe
+from mmpeft.schema import RecipeError
+
+GiB = 2**30
+
+
+def recipe_data(backbone_dir, folder, method: str | dict = "lora", **train) -> dict:
+    return {"backbone": {"id": str(backbone_dir)}, "data": {"source": "folder", "path": str(folder)},
+            "method": method, "train": {"batch_size": 8, **train}}
+
+
+def built(recipe, labels):
+    """The real backbone, loaded and wrapped as a run does."""
+    torch.manual_seed(0)
+    backbone = load_backbone(recipe.backbone)
+    METHODS.get(recipe.method.name)().apply(backbone, recipe.method, labels)
+    return backbone.train()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_parameter_counts_equal_the_instantiated_model(kind, method, tiny_clip_dir, tiny_siglip_dir, color_folder):
+    recipe = load_recipe(recipe_data(tiny_clip_dir if kind == "clip" else tiny_siglip_dir, color_folder, method))
+    planned = plan_recipe(recipe)
+    backbone = built(recipe, plan_labels(recipe.data))
+    real = count_parameters(backbone)
+    assert (planned["total_params"], planned["trainable_params"]) == (real["total"], real["trainable"])
+    assert planned["counted_by"] == "meta"
+    tensors = [*backbone.parameters(), *backbone.buffers()]
+    assert planned["bytes"]["weights"] == sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("kind,method", [("clip", "lora"), ("siglip", "full")])
+def test_meta_trace_keeps_what_a_real_forward_keeps(kind, method, tiny_clip_dir, tiny_siglip_dir, color_folder):
+    """Saved-for-backward bytes of the meta trace equal those of a real CPU forward (torch's fused attention)."""
+    recipe = load_recipe(recipe_data(tiny_clip_dir if kind == "clip" else tiny_siglip_dir, color_folder, method))
+    labels = plan_labels(recipe.data)
+    meta = build_meta_backbone(recipe, labels)
+    shape = step_shape(meta, recipe, batch=4)
+    planned = trace_step(meta, shape).total
+    backbone = built(recipe, labels)
+    params = {p.untyped_storage()._cdata for p in backbone.parameters()}
+    kept: dict[int, int] = {}
+    hold = []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params:
+            kept.setdefault(storage._cdata, storage.nbytes())
+            hold.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        ids = torch.zeros(shape.text_rows, shape.text_length, dtype=torch.long)
+        logits = backbone.classify(torch.randn(4, 3, shape.image_size, shape.image_size), backbone.encode_texts(ids))
+        F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    assert planned == sum(kept.values())
+
+
+def test_verdict_flips_at_the_planned_total(tiny_clip_dir, color_folder):
+    data = recipe_data(tiny_clip_dir, color_folder, "full")
+    total = plan(data, gpu_memory="80GiB")[0]["bytes"]["total"]
+    just_enough, just_short = plan(data, gpu_memory=total)[0], plan(data, gpu_memory=total - 1)[0]
+    assert just_enough["fits"] is True and just_enough["max_batch"] >= 8
+    assert just_short["fits"] is False and just_short["max_batch"] < 8
+    assert just_short["suggestions"], "a plan that does not fit says what to change"
+
+
+def test_suggested_changes_fit_when_applied(tiny_clip_dir, color_folder):
+    data = recipe_data(tiny_clip_dir, color_folder, "lora", batch_size=64)
+    first = plan(data, gpu_memory=10 * GiB)[0]
+    budget = first["bytes"]["total"] - first["bytes"]["activations"] // 2  # too small for batch 64
+    tight = plan(data, gpu_memory=budget)[0]
+    assert tight["fits"] is False
+    changes = [s["change"] for s in tight["suggestions"] if s["change"]]
+    assert any("train.batch_size=" in c and "train.grad_accum_steps=" in c for c in changes)
+    assert any("train.gradient_checkpointing=true" in c for c in changes)
+    for change in changes:
+        again = plan(data, change.split(), gpu_memory=budget)[0]
+        assert again["fits"], change
+
+
+def test_quantized_weights_match_bitsandbytes(tiny_siglip_dir, color_folder):
+    from mmpeft.quantization import weight_bytes
+
+    for bits in (4, 8):
+        data = recipe_data(tiny_siglip_dir, color_folder, "lora")
+        data["backbone"]["quantization"] = {"bits": bits}
+        recipe = load_recipe(data)
+        planned = plan_recipe(recipe)["bytes"]["weights"]
+        real = weight_bytes(built(recipe, plan_labels(recipe.data)).model)
+        assert abs(planned - real) / real < 0.03, (bits, planned, real)
+
+
+def test_compare_grid_plans_every_method(tiny_clip_dir, color_folder, capsys):
+    data = recipe_data(tiny_clip_dir, color_folder)
+    del data["method"]
+    data["grid"] = {"methods": ["lora", "full"], "seeds": [0]}
+    plans = plan(data, gpu_memory="24GiB")
+    assert [p["method"] for p in plans] == ["lora", "full"]
+    assert plans[0]["trainable_params"] < plans[1]["trainable_params"]
+
+
+def test_cli_prints_the_table(tiny_clip_dir, color_folder, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_data(tiny_clip_dir, color_folder)))
+    assert main(["plan", str(path), "train.batch_size=4", "--gpu-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("weights", "gradients", "optimizer state", "activations", "total", "fits in 24 GiB"):
+        assert expected in out
+    assert mmpeft.plan(str(path))[0]["batch_size"] == 8  # the API twice: `mmpeft.plan` stays the function
+    assert callable(mmpeft.plan)
+
+
+def test_unknown_backbone_is_one_clear_line(color_folder, capsys, tmp_path):
+    data = recipe_data("nobody/no-such-model", color_folder)
+    with pytest.raises(PlanError) as caught:
+        plan(data)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'nobody/no-such-model'" in message and "mmpeft-demo/tiny-clip" in message and "cached" in message
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["plan", str(path)]) == 2
+    assert "nobody/no-such-model" in capsys.readouterr().err
+
+
+def test_unknown_method_names_the_valid_ones(tiny_clip_dir, color_folder):
+    with pytest.raises(RecipeError) as caught:
+        plan(recipe_data(tiny_clip_dir, color_folder, {"name": "lorax"}))
+    message = str(caught.value)
+    assert "'lorax'" in message and "did you mean 'lora'" in message and "valid:" in message
+
+
+@pytest.mark.parametrize("text,expected", [("24GiB", 24 * GiB), ("80GB", 80 * 10**9), ("512MiB", 512 * 2**20),
+                                           ("1.5 TiB", int(1.5 * 2**40)), ("16gi", 16 * GiB), (1000, 1000)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text,hint", [("24", "give a unit"), ("24G", "unknown unit 'G'"),
+                                       ("lots", "expected a number"), ("0GiB", "must be positive"),
+                                       (-5, "must be positive")])
+def test_parse_memory_errors_say_what_is_wrong(text, hint):
+    with pytest.raises(ValueError, match=hint):
+        parse_memory(text)
+
+
+def test_format_bytes():
+    assert [format_bytes(n) for n in (12, 1536, 812 * 2**20, 1.5 * GiB)] == ["12 B", "1.5 KiB", "812 MiB", "1.5 GiB"]
+
+
+def test_hub_id_with_only_its_config_cached(tiny_clip_dir, color_folder, tmp_path, monkeypatch):
+    """A hub id plans from the local HF cache alone (config.json, no tokenizer, no weights), offline."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someorg--clip-small"
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    shutil.copy(tiny_clip_dir / "config.json", repo / "snapshots" / ("a" * 40) / "config.json")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    planned = plan(recipe_data("someorg/clip-small", color_folder), gpu_memory="1GiB")[0]
+    local = load_recipe(recipe_data(tiny_clip_dir, color_folder))
+    expected = count_parameters(built(local, plan_labels(local.data)))
+    assert (planned["total_params"], planned["trainable_params"]) == (expected["total"], expected["trainable"])
+    assert any("no tokenizer" in note for note in planned["notes"])
+    with pytest.raises(PlanError, match="cached: someorg/clip-small"):
+        plan(recipe_data("someorg/other", color_folder))
