@@ -62,7 +62,12 @@ def add_export_commands(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "plan" and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]  # overrides after --gpu-memory
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     quiet_dependencies()
     try:

@@ -49,14 +49,14 @@ def test_tasks_merge_over_data_and_round_trip(color_recipe, tmp_path):
 
 
 def test_continual_recipe_problems_are_reported_together(color_recipe):
-    bad = class_incremental(color_recipe, regulariser={"name": "ewcc"}, train={"epocs": 1},
+    bad = class_incremental(color_recipe, regulariser={"name": "ewcc"}, train={"epocs": 1}, controll={},
                             tasks=[{"clases": ["red"]}, {"shift": ["rot91"]}])
     with pytest.raises(RecipeError) as caught:
         load_continual_recipe(bad)
     joined = "\n".join(caught.value.problems)
     for expected in ("train.epocs: unknown key", "tasks[0].clases: unknown key", "did you mean 'classes'",
                      "regulariser.name: unknown regulariser 'ewcc'", "did you mean 'ewc'", "tasks[1].shift[0]",
-                     "rot91"):
+                     "rot91", "controll: unknown key (did you mean 'control'?)"):
         assert expected in joined
     (problem,) = pytest.raises(RecipeError, load_continual_recipe, class_incremental(color_recipe),
                                ["regulariser.gamma=0.5"]).value.problems
@@ -240,11 +240,20 @@ def digits_sequence(digits_clip_dir, out, regulariser, **changes) -> dict:
 
 @pytest.fixture(scope="module")
 def sequence_runs(digits_clip_dir, tmp_path_factory) -> dict:
-    from mmpeft.continual import continual
+    """Each regulariser on the same sequence and seed, run as `regularisers x seeds` grid cells (compare's entry)."""
+    from mmpeft.continual import run_continual_cell
 
     out = tmp_path_factory.mktemp("continual")
-    return {key: (continual(digits_sequence(digits_clip_dir, out, regulariser, name=key)), out / key)
-            for key, regulariser in SEQUENCE_REGULARISERS.items()}
+    recipe = digits_sequence(digits_clip_dir, out, "naive")
+    runs, rows = {}, {}
+    for key, regulariser in SEQUENCE_REGULARISERS.items():
+        rows[key] = run_continual_cell(recipe, regulariser, seed=0, output_dir=out)
+        run_dir = out / f"digits-ci-{key}-seed0"
+        assert rows[key]["regulariser"] == key and rows[key]["run_dir"] == str(run_dir)
+        runs[key] = (json.loads((run_dir / "metrics.json").read_text()), run_dir)
+        assert rows[key]["average_forgetting"] == runs[key][0]["summary"]["average_forgetting"]
+    assert run_continual_cell(recipe, "naive", seed=0, output_dir=out) == rows["naive"]  # finished: reused
+    return runs
 
 
 def test_run_folder_holds_matrix_plots_report_and_adapter(sequence_runs):
@@ -308,3 +317,20 @@ def test_interrupted_sequence_resumes_at_its_task_and_matches_an_unbroken_run(se
     whole = load_file(str(reference_dir / "adapter" / "adapter_model.safetensors"))
     again = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_adapter_per_task_keeps_each_task_exactly_and_exports_one_adapter_each(color_recipe, tmp_path):
+    """Domain-incremental (same classes, new shift): with the task id, task 1's adapter is untouched by task 2."""
+    from mmpeft.continual import continual
+
+    recipe = {**color_recipe, "train": {**color_recipe["train"], "epochs": 1}, "data": {**color_recipe["data"],
+              "split": {"val": 0.0, "test": 0.25}}, "tasks": [{"name": "plain"}, {"shift": ["invert"]}],
+              "regulariser": "adapter_per_task", "control": {"name": "red or green", "classes": ["red", "green"]}}
+    metrics = continual(recipe)
+    (first, _), (after, second) = metrics["accuracy_matrix"]
+    assert after == first and metrics["summary"]["average_forgetting"] == 0.0
+    assert metrics["zero_shot"][1] == metrics["accuracy_matrix"][0][1]  # untrained task: the initial (zero-shot) state
+    assert "domain-incremental" in metrics["protocol"] and len(metrics["control"]["after_task"]) == 2
+    run_dir = tmp_path / "runs" / "run"
+    for name in ("task1", "task2"):
+        assert (run_dir / "task_adapters" / name / "adapter_model.safetensors").is_file()

@@ -96,9 +96,11 @@ def test_recipe_file_errors_name_the_file(tmp_path):
 
 def recipe_loaders() -> dict:
     """How each command loads its recipe; a command that adds recipe sections adds its loader here."""
+    from mmpeft.continual import load_continual_recipe
     from mmpeft.grid import load_compare_recipe, load_fewshot_recipe
 
-    return {"run": load_recipe, "compare": load_compare_recipe, "fewshot": load_fewshot_recipe}
+    return {"run": load_recipe, "compare": load_compare_recipe, "fewshot": load_fewshot_recipe,
+            "continual": load_continual_recipe}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

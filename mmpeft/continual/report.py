@@ -73,10 +73,10 @@ def write_continual_report(run_dir: Path, metrics: dict) -> None:
                        ("final_control_accuracy", "control accuracy after the last task")):
         value = summary.get(key)
         lines.append(f"| {label} | {'n/a' if value is None else f'{value:.4f}'} |")
-    lines += ["", "## Accuracy matrix R (row: after training task i; column: tested on task j)", "",
-              "| | " + " | ".join(names) + (" | control |" if metrics.get("control") else " |"),
-              "|---|" + "---|" * (len(names) + bool(metrics.get("control")))]
     control = metrics.get("control")
+    lines += ["", "## Accuracy matrix R (row: after training task i; column: tested on task j)", "",
+              "| | " + " | ".join(names) + (f" | control: {control['name']} |" if control else " |"),
+              "|---|" + "---|" * (len(names) + bool(control))]
     if metrics.get("zero_shot") is not None:
         cells = [f"{v:.4f}" for v in metrics["zero_shot"]]
         if control:

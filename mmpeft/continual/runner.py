@@ -33,12 +33,13 @@ from mmpeft.continual.regularisers.base import copy_into
 from mmpeft.continual.sequence import TaskSequence, load_sequence
 from mmpeft.continual.tasks import ContinualRecipe, load_continual_recipe
 from mmpeft.data import ImageDataset, LabelSet, collate_images
+from mmpeft.distributed import process_state
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.io import write_json
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import Classification
 from mmpeft.pipeline import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, new_run_dir, place, run_logging
-from mmpeft.train import Trainer
+from mmpeft.train import CHECKPOINT_DIR, Trainer
 
 logger = logging.getLogger("mmpeft")
 
@@ -101,18 +102,19 @@ def run_continual_cell(recipe: str | Path | dict | ContinualRecipe, regulariser_
     """One cell of a `regularisers x seeds` grid: the recipe with this regulariser and seed, as a flat row.
 
     `regulariser_name` is a name (its settings come from the recipe when it names the same regulariser, else the
-    regulariser's defaults) or a mapping with `name` and settings. The run folder is
-    `<output_dir or recipe output.dir>/<recipe name>-<regulariser>-seed<seed>`; a finished one is reused.
+    regulariser's defaults) or a mapping with `name`, settings and an optional `label` (the cell's name in folders
+    and rows; needed when one regulariser appears with several settings). The run folder is
+    `<output_dir or recipe output.dir>/<recipe name>-<label>-seed<seed>`; a finished one is reused and an interrupted
+    one resumed. The row holds the scalar summaries of metrics.json (`average_accuracy`, `average_forgetting`, ...).
     """
     base = load_continual_recipe(recipe, overrides)
-    if isinstance(regulariser_name, dict):
+    if isinstance(regulariser_name, dict) and "name" in regulariser_name:
         settings = dict(regulariser_name)
-    elif regulariser_name == base.regulariser.name:
-        settings = asdict(base.regulariser)
+    elif isinstance(regulariser_name, str):
+        settings = asdict(base.regulariser) if regulariser_name == base.regulariser.name else {"name": regulariser_name}
     else:
-        settings = {"name": regulariser_name}
-    label = settings.get("label") or settings["name"]
-    settings.pop("label", None)
+        raise ValueError(f"regularisers: each entry is a name or a mapping with `name`, got {regulariser_name!r}")
+    label = str(settings.pop("label", None) or settings["name"])
     output = {"dir": str(output_dir) if output_dir is not None else base.output.dir,
               "name": f"{base.name}-{label}-seed{seed}"}
     cell = load_continual_recipe(base.to_dict() | {"regulariser": settings, "seed": seed, "output": output})
@@ -121,8 +123,8 @@ def run_continual_cell(recipe: str | Path | dict | ContinualRecipe, regulariser_
         metrics = json.loads((run_dir / METRICS_FILE).read_text())
     else:
         metrics = continual(cell, resume=run_dir if (run_dir / RECIPE_FILE).is_file() else None)
-    return {"regulariser": label, "seed": seed, "method": cell.recipe.method.name, **metrics["summary"],
-            "run_dir": str(run_dir)}
+    return {"recipe": base.name, "regulariser": label, "seed": seed, "method": cell.recipe.method.name,
+            **metrics["summary"], "run_dir": str(run_dir)}
 
 
 # --- one sequence ---------------------------------------------------------------------------------------------------
@@ -155,8 +157,10 @@ def execute(recipe: ContinualRecipe, run_dir: Path, resume: bool = False) -> dic
             progress.control.append(row["control"])
         progress.train.append(train_info)
         progress.done = index + 1
-        save_state(run_dir, backbone, regulariser, progress)
-        shutil.rmtree(run_dir / TASKS_DIR / str(index), ignore_errors=True)
+        if process_state().is_main_process:  # one writer, whatever the number of processes
+            save_state(run_dir, backbone, regulariser, progress)
+            drop_task_checkpoint(run_dir, index)
+        process_state().wait_for_everyone()
         print_row(f"after {sequence.tasks[index].task.name}", row["tasks"], row["control"])
     return finish(recipe, sequence, backbone, method, regulariser, progress, params, run_dir)
 
@@ -247,11 +251,12 @@ def finish(recipe: ContinualRecipe, sequence: TaskSequence, backbone, method, re
         "params": params,
         "train": progress.train,
     }
-    save_adapters(method, backbone, regulariser, recipe, run_dir)
-    write_continual_report(run_dir, metrics)
-    write_json(run_dir / METRICS_FILE, metrics)
-    shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
-    shutil.rmtree(run_dir / TASKS_DIR, ignore_errors=True)
+    if process_state().is_main_process:
+        save_adapters(method, backbone, regulariser, recipe, run_dir)
+        write_continual_report(run_dir, metrics)
+        write_json(run_dir / METRICS_FILE, metrics)
+        shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
+    process_state().wait_for_everyone()
     summary = metrics["summary"]
     forgetting = summary["average_forgetting"]
     print(f"{recipe.regulariser.name}: average accuracy {summary['average_accuracy']:.3f}, average forgetting "
@@ -299,6 +304,15 @@ def save_state(run_dir: Path, backbone, regulariser: Regulariser, progress: Sequ
         final.rename(old)
     staging.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def drop_task_checkpoint(run_dir: Path, index: int) -> None:
+    """The Trainer's mid-task checkpoint is obsolete once the task's own checkpoint is written (tracking logs stay)."""
+    task_dir = run_dir / TASKS_DIR / str(index)
+    shutil.rmtree(task_dir / CHECKPOINT_DIR, ignore_errors=True)
+    for folder in (task_dir, task_dir.parent):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def read_progress(run_dir: Path) -> SequenceProgress:

@@ -106,8 +106,12 @@ def load_continual_recipe(source: str | Path | dict | ContinualRecipe,
         raise TypeError(f"a continual recipe is a path, a mapping or a ContinualRecipe, not {type(source).__name__}")
     data = resolve_presets(data, base_dir)  # presets resolve beside the recipe file, as load_recipe does for files
     continual = {key: data.pop(key) for key in CONTINUAL_KEYS if key in data}
-    base_overrides: dict[str, Any] = {}
     problems: list[str] = []
+    known = [f.name for f in dataclasses.fields(Recipe)] + list(CONTINUAL_KEYS)
+    for key in [k for k in data if k not in known]:  # here, so the suggestions include the continual sections
+        problems.append(f"{key}: unknown key{did_you_mean(str(key), known)}; valid keys: {', '.join(known)}")
+        data.pop(key)
+    base_overrides: dict[str, Any] = {}
     for key, value in parse_overrides(overrides).items():
         if key.split(".")[0] in CONTINUAL_KEYS:
             _set_path(continual, key, value, problems)
@@ -194,7 +198,7 @@ def _default_name(changes: dict, fallback: str) -> str:
     """A readable default: the task's shift ("rot90") or its classes ("0-4" style lists are kept short)."""
     shift, classes = changes.get("shift"), changes.get("classes")
     if shift:
-        return "+".join(shift) if isinstance(shift, list) else str(shift)
+        return "+".join(map(str, shift)) if isinstance(shift, list) else str(shift)
     if isinstance(classes, list) and classes:
         shown = [str(c) for c in classes]
         return ",".join(shown) if len(shown) <= 4 else f"{shown[0]}..{shown[-1]}"

@@ -86,6 +86,10 @@ class Settings:
     bits: int | None
     optimizer: str
 
+    def changed(self, base: Settings) -> set[str]:
+        """Which knobs other than the batch differ from `base`."""
+        return {knob for knob in ("checkpointing", "bits", "optimizer") if getattr(self, knob) != getattr(base, knob)}
+
     def overrides(self, base: Settings, accumulate: int) -> str:
         changes = []
         if self.batch != base.batch:
@@ -149,24 +153,29 @@ def largest_batch(figures: Figures, settings: Settings, budget: int, limit: int 
 
 
 def suggestions(figures: Figures, base: Settings, budget: int, quantizable: tuple[int, ...]) -> list[dict]:
-    """Overrides that fit, cheapest change first: smaller batch (same effective batch), checkpointing, 4-bit
-    weights where the method trains on them, else 8-bit AdamW states. Each says its total and why."""
+    """Overrides that fit, cheapest change first: a smaller batch (with accumulation keeping the effective batch),
+    checkpointing, 4-bit weights where the method trains on them, else 8-bit AdamW states, and their combinations.
+    A combination is left out when fewer changes already reach its batch. Each says its total and why."""
     options = [base, dataclasses.replace(base, checkpointing=True)]
     if 4 in quantizable and base.bits != 4:
         options += [dataclasses.replace(option, bits=4) for option in options]
     elif base.optimizer != "adamw_8bit":
         options += [dataclasses.replace(option, optimizer="adamw_8bit") for option in options]
     found: list[dict] = []
+    done: list[tuple[set[str], int]] = []  # (knobs changed, per-step batch) of each suggestion so far
     for option in options:
+        knobs = option.changed(base)
         batch = largest_batch(figures, option, budget)
         if batch == 0:
             continue
-        chosen = dataclasses.replace(option, batch=min(batch, base.batch))
-        accumulate = math.ceil(base.batch / chosen.batch)
+        micro, accumulate = micro_batch(base.batch, batch)
+        chosen = dataclasses.replace(option, batch=micro)
         change = chosen.overrides(base, accumulate)
-        if change and all(s["change"] != change for s in found):
-            found.append({"change": change, "total": estimate(figures, chosen).total, "max_batch": batch,
-                          "why": _why(base, chosen, accumulate)})
+        if not change or any(fewer <= knobs and size >= micro for fewer, size in done):
+            continue  # a suggestion with fewer changes already runs this batch
+        done.append((knobs, micro))
+        found.append({"change": change, "total": estimate(figures, chosen).total, "max_batch": batch,
+                      "why": _why(base, chosen, accumulate)})
     if not found:
         found.append({"change": None, "total": None, "max_batch": 0,
                       "why": "nothing planned here fits one example: a larger GPU, several GPUs with "
@@ -174,11 +183,24 @@ def suggestions(figures: Figures, base: Settings, budget: int, quantizable: tupl
     return found
 
 
+def micro_batch(batch: int, fits: int) -> tuple[int, int]:
+    """(per-step batch, accumulation steps) for a recipe batch when at most `fits` examples fit: the largest divisor
+    of `batch` that fits keeps the effective batch exact, unless it wastes more than half of what fits."""
+    if fits >= batch:
+        return batch, 1
+    divisor = max(d for d in range(1, fits + 1) if batch % d == 0)
+    if 2 * divisor >= fits:
+        return divisor, batch // divisor
+    accumulate = math.ceil(batch / fits)
+    return math.ceil(batch / accumulate), accumulate
+
+
 def _why(base: Settings, chosen: Settings, accumulate: int) -> str:
     parts = []
     if chosen.batch != base.batch:
-        kept = f" x {accumulate} accumulation steps keeps the effective batch {chosen.batch * accumulate}"
-        parts.append(f"batch {chosen.batch}" + (kept if accumulate > 1 else ""))
+        effective = chosen.batch * accumulate
+        kept = "keeps the effective batch" if effective == base.batch else "makes the effective batch"
+        parts.append(f"batch {chosen.batch} x {accumulate} accumulation steps {kept} {effective}")
     if chosen.checkpointing != base.checkpointing:
         parts.append("activations recomputed in backward (slower steps)")
     if chosen.bits != base.bits:

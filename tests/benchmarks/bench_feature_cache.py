@@ -24,7 +24,8 @@ import torch  # noqa: E402
 import mmpeft  # noqa: E402
 from mmpeft.data.feature_cache import PROCESS_CACHE  # noqa: E402
 
-METHODS = {"linear_probe": "linear_probe", "coop": {"preset": "coop-16", "n_ctx": 8, "label": "coop-8"}}
+METHODS = {"linear_probe": {"preset": "linear-probe", "label": "linear_probe", "train": {"lr": 0.3}},
+           "coop": {"preset": "coop-16", "n_ctx": 8, "label": "coop-8"}}
 
 
 def recipe(method: str, seeds: int, epochs: int, out: Path, backbone: str) -> dict:

@@ -58,7 +58,8 @@ def run_hand_loop(recipe, data, epochs: int) -> float:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     prompts = [data.labels.prompts(i)[0] for i in range(len(data.labels))]
     tokens = backbone.tokenizer(prompts, padding=True, return_tensors="pt")
-    loader = DataLoader(data.dataset("train"), batch_size=64, shuffle=True, collate_fn=collate_images(backbone.preprocess))
+    loader = DataLoader(data.dataset("train"), batch_size=64, shuffle=True,
+                        collate_fn=collate_images(backbone.preprocess))
     model.train()
     samples, start = 0, time.perf_counter()
     for _ in range(epochs):
