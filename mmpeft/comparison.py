@@ -23,19 +23,25 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate.utils import set_seed
 
+from mmpeft.backbones import load_backbone
+from mmpeft.data import load_data
+from mmpeft.data.feature_cache import bind_features
+from mmpeft.evaluation.zero_shot import evaluate_zero_shot, expand_templates
 from mmpeft.grid import GRID_RECIPE, Cell, CompareSetup, load_setup, plan_cells, setup_yaml
 from mmpeft.io import write_json, write_text
-from mmpeft.pipeline import METRICS_FILE, RECIPE_FILE
+from mmpeft.pipeline import METRICS_FILE, RECIPE_FILE, evaluation_sets, place, run
 from mmpeft.recipe import Recipe
 from mmpeft.report.grid_report import (
     groups_json,
     summarize_grid,
     summary_tables,
+    write_grid_report,
     write_plots,
     write_results,
 )
-from mmpeft.schema import RecipeError
+from mmpeft.schema import RecipeError, to_plain
 
 logger = logging.getLogger("mmpeft")
 
@@ -95,8 +101,6 @@ def run_grid(setup: CompareSetup, grid_dir: Path) -> dict:
         write_results(grid_dir, rows)
         shown = f"accuracy {row['accuracy']:.4f}" if row["status"] == "ok" else f"FAILED: {row['error']}"
         print(f"[{number}/{len(cells)}] {cell.name}: {shown}", flush=True)
-    from mmpeft.report.grid_report import write_grid_report
-
     groups = summarize_grid(rows, list(setup.grid.shots or (setup.recipe.data.shots,)),
                             [e.label for e in setup.methods], setup.baseline)
     zero_line = zero_shot["rows"][0]["accuracy"] if zero_shot else None
@@ -144,8 +148,6 @@ def run_cell(cell: Cell) -> dict:
     if metrics_path.is_file():
         logger.info("cell %s: finished earlier, skipped", cell.name)
         return cell_row(cell, json.loads(metrics_path.read_text()))
-    from mmpeft.pipeline import run
-
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     checkpoint = cell.dir / "checkpoints" / "last" / "progress.json"
@@ -190,31 +192,27 @@ def cell_row(cell: Cell, metrics: dict | None) -> dict:
 
 def zero_shot_baseline(setup: CompareSetup, grid_dir: Path) -> dict:
     """Zero-shot accuracy per template, ensemble and recipe prompts on the shared test split; computed once."""
-    path = grid_dir / ZERO_SHOT_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    from accelerate.utils import set_seed
-
-    from mmpeft.backbones import load_backbone
-    from mmpeft.data import load_data
-    from mmpeft.data.feature_cache import bind_features
-    from mmpeft.evaluation.zero_shot import evaluate_zero_shot, expand_templates
-    from mmpeft.pipeline import evaluation_sets, place
-
-    tic = time.perf_counter()
     first: Recipe = plan_cells(setup, grid_dir)[0].recipe  # the shared split; no k-shot sample needed
     recipe = first.replace(data=dataclasses.replace(first.data, shots=None))
+    templates = expand_templates(setup.grid.templates, recipe.data.templates)
+    key = {"backbone": to_plain(recipe.backbone), "data": to_plain(recipe.data), "templates": templates}
+    path = grid_dir / ZERO_SHOT_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved
+        logger.info("zero-shot baselines: backbone, data or templates changed since %s; computing them again", path)
+    tic = time.perf_counter()
     data = load_data(recipe.data, recipe.seed)
     set_seed(recipe.seed, deterministic=False)
     backbone = place(load_backbone(recipe.backbone), recipe)
-    templates = expand_templates(setup.grid.templates, recipe.data.templates)
     rows = evaluate_zero_shot(backbone, evaluation_sets(recipe, data), data.labels, templates,
                               recipe.eval.batch_size, bind_features(recipe, backbone))
     for row in rows:
         print(f" zero-shot: accuracy {row['accuracy']:.4f}  [{row['prompts']}]", flush=True)
     info = {k: v for k, v in data.info.items() if k not in ("skipped_rows", "class_counts")}
     result = {"rows": rows, "templates": templates, "data": info, "classes": data.labels.names,
-              "seconds": round(time.perf_counter() - tic, 3)}
+              "seconds": round(time.perf_counter() - tic, 3), "key": key}
     write_json(path, result)
     return result
 

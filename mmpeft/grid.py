@@ -239,9 +239,10 @@ def entry_mapping(entry: str | dict, base_dir: Path) -> tuple[str, dict, str]:
 
 def default_preset(name: str) -> Path | None:
     """The adapters/ preset a bare method name runs, if there is one."""
-    stem = DEFAULT_PRESETS.get(name, name.replace("_", "-"))
-    path = PROJECT_ROOT / "adapters" / f"{stem}.yaml"
-    return path if path.is_file() and "/" not in name and not name.endswith((".yaml", ".yml")) else None
+    if "/" in name or name.endswith((".yaml", ".yml")):  # a path: the user named the file
+        return None
+    path = PROJECT_ROOT / "adapters" / f"{DEFAULT_PRESETS.get(name, name.replace('_', '-'))}.yaml"
+    return path if path.is_file() else None
 
 
 def find_preset(ref: str, base_dir: Path) -> Path:

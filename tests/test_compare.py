@@ -65,7 +65,7 @@ def test_compare_grid_rows_match_cells_with_table_and_plots(color_recipe, tmp_pa
         assert expected in report, expected
     for name in ("accuracy_vs_params.png", "accuracy_vs_time.png"):
         assert_png(grid / name)
-    assert result["zero_shot"]["rows"][0]["prompts"] == "recipe prompts"
+    assert result["zero_shot"]["rows"][0]["prompts"] == "recipe prompts = a photo of a {label} image."
     assert len(result["rows"]) == 6
 
 
@@ -161,6 +161,8 @@ def test_failed_cell_is_recorded_and_rerun_skips_finished_cells(color_recipe, tm
     report = (grid / "report.md").read_text()
     assert "## Failed cells" in report and "boom" in report
     assert "1 (1 failed)" in (grid / "summary.md").read_text()
+    with pytest.raises(RecipeError, match="zero_shot-seed0 finished with other settings .*train.epochs: 1 -> 2"):
+        mmpeft.compare(None, ["train.epochs=2"], resume=grid)  # never mix budgets in one table
 
 
 def test_cached_and_uncached_runs_give_identical_metrics(color_recipe):
@@ -231,3 +233,20 @@ def test_bare_names_map_to_presets_or_defaults(color_recipe):
     assert sources["houlsby"] == "adapters/houlsby.yaml" and sources["zero_shot"].startswith("defaults of")
     assert {e.label: e.config for e in setup.methods}["lora-r4"].r == 4
     assert setup.grid.shots == (1, 2, 4, 8, 16) and setup.baseline is None
+
+
+def test_disk_feature_cache_is_read_by_a_fresh_process_cache(color_recipe, tmp_path, monkeypatch):
+    from mmpeft.backbones import load_backbone
+    from mmpeft.data.feature_cache import FeatureBinding, FeatureCache, backbone_fingerprint
+
+    monkeypatch.setenv("MMPEFT_CACHE", str(tmp_path / "cache"))
+    recipe = mmpeft.load_recipe(color_recipe)
+    data = load_data(recipe.data, 0)
+    backbone = load_backbone(recipe.backbone)
+    fingerprint = backbone_fingerprint(recipe.backbone, backbone.name_or_path)
+    first = FeatureBinding(backbone, fingerprint, 32, disk=True, cache=FeatureCache())
+    written = first.wrap(data.dataset("val")).features
+    assert list((tmp_path / "cache" / "features" / fingerprint).glob("*.safetensors"))
+    again = FeatureBinding(backbone, fingerprint, 32, disk=True, cache=FeatureCache())  # as a new process would
+    assert torch.equal(again.wrap(data.dataset("val")).features, written)
+    assert (again.computed, again.reused) == (0, len(data.val))

@@ -70,6 +70,12 @@ def test_recipe_without_tasks_or_with_contrastive_objective_is_refused(color_rec
     problems = pytest.raises(RecipeError, load_continual_recipe,
                              class_incremental(color_recipe, train={"objective": "contrastive"})).value.problems
     assert any(p.startswith("train.objective:") for p in problems)
+    augmented = {**color_recipe["data"], "augment": {"horizontal_flip": True}}
+    (problem,) = pytest.raises(RecipeError, load_continual_recipe,
+                               class_incremental(color_recipe, regulariser="lwf", data=augmented)).value.problems
+    assert problem.startswith("regulariser.targets: 'precompute'") and "use targets: swap" in problem
+    load_continual_recipe(class_incremental(color_recipe, regulariser={"name": "lwf", "targets": "swap"},
+                                            data=augmented))
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------------
@@ -211,6 +217,9 @@ def test_penalty_is_zero_at_the_anchor_and_grows_with_distance(two_tasks, name, 
 def test_regularisers_without_a_penalty_add_no_loss(two_tasks, name):
     regulariser, _, batch = two_tasks(name)
     assert regulariser.extra_loss(batch) is None
+    if name == "replay":  # 8 new examples (task 2: blue) + round(0.5 * 8) remembered ones from task 1
+        assert len(batch["labels"]) == len(batch["pixel_values"]) == 12
+        assert batch["labels"][:8].tolist() == [2] * 8 and set(batch["labels"][8:].tolist()) <= {0, 1}
 
 
 # --- end to end: class-incremental digits on the pre-trained demo backbone ------------------------------------------
@@ -271,7 +280,7 @@ def test_naive_forgets_and_ewc_lwf_replay_each_forget_less(sequence_runs):
     forgetting = {key: metrics["summary"]["average_forgetting"] for key, (metrics, _) in sequence_runs.items()}
     naive_matrix = sequence_runs["naive"][0]["accuracy_matrix"]
     assert naive_matrix[0][0] > 0.7 and forgetting["naive"] > 0.6, naive_matrix  # it learned task 1, then lost it
-    for key in ("ewc", "lwf", "replay"):  # margins seen over seeds 0-2 while choosing the settings: >= 0.15
+    for key in ("ewc", "lwf", "replay"):  # smallest margins over seeds 0-4: ewc 0.19, lwf 0.28, replay 0.56
         assert forgetting[key] < forgetting["naive"] - 0.1, forgetting
     assert all(math.isclose(sequence_runs[k][0]["accuracy_matrix"][0][0], naive_matrix[0][0]) for k in
                ("ewc", "lwf", "replay")), "the first task trains identically whatever the regulariser"

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 from mmpeft.continual.tasks import ContinualRecipe, Task, load_continual_recipe
 
 
-def continual(recipe, overrides=None, resume=None) -> dict:
+def continual(recipe: str | Path | dict | ContinualRecipe | None, overrides: list[str] | dict | None = None,
+              resume: str | Path | None = None) -> dict:
     """Run (or resume) a continual recipe; see mmpeft.continual.runner.continual."""
     from mmpeft.continual.runner import continual as _continual
 
     return _continual(recipe, overrides, resume)
 
 
-def run_continual_cell(recipe, regulariser_name, seed: int, overrides=None, output_dir=None) -> dict:
+def run_continual_cell(recipe: str | Path | dict | ContinualRecipe, regulariser_name: str | dict, seed: int,
+                       overrides: list[str] | dict | None = None, output_dir: str | Path | None = None) -> dict:
     """One regulariser x seed cell as a flat row; see mmpeft.continual.runner.run_continual_cell."""
     from mmpeft.continual.runner import run_continual_cell as _cell
 
@@ -33,7 +36,8 @@ class _CallableModule(types.ModuleType):
     """Importing this package rebinds the name `mmpeft.continual` from the API function to the package; making the
     package callable keeps `mmpeft.continual(recipe)` working either way."""
 
-    def __call__(self, recipe, overrides=None, resume=None) -> dict:
+    def __call__(self, recipe: str | Path | dict | ContinualRecipe | None, overrides: list[str] | dict | None = None,
+                 resume: str | Path | None = None) -> dict:
         return continual(recipe, overrides, resume)
 
 

@@ -120,7 +120,7 @@ def _remap(task: Task, splits: DataSplits, classes: list[str], labels: LabelSet)
     mapping = {splits.labels.index(key): labels.index(key) for key in classes}
 
     def keep(examples: list[Example]) -> list[Example]:
-        return [Example(e.image, mapping[e.label], e.text) for e in examples if e.label in mapping]
+        return [dataclasses.replace(e, label=mapping[e.label]) for e in examples if e.label in mapping]
 
     shifts = parse_shift(task.data.shift)
     data = TaskData(task, classes, keep(splits.train), keep(splits.val), keep(splits.test), shifts)

@@ -52,12 +52,17 @@ def prompt_sets(labels: LabelSet, templates: Sequence[str]) -> list[tuple[str, s
     if len(templates) > 1:
         sets.append(("ensemble", f"{ENSEMBLE} of {len(templates)} templates", LabelSet(labels.keys, names, None,
                                                                                         templates)))
-    seen, unique = [], []
+    seen: list[list[list[str]]] = []
+    unique: list[tuple[str, str, LabelSet]] = []
     for kind, description, label_set in sets:
         prompts = [label_set.prompts(i) for i in range(len(label_set))]
-        if prompts not in seen:
-            seen.append(prompts)
-            unique.append((kind, description, label_set))
+        if prompts in seen:  # say so on the row that already scores these prompts
+            index = seen.index(prompts)
+            earlier_kind, earlier, earlier_set = unique[index]
+            unique[index] = (earlier_kind, f"{earlier} = {description}", earlier_set)
+            continue
+        seen.append(prompts)
+        unique.append((kind, description, label_set))
     return unique
 
 

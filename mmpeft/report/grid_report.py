@@ -92,20 +92,22 @@ def summary_tables(groups: Sequence[dict], baseline: str | None, zero_shot: floa
     for k in dict.fromkeys(g["shots"] for g in groups):
         at_k = [g for g in groups if g["shots"] == k and g["seeds"] > 0]
         trained = [g for g in at_k if g["trainable_params"] > 0]  # nothing trained is not "cheapest"
-        lines += [f"### k = {shots_text(k)} training examples per class", ""] if len(groups) else []
-        header = ("| method | seeds | accuracy (mean ± std) | 95% CI | macro-F1 (mean ± std) | trainable params | "
-                  f"trainable % | train s | samples/s | vs {baseline or 'baseline'} (paired t-test, seeds) |")
-        lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### k = {shots_text(k)} training examples per class", ""]
+        header = ["method", "seeds", "accuracy (mean ± std)", "95% CI", "macro-F1 (mean ± std)", "trainable params",
+                  "trainable %", "train s", "samples/s"]
+        header += [f"vs {baseline} (paired t-test, seeds)"] if baseline else []
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        tail = " – |" if baseline else ""
         best = {"accuracy": _best(at_k, lambda g: g["accuracy"].mean, max),
                 "macro_f1": _best(at_k, lambda g: g["macro_f1"].mean, max),
                 "params": _best(trained, lambda g: g["trainable_params"], min),
                 "seconds": _best(trained, lambda g: g["train_seconds"].mean, min),
                 "speed": _best(at_k, lambda g: g["samples_per_second"], max)}
         if zero_shot is not None:
-            lines.append(f"| zero-shot (recipe prompts) | – | {zero_shot:.4f} | – | – | 0 | 0 | 0 | – | – |")
+            lines.append(f"| zero-shot (recipe prompts) | – | {zero_shot:.4f} | – | – | 0 | 0 | 0 | – |{tail}")
         for g in [g for g in groups if g["shots"] == k]:
             if g["seeds"] == 0:
-                lines.append(f"| {g['method']} | 0 ({g['failed']} failed) | – | – | – | – | – | – | – | – |")
+                lines.append(f"| {g['method']} | 0 ({g['failed']} failed) | – | – | – | – | – | – | – |{tail}")
                 continue
             acc, f1, sec = g["accuracy"], g["macro_f1"], g["train_seconds"]
             cells = [
@@ -113,8 +115,8 @@ def summary_tables(groups: Sequence[dict], baseline: str | None, zero_shot: floa
                 _bold(_pm(acc), g is best["accuracy"]), _ci(acc), _bold(_pm(f1), g is best["macro_f1"]),
                 _bold(f"{g['trainable_params']:,.0f}", g is best["params"]), f"{g['trainable_percent']:.3f}",
                 _bold(f"{sec.mean:.1f}", g is best["seconds"]),
-                _bold(_num(g["samples_per_second"], ".0f"), g is best["speed"]), _paired(g, baseline),
-            ]
+                _bold(_num(g["samples_per_second"], ".0f"), g is best["speed"]),
+            ] + ([_paired(g, baseline)] if baseline else [])
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(f"Bold: best in its column. 95% CI: Student-t interval of the mean over seeds. Paired t-test "
@@ -130,7 +132,6 @@ def write_plots(grid_dir: Path, groups: Sequence[dict], zero_shot: float | None,
     ks = list(dict.fromkeys(g["shots"] for g in groups))
     last = [g for g in groups if g["shots"] == ks[-1] and g["seeds"] > 0]
     where = f" (k = {shots_text(ks[-1])})" if len(ks) > 1 or ks[-1] is not None else ""
-    std = lambda s: 0.0 if math.isnan(s.std) else s.std  # noqa: E731
     made = []
     points = [Point(g["method"], g["trainable_params"], g["accuracy"].mean, std(g["accuracy"])) for g in last]
     efficiency_png(points, zero_shot, grid_dir / PLOTS["params"], f"{title}: accuracy vs trainable parameters{where}")
@@ -173,6 +174,11 @@ def _paired(group: dict, baseline: str | None) -> str:
     if test.n < 2 or math.isnan(test.mean_difference):
         return test.verdict
     return f"Δ {test.mean_difference:+.4f}: {test.verdict}, n={test.n}"
+
+
+def std(s) -> float:
+    """A summary's std for an error bar: 0 where one seed gives no spread to show."""
+    return 0.0 if math.isnan(s.std) else s.std
 
 
 def _pm(s) -> str:

@@ -28,7 +28,7 @@ from mmpeft.continual.regularisers.base import (
 @dataclass(frozen=True)
 class L2SPConfig(RegulariserConfig):
     name: str = "l2sp"
-    strength: float = 1.0  # the whole factor in front of sum (theta - theta0)^2
+    strength: float = 0.1  # the whole factor in front of sum (theta - theta0)^2
 
     def __post_init__(self) -> None:
         if self.strength < 0:
