@@ -69,8 +69,8 @@ def retrieval_table(metrics: dict) -> list[str]:
     if not retrieval:
         return []
     first = next(iter(retrieval.values()))
-    i2t, t2i = first["image_to_text"], first["text_to_image"]
-    lines = ["", f"## Retrieval (test [{first['shift']}]: {i2t['queries']} images, {t2i['queries']} texts)", "",
+    i2t, t2i, shift = first["image_to_text"], first["text_to_image"], first.get("shift", "none")
+    lines = ["", f"## Retrieval (test [{shift}]: {i2t['queries']} images, {t2i['queries']} texts)", "",
              "| evaluation | image->text R@1 | R@5 | R@10 | median rank | text->image R@1 | R@5 | R@10 | median rank |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, label in (("zero_shot", "zero-shot"), ("test", "after training")):
