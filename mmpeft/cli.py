@@ -97,31 +97,19 @@ def quiet_dependencies() -> None:
     hf_logging.disable_progress_bar()
 
 
+RESUMABLE = {"run": "RUN_DIR", "compare": "GRID_DIR", "fewshot": "GRID_DIR", "continual": "RUN_DIR"}
+
+
 def dispatch(args: argparse.Namespace) -> int:
     import mmpeft
 
-    if args.command == "run":
+    if args.command in RESUMABLE:
         if args.recipe is None and args.resume is None:
-            raise ValueError("mmpeft run needs a recipe file or --resume RUN_DIR")
+            raise ValueError(f"mmpeft {args.command} needs a recipe file or --resume {RESUMABLE[args.command]}")
         overrides = args.overrides
-        if args.resume and args.recipe and "=" in args.recipe:
+        if args.resume and args.recipe and "=" in args.recipe:  # `--resume DIR key=value`: no recipe given
             overrides = [args.recipe, *overrides]
-        mmpeft.run(None if args.resume else args.recipe, overrides, resume=args.resume)
-    elif args.command in ("compare", "fewshot"):
-        if args.recipe is None and args.resume is None:
-            raise ValueError(f"mmpeft {args.command} needs a recipe file or --resume GRID_DIR")
-        overrides = args.overrides
-        if args.resume and args.recipe and "=" in args.recipe:
-            overrides = [args.recipe, *overrides]
-        grid = getattr(mmpeft, args.command)
-        grid(None if args.resume else args.recipe, overrides, resume=args.resume)
-    elif args.command == "continual":
-        if args.recipe is None and args.resume is None:
-            raise ValueError("mmpeft continual needs a recipe file or --resume RUN_DIR")
-        overrides = args.overrides
-        if args.resume and args.recipe and "=" in args.recipe:
-            overrides = [args.recipe, *overrides]
-        mmpeft.continual(None if args.resume else args.recipe, overrides, resume=args.resume)
+        getattr(mmpeft, args.command)(None if args.resume else args.recipe, overrides, resume=args.resume)
     elif args.command == "export":
         mmpeft.export(args.run_dir, args.out, how=args.how, dtype=args.dtype, verify=args.verify,
                       tolerance=args.tolerance, onnx=args.onnx)
@@ -132,9 +120,34 @@ def dispatch(args: argparse.Namespace) -> int:
 
         print(render(mmpeft.plan(args.recipe, args.overrides, gpu_memory=args.gpu_memory)), end="")
     elif args.command == "check":
-        recipe = mmpeft.load_recipe(args.recipe, args.overrides)
-        print(recipe.to_yaml(), end="")
+        print(check(args.recipe, args.overrides), end="")
     return 0
+
+
+def check(path: str, overrides: list[str]) -> str:
+    """Validate any kind of recipe (run, compare/fewshot grid, continual) and return it resolved as YAML."""
+    import yaml
+
+    from mmpeft.schema import to_plain
+
+    with open(path) as handle:
+        keys = yaml.safe_load(handle) or {}
+    keys = keys if isinstance(keys, dict) else {}
+    if "tasks" in keys and "grid" not in keys:
+        from mmpeft.continual.tasks import load_continual_recipe
+
+        continual = load_continual_recipe(path, overrides)
+        plain = {**continual.recipe.to_dict(), "tasks": to_plain(continual.tasks),
+                 "regulariser": to_plain(continual.regulariser), "control": to_plain(continual.control)}
+        return yaml.safe_dump(plain, sort_keys=False)
+    if "grid" in keys:
+        from mmpeft.grid import load_compare_recipe
+
+        grid, recipe = load_compare_recipe(path, overrides)
+        return yaml.safe_dump({**recipe.to_dict(), "grid": to_plain(grid)}, sort_keys=False)
+    import mmpeft
+
+    return mmpeft.load_recipe(path, overrides).to_yaml()
 
 
 def is_user_error(error: Exception) -> bool:

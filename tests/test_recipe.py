@@ -127,3 +127,11 @@ def test_tensorboard_tracking_needs_the_package():
         assert "pip install tensorboard" in problem
     else:
         assert load_recipe({"method": "lora", "train": {"log_with": "tensorboard"}}).train.log_with == "tensorboard"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_mmpeft_check_accepts_every_shipped_recipe(path: Path, capsys):
+    from mmpeft.cli import main
+
+    assert main(["check", str(path)]) == 0
+    assert "backbone:" in capsys.readouterr().out
