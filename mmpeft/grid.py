@@ -28,11 +28,11 @@ from mmpeft.recipe import (
     OutputSpec,
     Recipe,
     TrainSpec,
-    _read_yaml,
     _set_path,
     load_recipe,
     parse_overrides,
     preset_candidates,
+    read_yaml,
 )
 from mmpeft.schema import RecipeError, build, did_you_mean, to_plain
 
@@ -108,7 +108,7 @@ def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = N
         path = Path(source)
         if not path.is_file():
             raise RecipeError([f"recipe file not found: {path}"])
-        data, label, base_dir = _read_yaml(path), str(path), path.resolve().parent
+        data, label, base_dir = read_yaml(path), str(path), path.resolve().parent
         data.setdefault("name", path.stem)
     else:
         data = copy.deepcopy(source)
@@ -218,17 +218,17 @@ def entry_mapping(entry: str | dict, base_dir: Path) -> tuple[str, dict, str]:
     if isinstance(entry, str):
         default = default_preset(entry)
         if default is not None:
-            return entry, _read_yaml(default), _shown(default)
+            return entry, read_yaml(default), _shown(default)
         if entry in METHODS:
             return entry, {"name": entry}, f"defaults of {METHODS.get(entry).Config.__name__}"
         path = find_preset(entry, base_dir)
-        return re.sub(r"\.ya?ml$", "", Path(entry).name), _read_yaml(path), _shown(path)
+        return re.sub(r"\.ya?ml$", "", Path(entry).name), read_yaml(path), _shown(path)
     mapping = dict(entry)
     label = mapping.pop("label", None)
     if "preset" in mapping:
         ref = str(mapping.pop("preset"))
         path = default_preset(ref) or find_preset(ref, base_dir)
-        merged = {**_read_yaml(path), **mapping}
+        merged = {**read_yaml(path), **mapping}
         changed = {k: v for k, v in mapping.items() if k != "train"}
         source = _shown(path) + (f" with {changed}" if changed else "")
         return str(label or re.sub(r"\.ya?ml$", "", Path(ref).name)), merged, source

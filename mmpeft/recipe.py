@@ -184,7 +184,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict 
         path = Path(source)
         if not path.is_file():
             raise RecipeError([f"recipe file not found: {path}"])
-        data = _read_yaml(path)
+        data = read_yaml(path)
         base_dir, label = path.resolve().parent, str(path)
         data.setdefault("name", path.stem)
     else:
@@ -289,7 +289,7 @@ def _load_method_preset(ref: str, base_dir: Path) -> dict:
         return {"name": ref}
     for candidate in preset_candidates(ref, base_dir):
         if candidate.is_file():
-            preset = _read_yaml(candidate)
+            preset = read_yaml(candidate)
             if "name" not in preset:
                 raise RecipeError([f"method: preset {candidate} has no `name` key"])
             return preset
@@ -333,7 +333,8 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML file whose top level is a mapping; anything else is a RecipeError naming the file."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

@@ -78,6 +78,10 @@ def load_pretrained(model_class, spec: BackboneSpec, path: str):
         model = model_class.from_config(config, dtype=kwargs["dtype"], trust_remote_code=spec.trust_remote_code)
     else:
         model = _from_pretrained(model_class, path, spec, **kwargs)
+    if spec.quantization is not None:
+        from mmpeft.quantization import prepare_loaded
+
+        prepare_loaded(model)
     processor = _from_pretrained(AutoProcessor, path, spec)
     return model, processor
 

@@ -151,10 +151,6 @@ def load(spec: BackboneSpec, path: str) -> DualEncoder:
     from transformers import AutoModel
 
     model, processor = load_pretrained(AutoModel, spec, path)
-    if spec.quantization is not None:
-        from mmpeft.quantization import prepare_loaded
-
-        prepare_loaded(model)
     if not is_dual_encoder(model):
         raise BackboneError(f"backbone.id {spec.id!r}: {type(model).__name__} has no get_image_features/"
                             "get_text_features, so it is not a dual encoder; try backbone.family: generative")

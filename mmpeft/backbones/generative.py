@@ -288,10 +288,6 @@ def load(spec: BackboneSpec, path: str) -> GenerativeBackbone:
     from transformers import AutoModelForImageTextToText
 
     model, processor = load_pretrained(AutoModelForImageTextToText, spec, path)
-    if spec.quantization is not None:
-        from mmpeft.quantization import prepare_loaded
-
-        prepare_loaded(model)
     if getattr(processor, "image_processor", None) is None:
         raise BackboneError(f"backbone.id {spec.id!r}: AutoProcessor returned {type(processor).__name__}, not a "
                             "processor with an image processor; if its processor class is a custom one, import the "

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from mmpeft.data.shifts import parse_shift
-from mmpeft.recipe import DataSpec, Recipe, load_recipe, parse_overrides, resolve_presets
+from mmpeft.recipe import DataSpec, Recipe, load_recipe, parse_overrides, read_yaml, resolve_presets
 from mmpeft.schema import RecipeError, build, did_you_mean, to_plain
 
 CONTINUAL_KEYS = ("tasks", "regulariser", "control")
@@ -97,7 +97,7 @@ def load_continual_recipe(source: str | Path | dict | ContinualRecipe,
         path = Path(source)
         if not path.is_file():
             raise RecipeError([f"recipe file not found: {path}"])
-        data = _read_yaml(path)
+        data = read_yaml(path)
         label, base_dir = str(path), path.resolve().parent
         data.setdefault("name", path.stem)
     elif isinstance(source, dict):
@@ -275,15 +275,3 @@ def _set_path(data: dict, dotted: str, value: Any, problems: list[str]) -> None:
             child = {"name": child}  # `regulariser: ewc` written as a name, then a setting overridden
         node[index] = {} if child is None else child
         node = node[index]
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError([f"{path}: not valid YAML: {error}"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError([f"{path}: the top level must be a mapping, got {type(data).__name__}"])
-    return data
