@@ -131,7 +131,8 @@ def check(path: str, overrides: list[str]) -> str:
     from mmpeft.schema import to_plain
 
     with open(path) as handle:
-        keys = yaml.safe_load(handle) or {}
+        text = handle.read()
+    keys = yaml.safe_load(text) or {}
     keys = keys if isinstance(keys, dict) else {}
     if "tasks" in keys and "grid" not in keys:
         from mmpeft.continual.tasks import load_continual_recipe
@@ -141,10 +142,14 @@ def check(path: str, overrides: list[str]) -> str:
                  "regulariser": to_plain(continual.regulariser), "control": to_plain(continual.control)}
         return yaml.safe_dump(plain, sort_keys=False)
     if "grid" in keys:
-        from mmpeft.grid import load_compare_recipe
+        from mmpeft.grid import load_compare_recipe, load_fewshot_recipe
 
-        grid, recipe = load_compare_recipe(path, overrides)
-        return yaml.safe_dump({**recipe.to_dict(), "grid": to_plain(grid)}, sort_keys=False)
+        fewshot = text.startswith("# mmpeft fewshot")  # a grid checks as the command its first line names
+        grid, recipe = (load_fewshot_recipe if fewshot else load_compare_recipe)(path, overrides)
+        plain = recipe.to_dict()
+        if grid.regularisers:  # the continual recipe's own regulariser is a placeholder: the grid names them
+            plain.pop("regulariser", None)
+        return yaml.safe_dump({**plain, "grid": to_plain(grid)}, sort_keys=False)
     import mmpeft
 
     return mmpeft.load_recipe(path, overrides).to_yaml()

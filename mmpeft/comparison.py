@@ -3,12 +3,19 @@
 <grid>/compare.yaml      the resolved compare recipe (`--resume <grid>` reloads it)
 <grid>/cells/<cell>/     an ordinary run folder per cell (recipe.yaml, metrics.json, report.md, adapter/)
 <grid>/zero_shot.json    zero-shot baselines: each template, their ensemble, the recipe's prompts
-<grid>/results.csv/.json one row per cell;  summary.md, report.md, *.png
+<grid>/icl/              generative fewshot: in-context rows per seed, icl.md and icl_accuracy.png
+<grid>/results.csv/.json one row per cell (and per in-context strategy, k and seed);  summary.md, report.md, *.png
 
 A cell whose folder holds metrics.json is finished and skipped when the grid runs again (after an interruption, or
 with more seeds or methods); an unfinished cell with a checkpoint continues from it; a failing cell is recorded
 with its error and the rest of the grid still runs. Cells run in this process one after another, so image
 features of a frozen image tower are computed once for the whole grid (mmpeft.data.feature_cache).
+
+On a generative backbone, `mmpeft fewshot` also runs in-context prompting (mmpeft.evaluation.icl) for every
+strategy in grid.strategies (default: all), k in grid.shots plus k = 0, and seed: rows `icl-<strategy>` beside the
+trained methods' cells in one table. There k counts demonstrations in the prompt (for trained methods: examples per
+class), and k = 0 replaces the dual-encoder template baselines as the zero-shot row. A regularisers grid (a continual
+recipe) runs through mmpeft.regulariser_grid.
 """
 
 from __future__ import annotations
@@ -28,12 +35,25 @@ from accelerate.utils import set_seed
 from mmpeft.backbones import load_backbone
 from mmpeft.data import load_data
 from mmpeft.data.feature_cache import bind_features
+from mmpeft.evaluation.icl import PLOT_FILE
 from mmpeft.evaluation.zero_shot import evaluate_zero_shot, expand_templates
 from mmpeft.grid import GRID_RECIPE, Cell, CompareSetup, load_setup, plan_cells, setup_yaml
+from mmpeft.icl_grid import (
+    ICL_COLUMNS,
+    ICL_DIR,
+    backbone_family,
+    icl_outputs,
+    icl_rows,
+    icl_shots,
+    icl_strategies,
+    icl_zero_line,
+)
 from mmpeft.io import write_json, write_text
 from mmpeft.pipeline import METRICS_FILE, RECIPE_FILE, evaluation_sets, place, run
 from mmpeft.recipe import Recipe
+from mmpeft.regulariser_grid import RegulariserSetup, run_regulariser_grid
 from mmpeft.report.grid_report import (
+    COLUMNS,
     groups_json,
     summarize_grid,
     summary_tables,
@@ -71,6 +91,8 @@ def compare(recipe: str | Path | dict | None, overrides: list[str] | dict | None
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
     try:
+        if isinstance(setup, RegulariserSetup):
+            return run_regulariser_grid(setup, grid_dir)
         return run_grid(setup, grid_dir)
     except KeyboardInterrupt:
         logger.warning("interrupted; continue with: mmpeft %s --resume %s", command, grid_dir)
@@ -87,30 +109,43 @@ def fewshot(recipe: str | Path | dict | None, overrides: list[str] | dict | None
 
 
 def run_grid(setup: CompareSetup, grid_dir: Path) -> dict:
+    family = backbone_family(setup.recipe)
+    strategies = icl_strategies(setup, family)
     cells = plan_cells(setup, grid_dir)
     check_finished_cells(cells)
     write_text(grid_dir / GRID_RECIPE, setup_yaml(setup, grid_dir))
-    logger.info("%s grid %s: %d cells (%d methods x %d seeds%s), split seed %d", setup.command, grid_dir,
+    logger.info("%s grid %s: %d cells (%d methods x %d seeds%s), split seed %d%s", setup.command, grid_dir,
                 len(cells), len(setup.methods), len(setup.grid.seeds),
-                f" x {len(setup.grid.shots)} shot counts" if setup.grid.shots else "", setup.split_seed)
-    zero_shot = zero_shot_baseline(setup, grid_dir) if setup.recipe.eval.zero_shot else None
-    rows: list[dict] = []
+                f" x {len(setup.grid.shots)} shot counts" if setup.grid.shots else "", setup.split_seed,
+                f"; in-context prompting: {', '.join(strategies)}" if strategies else "")
+    use_templates = setup.recipe.eval.zero_shot and family != "generative"  # generative: in-context k = 0 instead
+    zero_shot = zero_shot_baseline(setup, grid_dir) if use_templates else None
+    described = {**COLUMNS, **ICL_COLUMNS} if strategies else COLUMNS
+    rows: list[dict] = icl_rows(setup, grid_dir, strategies) if strategies else []
     for number, cell in enumerate(cells, start=1):
         row = run_cell(cell)
         rows.append(row)
-        write_results(grid_dir, rows)
+        write_results(grid_dir, rows, described)
         shown = f"accuracy {row['accuracy']:.4f}" if row["status"] == "ok" else f"FAILED: {row['error']}"
         print(f"[{number}/{len(cells)}] {cell.name}: {shown}", flush=True)
-    groups = summarize_grid(rows, list(setup.grid.shots or (setup.recipe.data.shots,)),
-                            [e.label for e in setup.methods], setup.baseline)
-    zero_line = zero_shot["rows"][0]["accuracy"] if zero_shot else None
-    tables = summary_tables(groups, setup.baseline, zero_line)
+    write_results(grid_dir, rows, described)
+    shots = icl_shots(setup) if strategies else list(setup.grid.shots or (setup.recipe.data.shots,))
+    groups = summarize_grid(rows, shots, [f"icl-{s}" for s in strategies] + [e.label for e in setup.methods],
+                            setup.baseline)
+    zero_line = zero_shot["rows"][0]["accuracy"] if zero_shot else icl_zero_line(rows, strategies)
+    zero_label = "zero-shot (in-context, k = 0)" if strategies else "zero-shot (recipe prompts)"
+    tables = summary_tables(groups, setup.baseline, zero_line, zero_label, in_context=bool(strategies))
     write_text(grid_dir / "summary.md", f"# Summary: {setup.recipe.name}\n\n{tables}")
-    plots = write_plots(grid_dir, groups, zero_line, setup.recipe.name)
-    write_grid_report(grid_dir, setup, rows, zero_shot, tables, plots, data_info(grid_dir, zero_shot, rows))
+    plots = write_plots(grid_dir, groups, zero_line, setup.recipe.name, in_context=bool(strategies))
+    icl = None
+    if strategies:
+        icl = icl_outputs(grid_dir, rows, strategies, setup)
+        plots.append(f"{ICL_DIR}/{PLOT_FILE}")
+    write_grid_report(grid_dir, setup, rows, zero_shot, tables, plots, data_info(grid_dir, zero_shot, rows), icl)
     write_json(grid_dir / "summary.json", groups_json(groups))
     failed = [r for r in rows if r["status"] != "ok"]
-    print(f"{setup.command}: {len(rows) - len(failed)}/{len(rows)} cells ok; table and plots in "
+    what = "rows" if strategies else "cells"
+    print(f"{setup.command}: {len(rows) - len(failed)}/{len(rows)} {what} ok; table and plots in "
           f"{grid_dir / 'report.md'}", flush=True)
     return {"dir": str(grid_dir), "rows": rows, "summary": groups_json(groups), "zero_shot": zero_shot}
 
@@ -120,8 +155,9 @@ def data_info(grid_dir: Path, zero_shot: dict | None, rows: list[dict]) -> dict 
     if zero_shot:
         return zero_shot["data"]
     for row in rows:
-        if row["status"] == "ok":
-            info = json.loads((grid_dir / "cells" / row["cell"] / METRICS_FILE).read_text())["data"]
+        path = grid_dir / "cells" / row["cell"] / METRICS_FILE
+        if row["status"] == "ok" and path.is_file():  # in-context rows have no cell folder
+            info = json.loads(path.read_text())["data"]
             if info.get("shots") is not None:  # the cell's train count is its k-shot sample, not the split's
                 info = {**info, "counts": {k: v for k, v in info["counts"].items() if k != "train"}}
             return info

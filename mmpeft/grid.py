@@ -10,6 +10,10 @@ states which for every entry.
 Every cell shares one split, fixed by `data.split.seed` (default: the recipe's top-level `seed`); `grid.seeds` vary
 the method's initialisation, the batch order and, with shots, the k-shot sample (nested in k, the same for every
 method at a given seed and k). So differences between cells of one seed and k come from the method alone.
+
+Two other axes share this machinery: `grid.regularisers` over a continual recipe (one with `tasks:`; see
+mmpeft.regulariser_grid) and, in `mmpeft fewshot` on a generative backbone, in-context prompting (`grid.strategies`,
+k = 0 included) beside the trained methods (see mmpeft.comparison).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mmpeft.recipe import (
     PROJECT_ROOT,
+    DataSpec,
     OutputSpec,
     Recipe,
     TrainSpec,
@@ -35,6 +40,10 @@ from mmpeft.recipe import (
     read_yaml,
 )
 from mmpeft.schema import RecipeError, build, did_you_mean, to_plain
+
+if TYPE_CHECKING:
+    from mmpeft.continual.tasks import ContinualRecipe
+    from mmpeft.regulariser_grid import RegulariserSetup
 
 FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
 # A bare name in grid.methods -> the preset it runs (when the file exists in adapters/). Names not listed here try
@@ -47,11 +56,13 @@ GRID_RECIPE = "compare.yaml"
 
 @dataclass(frozen=True)
 class GridSpec:
-    methods: tuple[str | dict[str, Any], ...]  # names, presets, or mappings with name/preset (+ label, train)
+    methods: tuple[str | dict[str, Any], ...] = ()  # names, presets, or mappings with name/preset (+ label, train)
     seeds: tuple[int, ...] = (0, 1, 2)
     shots: tuple[int, ...] | None = None  # k per class; None: every cell uses data.shots (all examples by default)
-    baseline: str | None = None  # paired tests against this label; default: the entry running method `full`
+    baseline: str | None = None  # paired tests against this label; default: the entry running `full` (or `naive`)
     templates: tuple[str, ...] = ()  # zero-shot prompts: templates with {label} or built-in set names; () = recipe's
+    regularisers: tuple[str | dict[str, Any], ...] = ()  # continual recipes: the axis instead of methods
+    strategies: tuple[str, ...] | None = None  # fewshot, generative: in-context demo strategies; None = all of them
 
 
 @dataclass(frozen=True)
@@ -87,8 +98,9 @@ class Cell:
 
 
 def load_compare_recipe(source: str | Path | dict, overrides: list[str] | dict | None = None,
-                        ) -> tuple[GridSpec, Recipe]:
-    """A compare recipe -> (GridSpec, the shared Recipe); every problem of both reported at once (RecipeError)."""
+                        ) -> tuple[GridSpec, Recipe | ContinualRecipe]:
+    """A compare recipe -> (GridSpec, the shared recipe: a ContinualRecipe for a regularisers grid); every problem
+    of both reported at once (RecipeError)."""
     setup = load_setup(source, overrides)
     return setup.grid, setup.recipe
 
@@ -101,8 +113,11 @@ def load_fewshot_recipe(source: str | Path | dict, overrides: list[str] | dict |
 
 
 def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = None,
-               command: str = "compare") -> CompareSetup:
-    """Parse, split off `grid:`, validate the rest as a recipe and every grid entry as a method config."""
+               command: str = "compare") -> CompareSetup | RegulariserSetup:
+    """Parse, split off `grid:`, validate the rest as a recipe and every grid entry as a method config.
+
+    A continual recipe (`tasks:`) or a `grid.regularisers` axis goes to mmpeft.regulariser_grid instead.
+    """
     label, base_dir = None, Path.cwd()
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -120,11 +135,16 @@ def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = N
             holder = {"grid": grid_data if isinstance(grid_data, dict) else {}}
             _set_path(holder, key, value)
             grid_data = holder["grid"]
-        elif key == "method" or key.startswith("method."):
-            problems.append(f"override {key}: a {command} recipe takes its methods from grid.methods "
-                            "(for example grid.methods=[full,lora])")
         else:
             rest[key] = value
+    if "tasks" in data or (isinstance(grid_data, dict) and grid_data.get("regularisers")):
+        from mmpeft.regulariser_grid import load_regulariser_setup
+
+        return load_regulariser_setup(data, grid_data, rest, base_dir, label, command)
+    for key in [k for k in rest if k == "method" or k.startswith("method.")]:
+        rest.pop(key)
+        problems.append(f"override {key}: a {command} recipe takes its methods from grid.methods "
+                        "(for example grid.methods=[full,lora])")
     if "method" in data:
         problems.append(f"method: a {command} recipe takes its methods from grid.methods; remove the top-level "
                         "`method` (or move it into grid.methods)")
@@ -141,7 +161,7 @@ def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = N
     if grid is not None:
         if command == "fewshot" and grid.shots is None:
             grid = dataclasses.replace(grid, shots=FEWSHOT_SHOTS)
-        problems += grid_problems(grid)
+        problems += grid_problems(grid, command)
         if recipe is not None and grid.shots is not None and recipe.data.shots is not None:
             problems.append(f"data.shots: {recipe.data.shots} conflicts with grid.shots {list(grid.shots)}; "
                             "a grid takes k from grid.shots: remove data.shots")
@@ -152,24 +172,44 @@ def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = N
     return CompareSetup(grid, recipe, entries, baseline, command)
 
 
-def grid_problems(grid: GridSpec) -> list[str]:
+def grid_problems(grid: GridSpec, command: str = "compare") -> list[str]:
+    """What is wrong with a methods grid (seeds, shots, templates, strategies), before anything runs."""
+    from mmpeft.evaluation.icl import STRATEGIES
     from mmpeft.evaluation.zero_shot import TEMPLATE_SETS
 
     problems = []
-    if not grid.methods:
-        problems.append("grid.methods: list at least one method")
-    if not grid.seeds:
-        problems.append("grid.seeds: list at least one seed")
-    if len(set(grid.seeds)) != len(grid.seeds):
-        problems.append(f"grid.seeds: {list(grid.seeds)} repeats a seed")
+    if not grid.methods and not (command == "fewshot" and grid.strategies):
+        problems.append("grid.methods: list at least one method (e.g. [full, lora]); in `mmpeft fewshot` on a "
+                        "generative backbone, grid.strategies alone runs in-context prompting only")
+    problems += seed_problems(grid)
     if grid.shots is not None:
-        if not grid.shots or any(k < 1 for k in grid.shots) or len(set(grid.shots)) != len(grid.shots):
-            problems.append(f"grid.shots: {list(grid.shots)} must be distinct integers >= 1 (or leave it out)")
+        least = 0 if command == "fewshot" else 1  # k = 0: in-context prompting without demonstrations
+        if not grid.shots or any(k < least for k in grid.shots) or len(set(grid.shots)) != len(grid.shots):
+            problems.append(f"grid.shots: {list(grid.shots)} must be distinct integers >= {least} (or leave it out)"
+                            + ("; 0 is in-context prompting's zero-shot row" if least == 0 else ""))
+    if grid.strategies is not None:
+        if command != "fewshot":
+            problems.append("grid.strategies: in-context prompting sweeps k, so it runs in `mmpeft fewshot`, not "
+                            f"`mmpeft {command}`")
+        if not grid.strategies:
+            problems.append(f"grid.strategies: list at least one of {', '.join(STRATEGIES)} (or leave it out for all)")
+        for i, strategy in enumerate(grid.strategies):
+            if strategy not in STRATEGIES:
+                problems.append(f"grid.strategies[{i}]: {strategy!r} is not a strategy"
+                                f"{did_you_mean(strategy, STRATEGIES)}; valid: {', '.join(STRATEGIES)}")
     for i, entry in enumerate(grid.templates):
         if "{label}" not in entry and entry not in TEMPLATE_SETS:
             problems.append(f"grid.templates[{i}]: {entry!r} is neither a template with {{label}} nor a built-in "
                             f"set{did_you_mean(entry, TEMPLATE_SETS)}; sets: {', '.join(TEMPLATE_SETS)}")
     return problems
+
+
+def seed_problems(grid: GridSpec) -> list[str]:
+    if not grid.seeds:
+        return ["grid.seeds: list at least one seed"]
+    if len(set(grid.seeds)) != len(grid.seeds):
+        return [f"grid.seeds: {list(grid.seeds)} repeats a seed"]
+    return []
 
 
 def resolve_methods(grid: GridSpec, recipe: Recipe | None, base_dir: Path, problems: list[str],
@@ -268,11 +308,14 @@ def pick_baseline(grid: GridSpec, entries: tuple[MethodEntry, ...], problems: li
 
 
 def plan_cells(setup: CompareSetup, grid_dir: Path) -> list[Cell]:
-    """Seeds before methods, so an interrupted grid holds complete seeds; every cell pins the shared split."""
+    """Seeds before methods, so an interrupted grid holds complete seeds; every cell pins the shared split.
+
+    k = 0 trains nothing: it is in-context prompting's zero-shot row (generative fewshot), not a cell.
+    """
     recipe, grid = setup.recipe, setup.grid
-    data = dataclasses.replace(recipe.data, split=dataclasses.replace(recipe.data.split, seed=setup.split_seed))
+    data = shared_data(setup)
     cells = []
-    for shots in grid.shots or (recipe.data.shots,):
+    for shots in [k for k in grid.shots if k != 0] if grid.shots else (recipe.data.shots,):
         for seed in grid.seeds:
             for entry in setup.methods:
                 name = f"{entry.label}-k{shots}-seed{seed}" if grid.shots else f"{entry.label}-seed{seed}"
@@ -283,6 +326,12 @@ def plan_cells(setup: CompareSetup, grid_dir: Path) -> list[Cell]:
                     output=OutputSpec(dir=str(grid_dir / "cells"), name=name))
                 cells.append(Cell(name, entry.label, seed, shots, cell_recipe, grid_dir / "cells" / name))
     return cells
+
+
+def shared_data(setup: CompareSetup) -> DataSpec:
+    """The recipe's data spec with the split seed pinned: the split every cell (and in-context row) shares."""
+    data = setup.recipe.data
+    return dataclasses.replace(data, split=dataclasses.replace(data.split, seed=setup.split_seed))
 
 
 def train_changes(recipe: Recipe, entry: MethodEntry) -> dict[str, Any]:

@@ -250,3 +250,119 @@ def test_disk_feature_cache_is_read_by_a_fresh_process_cache(color_recipe, tmp_p
     again = FeatureBinding(backbone, fingerprint, 32, disk=True, cache=FeatureCache())  # as a new process would
     assert torch.equal(again.wrap(data.dataset("val")).features, written)
     assert (again.computed, again.reused) == (0, len(data.val))
+
+
+# --- regularisers as the grid axis (continual recipes) ----------------------------------------------------------------
+def regulariser_grid(color_recipe: dict, grid: dict) -> dict:
+    """A 2-task class-incremental sequence on the colour folder, one quick epoch per task."""
+    return {**color_recipe, "train": {**color_recipe["train"], "epochs": 1, "batch_size": 12},
+            "data": {**color_recipe["data"], "split": {"val": 0.0, "test": 0.25}},
+            "tasks": [{"classes": ["red", "green"]}, {"name": "rest", "classes": ["blue"]}],
+            "output": {**color_recipe["output"], "name": "grid"}, "grid": grid}
+
+
+def test_regulariser_grid_table_matches_cells_and_resumes(color_recipe, tmp_path, monkeypatch):
+    from mmpeft.continual import runner
+
+    recipe = regulariser_grid(color_recipe, {"regularisers": ["naive", {"name": "ewc", "strength": 10}],
+                                             "seeds": [0, 1]})
+    original = runner.execute
+    calls: list[str] = []
+    failed: list[str] = []
+
+    def flaky(recipe, run_dir, resume=False):
+        calls.append(run_dir.name)
+        if run_dir.name == "colors-naive-seed1" and not failed:  # fails on its first attempt only
+            failed.append(run_dir.name)
+            raise RuntimeError("boom: simulated failure")
+        return original(recipe, run_dir, resume)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    first = mmpeft.compare(recipe)
+    grid = tmp_path / "runs" / "grid"
+    assert [(r["cell"], r["status"]) for r in first["rows"]] == [
+        ("colors-naive-seed0", "ok"), ("colors-ewc-seed0", "ok"), ("colors-naive-seed1", "failed"),
+        ("colors-ewc-seed1", "ok")]  # the grid went on after the failure
+    assert "boom" in (grid / "report.md").read_text()
+    assert (grid / "cells" / "colors-naive-seed1" / "error.txt").is_file()
+
+    calls.clear()
+    result = mmpeft.compare(None, resume=grid)
+    assert calls == ["colors-naive-seed1"]  # finished cells are reused, only the failed one runs again
+    with open(grid / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    for row in rows:
+        summary = json.loads((grid / "cells" / row["cell"] / "metrics.json").read_text())["summary"]
+        for key in ("average_accuracy", "average_forgetting", "backward_transfer"):
+            assert float(row[key]) == summary[key], (row["cell"], key)
+    groups = {g["regulariser"]: g for g in result["summary"]}
+    ewc = [float(r["average_forgetting"]) for r in rows if r["regulariser"] == "ewc"]
+    assert groups["ewc"]["average_forgetting"]["mean"] == pytest.approx(sum(ewc) / 2)
+    assert groups["naive"]["paired"] is None and groups["ewc"]["paired"]["average_forgetting"]["n"] == 2
+    table = (grid / "summary.md").read_text()
+    assert "| ewc | 2 |" in table and "vs naive: average forgetting (paired t-test)" in table
+    assert "## Failed cells" not in (grid / "report.md").read_text()
+    assert_png(grid / "forgetting_vs_accuracy.png")
+    with pytest.raises(RecipeError, match="colors-naive-seed0 was run with other settings .*train.epochs: 1 -> 2"):
+        mmpeft.compare(None, ["train.epochs=2"], resume=grid)
+
+
+def test_regulariser_grid_problems_are_reported_clearly(color_recipe):
+    both = regulariser_grid(color_recipe, {"methods": ["lora"], "regularisers": ["naive", "ewcc"], "shots": [1]})
+    both["regulariser"] = "ewc"
+    problems = "\n".join(pytest.raises(RecipeError, load_setup, both).value.problems)
+    for expected in ("grid: lists both `methods` and `regularisers`", "grid.regularisers[1]: unknown regulariser "
+                     "'ewcc' (did you mean 'ewc'?)", "regulariser: a regularisers grid takes each regulariser",
+                     "grid.shots: not used by a regularisers grid"):
+        assert expected in problems, expected
+    plain = grid_recipe(color_recipe, {"regularisers": ["naive", "ewc"]})
+    (problem,) = pytest.raises(RecipeError, load_setup, plain).value.problems
+    assert problem.startswith("grid.regularisers: needs a continual recipe, one with `tasks:`")
+    problems = pytest.raises(RecipeError, load_setup, regulariser_grid(color_recipe, {"regularisers": ["naive"]}),
+                             command="fewshot").value.problems
+    assert any("runs with `mmpeft compare`, not `mmpeft fewshot`" in p for p in problems)
+
+
+# --- in-context prompting beside LoRA (generative fewshot) ------------------------------------------------------------
+def test_generative_fewshot_puts_in_context_and_lora_rows_in_one_table(color_folder, tmp_path):
+    from mmpeft.testing import tiny_backbone
+
+    recipe = {"name": "gen", "backbone": {"id": str(tiny_backbone("llava"))},
+              "data": {"source": "folder", "path": str(color_folder), "question": "What colour is this image?",
+                       "split": {"val": 0.0, "test": 0.25}},
+              "train": {"objective": "generative", "epochs": 2, "batch_size": 6, "lr": 0.01},
+              "eval": {"batch_size": 16}, "output": {"dir": str(tmp_path / "runs"), "name": "grid"},
+              "grid": {"methods": [{"name": "lora", "r": 4, "alpha": 8}], "seeds": [0], "shots": [0, 2],
+                       "strategies": ["random", "nearest"]}}
+    mmpeft.fewshot(recipe)
+    grid = tmp_path / "runs" / "grid"
+    with open(grid / "results.csv") as handle:
+        rows = {r["cell"]: r for r in csv.DictReader(handle)}
+    assert list(rows) == ["icl-random-k0-seed0", "icl-nearest-k0-seed0", "icl-random-k2-seed0",
+                          "icl-nearest-k2-seed0", "lora-k2-seed0"]
+    assert rows["icl-random-k0-seed0"]["accuracy"] == rows["icl-nearest-k0-seed0"]["accuracy"]  # no demos: same
+    metrics = json.loads((grid / "cells" / "lora-k2-seed0" / "metrics.json").read_text())
+    assert float(rows["lora-k2-seed0"]["accuracy"]) == metrics["test"]["accuracy"]
+    assert rows["icl-nearest-k2-seed0"]["trainable_params"] == "0" and rows["icl-nearest-k2-seed0"]["strategy"]
+    saved = json.loads((grid / "icl" / "seed0.json").read_text())["rows"]
+    assert {r["n"] for r in saved} == {metrics["test"]["n"]} == {18}  # every test image a query, as for the cells
+    two = (grid / "summary.md").read_text().split("### k = 2")[1]
+    assert "| icl-random | 1 |" in two and "| icl-nearest | 1 |" in two and "| lora | 1 |" in two
+    assert "zero-shot (in-context, k = 0)" in two and not (grid / "zero_shot.json").exists()
+    assert "In-context prompting (rows `icl-<strategy>`" in (grid / "report.md").read_text()
+    assert_png(grid / "icl" / "icl_accuracy.png")
+    assert_png(grid / "accuracy_vs_shots.png")
+
+
+def test_in_context_settings_are_refused_where_they_cannot_run(color_recipe):
+    recipe = grid_recipe(color_recipe, {"methods": ["linear_probe"], "seeds": [0], "shots": [0, 1],
+                                        "strategies": ["random"]})
+    problems = "\n".join(pytest.raises(RecipeError, load_setup, recipe).value.problems)  # compare: no k sweep
+    assert "grid.shots: [0, 1] must be distinct integers >= 1" in problems
+    assert "grid.strategies: in-context prompting sweeps k, so it runs in `mmpeft fewshot`" in problems
+    with pytest.raises(RecipeError) as caught:  # fewshot, but a dual encoder: refused before any cell runs
+        mmpeft.fewshot(recipe)
+    joined = "\n".join(caught.value.problems)
+    assert "grid.strategies: in-context prompting needs a generative backbone" in joined
+    assert "grid.shots: k = 0 is in-context prompting's zero-shot row" in joined

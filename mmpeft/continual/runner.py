@@ -108,6 +108,18 @@ def run_continual_cell(recipe: str | Path | dict | ContinualRecipe, regulariser_
     one resumed. The row holds the scalar summaries of metrics.json (`average_accuracy`, `average_forgetting`, ...).
     """
     base = load_continual_recipe(recipe, overrides)
+    label, cell, run_dir = plan_continual_cell(base, regulariser_name, seed, output_dir)
+    if (run_dir / METRICS_FILE).is_file():
+        metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    else:
+        metrics = continual(cell, resume=run_dir if (run_dir / RECIPE_FILE).is_file() else None)
+    return {"recipe": base.name, "regulariser": label, "seed": seed, "method": cell.recipe.method.name,
+            **metrics["summary"], "run_dir": str(run_dir)}
+
+
+def plan_continual_cell(base: ContinualRecipe, regulariser_name: str | dict, seed: int,
+                        output_dir: str | Path | None = None) -> tuple[str, ContinualRecipe, Path]:
+    """(label, the cell's recipe, its run folder) without running it: a grid checks finished cells against it."""
     if isinstance(regulariser_name, dict) and "name" in regulariser_name:
         settings = dict(regulariser_name)
     elif isinstance(regulariser_name, str):
@@ -118,13 +130,7 @@ def run_continual_cell(recipe: str | Path | dict | ContinualRecipe, regulariser_
     output = {"dir": str(output_dir) if output_dir is not None else base.output.dir,
               "name": f"{base.name}-{label}-seed{seed}"}
     cell = load_continual_recipe(base.to_dict() | {"regulariser": settings, "seed": seed, "output": output})
-    run_dir = Path(output["dir"]) / output["name"]
-    if (run_dir / METRICS_FILE).is_file():
-        metrics = json.loads((run_dir / METRICS_FILE).read_text())
-    else:
-        metrics = continual(cell, resume=run_dir if (run_dir / RECIPE_FILE).is_file() else None)
-    return {"recipe": base.name, "regulariser": label, "seed": seed, "method": cell.recipe.method.name,
-            **metrics["summary"], "run_dir": str(run_dir)}
+    return label, cell, Path(output["dir"]) / output["name"]
 
 
 # --- one sequence ---------------------------------------------------------------------------------------------------

@@ -71,6 +71,8 @@ def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict
         raise PlanError("this recipe has a `grid:` section (a compare recipe), which this installation cannot read "
                         "(mmpeft.grid is missing); plan one method with a plain recipe") from None
     setup = load_setup(source, overrides)
+    if not hasattr(setup, "methods"):  # a regularisers grid: one method, trained under every regulariser
+        return [(setup.recipe.recipe.method.name, setup.recipe.recipe)]
     return [(entry.label, setup.recipe.replace(method=entry.config)) for entry in setup.methods]
 
 

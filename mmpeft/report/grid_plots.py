@@ -1,4 +1,5 @@
-"""Plots of a compare grid: the efficiency frontier, accuracy against shots, accuracy against training time.
+"""Plots of a compare grid: the efficiency frontier, accuracy against shots, accuracy against training time, and
+(regularisers grids) average accuracy against average forgetting.
 
 Each point is a method's mean over seeds with a +-1 std error bar; the zero-shot baseline is a dashed line.
 """
@@ -26,10 +27,11 @@ def _zero_shot_line(axes, zero_shot: float | None) -> None:
         axes.axhline(zero_shot, color="grey", linestyle="--", linewidth=1, label="zero-shot")
 
 
-def _finish(figure, axes, title: str, xlabel: str, path: Path) -> None:
+def _finish(figure, axes, title: str, xlabel: str, path: Path,
+            ylabel: str = "test accuracy (mean ± std over seeds)") -> None:
     axes.set_title(title)
     axes.set_xlabel(xlabel)
-    axes.set_ylabel("test accuracy (mean ± std over seeds)")
+    axes.set_ylabel(ylabel)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8, loc="best")
     save_figure(figure, path)
@@ -54,7 +56,7 @@ def efficiency_png(points: Sequence[Point], zero_shot: float | None, path: Path,
 
 
 def shots_png(series: dict[str, list[tuple[int, float, float]]], zero_shot: float | None, path: Path,
-              title: str) -> None:
+              title: str, xlabel: str = "training examples per class (k, log scale)") -> None:
     """Accuracy against k (shots per class, log2 x) per method, {label: [(k, mean, std), ...]}."""
     figure, axes = plt.subplots(figsize=(7, 4.5))
     ticks: set[int] = set()
@@ -67,7 +69,7 @@ def shots_png(series: dict[str, list[tuple[int, float, float]]], zero_shot: floa
     _zero_shot_line(axes, zero_shot)
     axes.set_xscale("log", base=2)
     axes.set_xticks(sorted(ticks), [str(k) for k in sorted(ticks)])
-    _finish(figure, axes, title, "training examples per class (k, log scale)", path)
+    _finish(figure, axes, title, xlabel, path)
 
 
 def time_png(points: Sequence[Point], zero_shot: float | None, path: Path, title: str) -> None:
@@ -79,3 +81,13 @@ def time_png(points: Sequence[Point], zero_shot: float | None, path: Path, title
     if shown and max(p.x for p in shown) / min(p.x for p in shown) > 20:
         axes.set_xscale("log")
     _finish(figure, axes, title, "training seconds per cell (mean over seeds)", path)
+
+
+def forgetting_png(points: Sequence[Point], zero_shot: float | None, path: Path, title: str) -> None:
+    """Average accuracy against average forgetting (x: mean ± std over seeds): the best sit top left."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    _scatter(axes, points)
+    if zero_shot is not None:
+        axes.axhline(zero_shot, color="grey", linestyle="--", linewidth=1, label="untouched backbone (zero-shot)")
+    _finish(figure, axes, title, "average forgetting (lower is better)", path,
+            "average accuracy, final model (mean ± std over seeds)")

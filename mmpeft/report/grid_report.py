@@ -48,16 +48,19 @@ def shots_text(shots: int | None) -> str:
     return "all" if shots is None else str(shots)
 
 
-def write_results(grid_dir: Path, rows: Sequence[dict]) -> None:
-    """results.csv and results.json, written atomically (also after every cell, so progress is visible)."""
-    columns = list(COLUMNS) + sorted({k for row in rows for k in row if k not in COLUMNS})
+def write_results(grid_dir: Path, rows: Sequence[dict], described: dict[str, str] = COLUMNS) -> None:
+    """results.csv and results.json, written atomically (also after every cell, so progress is visible).
+
+    `described`: the columns in order with what each holds (a regularisers grid has its own); others follow.
+    """
+    columns = list(described) + sorted({k for row in rows for k in row if k not in described})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     write_text(grid_dir / "results.csv", buffer.getvalue())
-    write_json(grid_dir / "results.json", {"columns": COLUMNS, "rows": _clean(list(rows))})
+    write_json(grid_dir / "results.json", {"columns": described, "rows": _clean(list(rows))})
 
 
 def summarize_grid(rows: Sequence[dict], shots: Sequence[int | None], labels: Sequence[str],
@@ -69,6 +72,8 @@ def summarize_grid(rows: Sequence[dict], shots: Sequence[int | None], labels: Se
         base = {r["seed"]: r["accuracy"] for r in at_k if r["method"] == baseline and r["status"] == "ok"}
         for label in labels:
             cells = [r for r in at_k if r["method"] == label]
+            if not cells:  # e.g. k = 0: in-context rows only, nothing trains
+                continue
             ok = [r for r in cells if r["status"] == "ok"]
             entry: dict[str, Any] = {
                 "shots": k, "method": label, "seeds": len(ok), "failed": len(cells) - len(ok),
@@ -86,13 +91,17 @@ def summarize_grid(rows: Sequence[dict], shots: Sequence[int | None], labels: Se
     return groups
 
 
-def summary_tables(groups: Sequence[dict], baseline: str | None, zero_shot: float | None) -> str:
-    """Markdown: one table per k; bold = best in its column among methods with results."""
+def summary_tables(groups: Sequence[dict], baseline: str | None, zero_shot: float | None,
+                   zero_label: str = "zero-shot (recipe prompts)", in_context: bool = False) -> str:
+    """Markdown: one table per k; bold = best in its column among methods with results.
+
+    `in_context`: the grid has in-context rows, for which k counts demonstrations and k = 0 is the zero-shot row.
+    """
     lines = []
     for k in dict.fromkeys(g["shots"] for g in groups):
         at_k = [g for g in groups if g["shots"] == k and g["seeds"] > 0]
         trained = [g for g in at_k if g["trainable_params"] > 0]  # nothing trained is not "cheapest"
-        lines += [f"### k = {shots_text(k)} training examples per class", ""]
+        lines += [f"### {_k_heading(k, in_context)}", ""]
         header = ["method", "seeds", "accuracy (mean ± std)", "95% CI", "macro-F1 (mean ± std)", "trainable params",
                   "trainable %", "train s", "samples/s"]
         header += [f"vs {baseline} (paired t-test, seeds)"] if baseline else []
@@ -103,8 +112,8 @@ def summary_tables(groups: Sequence[dict], baseline: str | None, zero_shot: floa
                 "params": _best(trained, lambda g: g["trainable_params"], min),
                 "seconds": _best(trained, lambda g: g["train_seconds"].mean, min),
                 "speed": _best(at_k, lambda g: g["samples_per_second"], max)}
-        if zero_shot is not None:
-            lines.append(f"| zero-shot (recipe prompts) | – | {zero_shot:.4f} | – | – | 0 | 0 | 0 | – |{tail}")
+        if zero_shot is not None and not (in_context and k == 0):  # k = 0 in-context rows are the zero-shot
+            lines.append(f"| {zero_label} | – | {zero_shot:.4f} | – | – | 0 | 0 | 0 | – |{tail}")
         for g in [g for g in groups if g["shots"] == k]:
             if g["seeds"] == 0:
                 lines.append(f"| {g['method']} | 0 ({g['failed']} failed) | – | – | – | – | – | – | – |{tail}")
@@ -127,11 +136,22 @@ def summary_tables(groups: Sequence[dict], baseline: str | None, zero_shot: floa
     return "\n".join(lines) + "\n"
 
 
-def write_plots(grid_dir: Path, groups: Sequence[dict], zero_shot: float | None, title: str) -> list[str]:
+def _k_heading(k: int | None, in_context: bool) -> str:
+    """What k means in this table: examples per class, and for in-context rows demonstrations per prompt."""
+    if not in_context:
+        return f"k = {shots_text(k)} training examples per class"
+    if k == 0:
+        return "k = 0: the prompt alone (in-context rows; nothing trained)"
+    return f"k = {k}: training examples per class (trained methods), demonstrations per prompt (icl-* rows)"
+
+
+def write_plots(grid_dir: Path, groups: Sequence[dict], zero_shot: float | None, title: str,
+                in_context: bool = False) -> list[str]:
     """The PNGs this grid supports; returns their file names (the shots plot needs at least two k values)."""
     ks = list(dict.fromkeys(g["shots"] for g in groups))
-    last = [g for g in groups if g["shots"] == ks[-1] and g["seeds"] > 0]
-    where = f" (k = {shots_text(ks[-1])})" if len(ks) > 1 or ks[-1] is not None else ""
+    k_last = ([k for k in ks if k != 0] or ks)[-1]  # k = 0 (in-context, nothing trained) is the zero-shot line
+    last = [g for g in groups if g["shots"] == k_last and g["seeds"] > 0]
+    where = f" (k = {shots_text(k_last)})" if len(ks) > 1 or k_last is not None else ""
     made = []
     points = [Point(g["method"], g["trainable_params"], g["accuracy"].mean, std(g["accuracy"])) for g in last]
     efficiency_png(points, zero_shot, grid_dir / PLOTS["params"], f"{title}: accuracy vs trainable parameters{where}")
@@ -139,9 +159,11 @@ def write_plots(grid_dir: Path, groups: Sequence[dict], zero_shot: float | None,
     if len(ks) > 1 and None not in ks:
         series: dict[str, list] = {}
         for g in groups:
-            if g["seeds"] > 0:
+            if g["seeds"] > 0 and g["shots"] != 0:  # log2 axis; k = 0 is the dashed zero-shot line
                 series.setdefault(g["method"], []).append((g["shots"], g["accuracy"].mean, std(g["accuracy"])))
-        shots_png(series, zero_shot, grid_dir / PLOTS["shots"], f"{title}: accuracy vs shots")
+        xlabel = ("k (trained: examples per class; icl-*: demonstrations per prompt; log scale)" if in_context
+                  else "training examples per class (k, log scale)")
+        shots_png(series, zero_shot, grid_dir / PLOTS["shots"], f"{title}: accuracy vs shots", xlabel)
         made.append(PLOTS["shots"])
     points = [Point(g["method"], g["train_seconds"].mean, g["accuracy"].mean, std(g["accuracy"]),
                     std(g["train_seconds"])) for g in last]
@@ -170,7 +192,11 @@ def _paired(group: dict, baseline: str | None) -> str:
         return "–"
     if group["method"] == baseline:
         return "baseline"
-    test = group["paired"]
+    return paired_text(group["paired"])
+
+
+def paired_text(test) -> str:
+    """A PairedTest for a table cell: the mean difference, the verdict and n."""
     if test.n < 2 or math.isnan(test.mean_difference):
         return test.verdict
     return f"Δ {test.mean_difference:+.4f}: {test.verdict}, n={test.n}"
@@ -240,21 +266,28 @@ def sharing_check(rows: Sequence[dict]) -> str:
 
 
 def write_grid_report(grid_dir: Path, setup, rows: Sequence[dict], zero_shot: dict | None, tables: str,
-                      plots: Sequence[str], info: dict | None) -> None:
-    """report.md: the protocol, the zero-shot baselines, the summary tables and the plots, in one page."""
+                      plots: Sequence[str], info: dict | None, icl: dict | None = None) -> None:
+    """report.md: the protocol, the zero-shot baselines, the summary tables and the plots, in one page.
+
+    `icl` (generative fewshot): strategies, k values and truncation counts of the in-context rows.
+    """
     recipe, grid = setup.recipe, setup.grid
+    trained_shots = [k for k in grid.shots or () if k != 0]
     data, train = recipe.data, recipe.train
     counts = (info or {}).get("counts", {})
     selection = (f"the epoch with the best validation {train.select_metric}" if data.split.val > 0 else
                  "the last epoch (data.split.val is 0: no validation split)")
     if train.early_stopping_patience is not None:
         selection += f", stopping after {train.early_stopping_patience} epochs without improvement"
-    shots = (", ".join(map(str, grid.shots)) + " examples per class, sampled per seed and nested (a larger k "
-             "contains the smaller k's examples)") if grid.shots else (
+    shots = (", ".join(map(str, trained_shots)) + " examples per class, sampled per seed and nested (a larger k "
+             "contains the smaller k's examples)") if trained_shots else (
         f"{data.shots} per class" if data.shots else "all training examples")
+    cells = sum(1 for r in rows if r.get("method_name") != "icl")
     lines = [f"# {setup.command.capitalize()}: {recipe.name}", "",
              f"{len(setup.methods)} methods x {len(grid.seeds)} seeds"
-             + (f" x {len(grid.shots)} shot counts" if grid.shots else "") + f" = {len(rows)} cells. "
+             + (f" x {len(trained_shots)} shot counts" if trained_shots else "") + f" = {cells} cells"
+             + (f", plus in-context prompting: {len(icl['strategies'])} strategies x {len(icl['shots'])} values of k "
+                f"x {len(grid.seeds)} seeds = {len(rows) - cells} rows" if icl else "") + ". "
              "Numbers are test accuracy (mean ± std over seeds) unless stated.", "", "## Protocol", "",
              f"- Backbone: `{recipe.backbone.id}` ({recipe.backbone.dtype}"
              + (", quantized" if recipe.backbone.quantization else "") + ").",
@@ -279,7 +312,8 @@ def write_grid_report(grid_dir: Path, setup, rows: Sequence[dict], zero_shot: di
              "- Memory: `weights_bytes` is the model's parameters and buffers after the method was applied; "
              "`cuda_peak_bytes` is the CUDA allocator's peak during the cell (GPU only). Process RSS is not "
              "reported: it is process-wide and never decreases, so it cannot be attributed to one cell.",
-             f"- {sharing_check(rows)}", "", "| label | method | settings from | settings | budget changes |",
+             f"- {sharing_check(rows)}", *_icl_protocol(icl), "",
+             "| label | method | settings from | settings | budget changes |",
              "|---|---|---|---|---|"]
     for entry in setup.methods:
         settings = {k: v for k, v in _plain(entry.config).items() if k != "name"}
@@ -297,10 +331,28 @@ def write_grid_report(grid_dir: Path, setup, rows: Sequence[dict], zero_shot: di
         lines += ["", "## Failed cells", ""]
         lines += [f"- `{r['cell']}`: {r['error']} (traceback in cells/{r['cell']}/error.txt)" for r in failed]
     lines += ["", "## Files", "", "`results.csv` / `results.json`: one row per cell (`results.json` also describes "
-              "each column); `summary.md`, `summary.json`: the tables above; `zero_shot.json`; `cells/<cell>/`: "
-              "each cell's run folder (recipe, metrics.json, report, adapter); `compare.yaml`: the resolved recipe "
-              f"(`mmpeft {setup.command} --resume {grid_dir}` continues or re-checks the grid).", ""]
+              "each column); `summary.md`, `summary.json`: the tables above; "
+              + ("`zero_shot.json`; " if zero_shot else "")
+              + ("`icl/`: the in-context rows per seed (`seed<s>.json`), `icl.md` and `icl_accuracy.png`; " if icl
+                 else "")
+              + "`cells/<cell>/`: each cell's run folder (recipe, metrics.json, report, adapter); `compare.yaml`: the "
+              f"resolved recipe (`mmpeft {setup.command} --resume {grid_dir}` continues or re-checks the grid).", ""]
     write_text(grid_dir / "report.md", "\n".join(lines))
+
+
+def _icl_protocol(icl: dict | None) -> list[str]:
+    """The report's protocol bullet for in-context rows (none without them)."""
+    if not icl:
+        return []
+    truncated = (f" {icl['truncated']} prompts exceeded the model's context and lost {icl['dropped']} whole "
+                 "demonstrations (icl/icl.json has them per row)." if icl["truncated"] else
+                 " No prompt exceeded the model's context.")
+    return [f"- In-context prompting (rows `icl-<strategy>`, nothing trained): k = {', '.join(map(str, icl['shots']))} "
+            "demonstrations (image, question, answer) from the shared train split before each test query, chosen "
+            f"by {', '.join(icl['strategies'])} (random: by seed; balanced: classes in turn; nearest: most similar "
+            "train images by the backbone's image embedding). Here k counts demonstrations per prompt, not examples "
+            "per class; k = 0 (the question alone) is the zero-shot row. Every image of the shared test split is a "
+            "query, as for the trained cells; labels are scored by likelihood." + truncated]
 
 
 def _augmenting(spec) -> bool:
