@@ -104,7 +104,9 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                 metrics["params"]["total"], metrics["params"]["percent"])
     features = keep_after_apply(features, recipe, method, backbone)
     if method.trains:
-        metrics["train"] = train(recipe, run_dir, backbone, data, resume, features)
+        metrics["train"], final_state = train(recipe, run_dir, backbone, data, resume, features)
+        if final_state is not None:  # FSDP left the trained model sharded: evaluate and save a whole one
+            backbone = rebuild(recipe, method, data, final_state)
     metrics["test"] = evaluate_sets(backbone, test_sets, data.labels, recipe, "test", features)
     metrics["feature_cache"] = features.stats() if features is not None else {"used": False}
     if recipe.eval.generate:
@@ -133,7 +135,21 @@ def place(backbone, recipe: Recipe):
     return backbone
 
 
-def train(recipe: Recipe, run_dir: Path, backbone, data, resume: bool, features: FeatureBinding | None = None) -> dict:
+def rebuild(recipe: Recipe, method, data, state: dict):
+    """A whole (unsharded) backbone with the method applied and the trained state loaded."""
+    from mmpeft.methods.base import load_trainable_state
+
+    backbone = place(load_backbone(recipe.backbone), recipe)
+    if hasattr(backbone, "configure"):
+        backbone.configure(recipe)
+    method.apply(backbone, recipe.method, data.labels)
+    load_trainable_state(backbone, state)
+    return backbone
+
+
+def train(recipe: Recipe, run_dir: Path, backbone, data, resume: bool,
+          features: FeatureBinding | None = None) -> tuple[dict, dict | None]:
+    """Train; returns the summary and, under FSDP, the whole trained state (else None: `backbone` holds it)."""
     train_set = data.dataset("train", augment=True, seed=recipe.seed, spec=recipe.data)
     if features is not None and train_set.augment is not None:
         logger.info("feature cache: off for training: data.augment changes the images every epoch "
@@ -154,9 +170,10 @@ def train(recipe: Recipe, run_dir: Path, backbone, data, resume: bool, features:
                       evaluate_val=evaluate_val if val_set is not None else None, tracker_config=_flat(recipe))
     progress = trainer.fit(resume=resume)
     seconds = progress.train_seconds
-    return {"epochs_run": progress.epoch, "steps": progress.global_step, "seconds": round(seconds, 3),
-            "samples_per_second": round(progress.samples_seen / seconds, 2) if seconds else None,
-            "best_epoch": progress.best_epoch, "history": progress.history}
+    summary = {"epochs_run": progress.epoch, "steps": progress.global_step, "seconds": round(seconds, 3),
+               "samples_per_second": round(progress.samples_seen / seconds, 2) if seconds else None,
+               "best_epoch": progress.best_epoch, "history": progress.history}
+    return summary, trainer.final_state
 
 
 def evaluation_sets(recipe: Recipe, data) -> dict[str, ImageDataset]:

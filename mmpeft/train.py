@@ -75,25 +75,31 @@ class Progress:
     finished: bool = False
 
 
-def make_accelerator(mixed_precision: str = "no", strategy: str = "ddp", **kwargs) -> Accelerator:
-    """DDP comes from the launcher (torchrun / accelerate launch); FSDP from `train.strategy: fsdp`."""
+def make_accelerator(mixed_precision: str = "no", **kwargs) -> Accelerator:
+    """Devices, mixed precision and the process group (from torchrun / accelerate launch)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    processes = process_state().num_processes
     state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed_precision and processes == 1:
+    if state and state.get("_mixed_precision") != mixed_precision and process_state().num_processes == 1:
         AcceleratorState._reset_state()  # one process, several runs (tests, notebooks, compare grids)
-    if strategy == "fsdp" and processes > 1:
-        if not torch.cuda.is_available():  # accelerate's FSDP plugin supports GPUs only
-            raise ValueError("train.strategy: fsdp needs CUDA GPUs (accelerate's FSDP); use ddp on CPU processes")
-        from accelerate import FullyShardedDataParallelPlugin
-
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-            transformer_cls_names_to_wrap=["CLIPEncoderLayer", "SiglipEncoderLayer"], state_dict_type="FULL_STATE_DICT",
-            cpu_ram_efficient_loading=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def shard_fully(module: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """FSDP2 (torch's fully_shard): one unit per encoder/decoder layer plus the root; works on CUDA and on gloo.
+
+    Scalars (CLIP's logit scale, SigLIP's bias) cannot be sharded: they stay whole in every process and are
+    returned, so the loop averages their gradients itself.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    layers = [m for m in module.modules() if type(m).__name__.endswith(("EncoderLayer", "DecoderLayer"))]
+    for layer in layers:
+        fully_shard(layer)
+    scalars = {p for p in module.parameters() if p.dim() == 0}
+    fully_shard(module, ignored_params=scalars)
+    return scalars
 
 
 def make_optimizer(spec: TrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -140,7 +146,7 @@ class Trainer:
         self.backbone, self.objective, self.train_set, self.spec, self.seed = backbone, objective, train_set, spec, seed
         self.run_dir, self.evaluate_val, self.callbacks = Path(run_dir), evaluate_val, callbacks
         kwargs = {"log_with": spec.log_with, "project_dir": str(self.run_dir / "tracking")} if spec.log_with else {}
-        self.accelerator = make_accelerator(spec.mixed_precision, strategy=spec.strategy, **kwargs)
+        self.accelerator = make_accelerator(spec.mixed_precision, **kwargs)
         if spec.log_with:
             self.accelerator.init_trackers(self.run_dir.name, config=tracker_config)
         backbone.to(self.accelerator.device)
@@ -148,7 +154,14 @@ class Trainer:
             enable_gradient_checkpointing(backbone)
         if not any(p.requires_grad for p in backbone.parameters()):
             raise ValueError("the method left no trainable parameters; use method: zero_shot to only evaluate")
-        self.loss_module = self.accelerator.prepare_model(LossModule(backbone, objective))
+        self.fsdp = spec.strategy == "fsdp" and self.accelerator.num_processes > 1
+        loss_module = LossModule(backbone, objective)
+        self.unsharded_trainable: list[torch.nn.Parameter] = []
+        if self.fsdp:
+            self.unsharded_trainable = [p for p in shard_fully(loss_module) if p.requires_grad]
+            self.loss_module = loss_module
+        else:
+            self.loss_module = self.accelerator.prepare_model(loss_module)
         self.params = [p for p in self.loss_module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(spec, self.params)
         self.world = self.accelerator.num_processes
@@ -161,6 +174,7 @@ class Trainer:
         self.collate = getattr(train_set, "collate", None) or collate_images(backbone.preprocess)
         self.progress = Progress()
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.final_state: dict[str, torch.Tensor] | None = None  # FSDP: the trained state, whole
         if self.world > 1:
             logger.info("%d processes x batch %d per process = global batch %d", self.world, spec.batch_size,
                         self.world * spec.batch_size)
@@ -196,7 +210,9 @@ class Trainer:
             if progress.finished:
                 break
         progress.finished = True
-        if self.best_state is not None:
+        if self.fsdp:  # sharded weights stay sharded: the caller rebuilds a whole model from this state
+            self.final_state = self.best_state if self.best_state is not None else self.snapshot()
+        elif self.best_state is not None:
             self.restore(self.best_state)
         for callback in self.callbacks:
             callback.on_train_end(self)
@@ -245,6 +261,10 @@ class Trainer:
         self.end_epoch(epoch)
 
     def optimizer_step(self) -> None:
+        for param in self.unsharded_trainable:  # FSDP leaves scalars whole: average their gradients here
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= self.world
         if self.spec.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.params, self.spec.max_grad_norm)
         self.optimizer.step()
@@ -256,7 +276,11 @@ class Trainer:
         progress, spec = self.progress, self.spec
         metrics = {"epoch": epoch + 1, "step": progress.global_step}
         if self.evaluate_val is not None:
+            if self.fsdp:  # evaluation calls the towers directly, not the root's forward: gather the root's own
+                self.loss_module.unshard()
             metrics.update({f"val_{k}": v for k, v in self.evaluate_val().items()})
+            if self.fsdp:
+                self.loss_module.reshard()
             self.backbone.train()
             score = metrics[f"val_{spec.select_metric}"]
             score = -score if spec.select_metric == "loss" else score
@@ -283,11 +307,34 @@ class Trainer:
         return {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.named_trainable().items()}
+        """Full tensors of the trainable state (under FSDP a collective: every process must call it)."""
+        return {n: _full(p).detach().to("cpu", copy=True).contiguous() for n, p in self.named_trainable().items()}
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         for name, param in self.named_trainable().items():
-            param.data.copy_(state[name].to(param.device, param.dtype))
+            value = state[name].to(param.device, param.dtype)
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value, param.device_mesh, param.placements)
+            param.data.copy_(value)
+
+    def optimizer_state(self) -> dict:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.loss_module, self.optimizer, options=options)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if not self.fsdp:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.loss_module, self.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -295,19 +342,20 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Written beside, then swapped in: an interrupted save leaves the previous checkpoint intact."""
+        trainable, optimizer = self.snapshot(), self.optimizer_state()  # collectives under FSDP: every process
         if self.accelerator.is_main_process:
-            self._write_checkpoint()
+            self._write_checkpoint(trainable, optimizer)
         self.accelerator.wait_for_everyone()
 
-    def _write_checkpoint(self) -> None:
+    def _write_checkpoint(self, trainable: dict[str, torch.Tensor], optimizer: dict) -> None:
         final = self.checkpoint_dir
         staging = final.with_name("staging")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_file(self.snapshot(), str(staging / "trainable.safetensors"))
+        save_file(trainable, str(staging / "trainable.safetensors"))
         if self.best_state is not None:
             save_file(self.best_state, str(staging / "best.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                     "rng": torch.get_rng_state()}, staging / "optimizer.pt")
         write_json(staging / "progress.json", asdict(self.progress))
         old = final.with_name("previous")
@@ -328,7 +376,7 @@ class Trainer:
         if (directory / "best.safetensors").is_file():
             self.best_state = load_file(str(directory / "best.safetensors"))
         extra = torch.load(directory / "optimizer.pt", weights_only=True)
-        self.optimizer.load_state_dict(extra["optimizer"])
+        self.load_optimizer_state(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         self.progress = Progress(**json.loads((directory / "progress.json").read_text()))
@@ -340,6 +388,10 @@ class Trainer:
         if (self.checkpoint_dir / "progress.json").is_file():
             return f"the last good checkpoint is kept in {self.checkpoint_dir}"
         return "no checkpoint had been written yet"
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
 def _fmt(value) -> str:

@@ -24,8 +24,9 @@ from mmpeft.train import enable_gradient_checkpointing, make_optimizer, shard
 TOLERANCE = 1e-4
 
 
-def test_two_processes_match_one_process_with_twice_the_batch(color_recipe, tmp_path):
-    recipe = {**color_recipe, "train": {**color_recipe["train"], "epochs": 2, "batch_size": 6}}
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_twice_the_batch(color_recipe, tmp_path, strategy):
+    recipe = {**color_recipe, "train": {**color_recipe["train"], "epochs": 2, "batch_size": 6, "strategy": strategy}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mmpeft", "run",
@@ -45,6 +46,10 @@ def test_two_processes_match_one_process_with_twice_the_batch(color_recipe, tmp_
     b = load_file(str(runs / "two" / "adapter" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < TOLERANCE
     assert (runs / "two" / "train.log").read_text().count("epoch 2:") == 1  # only the main process logs to file
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    PeftModel.from_pretrained(AutoModel.from_pretrained(recipe["backbone"]["id"]), runs / "two" / "adapter")
 
 
 def loss_and_grads(color_recipe, checkpointing: bool):
