@@ -297,14 +297,16 @@ def find_preset(ref: str, base_dir: Path) -> Path:
                      f"{', '.join(presets)}")
 
 
-def pick_baseline(grid: GridSpec, entries: tuple[MethodEntry, ...], problems: list[str]) -> str | None:
+def pick_baseline(grid: GridSpec, entries: tuple, problems: list[str], axis: str = "methods",
+                  default: str = "full") -> str | None:
+    """grid.baseline, else the entry whose config runs `default`: what every other entry is tested against."""
     labels = [e.label for e in entries]
     if grid.baseline is not None:
         if grid.baseline not in labels:
-            problems.append(f"grid.baseline: {grid.baseline!r} is not a label of grid.methods"
+            problems.append(f"grid.baseline: {grid.baseline!r} is not a label of grid.{axis}"
                             f"{did_you_mean(grid.baseline, labels)}; labels: {', '.join(labels)}")
         return grid.baseline
-    return next((e.label for e in entries if e.config.name == "full"), None)
+    return next((e.label for e in entries if e.config.name == default), None)
 
 
 def plan_cells(setup: CompareSetup, grid_dir: Path) -> list[Cell]:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from mmpeft.continual.tasks import ContinualRecipe, load_continual_recipe
-from mmpeft.grid import GRID_RECIPE, LABEL_PATTERN, GridSpec, seed_problems
+from mmpeft.grid import GRID_RECIPE, LABEL_PATTERN, GridSpec, pick_baseline, seed_problems
 from mmpeft.io import write_text
 from mmpeft.recipe import resolve_presets
 from mmpeft.schema import RecipeError, build, did_you_mean, to_plain
@@ -125,7 +125,7 @@ def load_regulariser_setup(data: dict, grid_data: Any, overrides: dict[str, Any]
     baseline = None
     if grid is not None:
         entries = resolve_regularisers(grid, recipe, problems)
-        baseline = pick_baseline(grid, entries, problems)
+        baseline = pick_baseline(grid, entries, problems, axis="regularisers", default="naive")
     if problems or recipe is None or grid is None:
         raise RecipeError(problems, label)
     return RegulariserSetup(grid, recipe, entries, baseline, command)
@@ -184,17 +184,6 @@ def resolve_regularisers(grid: GridSpec, recipe: ContinualRecipe | None, problem
         problems.append(f"grid.regularisers: label {label!r} appears {labels.count(label)} times; give entries "
                         "distinct `label:`s (e.g. {name: ewc, strength: 100, label: ewc-100})")
     return tuple(entries)
-
-
-def pick_baseline(grid: GridSpec, entries: tuple[RegulariserEntry, ...], problems: list[str]) -> str | None:
-    """grid.baseline, else the entry running `naive`: what each regulariser must beat."""
-    labels = [e.label for e in entries]
-    if grid.baseline is not None:
-        if grid.baseline not in labels:
-            problems.append(f"grid.baseline: {grid.baseline!r} is not a label of grid.regularisers"
-                            f"{did_you_mean(grid.baseline, labels)}; labels: {', '.join(labels)}")
-        return grid.baseline
-    return next((e.label for e in entries if e.config.name == "naive"), None)
 
 
 def setup_yaml(setup: RegulariserSetup, grid_dir: Path) -> str:

@@ -30,14 +30,6 @@ END_OF_TURN = {"llava": "</s>", "qwen2vl": "<|im_end|>"}
 IMAGE_MARK = {"llava": "<image>", "qwen2vl": "<|vision_start|>"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: with 2 threads on a shared machine, thread hand-off costs more than the matmuls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def image(seed: int) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)

@@ -105,14 +105,6 @@ PARAMS = [pytest.param(case, kind, id=f"{case}-{kind}") for case in CASES for ki
 TRAINING = [p for p in PARAMS if METHODS.get(CASES[p.values[0]].config["name"]).trains]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster than two threads on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def bases() -> dict:

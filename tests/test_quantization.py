@@ -22,13 +22,6 @@ LABELS = LabelSet(["cat", "dog", "bird", "fish"])
 BNB_LAYERS = {4: "Linear4bit", 8: "Linear8bitLt"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def load(bits: int | None):
     quant = QuantizationSpec(bits=bits) if bits else None

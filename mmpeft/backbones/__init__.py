@@ -24,6 +24,36 @@ FAMILY_MODULES = ("dual_encoder", "generative")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class Backbone(torch.nn.Module):
+    """What every family wraps: the transformers model (methods may replace it with a peft wrapper), its processor,
+    and the hooks methods may set (`head`: logits from image features; `text_prompts`: learned class prompts)."""
+
+    family: str
+
+    def __init__(self, model: torch.nn.Module, processor, name_or_path: str):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.name_or_path = name_or_path
+        self.model_type = getattr(model.config, "model_type", "unknown")
+        self.head: torch.nn.Module | None = None
+        self.text_prompts: torch.nn.Module | None = None
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The transformers model under any peft wrapper."""
+        model = self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
 class BackboneError(ValueError):
     """A backbone that cannot be found or used, with what would work instead."""
 

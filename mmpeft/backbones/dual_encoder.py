@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpeft.backbones import BACKBONES, BackboneError, load_pretrained
+from mmpeft.backbones import BACKBONES, Backbone, BackboneError, load_pretrained
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -25,25 +25,12 @@ ATTENTION_PROJECTIONS = r"(q_proj|k_proj|v_proj|out_proj)"
 TOWER_ATTRIBUTES = {"vision": "vision_model", "text": "text_model"}  # the towers of CLIP-style models
 
 
-class DualEncoder(nn.Module):
+class DualEncoder(Backbone):
     """Wraps a transformers dual encoder; methods may replace `.model` (peft) or set `head`/`text_prompts`."""
 
     family = "dual_encoder"
 
-    def __init__(self, model: nn.Module, processor, name_or_path: str):
-        super().__init__()
-        self.model = model
-        self.processor = processor
-        self.name_or_path = name_or_path
-        self.model_type = getattr(model.config, "model_type", "unknown")
-        self.head: nn.Module | None = None  # linear probe: logits from image features instead of label texts
-        self.text_prompts: nn.Module | None = None  # prompt learners: produce class text features themselves
-
     # --- inputs -------------------------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        return getattr(self.processor, "tokenizer", self.processor)
-
     @property
     def image_processor(self):
         return getattr(self.processor, "image_processor", self.processor)
@@ -58,18 +45,6 @@ class DualEncoder(nn.Module):
         return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
 
     # --- features -----------------------------------------------------------------------------------------------
-    @property
-    def base_model(self) -> nn.Module:
-        """The transformers model under any peft wrapper."""
-        model = self.model
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        return model
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = getattr(self.base_model, "dtype", pixel_values.dtype)
         output = self.model.get_image_features(pixel_values=pixel_values.to(self.device, dtype))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mmpeft.backbones import BACKBONES, BackboneError, load_pretrained
+from mmpeft.backbones import BACKBONES, Backbone, BackboneError, load_pretrained
 from mmpeft.backbones.image_only import register as register_image_only_processors
 
 if TYPE_CHECKING:
@@ -59,19 +59,13 @@ class GenerativeTask:
     max_new_tokens: int = 16
 
 
-class GenerativeBackbone(nn.Module):
+class GenerativeBackbone(Backbone):
     """Wraps an image-text-to-text model; methods may replace `.model` (peft). `head` is always None here."""
 
     family = "generative"
 
     def __init__(self, model: nn.Module, processor, name_or_path: str):
-        super().__init__()
-        self.model = model
-        self.processor = processor
-        self.name_or_path = name_or_path
-        self.model_type = getattr(model.config, "model_type", "unknown")
-        self.head: nn.Module | None = None
-        self.text_prompts: nn.Module | None = None
+        super().__init__(model, processor, name_or_path)
         self.task = GenerativeTask()
         self._answer_ids: dict[str, list[int]] = {}
 
@@ -82,22 +76,8 @@ class GenerativeBackbone(nn.Module):
 
     # --- parts --------------------------------------------------------------------------------------------------
     @property
-    def tokenizer(self):
-        return getattr(self.processor, "tokenizer", self.processor)
-
-    @property
     def image_processor(self):
         return self.processor.image_processor
-
-    @property
-    def base_model(self) -> nn.Module:
-        """The transformers model under any peft wrapper."""
-        model = self.model
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @property
     def pad_token_id(self) -> int:

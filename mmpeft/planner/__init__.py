@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmpeft.methods import count_parameters
 from mmpeft.planner.budget import (
     Activations,
     Device,
@@ -31,7 +32,6 @@ from mmpeft.planner.model import (
     MetaBackbone,
     PlanError,
     build_meta_backbone,
-    parameter_counts,
     trainable_sizes,
     weight_bytes,
 )
@@ -94,7 +94,8 @@ def plan_recipe(recipe: Recipe, label: str | None = None, budget: int | None = N
                       Activations(shape.batch, *traces), shape.channels * shape.image_size ** 2 * 4, device)
     settings = Settings(train.batch_size, train.gradient_checkpointing, quant.bits if quant else None, train.optimizer)
     current = estimate(figures, settings)
-    total, trainable = parameter_counts(meta.backbone)
+    counts = count_parameters(meta.backbone)  # the same count a run reports
+    total, trainable = counts["total"], counts["trainable"]
     result: dict[str, Any] = {
         "label": label or recipe.method.name, "method": recipe.method.name, "backbone": recipe.backbone.id,
         "model": type(meta.backbone.base_model).__name__, "dtype": recipe.backbone.dtype,

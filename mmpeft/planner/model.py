@@ -186,12 +186,6 @@ def quantizable_weights(model: nn.Module) -> set[int]:
 
 # --- counts and bytes -------------------------------------------------------------------------------------------
 
-def parameter_counts(module: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameters, each shared tensor once."""
-    params = list(module.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
 def weight_bytes(meta: MetaBackbone, quantization: QuantizationSpec | None, trains: bool) -> int:
     """Bytes of parameters and buffers as a run holds them: quantized linear weights at bitsandbytes' layout.
 

@@ -326,10 +326,7 @@ def write_grid_report(grid_dir: Path, setup, rows: Sequence[dict], zero_shot: di
                   "from; the dashed line in the plots).", "", zero_shot_table(zero_shot["rows"])]
     lines += ["## Results", "", tables, "## Plots", ""]
     lines += [f"![{name}]({name})" for name in plots]
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        lines += ["", "## Failed cells", ""]
-        lines += [f"- `{r['cell']}`: {r['error']} (traceback in cells/{r['cell']}/error.txt)" for r in failed]
+    lines += failed_cells(rows)
     lines += ["", "## Files", "", "`results.csv` / `results.json`: one row per cell (`results.json` also describes "
               "each column); `summary.md`, `summary.json`: the tables above; "
               + ("`zero_shot.json`; " if zero_shot else "")
@@ -365,3 +362,12 @@ def _plain(config) -> dict:
     from mmpeft.schema import to_plain
 
     return to_plain(config)
+
+
+def failed_cells(rows: list[dict]) -> list[str]:
+    """Report lines naming each failed cell and where its traceback is; none when every cell ran."""
+    failed = [r for r in rows if r["status"] != "ok"]
+    if not failed:
+        return []
+    return ["", "## Failed cells", ""] + [f"- `{r['cell']}`: {r['error']} (traceback in cells/{r['cell']}/error.txt)"
+                                          for r in failed]

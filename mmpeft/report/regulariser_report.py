@@ -22,6 +22,7 @@ from mmpeft.report.grid_report import (
     _mean,
     _num,
     _pm,
+    failed_cells,
     groups_json,
     paired_text,
     std,
@@ -134,10 +135,7 @@ def write_regulariser_report(grid_dir: Path, setup, rows: Sequence[dict], groups
     for entry in setup.regularisers:
         lines.append(f"| {entry.label} | {entry.config.name} | {entry.source} | `{_settings(entry.config)}` |")
     lines += ["", "## Results", "", table, "## Plot", "", f"![{PLOT}]({PLOT})"]
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        lines += ["", "## Failed cells", ""]
-        lines += [f"- `{r['cell']}`: {r['error']} (traceback in cells/{r['cell']}/error.txt)" for r in failed]
+    lines += failed_cells(rows)
     lines += ["", "## Files", "", "`results.csv` / `results.json`: one row per cell (`results.json` also describes "
               "each column); `summary.md`, `summary.json`: the table above; `cells/<cell>/`: each cell's continual run "
               "folder (accuracy matrix, heatmap, report, adapter); `compare.yaml`: the resolved recipe "
