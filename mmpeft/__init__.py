@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from mmpeft.core import VERSION as __version__  # noqa: F401  (re-exported)
 
 
 def run(recipe, overrides=None, resume=None) -> dict:
-    """Run a recipe (path, mapping or Recipe) end to end; returns its metrics. See mmpeft.pipeline.run."""
-    from mmpeft.pipeline import run as _run
+    """Run a recipe (path, mapping or Recipe) end to end; returns its metrics. See mmpeft.runs.single.run."""
+    from mmpeft.runs.single import run as _run
 
     return _run(recipe, overrides=overrides, resume=resume)
 
 
 def load_recipe(source, overrides=None):
-    """Load and validate a recipe without running it. See mmpeft.recipe.load_recipe."""
-    from mmpeft.recipe import load_recipe as _load
+    """Load and validate a recipe without running it. See mmpeft.runs.recipe.load_recipe."""
+    from mmpeft.runs.recipe import load_recipe as _load
 
     return _load(source, overrides)
 
@@ -28,36 +28,36 @@ def plan(recipe, overrides: list[str] | dict | None = None, gpu_memory: str | in
 
 
 def compare(recipe, overrides=None, resume=None) -> dict:
-    """Run a methods x seeds grid (a recipe plus `grid:`); returns rows, summary, zero-shot. See mmpeft.comparison."""
-    from mmpeft.comparison import compare as _compare
+    """Run a methods x seeds grid (a recipe plus `grid:`); returns rows, summary, zero-shot. See mmpeft.grids.runner."""
+    from mmpeft.grids.runner import compare as _compare
 
     return _compare(recipe, overrides, resume=resume)
 
 
 def fewshot(recipe, overrides=None, resume=None) -> dict:
-    """Run a methods x shots x seeds grid plus zero-shot baselines. See mmpeft.comparison.fewshot."""
-    from mmpeft.comparison import fewshot as _fewshot
+    """Run a methods x shots x seeds grid plus zero-shot baselines. See mmpeft.grids.runner.fewshot."""
+    from mmpeft.grids.runner import fewshot as _fewshot
 
     return _fewshot(recipe, overrides, resume=resume)
 
 
 def continual(recipe, overrides=None, resume=None) -> dict:
-    """Run (or resume) a task sequence with a regulariser; returns R and its summaries. See mmpeft.continual."""
-    from mmpeft.continual.runner import continual as _continual
+    """Run (or resume) a task sequence with a regulariser; returns R and its summaries. See mmpeft.sequences."""
+    from mmpeft.sequences.runner import continual as _continual
 
     return _continual(recipe, overrides, resume=resume)
 
 
 def export(run_dir, out, how="auto", dtype=None, verify=True, tolerance=None, onnx=False) -> dict:
-    """Export a finished run as a merged model or its adapter, verified. See mmpeft.export.export."""
-    from mmpeft.export import export as _export
+    """Export a finished run as a merged model or its adapter, verified. See mmpeft.artifacts.export."""
+    from mmpeft.artifacts import export as _export
 
     return _export(run_dir, out, how=how, dtype=dtype, verify=verify, tolerance=tolerance, onnx=onnx)
 
 
 def merge(run_dirs, weights=None, how="linear", density=None, out="merged-adapter", seed=0) -> dict:
-    """Combine several runs' adapters (linear, TIES, DARE) and evaluate the result. See mmpeft.export.merge."""
-    from mmpeft.export import merge as _merge
+    """Combine several runs' adapters (linear, TIES, DARE) and evaluate the result. See mmpeft.artifacts.merge."""
+    from mmpeft.artifacts import merge as _merge
 
     return _merge(run_dirs, weights, how=how, density=density, out=out, seed=seed)
 

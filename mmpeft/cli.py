@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_export_commands(commands) -> None:
-    """`mmpeft export` and `mmpeft merge` (see mmpeft.export)."""
+    """`mmpeft export` and `mmpeft merge` (see mmpeft.artifacts)."""
     export = commands.add_parser("export", help="a finished run as a merged model or its adapter alone, verified")
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--out", required=True, help="folder to create (must not exist, or be empty)")
@@ -128,21 +128,21 @@ def check(path: str, overrides: list[str]) -> str:
     """Validate any kind of recipe (run, compare/fewshot grid, continual) and return it resolved as YAML."""
     import yaml
 
-    from mmpeft.schema import to_plain
+    from mmpeft.core.schema import to_plain
 
     with open(path) as handle:
         text = handle.read()
     keys = yaml.safe_load(text) or {}
     keys = keys if isinstance(keys, dict) else {}
     if "tasks" in keys and "grid" not in keys:
-        from mmpeft.continual.tasks import load_continual_recipe
+        from mmpeft.sequences.tasks import load_continual_recipe
 
         continual = load_continual_recipe(path, overrides)
         plain = {**continual.recipe.to_dict(), "tasks": to_plain(continual.tasks),
                  "regulariser": to_plain(continual.regulariser), "control": to_plain(continual.control)}
         return yaml.safe_dump(plain, sort_keys=False)
     if "grid" in keys:
-        from mmpeft.grid import load_compare_recipe, load_fewshot_recipe
+        from mmpeft.grids.setup import load_compare_recipe, load_fewshot_recipe
 
         fewshot = text.startswith("# mmpeft fewshot")  # a grid checks as the command its first line names
         grid, recipe = (load_fewshot_recipe if fewshot else load_compare_recipe)(path, overrides)
@@ -157,8 +157,8 @@ def check(path: str, overrides: list[str]) -> str:
 
 def is_user_error(error: Exception) -> bool:
     from mmpeft.backbones import BackboneError
+    from mmpeft.core.schema import RecipeError
     from mmpeft.data import DataError
-    from mmpeft.schema import RecipeError
     from mmpeft.train import TrainingDiverged
 
     return isinstance(error, (RecipeError, DataError, BackboneError, TrainingDiverged, FileNotFoundError,

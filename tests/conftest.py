@@ -55,7 +55,7 @@ def tiny_siglip_dir() -> Path:
 @pytest.fixture(scope="session")
 def digits_clip_dir() -> Path:
     """The pre-trained demo backbone, built (one to two minutes) only if the test cache lacks it."""
-    from mmpeft.backbones.digits_clip import build_digits_clip
+    from mmpeft.runs.demo import build_digits_clip
 
     return build_digits_clip()
 

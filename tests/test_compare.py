@@ -13,11 +13,11 @@ import torch
 import yaml
 
 import mmpeft
-from mmpeft import pipeline
+from mmpeft.core.schema import RecipeError
 from mmpeft.data import load_data
-from mmpeft.grid import load_setup, plan_cells
+from mmpeft.grids.setup import load_setup, plan_cells
 from mmpeft.report.stats import paired_test, summarize
-from mmpeft.schema import RecipeError
+from mmpeft.runs import single as pipeline
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LORA_TEXT = {"name": "lora", "r": 2, "alpha": 4, "towers": ["text"], "label": "lora-text"}
@@ -194,7 +194,7 @@ def test_methods_declare_whether_the_image_tower_stays_frozen(color_recipe, meth
 
 def test_stale_cached_features_fall_back_to_recomputing(color_recipe, caplog):
     from mmpeft.backbones import load_backbone
-    from mmpeft.data.feature_cache import FeatureCache, FeatureDataset, bind_features
+    from mmpeft.features import FeatureCache, FeatureDataset, bind_features
 
     recipe = mmpeft.load_recipe(color_recipe)
     data = load_data(recipe.data, 0)
@@ -237,7 +237,7 @@ def test_bare_names_map_to_presets_or_defaults(color_recipe):
 
 def test_disk_feature_cache_is_read_by_a_fresh_process_cache(color_recipe, tmp_path, monkeypatch):
     from mmpeft.backbones import load_backbone
-    from mmpeft.data.feature_cache import FeatureBinding, FeatureCache, backbone_fingerprint
+    from mmpeft.features import FeatureBinding, FeatureCache, backbone_fingerprint
 
     monkeypatch.setenv("MMPEFT_CACHE", str(tmp_path / "cache"))
     recipe = mmpeft.load_recipe(color_recipe)
@@ -262,7 +262,7 @@ def regulariser_grid(color_recipe: dict, grid: dict) -> dict:
 
 
 def test_regulariser_grid_table_matches_cells_and_resumes(color_recipe, tmp_path, monkeypatch):
-    from mmpeft.continual import runner
+    from mmpeft.sequences import runner
 
     recipe = regulariser_grid(color_recipe, {"regularisers": ["naive", {"name": "ewc", "strength": 10}],
                                              "seeds": [0, 1]})

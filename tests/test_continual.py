@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 
-from mmpeft.continual import load_continual_recipe
-from mmpeft.continual.metrics import (
+from mmpeft.core.schema import RecipeError
+from mmpeft.sequences import load_continual_recipe
+from mmpeft.sequences.metrics import (
     average_accuracy,
     average_forgetting,
     average_incremental_accuracy,
@@ -22,10 +23,9 @@ from mmpeft.continual.metrics import (
     forward_transfer,
     summarise,
 )
-from mmpeft.continual.regularisers import REGULARISERS
-from mmpeft.continual.regularisers.ewc import empirical_fisher
-from mmpeft.continual.regularisers.replay import ReplayMemory
-from mmpeft.schema import RecipeError
+from mmpeft.sequences.regularisers import REGULARISERS
+from mmpeft.sequences.regularisers.ewc import empirical_fisher
+from mmpeft.sequences.regularisers.replay import ReplayMemory
 
 
 # --- recipes ----------------------------------------------------------------------------------------------------------
@@ -162,10 +162,10 @@ def test_every_regulariser_is_registered():
 def two_tasks(color_recipe):
     """Task 0 finished (no training needed) and task 1 begun, for any regulariser: (make, backbone, batch)."""
     from mmpeft.backbones import load_backbone
-    from mmpeft.continual.regularisers import make_regulariser
-    from mmpeft.continual.runner import task_context
-    from mmpeft.continual.sequence import load_sequence
     from mmpeft.methods import METHODS
+    from mmpeft.sequences.regularisers import make_regulariser
+    from mmpeft.sequences.runner import task_context
+    from mmpeft.sequences.sequence import load_sequence
 
     def make(name: str, **settings):
         recipe = load_continual_recipe(class_incremental(color_recipe, regulariser={"name": name, **settings}))
@@ -250,7 +250,7 @@ def digits_sequence(digits_clip_dir, out, regulariser, **changes) -> dict:
 @pytest.fixture(scope="module")
 def sequence_runs(digits_clip_dir, tmp_path_factory) -> dict:
     """Each regulariser on the same sequence and seed, run as `regularisers x seeds` grid cells (compare's entry)."""
-    from mmpeft.continual import run_continual_cell
+    from mmpeft.sequences import run_continual_cell
 
     out = tmp_path_factory.mktemp("continual")
     recipe = digits_sequence(digits_clip_dir, out, "naive")
@@ -291,7 +291,7 @@ def test_interrupted_sequence_resumes_at_its_task_and_matches_an_unbroken_run(se
     from safetensors.torch import load_file
 
     from mmpeft.cli import main
-    from mmpeft.continual import continual
+    from mmpeft.sequences import continual
     from mmpeft.train import Trainer
 
     reference, reference_dir = sequence_runs["replay"]
@@ -330,7 +330,7 @@ def test_interrupted_sequence_resumes_at_its_task_and_matches_an_unbroken_run(se
 
 def test_adapter_per_task_keeps_each_task_exactly_and_exports_one_adapter_each(color_recipe, tmp_path):
     """Domain-incremental (same classes, new shift): with the task id, task 1's adapter is untouched by task 2."""
-    from mmpeft.continual import continual
+    from mmpeft.sequences import continual
 
     recipe = {**color_recipe, "train": {**color_recipe["train"], "epochs": 1}, "data": {**color_recipe["data"],
               "split": {"val": 0.0, "test": 0.25}}, "tasks": [{"name": "plain"}, {"shift": ["invert"]}],

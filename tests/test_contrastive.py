@@ -17,7 +17,11 @@ from PIL import Image
 
 import mmpeft
 from mmpeft.backbones import load_backbone
-from mmpeft.contrastive import (
+from mmpeft.core.schema import RecipeError
+from mmpeft.data import SHIFTS, Example, ImageDataset, LabelSet, apply_shifts, collate_images, load_data
+from mmpeft.data.digits import partition_digits
+from mmpeft.evaluation.retrieval import best_positive_ranks, retrieval_gallery, retrieval_metrics
+from mmpeft.objectives.contrastive import (
     LOGIT_SCALE_MAX,
     Contrastive,
     clip_loss,
@@ -25,11 +29,8 @@ from mmpeft.contrastive import (
     siglip_loss,
     template_caption,
 )
-from mmpeft.data import SHIFTS, Example, ImageDataset, LabelSet, apply_shifts, collate_images, load_data
-from mmpeft.data.digits import partition_digits
-from mmpeft.evaluation.retrieval import best_positive_ranks, retrieval_gallery, retrieval_metrics
-from mmpeft.recipe import AugmentSpec, BackboneSpec, DataSpec, load_recipe
-from mmpeft.schema import RecipeError
+from mmpeft.runs.recipe import load_recipe
+from mmpeft.specs import AugmentSpec, BackboneSpec, DataSpec
 
 LABELS = [0, 1, 0, 2]
 CAPTIONS = ["a cat.", "a dog.", "a kitten.", "a cat."]  # 0 and 3 share a caption across classes 0 and 2

@@ -27,7 +27,7 @@ from mmpeft.data import (
     split_examples,
 )
 from mmpeft.data import digits as digits_module
-from mmpeft.recipe import AugmentSpec, DataSpec, SplitSpec
+from mmpeft.specs import AugmentSpec, DataSpec, SplitSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -16,9 +16,10 @@ from transformers import AutoProcessor, CLIPModel
 
 import mmpeft
 from mmpeft.backbones import load_backbone
-from mmpeft.backbones.digits_clip import MARKER
+from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.data import load_data, load_image
-from mmpeft.recipe import PROJECT_ROOT, BackboneSpec, DataSpec
+from mmpeft.runs.demo import MARKER
+from mmpeft.specs import BackboneSpec, DataSpec
 
 CAPTIONS = ["a photo of the digit three.", "a handwritten seven.", "a scan of the number zero."]
 

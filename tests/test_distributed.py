@@ -16,7 +16,7 @@ from mmpeft.backbones import load_backbone
 from mmpeft.data import collate_images, load_data
 from mmpeft.methods import METHODS
 from mmpeft.objectives import make_objective
-from mmpeft.recipe import load_recipe
+from mmpeft.runs.recipe import load_recipe
 from mmpeft.train import enable_gradient_checkpointing, make_optimizer, shard
 
 # Adapter weights of a 2-process run vs a 1-process run with twice the batch: same global batches, so only

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import mmpeft
-from mmpeft.export import ExportError, load_adapter, read_run
-from mmpeft.export.runs import rebuild, run_data
-from mmpeft.export.verify import make_probe, outputs
+from mmpeft.artifacts import ExportError, load_adapter, read_run
+from mmpeft.artifacts.runs import rebuild, run_data
+from mmpeft.artifacts.verify import make_probe, outputs
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 

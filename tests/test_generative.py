@@ -13,15 +13,17 @@ from PIL import Image
 import mmpeft
 from mmpeft.backbones import load_backbone
 from mmpeft.backbones.generative import IGNORE_INDEX, GenerativeTask
+from mmpeft.backbones.scoring import score_answers, score_answers_per_label
+from mmpeft.core.schema import RecipeError
 from mmpeft.data import ImageDataset, collate_images, load_data
 from mmpeft.evaluation.answers import answer_metrics, normalize_answer
-from mmpeft.evaluation.icl import Demo, build_prompt, run_icl_sweep, select_demos
-from mmpeft.evaluation.scoring import score_answers, score_answers_per_label
+from mmpeft.evaluation.icl import Demo, build_prompt, select_demos
 from mmpeft.methods import METHODS
 from mmpeft.methods.lora import LoraSpec
 from mmpeft.objectives import make_objective
-from mmpeft.recipe import BackboneSpec, QuantizationSpec, load_recipe
-from mmpeft.schema import RecipeError
+from mmpeft.runs.icl import run_icl_sweep
+from mmpeft.runs.recipe import load_recipe
+from mmpeft.specs import BackboneSpec, QuantizationSpec
 from mmpeft.testing import tiny_backbone
 
 KINDS = ("llava", "qwen2vl")
@@ -161,7 +163,7 @@ def test_scoring_ranks_the_trained_label_first_after_a_short_overfit(kind):
     answers = backbone.class_text_features(Labels())
     train_steps(backbone, batch, steps=12, lr=2e-2)
     with torch.no_grad():
-        scores = backbone.classify_batch(batch, answers)[0]
+        scores = backbone.logits(batch, answers)[0]
     assert int(scores.argmax()) == 7, scores
 
 

@@ -22,7 +22,7 @@ from mmpeft.backbones import load_backbone
 from mmpeft.data import LabelSet
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import Classification
-from mmpeft.recipe import BackboneSpec, Recipe
+from mmpeft.specs import BackboneSpec, Recipe
 from mmpeft.testing import tiny_backbone
 
 LABELS = LabelSet(["cat", "dog", "bird", "fish"])  # default template "a photo of a {label}."

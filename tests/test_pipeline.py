@@ -14,7 +14,7 @@ from mmpeft.backbones import load_backbone
 from mmpeft.data import DataError, ImageDataset, collate_images, load_data
 from mmpeft.methods import METHODS
 from mmpeft.objectives import make_objective
-from mmpeft.recipe import load_recipe
+from mmpeft.runs.recipe import load_recipe
 from mmpeft.train import Callback, Trainer, TrainingDiverged
 
 

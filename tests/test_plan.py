@@ -11,12 +11,12 @@ import yaml
 import mmpeft
 from mmpeft.backbones import load_backbone
 from mmpeft.cli import main
+from mmpeft.core.schema import RecipeError
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.planner import PlanError, format_bytes, parse_memory, plan, plan_labels, plan_recipe, step_shape
 from mmpeft.planner.model import build_meta_backbone
 from mmpeft.planner.trace import trace_step
-from mmpeft.recipe import load_recipe
-from mmpeft.schema import RecipeError
+from mmpeft.runs.recipe import load_recipe
 
 GiB = 2**30
 
@@ -97,7 +97,7 @@ def test_suggested_changes_fit_when_applied(tiny_clip_dir, color_folder):
 
 
 def test_quantized_weights_match_bitsandbytes(tiny_siglip_dir, color_folder):
-    from mmpeft.quantization import weight_bytes
+    from mmpeft.backbones.quantization import weight_bytes
 
     for bits in (4, 8):
         data = recipe_data(tiny_siglip_dir, color_folder, "lora")

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpeft import quantization
-from mmpeft.backbones import load_backbone
+from mmpeft.backbones import load_backbone, quantization
+from mmpeft.core.io import PROJECT_ROOT
+from mmpeft.core.schema import RecipeError
 from mmpeft.data import LabelSet
 from mmpeft.methods import METHODS, support
 from mmpeft.objectives import Classification
-from mmpeft.recipe import PROJECT_ROOT, BackboneSpec, QuantizationSpec, Recipe, load_recipe
-from mmpeft.schema import RecipeError
+from mmpeft.runs.recipe import load_recipe
+from mmpeft.specs import BackboneSpec, QuantizationSpec, Recipe
 from mmpeft.testing import tiny_backbone
 
 LABELS = LabelSet(["cat", "dog", "bird", "fish"])

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmpeft.recipe import PROJECT_ROOT, load_recipe
-from mmpeft.schema import RecipeError
+from mmpeft.core.io import PROJECT_ROOT
+from mmpeft.core.schema import RecipeError
+from mmpeft.runs.recipe import load_recipe
 
 SHIPPED = sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
 PRESETS = sorted((PROJECT_ROOT / "adapters").glob("*.yaml"))
@@ -96,8 +97,8 @@ def test_recipe_file_errors_name_the_file(tmp_path):
 
 def recipe_loaders() -> dict:
     """How each command loads its recipe; a command that adds recipe sections adds its loader here."""
-    from mmpeft.continual import load_continual_recipe
-    from mmpeft.grid import load_compare_recipe, load_fewshot_recipe
+    from mmpeft.grids.setup import load_compare_recipe, load_fewshot_recipe
+    from mmpeft.sequences import load_continual_recipe
 
     return {"run": load_recipe, "compare": load_compare_recipe, "fewshot": load_fewshot_recipe,
             "continual": load_continual_recipe}

@@ -28,7 +28,8 @@ from transformers import (
 )
 
 from mmpeft import testing
-from mmpeft.io import cache_dir
+from mmpeft.core.io import cache_dir
+from mmpeft.tiny import store
 
 CAPTIONS = ["a photo of a cat.", "a photo of a dog.", "a photo of the digit 3."]
 
@@ -261,7 +262,7 @@ def test_tiny_backbone_builds_once(kind: str, cache_root: Path, monkeypatch: pyt
     def no_rebuild(*args: object, **kwargs: object) -> Path:
         raise AssertionError("cached backbone was rebuilt")
 
-    monkeypatch.setitem(testing._BUILDERS, kind, no_rebuild)
+    monkeypatch.setitem(store._BUILDERS, kind, no_rebuild)
     assert testing.tiny_backbone(kind, seed=1) == path
     assert (path / "model.safetensors").read_bytes() == weights
     assert [p.name for p in path.parent.iterdir()] == [f"{kind}-1"]  # no temp folders left behind
@@ -272,7 +273,7 @@ def test_tiny_backbone_never_leaves_a_half_folder(cache_root: Path, monkeypatch:
         (Path(out_dir) / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(testing._BUILDERS, "clip", dies_midway)
+    monkeypatch.setitem(store._BUILDERS, "clip", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         testing.tiny_backbone("clip", seed=0)
     root = cache_root / "tiny-backbones"

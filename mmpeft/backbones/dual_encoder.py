@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpeft.backbones import BACKBONES, Backbone, BackboneError, load_pretrained
+from mmpeft.backbones.base import BACKBONES, Backbone, BackboneError
+from mmpeft.backbones.loading import load_pretrained
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from mmpeft.data import LabelSet
-    from mmpeft.recipe import BackboneSpec
+    from mmpeft.specs import BackboneSpec
 
 # Module-name patterns per tower; they match with or without a peft wrapper in front.
 TOWER_PATTERNS = {
@@ -25,10 +26,24 @@ ATTENTION_PROJECTIONS = r"(q_proj|k_proj|v_proj|out_proj)"
 TOWER_ATTRIBUTES = {"vision": "vision_model", "text": "text_model"}  # the towers of CLIP-style models
 
 
+@BACKBONES.register("dual_encoder")
 class DualEncoder(Backbone):
     """Wraps a transformers dual encoder; methods may replace `.model` (peft) or set `head`/`text_prompts`."""
 
     family = "dual_encoder"
+    TOWER_PATTERNS = TOWER_PATTERNS
+    DEFAULT_TOWERS = tuple(TOWER_PATTERNS)
+    caches_image_features = True
+
+    @classmethod
+    def load(cls, spec: BackboneSpec, path: str) -> DualEncoder:
+        from transformers import AutoModel
+
+        model, processor = load_pretrained(AutoModel, spec, path)
+        if not is_dual_encoder(model):
+            raise BackboneError(f"backbone.id {spec.id!r}: {type(model).__name__} has no get_image_features/"
+                                "get_text_features, so it is not a dual encoder; try backbone.family: generative")
+        return cls(model, processor, path)
 
     # --- inputs -------------------------------------------------------------------------------------------------
     @property
@@ -66,17 +81,23 @@ class DualEncoder(Backbone):
         chunks = torch.split(features, [len(group) for group in prompts])
         return F.normalize(torch.stack([chunk.mean(0) for chunk in chunks]), dim=-1)
 
+    def temperature(self) -> nn.Parameter | None:
+        return getattr(self.base_model, "logit_scale", None)
+
     def logit_scale(self) -> torch.Tensor:
-        scale = getattr(self.base_model, "logit_scale", None)
+        scale = self.temperature()
         return scale.exp().float() if scale is not None else torch.tensor(100.0, device=self.device)
 
     def logit_bias(self) -> torch.Tensor | float:
         bias = getattr(self.base_model, "logit_bias", None)
         return bias.float() if bias is not None else 0.0
 
-    def classify(self, pixel_values: torch.Tensor, text_features: torch.Tensor | None) -> torch.Tensor:
-        """Logits [batch, classes]: scaled cosine similarity to each class text (or the linear head)."""
-        return self.score(self.encode_images(pixel_values), text_features)
+    def logits(self, batch: dict, text_features: torch.Tensor | None) -> torch.Tensor:
+        """Logits [batch, classes]: scaled cosine similarity to each class text (or the linear head), from pixels or
+        from cached image features (the batches of a FeatureDataset)."""
+        if "image_features" in batch:
+            return self.score(batch["image_features"], text_features)
+        return self.score(self.encode_images(batch["pixel_values"]), text_features)
 
     def score(self, image_features: torch.Tensor, text_features: torch.Tensor | None) -> torch.Tensor:
         """Logits from image features already encoded (by `encode_images`, or cached for a frozen image tower)."""
@@ -119,14 +140,3 @@ def _pooled(output) -> torch.Tensor:
 
 def is_dual_encoder(model: nn.Module) -> bool:
     return hasattr(model, "get_image_features") and hasattr(model, "get_text_features")
-
-
-@BACKBONES.register("dual_encoder")
-def load(spec: BackboneSpec, path: str) -> DualEncoder:
-    from transformers import AutoModel
-
-    model, processor = load_pretrained(AutoModel, spec, path)
-    if not is_dual_encoder(model):
-        raise BackboneError(f"backbone.id {spec.id!r}: {type(model).__name__} has no get_image_features/"
-                            "get_text_features, so it is not a dual encoder; try backbone.family: generative")
-    return DualEncoder(model, processor, path)

@@ -8,6 +8,7 @@ below). Everything else (answer-masked training inputs, label scoring, generatio
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
@@ -16,14 +17,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mmpeft.backbones import BACKBONES, Backbone, BackboneError, load_pretrained
+from mmpeft.backbones.base import BACKBONES, Backbone, BackboneError
 from mmpeft.backbones.image_only import register as register_image_only_processors
+from mmpeft.backbones.loading import load_pretrained
+from mmpeft.backbones.scoring import score_answers
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from mmpeft.data import LabelSet
-    from mmpeft.recipe import BackboneSpec, Recipe
+    from mmpeft.specs import BackboneSpec, Recipe
 
 register_image_only_processors()  # before any AutoProcessor call, or a Qwen2-VL folder loads as a bare tokenizer
 
@@ -59,10 +62,27 @@ class GenerativeTask:
     max_new_tokens: int = 16
 
 
+@BACKBONES.register("generative")
 class GenerativeBackbone(Backbone):
     """Wraps an image-text-to-text model; methods may replace `.model` (peft). `head` is always None here."""
 
     family = "generative"
+    TOWER_PATTERNS = TOWER_PATTERNS
+    DEFAULT_TOWERS = DEFAULT_TOWERS
+
+    @classmethod
+    def load(cls, spec: BackboneSpec, path: str) -> GenerativeBackbone:
+        from transformers import AutoModelForImageTextToText
+
+        model, processor = load_pretrained(AutoModelForImageTextToText, spec, path)
+        if getattr(processor, "image_processor", None) is None:
+            raise BackboneError(f"backbone.id {spec.id!r}: AutoProcessor returned {type(processor).__name__}, not a "
+                                "processor with an image processor; if its processor class is a custom one, import "
+                                "the module that registers it with AutoProcessor.register before loading")
+        if not is_generative(model):
+            raise BackboneError(f"backbone.id {spec.id!r}: {type(model).__name__} cannot generate from images; "
+                                "try backbone.family: dual_encoder")
+        return cls(model, processor, path)
 
     def __init__(self, model: nn.Module, processor, name_or_path: str):
         super().__init__(model, processor, name_or_path)
@@ -73,6 +93,12 @@ class GenerativeBackbone(Backbone):
         """Take the question, answer template and scoring/generation settings from the recipe."""
         self.task = GenerativeTask(recipe.data.question, recipe.data.answer_template, recipe.eval.length_normalize,
                                    recipe.eval.max_new_tokens)
+
+    def task_settings(self) -> dict:
+        return dataclasses.asdict(self.task)
+
+    def apply_task_settings(self, settings: dict) -> None:
+        self.task = GenerativeTask(**settings)
 
     # --- parts --------------------------------------------------------------------------------------------------
     @property
@@ -145,6 +171,13 @@ class GenerativeBackbone(Backbone):
         """The answer tokens of each class: what classification scores, as dual encoders score label texts."""
         return [self.answer_ids(self.task.answer_template.format(label=name)) for name in labels.names]
 
+    def references(self, batch: dict, labels: LabelSet) -> list[str]:
+        """What each example should answer: its own text (`data.text_column`), else the templated label name."""
+        own = batch.get("texts") or [None] * len(batch["labels"])
+        names = labels.names
+        return [text if text else self.task.answer_template.format(label=names[int(label)])
+                for text, label in zip(own, batch["labels"].tolist())]
+
     def questions(self, batch: dict) -> list[str]:
         """Each example's own prompt (`data.prompt_column`) or the recipe's `data.question`."""
         own = batch.get("prompts") or [None] * len(batch["pixel_values"])
@@ -203,17 +236,11 @@ class GenerativeBackbone(Backbone):
         return self.to_model(self.stack(parts, padding_side))
 
     # --- evaluation hooks (mmpeft.evaluation.predict) -----------------------------------------------------------
-    def classify_batch(self, batch: dict, answers: list[list[int]]) -> torch.Tensor:
+    def logits(self, batch: dict, answers: list[list[int]]) -> torch.Tensor:
         """[batch, classes] log-likelihood of each class's answer given the image and its question."""
-        from mmpeft.evaluation.scoring import score_answers
-
         texts = [self.prompt_text(question) for question in self.questions(batch)]
         images = [[image] for image in batch["pixel_values"]]
         return score_answers(self, texts, images, answers, length_normalize=self.task.length_normalize)
-
-    def classify(self, pixel_values: list[Image.Image], text_features: list[list[int]]) -> torch.Tensor:
-        """The dual-encoder signature: images only, each asked the recipe's question."""
-        return self.classify_batch({"pixel_values": pixel_values}, text_features)
 
     @torch.no_grad()
     def image_embeddings(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
@@ -261,19 +288,3 @@ def _is_linear(module: nn.Module) -> bool:
 
 def is_generative(model: nn.Module) -> bool:
     return hasattr(model, "generate") and hasattr(model, "get_image_features")
-
-
-@BACKBONES.register("generative")
-def load(spec: BackboneSpec, path: str) -> GenerativeBackbone:
-    from transformers import AutoModelForImageTextToText
-
-    model, processor = load_pretrained(AutoModelForImageTextToText, spec, path)
-    if getattr(processor, "image_processor", None) is None:
-        raise BackboneError(f"backbone.id {spec.id!r}: AutoProcessor returned {type(processor).__name__}, not a "
-                            "processor with an image processor; if its processor class is a custom one, import the "
-                            "module that registers it with AutoProcessor.register before loading")
-    if not is_generative(model):
-        raise BackboneError(f"backbone.id {spec.id!r}: {type(model).__name__} cannot generate from images; "
-                            "try backbone.family: dual_encoder")
-    return GenerativeBackbone(model, processor, path)
-

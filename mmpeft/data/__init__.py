@@ -16,7 +16,7 @@ from mmpeft.data.shifts import SHIFTS, apply_shifts, parse_shift, shift_label
 from mmpeft.data.sources import DatasetImage, Row, load_image, read_rows
 from mmpeft.data.splits import examples_fingerprint, k_shot, split_examples
 from mmpeft.data.validate import check_empty_classes, find_bad_rows, report_bad_rows
-from mmpeft.recipe import DataSpec, SplitSpec
+from mmpeft.specs import DataSpec, SplitSpec
 
 __all__ = [
     "SHIFTS", "DataError", "DataSplits", "DatasetImage", "Example", "ImageCollator", "ImageDataset", "LabelSet",

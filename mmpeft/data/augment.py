@@ -10,7 +10,7 @@ import random
 
 from PIL import Image, ImageEnhance
 
-from mmpeft.recipe import AugmentSpec
+from mmpeft.specs import AugmentSpec
 
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of random resized crops, as in torchvision
 

@@ -17,7 +17,7 @@ from PIL import Image
 from mmpeft.data.augment import augment, augment_enabled, check_augment
 from mmpeft.data.shifts import apply_shifts, parse_shift
 from mmpeft.data.sources import ImageRef, load_image
-from mmpeft.recipe import AugmentSpec
+from mmpeft.specs import AugmentSpec
 
 Preprocess = Callable[[list[Image.Image]], torch.Tensor]
 

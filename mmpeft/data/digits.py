@@ -25,7 +25,7 @@ PARTITION_SEED = 20_240_917
 
 
 def digits_dir() -> Path:
-    from mmpeft.io import cache_dir
+    from mmpeft.core.io import cache_dir
 
     return cache_dir("datasets") / "digits"
 

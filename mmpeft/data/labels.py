@@ -10,9 +10,9 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+from mmpeft.core.schema import did_you_mean
 from mmpeft.data.errors import DataError
-from mmpeft.recipe import DataSpec
-from mmpeft.schema import did_you_mean
+from mmpeft.specs import DataSpec
 
 logger = logging.getLogger("mmpeft")
 

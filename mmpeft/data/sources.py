@@ -16,9 +16,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from mmpeft.core.schema import did_you_mean
 from mmpeft.data.errors import DataError
-from mmpeft.recipe import DataSpec
-from mmpeft.schema import did_you_mean
+from mmpeft.specs import DataSpec
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from mmpeft.data.errors import DataError
 from mmpeft.data.sources import DatasetImage
-from mmpeft.recipe import SplitSpec
+from mmpeft.specs import SplitSpec
 
 E = TypeVar("E")  # anything with `.label` (an int) and `.image`
 

@@ -16,9 +16,9 @@ from typing import Literal
 
 from PIL import Image
 
+from mmpeft.core.schema import did_you_mean
 from mmpeft.data.errors import DataError
 from mmpeft.data.sources import DatasetImage, Row
-from mmpeft.schema import did_you_mean
 
 logger = logging.getLogger("mmpeft")
 SHOWN = 5  # bad rows quoted in a message

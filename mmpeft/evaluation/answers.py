@@ -60,20 +60,11 @@ def generate_answers(backbone: GenerativeBackbone, texts: list[str], images: lis
     return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def references(backbone: GenerativeBackbone, batch: dict, labels: LabelSet) -> list[str]:
-    """What each example should answer: its own text (`data.text_column`), else the templated label name."""
-    own = batch.get("texts") or [None] * len(batch["labels"])
-    names = labels.names
-    return [text if text else backbone.task.answer_template.format(label=names[int(label)])
-            for text, label in zip(own, batch["labels"].tolist())]
-
-
 @torch.no_grad()
 def evaluate_answers(backbone: GenerativeBackbone, dataset: ImageDataset, labels: LabelSet, batch_size: int = 16,
                      desc: str = "answers") -> dict:
     """Generate an answer for every example of `dataset` and compare with its reference answer."""
-    if getattr(backbone, "family", None) != "generative":
-        raise ValueError("eval.generate: free-form answers need a generative backbone (backbone.family: generative)")
+    backbone.require("generative", "eval.generate (free-form answers)")
     was_training = backbone.training
     backbone.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_images(backbone.preprocess))
@@ -82,6 +73,6 @@ def evaluate_answers(backbone: GenerativeBackbone, dataset: ImageDataset, labels
         texts = [backbone.prompt_text(question) for question in backbone.questions(batch)]
         predictions += generate_answers(backbone, texts, [[image] for image in batch["pixel_values"]],
                                         backbone.task.max_new_tokens)
-        wanted += references(backbone, batch, labels)
+        wanted += backbone.references(batch, labels)
     backbone.train(was_training)
     return answer_metrics(predictions, wanted)

@@ -10,20 +10,11 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from mmpeft.core.distributed import process_state
 from mmpeft.data import collate_images
-from mmpeft.distributed import process_state
 
 if TYPE_CHECKING:
     from mmpeft.data import LabelSet
-
-
-def batch_logits(backbone, batch: dict, text_features: torch.Tensor | None) -> torch.Tensor:
-    """Logits of a batch of images, or of cached image features (the batches of a FeatureDataset)."""
-    if "image_features" in batch:
-        return backbone.score(batch["image_features"], text_features)
-    if hasattr(backbone, "classify_batch"):  # generative: each example's own prompt matters, not only its image
-        return backbone.classify_batch(batch, text_features)
-    return backbone.classify(batch["pixel_values"], text_features)
 
 
 @torch.no_grad()
@@ -43,7 +34,7 @@ def predict(backbone, dataset: Dataset, labels: LabelSet, batch_size: int = 64,
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collate)
     truth, predicted = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if state.is_main_process else True):
-        logits = batch_logits(backbone, batch, text_features)
+        logits = backbone.logits(batch, text_features)
         truth.extend(batch["labels"].tolist())
         predicted.extend(logits.argmax(-1).cpu().tolist())
     backbone.train(was_training)

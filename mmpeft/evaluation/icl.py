@@ -5,7 +5,7 @@ conversation it already had. Which demonstrations are shown matters as much as h
 compared: `random` (by seed), `balanced` (classes in turn) and `nearest` (most similar train images by the backbone's
 own image embedding, the most similar placed last, next to the query). A prompt longer than the model's context is
 shortened by dropping whole demonstrations, farthest from the query first, and every drop is counted; tokens are never
-cut. Classification is by label scoring (mmpeft.evaluation.scoring), so k = 0 is the zero-shot baseline.
+cut. Classification is by label scoring (mmpeft.backbones.scoring), so k = 0 is the zero-shot baseline.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from mmpeft.backbones.scoring import score_encoded
+from mmpeft.core.io import write_json, write_text
 from mmpeft.evaluation.metrics import classification_metrics
-from mmpeft.evaluation.scoring import score_encoded
-from mmpeft.io import write_json, write_text
+from mmpeft.report.plots import plt, save_figure
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from mmpeft.backbones.generative import GenerativeBackbone
-    from mmpeft.recipe import Recipe
+    from mmpeft.specs import Recipe
 
 logger = logging.getLogger("mmpeft")
 
@@ -116,46 +117,7 @@ def build_prompt(backbone: GenerativeBackbone, demos: Sequence[Demo], question: 
         kept = kept[1:]
 
 
-@torch.no_grad()
-def run_icl_sweep(recipe: str | Path | dict | Recipe, shots: Sequence[int] = DEFAULT_SHOTS,
-                  strategies: Sequence[str] = STRATEGIES, seeds: Sequence[int] = (0,),
-                  out_dir: str | Path | None = None, max_queries: int | None = 200,
-                  max_length: int | None = None) -> list[dict]:
-    """Accuracy of in-context prompting vs k per strategy and seed: one row per (strategy, k, seed).
-
-    A seed means what `seed` means in a recipe (the split, `data.shots` sample, demonstration draws). Rows carry
-    `method` ("icl-<strategy>"), `shots`, `seed`, `accuracy`, `macro_f1`, like compare rows, plus truncation counts.
-    With `out_dir`, writes icl.json, icl.md and icl_accuracy.png there. `max_length`: default the model's context.
-    """
-    from accelerate.utils import set_seed
-
-    from mmpeft.backbones import load_backbone
-    from mmpeft.data import load_data
-    from mmpeft.pipeline import place
-    from mmpeft.recipe import load_recipe
-
-    check_strategies(strategies)
-    if any(k < 0 for k in shots):
-        raise ValueError(f"in-context shots must be >= 0, got {list(shots)}")
-    recipe = load_recipe(recipe)
-    backbone = place(load_backbone(recipe.backbone), recipe)
-    if getattr(backbone, "family", None) != "generative":
-        raise ValueError(f"in-context prompting needs a generative backbone; backbone.id {recipe.backbone.id!r} is "
-                         f"{getattr(backbone, 'family', 'unknown')!r}")
-    backbone.configure(recipe)
-    backbone.eval()
-    limit = max_length or backbone.context_length
-    rows: list[dict] = []
-    for seed in seeds:
-        set_seed(seed, deterministic=False)
-        data = load_data(recipe.data, seed)
-        rows += _sweep_seed(backbone, data, recipe, seed, shots, strategies, max_queries, limit)
-    if out_dir is not None:
-        write_outputs(Path(out_dir), rows, recipe.name)
-    return rows
-
-
-def _sweep_seed(backbone: GenerativeBackbone, data, recipe: Recipe, seed: int, shots: Sequence[int],
+def sweep_seed(backbone: GenerativeBackbone, data, recipe: Recipe, seed: int, shots: Sequence[int],
                 strategies: Sequence[str], max_queries: int | None, limit: int | None) -> list[dict]:
     train, test = data.dataset("train"), data.dataset("test")
     queries = list(range(len(test)))
@@ -246,8 +208,6 @@ def write_outputs(out_dir: Path, rows: list[dict], title: str) -> None:
 
 
 def plot_accuracy(summary: dict[str, dict[int, tuple[float, float, int]]], path: Path, title: str) -> None:
-    from mmpeft.report.plots import plt, save_figure
-
     figure, axes = plt.subplots(figsize=(6, 4))
     ks = sorted({k for by_k in summary.values() for k in by_k})
     position = {k: i for i, k in enumerate(ks)}  # evenly spaced: k is usually 0, 1, 2, 4, 8

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from mmpeft.data import LabelSet
-from mmpeft.data.feature_cache import encode_dataset
 from mmpeft.evaluation.metrics import classification_metrics
+from mmpeft.features import encode_dataset
 
 if TYPE_CHECKING:
     from mmpeft.data import ImageDataset
-    from mmpeft.data.feature_cache import FeatureBinding
+    from mmpeft.features import FeatureBinding
 
 # Built-in template sets, usable by name in `grid.templates`. Words stay within the demo backbones' vocabulary.
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {

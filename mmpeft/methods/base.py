@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmpeft.io import atomic_path, write_json
-from mmpeft.registry import Registry
-from mmpeft.schema import to_plain
+from mmpeft.core.io import atomic_path, write_json
+from mmpeft.core.registry import Registry
+from mmpeft.core.schema import to_plain
 
 if TYPE_CHECKING:
     from mmpeft.data import LabelSet
-    from mmpeft.recipe import Recipe
+    from mmpeft.specs import Recipe
 
 STATE_FILE = "trainable.safetensors"
 CONFIG_FILE = "method.json"
@@ -49,7 +49,7 @@ class Method:
     @classmethod
     def check(cls, recipe: Recipe, cuda: bool | None = None) -> list[str]:
         """Problems with this method in this recipe, found before any model loads (`cuda`: None = this machine)."""
-        from mmpeft import quantization
+        from mmpeft.backbones import quantization
 
         problems = []
         family = recipe.backbone.family
@@ -109,10 +109,10 @@ class CannotMerge(ValueError):
 
 def fold_into_base(backbone: nn.Module) -> None:
     """The default `Method.merge`: unwrap a peft model with its own merge; refuse anything the base cannot hold."""
-    if getattr(backbone, "head", None) is not None:
+    if backbone.head is not None:
         raise CannotMerge("trains a classification head on the image features, which replaces label-text scoring; "
                           "the base model has no place for it")
-    if getattr(backbone, "text_prompts", None) is not None:
+    if backbone.text_prompts is not None:
         raise CannotMerge("learns text prompt vectors, which are inputs to the text tower, not weights")
     model = backbone.model
     if hasattr(model, "peft_config"):
@@ -144,7 +144,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 def freeze(backbone: nn.Module) -> None:
     """Freeze every weight before a method unfreezes or adds its own; a k-bit base also gets peft's preparation."""
-    from mmpeft.quantization import prepare_for_training
+    from mmpeft.backbones.quantization import prepare_for_training
 
     backbone.requires_grad_(False)
     prepare_for_training(backbone.model)
@@ -162,7 +162,7 @@ def trainable_state(module: nn.Module) -> dict:
 
 def image_path_untouched(backbone: nn.Module) -> bool:
     """No trainable parameter and no forward hook under the image tower (and `encode_images` not replaced)."""
-    if not hasattr(backbone, "tower_pattern") or "encode_images" in vars(backbone):
+    if "encode_images" in vars(backbone):
         return False
     vision = re.compile(backbone.tower_pattern("vision"))
     if any(p.requires_grad for name, p in backbone.named_parameters() if vision.search(name)):

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
-from mmpeft.io import write_json
+from mmpeft.core.io import write_json
+from mmpeft.core.schema import to_plain
 from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, register
-from mmpeft.schema import to_plain
 
 if TYPE_CHECKING:
     from mmpeft.data import LabelSet

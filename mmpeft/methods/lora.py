@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from mmpeft.backbones import family_towers, resolve_towers
-from mmpeft.io import write_json
+from mmpeft.core.io import write_json
+from mmpeft.core.schema import to_plain
 from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, freeze, register
-from mmpeft.schema import to_plain
 
 if TYPE_CHECKING:
     from mmpeft.data import LabelSet
-    from mmpeft.recipe import Recipe
+    from mmpeft.specs import Recipe
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Lora(PeftMethod):
 
     @classmethod
     def check(cls, recipe: Recipe, cuda: bool | None = None) -> list[str]:
-        from mmpeft.quantization import cuda_available
+        from mmpeft.backbones.quantization import cuda_available
 
         problems = super().check(recipe, cuda)
         quant = recipe.backbone.quantization

@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mmpeft.core.schema import to_plain
 from mmpeft.methods.base import METHODS
-from mmpeft.recipe import BackboneSpec, QuantizationSpec, Recipe
-from mmpeft.schema import to_plain
+from mmpeft.specs import BackboneSpec, QuantizationSpec, Recipe
 
 COLUMNS = ("dual_encoder", "generative", "4-bit", "8-bit")
 MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")

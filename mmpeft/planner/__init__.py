@@ -41,7 +41,7 @@ from mmpeft.planner.units import format_bytes, parse_memory
 
 if TYPE_CHECKING:
     from mmpeft.data import LabelSet
-    from mmpeft.recipe import DataSpec, Recipe
+    from mmpeft.specs import DataSpec, Recipe
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,16 +60,17 @@ def plan(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None 
 def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
                  ) -> list[tuple[str, Recipe]]:
     """(label, recipe) per method: the recipe's own, or each entry of a compare recipe's `grid.methods`."""
-    from mmpeft.recipe import Recipe, load_recipe
+    from mmpeft.runs.recipe import load_recipe
+    from mmpeft.specs import Recipe
 
     if isinstance(source, Recipe) or not _has_grid(source):
         loaded = load_recipe(source, overrides)
         return [(loaded.method.name, loaded)]
     try:
-        from mmpeft.grid import load_setup
+        from mmpeft.grids.setup import load_setup
     except ImportError:
         raise PlanError("this recipe has a `grid:` section (a compare recipe), which this installation cannot read "
-                        "(mmpeft.grid is missing); plan one method with a plain recipe") from None
+                        "(mmpeft.grids.setup is missing); plan one method with a plain recipe") from None
     setup = load_setup(source, overrides)
     if not hasattr(setup, "methods"):  # a regularisers grid: one method, trained under every regulariser
         return [(setup.recipe.recipe.method.name, setup.recipe.recipe)]
@@ -163,7 +164,7 @@ def plan_notes(recipe: Recipe, meta: MetaBackbone) -> list[str]:
 
 
 def _quantization(spec: Any, bits: int) -> Any:
-    from mmpeft.recipe import QuantizationSpec
+    from mmpeft.specs import QuantizationSpec
 
     return dataclasses.replace(spec, bits=bits) if spec is not None else QuantizationSpec(bits=bits)
 

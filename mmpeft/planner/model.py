@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mmpeft.backbones import DTYPES, BackboneError, resolve_path
+from mmpeft.backbones import BackboneError, resolve_path
+from mmpeft.core.dtypes import DTYPES
 
 if TYPE_CHECKING:
     from mmpeft.data import LabelSet
-    from mmpeft.recipe import BackboneSpec, QuantizationSpec, Recipe
+    from mmpeft.specs import BackboneSpec, QuantizationSpec, Recipe
 
 
 # bitsandbytes layouts: 4-bit packs two values per byte with one absmax per 64 values (fp32, or 8-bit codes with one
@@ -112,7 +113,7 @@ def _config_twin(spec: BackboneSpec) -> BackboneSpec:
     tokenizer and processor and random weights: planning reads that, so it never triggers the pre-training."""
     import dataclasses
 
-    import mmpeft.backbones.demo  # noqa: F401  (registers the demo names)
+    import mmpeft.runs.demo  # noqa: F401  (registers the demo names)
     from mmpeft.backbones import DEMO_BACKBONES
 
     twin = f"{spec.id}-config"
@@ -228,8 +229,8 @@ def trainable_sizes(module: nn.Module) -> list[tuple[int, int]]:
 def _linear_probe_formula(backbone: nn.Module, config: Any, labels: LabelSet) -> str:
     """A linear head on the image features: (feature size + 1) x classes, the backbone frozen."""
     backbone.requires_grad_(False)
-    dim = backbone.base_model.config.projection_dim if hasattr(backbone.base_model.config, "projection_dim") \
-        else backbone.tower_model("vision").config.hidden_size
+    config = backbone.base_model.config
+    dim = getattr(config, "projection_dim", None) or backbone.tower_model("vision").config.hidden_size
     backbone.head = nn.Linear(dim, len(labels), device="meta")
     return f"head ({dim} features + 1) x {len(labels)} classes"
 

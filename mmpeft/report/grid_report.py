@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mmpeft.io import write_json, write_text
+from mmpeft.core.io import write_json, write_text
 from mmpeft.report.grid_plots import Point, efficiency_png, shots_png, time_png
 from mmpeft.report.stats import ALPHA, paired_test, summarize
 
@@ -359,7 +359,7 @@ def _augmenting(spec) -> bool:
 
 
 def _plain(config) -> dict:
-    from mmpeft.schema import to_plain
+    from mmpeft.core.schema import to_plain
 
     return to_plain(config)
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mmpeft.io import atomic_path  # noqa: E402
+from mmpeft.core.io import atomic_path  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> None:

@@ -14,7 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mmpeft.io import write_json, write_text
+from mmpeft.core.io import write_json, write_text
+from mmpeft.core.schema import to_plain
 from mmpeft.report.grid_plots import Point, forgetting_png
 from mmpeft.report.grid_report import (
     _best,
@@ -28,7 +29,6 @@ from mmpeft.report.grid_report import (
     std,
 )
 from mmpeft.report.stats import ALPHA, paired_test, summarize
-from mmpeft.schema import to_plain
 
 # metric -> (table heading, which way is better)
 METRICS = {"average_accuracy": ("average accuracy", max), "average_forgetting": ("average forgetting ↓", min),

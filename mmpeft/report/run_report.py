@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmpeft.io import write_text
+from mmpeft.core.io import write_text
 from mmpeft.report.plots import confusion_matrix_png
 
 CONFUSION_PNG = "confusion_matrix.png"

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import mmpeft  # noqa: E402
-from mmpeft.data.feature_cache import PROCESS_CACHE  # noqa: E402
+from mmpeft.features import PROCESS_CACHE  # noqa: E402
 
 METHODS = {"linear_probe": {"preset": "linear-probe", "label": "linear_probe", "train": {"lr": 0.3}},
            "coop": {"preset": "coop-16", "n_ctx": 8, "label": "coop-8"}}

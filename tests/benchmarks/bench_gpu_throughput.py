@@ -41,7 +41,8 @@ def build_folder(folder: str, smoke: bool) -> str:
 def make_backbone(path: str, method: str, smoke: bool):
     from mmpeft.backbones import load_backbone
     from mmpeft.methods import METHODS
-    from mmpeft.recipe import BackboneSpec, QuantizationSpec, load_recipe
+    from mmpeft.runs.recipe import load_recipe
+    from mmpeft.specs import BackboneSpec, QuantizationSpec
 
     quantization = QuantizationSpec(bits=4, compute_dtype="bfloat16") if method == "qlora" else None
     dtype = "float32" if smoke else "bfloat16"
@@ -101,7 +102,7 @@ def hand_loop(backbone, pixels, targets, prompts, steps: int, device: str) -> fl
 def mmpeft_loop(backbone, pixels, targets, prompts, steps: int, device: str) -> float:
     from mmpeft.data import LabelSet
     from mmpeft.objectives import make_objective
-    from mmpeft.recipe import TrainSpec
+    from mmpeft.specs import TrainSpec
     from mmpeft.train import Trainer
 
     labels = LabelSet([str(i) for i in range(len(prompts))], prompts={str(i): [p] for i, p in enumerate(prompts)})

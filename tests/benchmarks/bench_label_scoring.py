@@ -1,5 +1,5 @@
 """Label scoring on generative backbones: all labels of an image in one continuation forward after a shared prompt
-prefix (mmpeft.evaluation.scoring.score_answers) vs one full forward per (image, label).
+prefix (mmpeft.backbones.scoring.score_answers) vs one full forward per (image, label).
 
     python tests/benchmarks/bench_label_scoring.py [--kind llava|qwen2vl|both] [--images 16] [--labels 10]
 
@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mmpeft.backbones import load_backbone  # noqa: E402
-from mmpeft.evaluation.scoring import score_answers, score_answers_per_label  # noqa: E402
-from mmpeft.recipe import BackboneSpec  # noqa: E402
+from mmpeft.backbones.scoring import score_answers, score_answers_per_label  # noqa: E402
+from mmpeft.runs.recipe import BackboneSpec  # noqa: E402
 from mmpeft.testing import tiny_backbone  # noqa: E402
 
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "red", "green", "blue",

@@ -79,7 +79,8 @@ def measure_one(folder: str, row: str, batch_size: int, steps: int) -> dict:
     from mmpeft.methods import METHODS as REGISTRY
     from mmpeft.methods import count_parameters
     from mmpeft.objectives import Classification
-    from mmpeft.recipe import BackboneSpec, QuantizationSpec, load_recipe
+    from mmpeft.runs.recipe import load_recipe
+    from mmpeft.specs import BackboneSpec, QuantizationSpec
 
     torch.manual_seed(0)
     labels = LabelSet(CLASSES)
@@ -114,8 +115,8 @@ def measure_one(folder: str, row: str, batch_size: int, steps: int) -> dict:
 
 def footprints(folder: str) -> dict[str, dict[str, int]]:
     from mmpeft.backbones import load_backbone
-    from mmpeft.quantization import weight_bytes
-    from mmpeft.recipe import BackboneSpec, QuantizationSpec
+    from mmpeft.backbones.quantization import weight_bytes
+    from mmpeft.specs import BackboneSpec, QuantizationSpec
 
     result = {}
     for label, bits in (("fp32", None), ("8-bit", 8), ("4-bit nf4", 4)):

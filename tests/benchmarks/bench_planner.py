@@ -51,7 +51,7 @@ MIB = 2**20
 
 
 def recipe_for(case: str, backbone_dir: str, batch: int):
-    from mmpeft.recipe import load_recipe
+    from mmpeft.runs.recipe import load_recipe
 
     data = {"name": f"bench-{case}", "backbone": {"id": backbone_dir},
             "data": {"source": "digits", "classes": CLASSES, "templates": ["a photo of a {label}."]},

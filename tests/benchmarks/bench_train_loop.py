@@ -24,7 +24,7 @@ from mmpeft.backbones import load_backbone  # noqa: E402
 from mmpeft.data import collate_images, load_data  # noqa: E402
 from mmpeft.methods import METHODS  # noqa: E402
 from mmpeft.objectives import make_objective  # noqa: E402
-from mmpeft.recipe import load_recipe  # noqa: E402
+from mmpeft.runs.recipe import load_recipe  # noqa: E402
 from mmpeft.testing import save_tiny_clip  # noqa: E402
 from mmpeft.train import Trainer  # noqa: E402
 

@@ -1,0 +1,124 @@
+"""A finished run folder, checked before any model loads, and its trained model rebuilt (base + apply + load)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmpeft.backbones import Backbone
+from mmpeft.core.schema import RecipeError
+from mmpeft.data import LabelSet, load_data
+from mmpeft.methods import METHODS, Method
+from mmpeft.methods.base import CONFIG_FILE, STATE_FILE
+from mmpeft.runs.build import apply_method, load_base
+from mmpeft.runs.folder import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE
+from mmpeft.runs.recipe import load_recipe
+from mmpeft.specs import Recipe
+
+logger = logging.getLogger("mmpeft")
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# What each `Method.saved_format` must have written, besides CONFIG_FILE.
+FORMAT_FILES: dict[str, tuple[str, ...]] = {
+    "peft": (PEFT_CONFIG, PEFT_WEIGHTS),
+    "transformers": ("config.json",),  # + model.safetensors or its sharded index, checked below
+    "mmpeft": (STATE_FILE,),
+}
+
+
+class ExportError(ValueError):
+    """A run or export folder that cannot be exported, loaded or merged, with what would work instead."""
+
+
+@dataclass
+class RunFolder:
+    """A finished run: its resolved recipe, metrics and the method's saved state (`adapter/`)."""
+
+    path: Path
+    recipe: Recipe
+    metrics: dict
+    adapter: Path
+    method: Method
+
+    @property
+    def format(self) -> str:
+        return self.method.saved_format
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+
+def read_run(path: str | Path) -> RunFolder:
+    """Check a run folder (recipe.yaml, metrics.json, the method's files) and read it; raise ExportError if not."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"run folder {path} does not exist (expected a folder written by `mmpeft run`)")
+    if not (path / RECIPE_FILE).is_file():
+        raise ExportError(f"{path / RECIPE_FILE} is missing: {path} is not a run folder written by `mmpeft run`")
+    if not (path / METRICS_FILE).is_file():
+        raise ExportError(f"{path / METRICS_FILE} is missing: the run did not finish; continue it with "
+                          f"`mmpeft run --resume {path}`, then export")
+    try:
+        recipe = load_recipe(path / RECIPE_FILE)
+    except RecipeError as error:
+        raise ExportError(f"{path / RECIPE_FILE} no longer loads (export rebuilds the run from it):\n{error}") from None
+    try:
+        metrics = json.loads((path / METRICS_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{path / METRICS_FILE} is not valid JSON ({error}); the run folder is damaged") from None
+    method = METHODS.get(recipe.method.name)()
+    if not method.trains:
+        raise ExportError(f"run {path} used method {method.name!r}: nothing was trained, so there is nothing to export;"
+                          f" the base model {recipe.backbone.id!r} is the model")
+    adapter = path / ADAPTER_DIR
+    missing = missing_files(adapter, method.saved_format)
+    if missing:
+        raise ExportError(f"{adapter}: missing {', '.join(missing)} (method {method.name!r} saves "
+                          f"{', '.join(expected_files(method.saved_format))}); the run folder is incomplete or was "
+                          f"changed: run it again with `mmpeft run {path / RECIPE_FILE}`")
+    return RunFolder(path, recipe, metrics, adapter, method)
+
+
+def expected_files(saved_format: str) -> tuple[str, ...]:
+    weights = ("model.safetensors",) if saved_format == "transformers" else ()
+    return (*FORMAT_FILES[saved_format], *weights, CONFIG_FILE)
+
+
+def missing_files(directory: Path, saved_format: str) -> list[str]:
+    """Files a method's saved state of `saved_format` must have that `directory` lacks (all, if it is absent)."""
+    if not directory.is_dir():
+        return [f"the whole folder {directory.name}/"]
+    missing = [name for name in (*FORMAT_FILES[saved_format], CONFIG_FILE) if not (directory / name).is_file()]
+    if saved_format == "transformers" and not any((directory / n).is_file() for n in
+                                                  ("model.safetensors", "model.safetensors.index.json")):
+        missing.append("model.safetensors")
+    return missing
+
+
+def rebuild(run: RunFolder, labels: LabelSet, dtype: str | None = None, dequantize: bool = False) -> Backbone:
+    """The trained backbone, as the run left it: base (as the recipe loads it) + `apply` + `load` of the saved state.
+
+    `dtype` / `dequantize` load the base in another precision or without its 4/8-bit quantization (for merging).
+    """
+    changes: dict = {}
+    if dtype is not None:
+        changes["dtype"] = dtype
+    if dequantize:
+        changes["quantization"] = None
+    recipe = run.recipe.replace(backbone=dataclasses.replace(run.recipe.backbone, **changes))
+    backbone = load_base(recipe)
+    try:
+        apply_method(backbone, recipe, labels, state=run.adapter)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise ExportError(f"{run.adapter}: the saved state does not fit the base {recipe.backbone.id!r} with method "
+                          f"{run.method.name!r}: {str(error).splitlines()[0]}") from None
+    return backbone.eval()
+
+
+def run_data(run: RunFolder):
+    """The run's data splits and label set, as `mmpeft run` made them (same recipe, same seed)."""
+    return load_data(run.recipe.data, run.recipe.seed)

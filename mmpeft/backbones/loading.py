@@ -1,0 +1,44 @@
+"""(model, processor) through transformers' Auto classes: dtype, revision, 4/8-bit, or fresh random weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mmpeft.backbones.base import BackboneError
+from mmpeft.backbones.quantization import bnb_config, prepare_loaded
+from mmpeft.core.dtypes import DTYPES
+
+if TYPE_CHECKING:
+    from mmpeft.specs import BackboneSpec
+
+
+def load_pretrained(model_class, spec: BackboneSpec, path: str):
+    """(model, processor) through the Auto classes, with dtype, revision and optional quantization.
+
+    `backbone.init: scratch` builds the architecture from the folder's config with fresh random weights (drawn
+    from torch's global generator, which the pipeline seeds) and keeps its processor: pre-training from zero.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    kwargs = {"dtype": DTYPES[spec.dtype]}
+    if spec.quantization is not None:
+        kwargs["quantization_config"] = bnb_config(spec.quantization)
+    if spec.init == "scratch":
+        config = from_pretrained(AutoConfig, path, spec)
+        model = model_class.from_config(config, dtype=kwargs["dtype"], trust_remote_code=spec.trust_remote_code)
+    else:
+        model = from_pretrained(model_class, path, spec, **kwargs)
+    if spec.quantization is not None:
+        prepare_loaded(model)
+    processor = from_pretrained(AutoProcessor, path, spec)
+    return model, processor
+
+
+def from_pretrained(cls, path: str, spec: BackboneSpec, **kwargs):
+    try:
+        return cls.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs)
+    except OSError as error:
+        where = "local directory" if Path(path).is_dir() else "hub id (offline here? set HF_HUB_OFFLINE=0 online)"
+        raise BackboneError(f"backbone.id {spec.id!r}: could not load {cls.__name__} from {where}: "
+                            f"{str(error).splitlines()[0]}") from None

@@ -1,0 +1,46 @@
+"""`train.objective: generative`: next-token loss on the answer tokens only, for image-text-to-text backbones.
+
+Each example becomes one chat turn (image + question) and the answer the model should give: the row's own text
+(`data.text_column`) where it has one, else the class name through `data.answer_template`. Prompt tokens (image
+tokens, question, template markup) and padding carry label -100, so the loss never rewards repeating the prompt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from mmpeft.objectives.base import OBJECTIVES, Objective
+
+if TYPE_CHECKING:
+    from mmpeft.data import ImageDataset, LabelSet
+
+
+@OBJECTIVES.register("generative")
+class AnswerLoss(Objective):
+    """Mean cross-entropy over answer tokens (transformers' causal-LM loss with masked labels)."""
+
+    def __init__(self, backbone, labels: LabelSet, dataset: ImageDataset | None = None):
+        if backbone.family != "generative":
+            raise ValueError("train.objective: 'generative' trains answers of image-text-to-text models, but this "
+                             f"backbone is {backbone.family!r}; use train.objective: classification or contrastive, "
+                             "or a generative backbone")
+        self.backbone, self.labels = backbone, labels
+
+    def answers(self, batch: dict) -> list[str]:
+        return self.backbone.references(batch, self.labels)
+
+    def inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Model inputs with `labels` set on the answer tokens only."""
+        backbone = self.backbone
+        texts = [backbone.prompt_text(question) for question in backbone.questions(batch)]
+        answers = [backbone.answer_ids(answer) for answer in self.answers(batch)]
+        return backbone.encode(texts, [[image] for image in batch["pixel_values"]], answers)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return self.backbone.model(**self.inputs(batch)).loss
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Class scores (answer log-likelihoods), as the classification objective's logits."""
+        return self.backbone.logits(batch, self.backbone.class_text_features(self.labels))

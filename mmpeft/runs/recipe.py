@@ -1,0 +1,187 @@
+"""Loading a recipe: YAML (+ presets, + `key.sub=value` overrides) -> a validated, frozen Recipe (mmpeft.specs)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmpeft.core.io import PROJECT_ROOT
+from mmpeft.core.schema import RecipeError, build, did_you_mean
+from mmpeft.specs import Recipe
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
+    """YAML file or mapping (+ `key.sub=value` overrides) -> validated Recipe; raises RecipeError."""
+    if isinstance(source, Recipe) and not overrides:
+        return source
+    if isinstance(source, Recipe):
+        source = source.to_dict()
+    base_dir = Path.cwd()
+    label = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError([f"recipe file not found: {path}"])
+        data = read_yaml(path)
+        base_dir, label = path.resolve().parent, str(path)
+        data.setdefault("name", path.stem)
+    else:
+        data = copy.deepcopy(source)
+    data = resolve_presets(data, base_dir)
+    for key, value in parse_overrides(overrides).items():
+        _set_path(data, key, value)
+    data = resolve_presets(data, base_dir)  # an override may name a preset
+    return validate(data, base_dir, label)
+
+
+def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
+    from mmpeft.methods import METHODS
+
+    problems: list[str] = []
+    method_data = data.get("method")
+    method = None
+    if method_data is None:
+        problems.append(f"method: required; valid methods: {', '.join(METHODS.names())}")
+    elif not isinstance(method_data, dict) or "name" not in method_data:
+        problems.append(f"method: expected a method name, a preset file or a mapping with `name`, got {method_data!r}")
+    elif method_data["name"] not in METHODS:
+        name = method_data["name"]
+        problems.append(f"method.name: unknown method {name!r}{did_you_mean(str(name), METHODS.names())}; "
+                        f"valid: {', '.join(METHODS.names())}")
+    else:
+        method = build(METHODS.get(method_data["name"]).Config, method_data, "method", problems)
+    rest = {k: v for k, v in data.items() if k != "method"}
+    recipe = build(Recipe, {**rest, "method": None}, "", problems)
+    complete = recipe is not None and None not in (recipe.backbone, recipe.data, recipe.train, recipe.eval)
+    if complete:
+        recipe = recipe.replace(method=method)
+        problems += _check_files(recipe, base_dir)
+        problems += _check_shifts(recipe)
+        problems += _check_generative(recipe)
+        if method is not None:
+            problems += METHODS.get(method.name).check(recipe)
+    if problems:
+        raise RecipeError(problems, label)
+    return recipe
+
+
+def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
+    problems = []
+    if recipe.train.log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        problems.append("train.log_with: tensorboard is not installed; `pip install tensorboard` or remove the key")
+    data = recipe.data
+    if data.source in ("folder", "csv", "jsonl", "hf_disk") and data.path and not Path(data.path).exists():
+        problems.append(f"data.path: {data.source} source {data.path!r} does not exist")
+    if data.image_root and not Path(data.image_root).is_dir():
+        problems.append(f"data.image_root: folder {data.image_root!r} does not exist")
+    backbone_id = recipe.backbone.id
+    looks_local = backbone_id.startswith((".", "/", "~")) or Path(backbone_id).exists()
+    if looks_local and not Path(backbone_id).expanduser().is_dir():
+        problems.append(f"backbone.id: local directory {backbone_id!r} does not exist")
+    return problems
+
+
+def _check_generative(recipe: Recipe) -> list[str]:
+    """Generative-only settings on a backbone declared a dual encoder (family auto is checked when it loads)."""
+    if recipe.backbone.family != "dual_encoder":
+        return []
+    problems = []
+    if recipe.train.objective == "generative":
+        problems.append("train.objective: 'generative' trains answers of image-text-to-text models, but "
+                        "backbone.family is 'dual_encoder'; use classification or contrastive")
+    if recipe.eval.generate:
+        problems.append("eval.generate: free-form answers need backbone.family: generative (or auto)")
+    return problems
+
+
+def _check_shifts(recipe: Recipe) -> list[str]:
+    """Unknown shift names, found before any data is read (the names live in mmpeft.data.shifts)."""
+    from mmpeft.data.shifts import parse_shift
+
+    problems = []
+    for key in ("shift", "eval_shifts"):
+        for i, text in enumerate(getattr(recipe.data, key)):
+            try:
+                parse_shift(text)
+            except ValueError as error:
+                problems.append(f"data.{key}[{i}]: {error}")
+    return problems
+
+
+def resolve_presets(data: dict, base_dir: Path) -> dict:
+    """`method: adapters/lora-r8.yaml` (or `lora-r8`, or a bare method name) -> a method mapping."""
+    method = data.get("method")
+    if isinstance(method, str):
+        data["method"] = _load_method_preset(method, base_dir)
+    elif isinstance(method, dict) and "preset" in method:
+        merged = _load_method_preset(method["preset"], base_dir)
+        merged.update({k: v for k, v in method.items() if k != "preset"})
+        data["method"] = merged
+    return data
+
+
+def _load_method_preset(ref: str, base_dir: Path) -> dict:
+    from mmpeft.methods import METHODS
+
+    if ref in METHODS:
+        return {"name": ref}
+    for candidate in preset_candidates(ref, base_dir):
+        if candidate.is_file():
+            preset = read_yaml(candidate)
+            if "name" not in preset:
+                raise RecipeError([f"method: preset {candidate} has no `name` key"])
+            return preset
+    presets = [p.stem for p in (PROJECT_ROOT / "adapters").glob("*.yaml")]
+    raise RecipeError([f"method: {ref!r} is neither a method ({', '.join(METHODS.names())}) nor a preset file"
+                       f"{did_you_mean(Path(ref).stem, presets)}; presets in adapters/: {', '.join(sorted(presets))}"])
+
+
+def preset_candidates(ref: str, base_dir: Path) -> list[Path]:
+    names = [ref] if ref.endswith((".yaml", ".yml")) else [ref, f"{ref}.yaml"]
+    roots = [Path.cwd(), base_dir, PROJECT_ROOT, PROJECT_ROOT / "adapters"]
+    return [root / name for name in names for root in roots]
+
+
+def parse_overrides(overrides: list[str] | dict | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError([f"override {item!r}: expected key.sub=value (for example train.epochs=3)"])
+        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return parsed
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if isinstance(child, str) and key == "method":
+            child = node[key] = resolve_presets({"method": child}, Path.cwd())["method"]
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise RecipeError([f"override {dotted}: {key!r} is not a section (it is {child!r})"])
+        node = child
+    node[keys[-1]] = value
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML file whose top level is a mapping; anything else is a RecipeError naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError([f"{path}: not valid YAML: {error}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: the top level must be a mapping, got {type(data).__name__}"])
+    return data

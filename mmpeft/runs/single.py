@@ -1,0 +1,159 @@
+"""`mmpeft.run(recipe)`: zero-shot -> apply method -> train -> evaluate -> save -> report, in one run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from mmpeft.backbones import Backbone
+from mmpeft.backbones.quantization import weight_bytes
+from mmpeft.core.distributed import process_state
+from mmpeft.core.io import write_json
+from mmpeft.data import load_data
+from mmpeft.evaluation import classification_metrics, predict
+from mmpeft.features import FeatureBinding, bind_features, keep_after_apply
+from mmpeft.methods import METHODS, count_parameters
+from mmpeft.objectives import make_objective
+from mmpeft.report import write_run_report
+from mmpeft.runs.build import apply_method, build, load_base
+from mmpeft.runs.evaluate import (
+    evaluate_answer_set,
+    evaluate_retrieval_set,
+    evaluate_sets,
+    evaluation_sets,
+    print_line,
+    wants_retrieval,
+)
+from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE, new_run_dir, run_logging, save_adapter
+from mmpeft.runs.recipe import load_recipe
+from mmpeft.specs import Recipe
+from mmpeft.train import Trainer
+
+logger = logging.getLogger("mmpeft")
+
+
+def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
+        resume: str | Path | None = None) -> dict:
+    """Run a recipe end to end and return its metrics (also written to <run folder>/metrics.json)."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no {RECIPE_FILE} there; is it a run folder?")
+        if (run_dir / METRICS_FILE).is_file():
+            logger.info("run %s is already complete", run_dir)
+            return json.loads((run_dir / METRICS_FILE).read_text())
+        recipe = load_recipe(run_dir / RECIPE_FILE, overrides)
+    else:
+        recipe = load_recipe(recipe, overrides)
+        run_dir = new_run_dir(recipe)
+    with run_logging(run_dir):
+        return execute(recipe, run_dir, resume=resume is not None)
+
+
+def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
+    set_seed(recipe.seed, deterministic=False)
+    data = load_data(recipe.data, recipe.seed)
+    logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
+    backbone = load_base(recipe)
+    method = METHODS.get(recipe.method.name)()
+    metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
+                     "seed": recipe.seed, "data": data.info}
+    test_sets = evaluation_sets(recipe, data)
+    features = bind_features(recipe, backbone)  # image features of the untouched image tower, computed once
+    if recipe.eval.zero_shot and method.name != "zero_shot":
+        metrics.update(evaluate_all(backbone, test_sets, data, recipe, "zero-shot", features))
+    apply_method(backbone, recipe, data.labels)
+    metrics["params"] = count_parameters(backbone)
+    logger.info("method %s: %d trainable of %d parameters (%.3f%%)", method.name, metrics["params"]["trainable"],
+                metrics["params"]["total"], metrics["params"]["percent"])
+    features = keep_after_apply(features, recipe, method, backbone)
+    if method.trains:
+        metrics["train"], final_state = train(recipe, run_dir, backbone, data, resume, features)
+        if final_state is not None:  # FSDP left the trained model sharded: evaluate and save a whole one
+            backbone = build(recipe, data.labels, final_state)
+    tested = evaluate_all(backbone, test_sets, data, recipe, "test", features)
+    for key in ("answers", "retrieval"):
+        if key in tested:
+            tested[key] = {**metrics.get(key, {}), **tested[key]}
+    metrics.update(tested)
+    metrics["feature_cache"] = features.stats() if features is not None else {"used": False}
+    metrics["memory"] = memory_footprint(backbone)
+    print_line(method.name, metrics["test"], metrics["params"])
+    state = process_state()
+    if state.is_main_process:  # one writer, whatever the number of processes
+        save_adapter(method, backbone, recipe, run_dir)
+        write_run_report(run_dir, metrics, data.labels.names)
+        write_json(run_dir / METRICS_FILE, metrics)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        logger.info("run folder: %s", run_dir)
+    state.wait_for_everyone()
+    return metrics
+
+
+def evaluate_all(backbone: Backbone, test_sets: dict, data, recipe: Recipe, stage: str,
+                 features: FeatureBinding | None) -> dict:
+    """{"zero_shot" or "test": label scores, "answers"/"retrieval": {stage: ...} where the recipe asks for them}."""
+    key = "zero_shot" if stage == "zero-shot" else "test"
+    found: dict = {key: evaluate_sets(backbone, test_sets, data.labels, recipe, stage, features)}
+    if stage == "zero-shot":
+        print_line(stage, found[key])
+    if recipe.eval.generate:
+        found["answers"] = {key: evaluate_answer_set(backbone, test_sets, data, recipe, stage)}
+    if wants_retrieval(recipe):
+        found["retrieval"] = {key: evaluate_retrieval_set(backbone, test_sets, data, recipe, stage)}
+    return found
+
+
+def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
+          features: FeatureBinding | None = None) -> tuple[dict, dict | None]:
+    """Train; returns the summary and, under FSDP, the whole trained state (else None: `backbone` holds it)."""
+    train_set = data.dataset("train", augment=True, seed=recipe.seed, spec=recipe.data)
+    if features is not None and train_set.augment is not None:
+        logger.info("feature cache: off for training: data.augment changes the images every epoch "
+                    "(val and test features stay cached)")
+    elif features is not None:
+        train_set = features.wrap(train_set, "train")
+    objective = make_objective(recipe.train.objective, backbone, data.labels, train_set)
+    val_set = data.dataset("val") if data.val else None
+    if val_set is not None and features is not None:
+        val_set = features.wrap(val_set, "val")
+
+    def evaluate_val() -> dict:
+        truth, predicted = predict(backbone, val_set, data.labels, recipe.eval.batch_size, desc="val")
+        scores = classification_metrics(truth, predicted, data.labels.names)
+        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+
+    trainer = Trainer(backbone, objective, train_set, recipe.train, recipe.seed, run_dir,
+                      evaluate_val=evaluate_val if val_set is not None else None, tracker_config=_flat(recipe))
+    progress = trainer.fit(resume=resume)
+    seconds = progress.train_seconds
+    summary = {"epochs_run": progress.epoch, "steps": progress.global_step, "seconds": round(seconds, 3),
+               "samples_per_second": round(progress.samples_seen / seconds, 2) if seconds else None,
+               "best_epoch": progress.best_epoch, "history": progress.history}
+    return summary, trainer.final_state
+
+
+def memory_footprint(backbone: Backbone) -> dict:
+    result = {"weights_bytes": weight_bytes(backbone)}  # includes bitsandbytes' quantization state
+    if torch.cuda.is_available():
+        result["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return result
+
+
+def _flat(recipe: Recipe) -> dict:
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", recipe.to_dict())
+    return flat

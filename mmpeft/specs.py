@@ -1,0 +1,169 @@
+"""The recipe's frozen dataclasses: every key, its type and its default (defaults live here and nowhere else).
+
+Loading YAML into them (presets, overrides, cross-checks) is mmpeft.runs.recipe's job; this module only describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from mmpeft.core.schema import to_plain
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Dtype = "float32"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    id: str = "mmpeft-demo/digits-clip"  # hub id, local directory, or a demo backbone name
+    family: Literal["auto", "dual_encoder", "generative"] = "auto"
+    dtype: Dtype = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    quantization: QuantizationSpec | None = None
+    init: Literal["pretrained", "scratch"] = "pretrained"  # scratch: random weights from the id's config (seed)
+
+    def __post_init__(self) -> None:
+        if self.init == "scratch" and self.quantization is not None:
+            raise ValueError("backbone.init: 'scratch' cannot be combined with backbone.quantization "
+                             "(random weights train in full precision)")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    val: float = 0.15  # fractions of all rows, stratified by class
+    test: float = 0.25
+    seed: int | None = None  # default: the recipe's seed; compare grids pin it so every cell shares one split
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1):
+            raise ValueError(f"split fractions val={self.val}, test={self.test} must be in [0, 1) "
+                             "with test > 0 and val + test < 1")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    random_resized_crop: bool = False
+    crop_scale: tuple[float, ...] = (0.8, 1.0)
+    horizontal_flip: bool = False
+    color_jitter: float = 0.0  # max relative change of brightness/contrast/saturation
+    affine_degrees: float = 0.0  # random rotation in [-d, d] degrees
+    affine_translate: float = 0.0  # random shift up to this fraction of the width/height
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: Literal["digits", "folder", "csv", "jsonl", "hf", "hf_disk"] = "digits"
+    path: str | None = None  # folder/file path, or a `datasets` builder/name for source: hf
+    image_root: str | None = None  # where csv/jsonl image paths resolve (default: the file's folder)
+    hf_split: str = "train"
+    image_column: str = "image"
+    label_column: str = "label"
+    text_column: str = "text"  # captions, for train.objective: contrastive
+    classes: tuple[str, ...] | None = None  # the label set; rows outside it are bad rows
+    label_names: dict[str, str] | None = None  # raw label -> name used in prompts
+    label_prompts: dict[str, tuple[str, ...]] | None = None  # per-label prompt texts (synonyms, descriptions)
+    templates: tuple[str, ...] = ("a photo of a {label}.",)
+    split: SplitSpec = field(default_factory=SplitSpec)
+    shots: int | None = None  # k training examples per class (k-shot), sampled by seed
+    shift: tuple[str, ...] = ()  # image shifts applied to every split, composed in order
+    eval_shifts: tuple[str, ...] = ()  # extra test-time shifts ("none", "rot90", "rot90+invert", ...)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    on_bad_rows: Literal["error", "skip"] = "error"
+    subset: Literal["pretrain", "heldout"] | None = None  # digits only: the fixed 60/40 pre-training partition
+    # Generative backbones: each image is asked `question` (or its row's own `prompt_column` value) and answers with
+    # its row's text (`text_column`) or `answer_template` filled with the class name.
+    question: str = "What is in the image?"
+    prompt_column: str = "prompt"
+    answer_template: str = "{label}"
+
+    def __post_init__(self) -> None:
+        if "{label}" not in self.answer_template:
+            raise ValueError(f"data.answer_template: {self.answer_template!r} has no {{label}} placeholder")
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.path is required for data.source: {self.source}")
+        if self.subset is not None and self.source != "digits":
+            raise ValueError(f"data.subset: {self.subset!r} applies to data.source: digits only, "
+                             f"not {self.source!r}")
+        if self.shots is not None and self.shots < 1:
+            raise ValueError(f"data.shots must be >= 1, got {self.shots}")
+        for template in self.templates:
+            if "{label}" not in template:
+                raise ValueError(f"data.templates: {template!r} has no {{label}} placeholder")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    objective: Literal["classification", "contrastive", "generative"] = "classification"  # generative: answer loss
+    epochs: int = 5
+    batch_size: int = 32  # per process
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    select_metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
+    early_stopping_patience: int | None = None  # epochs without val improvement
+    checkpoint_every_steps: int | None = None  # also at every epoch end
+    log_with: Literal["tensorboard"] | None = None
+    num_workers: int = 0
+    # Image features of a frozen image tower (zero-shot, linear probe, text-side methods) are computed once and
+    # reused across epochs and runs: "memory" (this process), "disk" (also under $MMPEFT_CACHE/features), or
+    # "recompute" (encode every batch; not "off", which YAML reads as false).
+    feature_cache: Literal["memory", "disk", "recompute"] = "memory"
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes, CUDA only
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun / accelerate launch; one process ignores it
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    batch_size: int = 64
+    zero_shot: bool = True  # evaluate the untouched backbone first, for comparison
+    retrieval: bool | None = None  # image<->text recall on the test split; default: on for objective contrastive
+    length_normalize: bool = False  # generative label scoring: mean instead of sum of the answer's token log-probs
+    generate: bool = False  # generative: also generate free-form answers (exact and normalised match)
+    max_new_tokens: int = 16  # generation length limit for eval.generate
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    dir: str = "runs"
+    name: str | None = None  # default: <recipe name>-<timestamp>
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: Any  # a method's own config dataclass (see mmpeft.methods)
+    seed: int = 0
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    name: str = "recipe"
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
