@@ -6,6 +6,7 @@ Loading YAML into them (presets, overrides, cross-checks) is mmpeft.runs.recipe'
 from __future__ import annotations
 
 import dataclasses
+import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -81,6 +82,9 @@ class DataSpec:
     eval_shifts: tuple[str, ...] = ()  # extra test-time shifts ("none", "rot90", "rot90+invert", ...)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     on_bad_rows: Literal["error", "skip"] = "error"
+    # Images with more pixels (read from the file's header, before decoding) are bad rows; null: no cap. Well below
+    # PIL's decompression-bomb limit (~179M), so a tiny file claiming a huge size is refused before it is decoded.
+    max_image_pixels: int | None = 50_000_000
     subset: Literal["pretrain", "heldout"] | None = None  # digits only: the fixed 60/40 pre-training partition
     # Generative backbones: each image is asked `question` (or its row's own `prompt_column` value) and answers with
     # its row's text (`text_column`) or `answer_template` filled with the class name.
@@ -91,6 +95,8 @@ class DataSpec:
     def __post_init__(self) -> None:
         if "{label}" not in self.answer_template:
             raise ValueError(f"data.answer_template: {self.answer_template!r} has no {{label}} placeholder")
+        if problem := _template_problem(self.answer_template):
+            raise ValueError(f"data.answer_template: {self.answer_template!r} {problem}")
         if self.source != "digits" and not self.path:
             raise ValueError(f"data.path is required for data.source: {self.source}")
         if self.subset is not None and self.source != "digits":
@@ -98,9 +104,29 @@ class DataSpec:
                              f"not {self.source!r}")
         if self.shots is not None and self.shots < 1:
             raise ValueError(f"data.shots must be >= 1, got {self.shots}")
-        for template in self.templates:
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ValueError(f"data.max_image_pixels must be >= 1 or null (no cap), got {self.max_image_pixels}")
+        for i, template in enumerate(self.templates):
             if "{label}" not in template:
                 raise ValueError(f"data.templates: {template!r} has no {{label}} placeholder")
+            if problem := _template_problem(template):
+                raise ValueError(f"data.templates[{i}]: {template!r} {problem}")
+
+
+def _template_problem(template: str) -> str | None:
+    """Why `template.format(label=...)` would fail at zero-shot time (KeyError, IndexError, ValueError) or leave the
+    label out; None for a good template."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as error:  # a lone brace
+        return f"is not a valid template ({error}); write {{{{ or }}}} for a literal brace"
+    for _, name, _, _ in parts:
+        if name is not None and name != "label":
+            return (f"has the unknown field {{{name}}}: only {{label}} is filled in; write {{{{ or }}}} for a "
+                    "literal brace")
+    if all(name != "label" for _, name, _, _ in parts):
+        return "has no {label} field ({{label}} is literal text)"
+    return None
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,13 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
     raw = read_rows(spec)
     if not raw.rows:
         raise DataError(f"no rows found in {raw.where} (data.source: {spec.source})")
-    good, bad = find_bad_rows(raw.rows, spec.classes)
+    good, bad = find_bad_rows(raw.rows, spec.classes, spec.max_image_pixels)
     report_bad_rows(bad, raw.where, spec.on_bad_rows)
     if not good:
         raise DataError(f"no usable rows in {raw.where}: all {len(bad)} rows are bad")
-    labels = LabelSet.from_spec(spec, (row.label for row in good), raw.label_names)
+    captioned = all(row.text for row in good)  # caption/answer data may carry a single placeholder label
+    labels = LabelSet.from_spec(spec, [row.label for row in good], raw.label_names, where=raw.where,
+                                min_classes=1 if captioned else 2)
     check_empty_classes(labels.keys, (row.label for row in good), raw.where, len(bad))
     examples = [Example(row.image, labels.index(row.label), row.text, row.prompt)  # type: ignore[arg-type]
                 for row in good]

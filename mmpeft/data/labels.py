@@ -43,9 +43,16 @@ class LabelSet:
 
     @classmethod
     def from_spec(cls, spec: DataSpec, raw_labels: Iterable[str], default_names: Mapping[str, str] | None = None,
-                  ) -> "LabelSet":
-        """`data.classes` order if given, else the raw labels naturally sorted; names and prompts from the spec."""
+                  *, where: str | None = None, min_classes: int = 1) -> "LabelSet":
+        """`data.classes` order if given, else the raw labels naturally sorted; names and prompts from the spec.
+
+        Fewer than `min_classes` classes is a DataError naming `where` (the source). `load_data` asks for 2 unless
+        every row has its own text: a one-class classifier is always right, so its accuracy would mean nothing,
+        while caption or answer data may carry one placeholder label.
+        """
         keys = list(spec.classes) if spec.classes is not None else sorted(set(raw_labels), key=natural_key)
+        if len(keys) < min_classes:
+            raise DataError(_too_few_classes(keys, min_classes, spec, where))
         names = dict(default_names or {}) if spec.label_names is None else dict(spec.label_names)
         for field, given in (("label_names", spec.label_names), ("label_prompts", spec.label_prompts)):
             unknown = [k for k in (given or {}) if k not in keys]
@@ -80,3 +87,11 @@ class LabelSet:
 
     def __repr__(self) -> str:
         return f"LabelSet({len(self)} classes: {', '.join(self.keys[:10])}{', ...' if len(self) > 10 else ''})"
+
+
+def _too_few_classes(keys: Sequence[str], needed: int, spec: DataSpec, where: str | None) -> str:
+    found = f"{len(keys)} class{'' if len(keys) == 1 else 'es'}" + (f" ({', '.join(map(repr, keys))})" if keys else "")
+    place = f"{where or spec.path or spec.source} (data.source: {spec.source})"
+    origin = f"in data.classes for {place}" if spec.classes is not None else f"found in {place}"
+    return (f"{found} {origin}: classification needs at least {needed}. Add images of other classes, or give every "
+            f"row its own caption (data.text_column: {spec.text_column!r}) for caption data")

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from mmpeft.data.images import to_rgb
+
 NOISE_STD = 0.15  # gaussian noise std as a fraction of the pixel range
 
 
@@ -47,8 +49,8 @@ def parse_shift(text: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def apply_shifts(image: Image.Image, shifts: str | Iterable[str], index: int) -> Image.Image:
-    """Apply `shifts` in order to an image (converted to RGB); `index` seeds the random ones."""
-    image = image if image.mode == "RGB" else image.convert("RGB")
+    """Apply `shifts` in order to an image (converted to RGB by `to_rgb`); `index` seeds the random ones."""
+    image = image if image.mode == "RGB" else to_rgb(image)
     for name in parse_shift(shifts):
         image = SHIFTS[name](image, index)
     return image

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from mmpeft.core.schema import did_you_mean
 from mmpeft.data.errors import DataError
+from mmpeft.data.images import to_rgb
 from mmpeft.specs import DataSpec
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -108,18 +109,31 @@ def read_csv(path: Path, spec: DataSpec) -> list[Row]:
     root = _image_root(path, spec)
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        _require_columns(path, list(reader.fieldnames or []), spec)
-        rows = []
-        for record in reader:
-            rows.append(_make_row(record, f"line {reader.line_num}", root, spec))
+        try:
+            _require_columns(path, list(reader.fieldnames or []), spec)
+            rows = []
+            for record in reader:
+                rows.append(_make_row(record, f"line {reader.line_num}", root, spec))
+        except UnicodeDecodeError as error:
+            raise _not_utf8(path, error) from None
     return rows
 
 
 def read_jsonl(path: Path, spec: DataSpec) -> list[Row]:
-    """One JSON object per line; blank lines are skipped, a line that is not an object is a bad row."""
+    """One JSON object per line; blank lines are skipped, a line that is not an object is a bad row.
+
+    A UTF-8 byte-order mark is accepted (as for CSV): editors on Windows write one.
+    """
     root = _image_root(path, spec)
+    try:
+        return _jsonl_rows(path, root, spec)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
+
+
+def _jsonl_rows(path: Path, root: str, spec: DataSpec) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -203,20 +217,27 @@ def rows_from_dataset(table: Any, spec: DataSpec, where: str) -> list[Row]:
 
 
 def load_image(ref: ImageRef) -> Image.Image:
-    """Any image reference -> a fully loaded RGB image (EXIF rotation applied, transparency flattened)."""
-    if isinstance(ref, Image.Image):
-        return _to_rgb(ref)  # the caller's image: not ours to close
-    image = ref.open() if isinstance(ref, DatasetImage) else Image.open(ref)
-    with image:
-        return _to_rgb(image)
+    """Any image reference -> a fully loaded 8-bit RGB image (`images.to_rgb`: every PIL mode scaled properly).
+
+    A file that fails to decode here passed the bad-row checks, so it was damaged or replaced since: the DataError
+    names it, rather than letting a bare PIL error stop an epoch without saying which file.
+    """
+    try:
+        if isinstance(ref, Image.Image):
+            return to_rgb(ref)  # the caller's image: not ours to close
+        image = ref.open() if isinstance(ref, DatasetImage) else Image.open(ref)
+        with image:
+            return to_rgb(image)
+    except Exception as error:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
+        raise DataError(f"cannot read image {describe_image(ref)}: {type(error).__name__}: {error}. Replace or "
+                        "remove the file (it was damaged or changed after the data was checked)") from error
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    image.load()
-    image = ImageOps.exif_transpose(image) or image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+def describe_image(ref: ImageRef) -> str:
+    """How messages name an image reference: the path, the `datasets` row, or an in-memory image."""
+    if isinstance(ref, (str, DatasetImage)):
+        return repr(ref)
+    return f"in memory ({ref.mode} {ref.size[0]}x{ref.size[1]})"
 
 
 def _label_text(value: Any, names: list[str] | None) -> str | None:
@@ -229,6 +250,20 @@ def _image_root(path: Path, spec: DataSpec) -> str:
     if not path.is_file():
         raise DataError(f"data.path: {spec.source} file {str(path)!r} does not exist")
     return os.path.abspath(spec.image_root or path.parent)
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> DataError:
+    """The first line that is not UTF-8, with its bad byte and the text around it read as latin-1."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                near = line[max(0, bad.start - 15):bad.start + 15].decode("latin-1").strip()
+                return DataError(f"{path}: line {number} is not UTF-8 text (byte 0x{line[bad.start]:02x} at column "
+                                 f"{bad.start + 1}, near {near!r}): the file uses another encoding (latin-1 or "
+                                 "cp1252, as older spreadsheet exports do). Save it as UTF-8 and run again")
+    return DataError(f"{path}: not UTF-8 text ({error.reason}). Save it as UTF-8 and run again")
 
 
 def _require_columns(path: Path, columns: list[str], spec: DataSpec) -> None:
@@ -246,7 +281,8 @@ def _column(table: Any, name: str) -> list:
 
 
 def _make_row(record: dict, source: str, root: str | None, spec: DataSpec) -> Row:
-    """Resolve the image path inside `root`; a path that leaves it is a bad row, never read.
+    """Resolve the image path inside `root`; a path that leaves it, as written or through a symbolic link (checked on
+    the resolved path, so a link to /etc/passwd is not read), is a bad row, never read.
 
     `root` is None only for path columns of a `datasets` table without data.image_root: paths are taken as given.
     """
@@ -261,6 +297,11 @@ def _make_row(record: dict, source: str, root: str | None, spec: DataSpec) -> Ro
         return Row("", label, text, source, f"empty image column {spec.image_column!r}")
     value = str(value).strip()
     resolved = os.path.abspath(os.path.join(root or os.getcwd(), value))
-    if root is not None and os.path.commonpath([resolved, root]) != root:
-        return Row(resolved, label, text, source, f"image path {value!r} escapes the image root {root}")
+    if root is not None:
+        if os.path.commonpath([resolved, root]) != root:
+            return Row(resolved, label, text, source, f"image path {value!r} escapes the image root {root}")
+        real, real_root = os.path.realpath(resolved), os.path.realpath(root)  # where the bytes really are
+        if os.path.commonpath([real, real_root]) != real_root:  # a link (to the file or a folder above it) leads out
+            return Row(resolved, label, text, source, f"image path {value!r} leads through a symbolic link to "
+                                                      f"{real}, outside the image root {root}")
     return Row(resolved, label, text, source, prompt=prompt)

@@ -1,4 +1,5 @@
-"""Bad rows, found before any model loads: missing or corrupt images, labels outside the class list, empty classes.
+"""Bad rows, found before any model loads: missing, corrupt or oversized images, labels outside the class list, empty
+classes.
 
 All bad rows are gathered first and reported together (count + the first few, each with its reason), so one run
 shows the user everything to fix; `data.on_bad_rows: skip` drops them with a warning instead.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -23,22 +24,28 @@ from mmpeft.data.sources import DatasetImage, Row
 logger = logging.getLogger("mmpeft")
 SHOWN = 5  # bad rows quoted in a message
 KIND_NAMES = {"read": "unusable as read", "missing": "image not found", "corrupt": "unreadable image",
-              "label": "bad label"}
+              "large": "image too large", "label": "bad label"}
+Kind = Literal["read", "missing", "corrupt", "large", "label"]
+ImageProblem = tuple[Kind, str] | None  # (kind, detail) of an image, None when it is usable
 
 
 @dataclass(frozen=True)
 class BadRow:
     source: str
-    kind: Literal["read", "missing", "corrupt", "label"]
+    kind: Kind
     reason: str
 
     def __str__(self) -> str:
         return f"{self.source}: {self.reason}"
 
 
-def find_bad_rows(rows: Sequence[Row], classes: Sequence[str] | None) -> tuple[list[Row], list[BadRow]]:
-    """Split rows into good ones and bad ones (each image file is opened and verified once, in threads)."""
-    checks = _check_images(rows)
+def find_bad_rows(rows: Sequence[Row], classes: Sequence[str] | None, max_pixels: int | None,
+                  ) -> tuple[list[Row], list[BadRow]]:
+    """Split rows into good ones and bad ones (each image is checked once, in threads; see `check_image`).
+
+    `max_pixels` is `data.max_image_pixels`: images with more pixels are bad rows (None: no cap of ours).
+    """
+    checks = _check_images(rows, max_pixels)
     allowed = set(classes) if classes is not None else None
     good, bad = [], []
     for row in rows:
@@ -72,60 +79,80 @@ def check_empty_classes(classes: Sequence[str], labels: Iterable[str], where: st
                         "listed in data.classes but no row has that label. Add rows or remove them from data.classes")
 
 
-def verify_image(path: str) -> str | None:
-    """None if `path` opens and verifies as an image, else the reason (for the row's message)."""
-    if not os.path.isfile(path):
-        return "missing"
+def check_image(open_image: Callable[[], Image.Image], max_pixels: int | None) -> ImageProblem:
+    """None if the image is usable; else ("missing" | "large" | "corrupt", detail).
+
+    The size is read from the header and checked against `max_pixels` before any pixel is decoded: a PNG of a hundred
+    bytes can claim 12000x12000 pixels and decode to half a gigabyte. Then the data is checked: `Image.verify()`
+    checks only PNGs (every chunk's checksum, through the end chunk, so a cut or damaged file fails) and reads
+    nothing of the other formats, so a truncated JPEG passed it and failed at zero-shot or in the first epoch.
+    PNGs are verified (a tenth of the cost of decoding); every other format is decoded in full, JPEGs in draft mode
+    (scaled 1/8 inside the decoder: all the compressed data is still read, at a fraction of the cost).
+    """
     try:
-        with Image.open(path) as image:
-            image.verify()
+        with open_image() as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                return "large", (f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels = "
+                                 f"{max_pixels:,}")
+            if image.format == "PNG":
+                image.verify()
+                return None
+            if image.format == "JPEG":
+                image.draft(image.mode, (1, 1))
+            image.load()
+    except FileNotFoundError as error:  # a `datasets` row whose file has gone
+        return "missing", str(error)
+    except Image.DecompressionBombError as error:  # over PIL's own limit, which applies even with no cap of ours
+        return "large", str(error)
     except Exception as error:  # PIL raises many types for damaged files; each is "corrupt" here
-        return f"corrupt: {type(error).__name__}: {error}"
+        return "corrupt", f"{type(error).__name__}: {error}"
     return None
 
 
-def _verify_chunk(paths: list[str]) -> list[str | None]:
-    return [verify_image(p) for p in paths]
+def _check_path(path: str, max_pixels: int | None) -> ImageProblem:
+    if not os.path.isfile(path):
+        return "missing", ""
+    return check_image(lambda: Image.open(path), max_pixels)
 
 
-def _verify_dataset_image(ref: DatasetImage) -> str | None:
-    try:
-        with ref.open() as image:
-            image.verify()
-    except Exception as error:
-        return f"corrupt: {type(error).__name__}: {error}"
-    return None
+def _check_chunk(paths: list[str], max_pixels: int | None) -> list[ImageProblem]:
+    return [_check_path(p, max_pixels) for p in paths]
 
 
-def _check_images(rows: Sequence[Row]) -> dict[object, str | None]:
-    """Verify every distinct image once (captions often share an image); results keyed by path or ref id."""
+def _check_images(rows: Sequence[Row], max_pixels: int | None) -> dict[object, ImageProblem]:
+    """Check every distinct image once (captions often share an image); results keyed by path or ref id."""
     paths = sorted({row.image for row in rows if row.problem is None and isinstance(row.image, str)})
     refs = [row.image for row in rows if row.problem is None and isinstance(row.image, DatasetImage)]
-    results: dict[object, str | None] = {}
-    if len(paths) > 512:  # threads in chunks: free on a local disk, a large win on network storage
+    results: dict[object, ImageProblem] = {}
+    if len(paths) > 512:  # threads in chunks: PIL decodes without the GIL, and network storage waits in parallel
         chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
         with ThreadPoolExecutor(4) as pool:
-            for chunk, found in zip(chunks, pool.map(_verify_chunk, chunks)):
+            for chunk, found in zip(chunks, pool.map(_check_chunk, chunks, [max_pixels] * len(chunks))):
                 results.update(zip(chunk, found))
     else:
-        results.update((p, verify_image(p)) for p in paths)
-    results.update((id(ref), _verify_dataset_image(ref)) for ref in refs)
+        results.update((p, _check_path(p, max_pixels)) for p in paths)
+    results.update((id(ref), check_image(ref.open, max_pixels)) for ref in refs)
     return results
 
 
 def _row_problem(row: Row, allowed: set[str] | None, classes: Sequence[str] | None,
-                 checks: dict[object, str | None]) -> tuple[str, str] | None:
+                 checks: dict[object, ImageProblem]) -> tuple[Kind, str] | None:
     if row.problem is not None:
         return "read", row.problem
-    if isinstance(row.image, str):
-        status = checks[row.image]
-        if status == "missing":
+    status = checks.get(row.image if isinstance(row.image, str) else id(row.image))
+    if status is not None:
+        kind, detail = status
+        image = f"image {row.image!r}" if isinstance(row.image, str) else "image"
+        if kind == "missing" and isinstance(row.image, str):
             folder, name = os.path.split(row.image)
             return "missing", f"image {name!r} not found under {folder}"
-        if status is not None:
-            return "corrupt", f"image {row.image!r} is unreadable ({status.removeprefix('corrupt: ')})"
-    elif isinstance(row.image, DatasetImage) and checks[id(row.image)] is not None:
-        return "corrupt", f"image is unreadable ({checks[id(row.image)].removeprefix('corrupt: ')})"
+        if kind == "missing":
+            return "missing", f"image not found ({detail})"
+        if kind == "large":
+            return "large", (f"{image} is too large ({detail}): downscale it or raise data.max_image_pixels "
+                             "(null: no cap)")
+        return "corrupt", f"{image} is unreadable ({detail})"
     if row.label is None:
         return "label", "no label"
     if allowed is not None and row.label not in allowed:
