@@ -21,6 +21,7 @@ from mmpeft.backbones.base import BACKBONES, Backbone, BackboneError
 from mmpeft.backbones.image_only import register as register_image_only_processors
 from mmpeft.backbones.loading import load_pretrained
 from mmpeft.backbones.scoring import score_answers
+from mmpeft.data.images import to_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -120,7 +121,7 @@ class GenerativeBackbone(Backbone):
     def preprocess(self, images: list[Image.Image]) -> list[Image.Image]:
         """Images stay PIL images in batches: the processor reads them together with the prompt text, because the
         number of image tokens it writes into the text depends on the image."""
-        return [image.convert("RGB") for image in images]
+        return [to_rgb(image) for image in images]
 
     # --- prompts ------------------------------------------------------------------------------------------------
     @staticmethod
