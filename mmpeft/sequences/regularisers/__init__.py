@@ -1,9 +1,14 @@
-"""Continual-learning regularisers: one module each, registered by name. `REGULARISER_MODULES` is the only list."""
+"""Continual-learning regularisers: one module each, registered by name (one import line below each)."""
 
 from __future__ import annotations
 
-import importlib
-
+import mmpeft.sequences.regularisers.adapter_per_task  # noqa: F401
+import mmpeft.sequences.regularisers.ewc  # noqa: F401
+import mmpeft.sequences.regularisers.l2sp  # noqa: F401
+import mmpeft.sequences.regularisers.lwf  # noqa: F401
+import mmpeft.sequences.regularisers.naive  # noqa: F401
+import mmpeft.sequences.regularisers.online_ewc  # noqa: F401
+import mmpeft.sequences.regularisers.replay  # noqa: F401
 from mmpeft.sequences.regularisers.base import (
     REGULARISERS,
     Regulariser,
@@ -11,11 +16,6 @@ from mmpeft.sequences.regularisers.base import (
     TaskContext,
     trainable_parameters,
 )
-
-REGULARISER_MODULES = ("naive", "ewc", "online_ewc", "l2sp", "lwf", "replay", "adapter_per_task")
-
-for _module in REGULARISER_MODULES:
-    importlib.import_module(f"mmpeft.sequences.regularisers.{_module}")
 
 
 def make_regulariser(config: RegulariserConfig, seed: int = 0) -> Regulariser:
