@@ -169,14 +169,14 @@ SHARES = {"methods": 0.5, "quantization": 0.12, "input_pipeline": 0.18, "generat
 def mmpeft_internals() -> SimpleNamespace:
     """The non-public mmpeft names a step outside `mmpeft.run` needs: what `mmpeft.run` does between loading a recipe
     and its training loop. Kept in one place, so a package move is one edit here (and in the report)."""
-    from mmpeft.backbones import load_backbone
     from mmpeft.data import LabelSet
-    from mmpeft.methods import METHODS, count_parameters
+    from mmpeft.methods import count_parameters
     from mmpeft.objectives import make_objective
+    from mmpeft.runs.build import build
     from mmpeft.train import Trainer
 
-    return SimpleNamespace(load_backbone=load_backbone, LabelSet=LabelSet, METHODS=METHODS,
-                           count_parameters=count_parameters, make_objective=make_objective, Trainer=Trainer)
+    return SimpleNamespace(build=build, LabelSet=LabelSet, count_parameters=count_parameters,
+                           make_objective=make_objective, Trainer=Trainer)
 
 
 def method_recipe(label: str) -> dict[str, Any]:
@@ -282,13 +282,7 @@ class StepBench:
         release_memory()
         self.baseline = torch.cuda.memory_allocated() if device == "cuda" else 0  # left over from earlier rows
         labels = mm.LabelSet.from_spec(self.recipe.data, self.recipe.data.classes)
-        torch.manual_seed(self.recipe.seed)
-        backbone = mm.load_backbone(self.recipe.backbone)
-        if self.recipe.backbone.quantization is None:
-            backbone.to(device)
-        if hasattr(backbone, "configure"):  # generative: question and answer template from the recipe
-            backbone.configure(self.recipe)
-        mm.METHODS.get(self.recipe.method.name)().apply(backbone, self.recipe.method, labels)
+        backbone = mm.build(self.recipe, labels)  # the one build path: seeded, placed, configured, method applied
         self.params = mm.count_parameters(backbone)
         objective = mm.make_objective(self.recipe.train.objective, backbone, labels)
         self.trainer = mm.Trainer(backbone, objective, LengthOnly(self.recipe.train.batch_size), self.recipe.train,
