@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from mmpeft.backbones import family_towers, resolve_towers
+from mmpeft.backbones.quantization import cuda_available
 from mmpeft.core.io import write_json
 from mmpeft.core.schema import to_plain
 from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, freeze, register
@@ -86,8 +87,6 @@ class Lora(PeftMethod):
 
     @classmethod
     def check(cls, recipe: Recipe, cuda: bool | None = None) -> list[str]:
-        from mmpeft.backbones.quantization import cuda_available
-
         problems = super().check(recipe, cuda)
         quant = recipe.backbone.quantization
         cuda = cuda_available() if cuda is None else cuda

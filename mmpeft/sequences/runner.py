@@ -37,6 +37,7 @@ from mmpeft.runs.folder import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, new_run_d
 from mmpeft.sequences.metrics import summarise
 from mmpeft.sequences.regularisers import Regulariser, TaskContext, make_regulariser, trainable_parameters
 from mmpeft.sequences.regularisers.base import copy_into
+from mmpeft.sequences.report import write_continual_report
 from mmpeft.sequences.sequence import TaskSequence, load_sequence
 from mmpeft.sequences.tasks import ContinualRecipe, load_continual_recipe
 from mmpeft.train import CHECKPOINT_DIR, Trainer
@@ -235,8 +236,6 @@ def accuracy(backbone, dataset: ImageDataset, labels: LabelSet, batch_size: int)
 
 def finish(recipe: ContinualRecipe, sequence: TaskSequence, backbone, method, regulariser: Regulariser,
            progress: SequenceProgress, params: dict, run_dir: Path) -> dict:
-    from mmpeft.sequences.report import write_continual_report
-
     base = recipe.recipe
     zero_shot = progress.zero_shot or {}
     metrics = {
