@@ -114,7 +114,7 @@ BAD_LLAVA = [
     ({"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "x"}]},
      "unknown role 'robot'"),
     ({"id": "b", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "Hi"}]},
-     "expected a user turn first, got 'assistant'"),
+     "conversations[0]: expected a user turn first, got 'assistant'"),
     ({"id": "c", "image": "images/red-0.png", "conversations": [{"from": "human", "value": "<image><image>Hi"},
                                                                 {"from": "gpt", "value": "x"}]},
      "2 <image> placeholder(s) but 1 image(s)"),
@@ -125,7 +125,7 @@ BAD_LLAVA = [
                                                               {"from": "gpt", "value": "x"}]},
      "image path '../outside.png' escapes the image root"),
     ({"id": "f", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  "}]},
-     "empty assistant turn"),
+     "conversations[1]: empty assistant turn"),
     ({"id": "g", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "x"},
                                    {"from": "human", "value": "And?"}]},
      "must end with an assistant turn"),
@@ -261,3 +261,16 @@ def test_shipped_conversation_recipes_run_offline(name, tmp_path, monkeypatch):
     metrics = mmpeft.run(PROJECT_ROOT / "recipes" / name,
                          ["train.epochs=1", "eval.generate=false", f"output.dir={tmp_path}"])
     assert metrics["test"]["loss"] < metrics["zero_shot"]["loss"]
+
+
+def test_mmpeft_check_reads_every_row(tmp_path, capsys, monkeypatch):
+    from mmpeft.cli import main
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    assert main(["check", "recipes/messages-jsonl.yaml"]) == 0
+    assert "# data: train 14, val 4, test 6 rows (42 assistant turns, 24 images)" in capsys.readouterr().out
+    lines = (PROJECT_ROOT / "recipes/data/conversations/messages.jsonl").read_text().splitlines()
+    (tmp_path / "images").symlink_to(PROJECT_ROOT / "recipes/data/conversations/images")
+    (tmp_path / "m.jsonl").write_text("\n".join(lines[:5] + [lines[5].replace('"assistant"', '"asistant"')]))
+    assert main(["check", "recipes/messages-jsonl.yaml", f"data.path={tmp_path / 'm.jsonl'}"]) != 0
+    assert "line 6: messages[1]: unknown role 'asistant' (did you mean 'assistant'?)" in capsys.readouterr().err

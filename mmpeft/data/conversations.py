@@ -24,6 +24,7 @@ ROLES = ("system", "user", "assistant")
 class Turn:
     role: str  # system | user | assistant
     text: str  # images marked by IMAGE_PLACEHOLDER, in order
+    where: str = ""  # where the row keeps it ("conversations[2]", "system"), for messages
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,9 @@ def parse_record(record: Any, source: str, fmt: ConversationFormat, images: list
     turns = []
     system = record.get(fmt.system_key) if fmt.system_key else None
     if isinstance(system, str) and system.strip():
-        turns.append(Turn("system", system))
-    for number, message in enumerate(messages, start=1):
-        turn = _parse_turn(message, f"{key}[{number - 1}]", fmt, problems)
+        turns.append(Turn("system", system, fmt.system_key))
+    for number, message in enumerate(messages):
+        turn = _parse_turn(message, f"{key}[{number}]", fmt, problems)
         if turn is not None:
             turns.append(turn)
     return Conversation(tuple(turns), tuple(images or ()), source, tuple(problems))
@@ -130,7 +131,7 @@ def _parse_turn(message: Any, where: str, fmt: ConversationFormat, problems: lis
                         f"{fmt.tool} roles: {', '.join(valid)}")
         return None
     text = content_text(message[content_key], f"{where}.{content_key}", problems)
-    return None if text is None else Turn(fmt.roles[raw_role], text)
+    return None if text is None else Turn(fmt.roles[raw_role], text, where)
 
 
 def content_text(content: Any, where: str, problems: list[str]) -> str | None:
@@ -158,14 +159,15 @@ def conversation_problems(conversation: Conversation) -> list[str]:
     """Everything wrong with one conversation as the model would see it (the reader's problems first)."""
     problems = list(conversation.problems)
     turns = conversation.turns
-    if not turns:
+    if not turns or problems:  # a turn the reader could not read would make every later check misleading
         return problems
     problems += _order_problems(turns)
     for i, turn in enumerate(turns):
+        where = turn.where or f"turn {i + 1}"
         if turn.role == "assistant" and not turn.text.strip():
-            problems.append(f"turn {i + 1}: empty assistant turn (nothing to learn)")
+            problems.append(f"{where}: empty assistant turn (nothing to learn)")
         if turn.role != "user" and IMAGE_PLACEHOLDER in turn.text:
-            problems.append(f"turn {i + 1}: an {IMAGE_PLACEHOLDER} placeholder in a {turn.role} turn; images go in "
+            problems.append(f"{where}: an {IMAGE_PLACEHOLDER} placeholder in a {turn.role} turn; images go in "
                             "user turns")
     placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
     if placeholders != len(conversation.images):
@@ -181,9 +183,10 @@ def _order_problems(turns: Sequence[Turn]) -> list[str]:
     for i, role in enumerate(roles[start:], start=start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if role != expected:
-            where = "first" if i == start else f"after {roles[i - 1]!r}"
-            return [f"turn {i + 1}: expected a {expected} turn {where}, got {role!r} (turns must be: optional "
-                    "system, then user and assistant alternating)"]
+            position = "first" if i == start else f"after {roles[i - 1]!r}"
+            article = "an" if expected == "assistant" else "a"
+            return [f"{turns[i].where or f'turn {i + 1}'}: expected {article} {expected} turn {position}, got {role!r} "
+                    "(turns must be: optional system, then user and assistant alternating)"]
     if len(roles) == start or roles[-1] != "assistant":
         return [f"the last turn is {roles[-1]!r}; a conversation must end with an assistant turn to learn from"]
     return []

@@ -118,18 +118,20 @@ def alpaca_conversation(record: Any, source: str, entry: LlamaFactoryEntry, imag
     turns: list[Turn] = []
     system = record.get(columns["system"]) if "system" in columns else None
     if isinstance(system, str) and system.strip():
-        turns.append(Turn("system", system))
+        turns.append(Turn("system", system, columns["system"]))
     history = record.get(columns["history"]) if "history" in columns else None
     for i, pair in enumerate(history or []):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
             problems.append(f"{columns['history']}[{i}]: expected [question, answer], got {pair!r:.60}")
             continue
-        turns += [Turn("user", pair[0]), Turn("assistant", pair[1])]
+        turns += [Turn("user", pair[0], f"{columns['history']}[{i}][0]"),
+                  Turn("assistant", pair[1], f"{columns['history']}[{i}][1]")]
     prompt = content_text(record.get(columns["prompt"], ""), columns["prompt"], problems) or ""
     query = record.get(columns["query"]) or ""
     response = record.get(columns["response"])
     if not isinstance(response, str):
         problems.append(f"no {columns['response']!r} string (the answer to learn)")
         response = ""
-    turns += [Turn("user", f"{prompt}\n{query}" if query else prompt), Turn("assistant", response)]
+    turns += [Turn("user", f"{prompt}\n{query}" if query else prompt, columns["prompt"]),
+              Turn("assistant", response, columns["response"])]
     return Conversation(tuple(turns), tuple(images), source, tuple(problems))

@@ -20,7 +20,7 @@ from mmpeft.evaluation.answers import answer_metrics
 from mmpeft.objectives.generative import ConversationLoss
 
 if TYPE_CHECKING:
-    from mmpeft.backbones import Backbone
+    from mmpeft.backbones.generative import GenerativeBackbone
     from mmpeft.data.conversation_data import ConversationDataset
 
 
@@ -29,7 +29,8 @@ def _batches(dataset: ConversationDataset, batch_size: int) -> DataLoader:
 
 
 @torch.no_grad()
-def assistant_loss(backbone: Backbone, dataset: ConversationDataset, batch_size: int = 8, desc: str = "loss") -> dict:
+def assistant_loss(backbone: GenerativeBackbone, dataset: ConversationDataset, batch_size: int = 8,
+                   desc: str = "loss") -> dict:
     """{"loss": mean NLL per assistant token, "perplexity", "tokens", "n"} over `dataset`."""
     objective = ConversationLoss(backbone)
     was_training = backbone.training
@@ -50,7 +51,7 @@ def assistant_loss(backbone: Backbone, dataset: ConversationDataset, batch_size:
 
 
 @torch.no_grad()
-def last_turn_answers(backbone: Backbone, dataset: ConversationDataset, batch_size: int = 8,
+def last_turn_answers(backbone: GenerativeBackbone, dataset: ConversationDataset, batch_size: int = 8,
                       max_new_tokens: int = 16, desc: str = "answers") -> dict:
     """Greedy answers to each conversation's last user turn (all earlier turns given), exact/normalised match."""
     backbone.require("generative", "eval.generate (free-form answers)")
@@ -68,7 +69,8 @@ def last_turn_answers(backbone: Backbone, dataset: ConversationDataset, batch_si
     return answer_metrics(predictions, references)
 
 
-def _generate(backbone: Backbone, texts: list[str], images: list[list], max_new_tokens: int) -> list[str]:
+def _generate(backbone: GenerativeBackbone, texts: list[str], images: list[list], max_new_tokens: int,
+              ) -> list[str]:
     """Greedy answers, as `answers.generate_answers`, for batches that mix text-only rows with image rows."""
     inputs = backbone.encode_prompts(texts, images, padding_side="left")
     output = backbone.base_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,

@@ -15,7 +15,7 @@ from mmpeft.data.conversations import chat_messages
 from mmpeft.objectives.base import OBJECTIVES, Objective
 
 if TYPE_CHECKING:
-    from mmpeft.backbones import Backbone
+    from mmpeft.backbones.generative import GenerativeBackbone
     from mmpeft.data import ImageDataset, LabelSet
 
 
@@ -55,7 +55,7 @@ class ConversationLoss(Objective):
     `assistant_only_loss` and LLaMA-Factory do; `GenerativeBackbone.encode_conversation` finds the turns.
     """
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: GenerativeBackbone):
         backbone.require("generative", "conversation data (data.source: llava, sharegpt, messages, llamafactory)")
         self.backbone = backbone
 
