@@ -232,6 +232,27 @@ def test_labels_cover_every_assistant_turn_only(backbones, colors, kind):
     assert not torch.equal(encoded["pixel_values"][len(first):2 * len(first)], first)
 
 
+@pytest.mark.parametrize("kind", END_OF_TURN)
+def test_text_only_rows_batch_with_image_rows(backbones, colors, kind):
+    from mmpeft.data import load_image
+    from mmpeft.data.conversations import Turn
+
+    backbone = backbones[kind]
+    root, rows = colors
+    (with_image, images), (text_only, _) = rows[0], rows[3]
+    batch = backbone.encode_conversations([
+        (chat_messages([Turn(r, t) for r, t in with_image]), [load_image(str(root / p)) for p in images]),
+        (chat_messages([Turn(r, t) for r, t in text_only]), [])])
+    labels = batch["labels"]
+    learned = [backbone.tokenizer.decode(row[row != IGNORE_INDEX]).replace(" ", "") for row in batch["input_ids"]
+               .where(labels != IGNORE_INDEX, IGNORE_INDEX)]
+    assert learned == [f"{with_image[1][1]}{END_OF_TURN[kind]}square{END_OF_TURN[kind]}", f"red{END_OF_TURN[kind]}"]
+    alone = backbone.encode_conversation(chat_messages([Turn(r, t) for r, t in with_image]),
+                                         [load_image(str(root / p)) for p in images])
+    assert torch.equal(batch["pixel_values"], alone["pixel_values"])  # only the image row's pixels
+    assert torch.isfinite(backbone.model(**batch).loss)
+
+
 # --- training and evaluation -----------------------------------------------------------------------------------
 def test_lora_on_multi_turn_conversations_lowers_held_out_assistant_loss(tmp_path):
     path = write_llava(tmp_path, conversations(write_images(tmp_path), rows=36))

@@ -59,8 +59,7 @@ class ConversationSplits:
     info: dict[str, Any] = field(default_factory=dict)
     labels: LabelSet = field(default_factory=lambda: LabelSet([]))
 
-    def dataset(self, split: str, augment: bool = False, seed: int = 0, spec: DataSpec | None = None,
-                ) -> ConversationDataset:
+    def dataset(self, split: str) -> ConversationDataset:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         return ConversationDataset(getattr(self, split))
@@ -77,11 +76,8 @@ def read_source(spec: DataSpec) -> tuple[list[Conversation], str]:
     if entry.formatting == "sharegpt":
         return read_conversations(entry.file, entry.sharegpt_format(), root, entry.split), where
     images = dataclasses.replace(SHAREGPT, images_key=entry.columns.get("images"))  # only where the entry maps it
-    return read_conversations(entry.file, images, root, entry.split, parse=partial(_alpaca, entry=entry)), where
-
-
-def _alpaca(record: Any, source: str, images: list, entry) -> Conversation:
-    return alpaca_conversation(record, source, entry, images)
+    parse = partial(alpaca_conversation, entry=entry)
+    return read_conversations(entry.file, images, root, entry.split, parse=parse), where
 
 
 def load_conversations(spec: DataSpec, seed: int) -> ConversationSplits:

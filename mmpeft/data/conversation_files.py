@@ -20,8 +20,8 @@ from mmpeft.data.sources import ImageRef
 Parse = Callable[[Any, str, list[ImageRef]], Conversation]
 
 
-def read_records(path: Path, hf_split: str = "train") -> tuple[list[tuple[str, Any]], Any]:
-    """[(source, record)] in file order, and the `datasets` table when the path is a saved dataset (else None).
+def read_records(path: Path, hf_split: str = "train") -> list[tuple[str, Any]]:
+    """[(source, record)] in file order; a saved `datasets` table's image columns stay in the table.
 
     A `.json` file may hold a list (LLaVA, LLaMA-Factory) or one object per line (JSON Lines, any extension).
     """
@@ -30,13 +30,17 @@ def read_records(path: Path, hf_split: str = "train") -> tuple[list[tuple[str, A
     if not path.is_file():
         raise DataError(f"data.path: conversation file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):
             raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") \
                 from None
-        return [(f"row {i}", record) for i, record in enumerate(records)], None
+        whole = None  # JSON Lines: one object per line
+    if isinstance(whole, list):
+        return [(f"row {i}", record) for i, record in enumerate(whole)]
+    if whole is not None and "\n" in text.strip():
+        raise DataError(f"{path}: one JSON {type(whole).__name__}, not a list of rows or one object per line")
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -45,7 +49,7 @@ def read_records(path: Path, hf_split: str = "train") -> tuple[list[tuple[str, A
             rows.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as error:
             rows.append((f"line {number}", _NotJson(error.msg)))
-    return rows, None
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +57,7 @@ class _NotJson:
     message: str
 
 
-def _dataset_records(path: Path, hf_split: str) -> tuple[list[tuple[str, Any]], Any]:
+def _dataset_records(path: Path, hf_split: str) -> list[tuple[str, Any]]:
     import datasets
 
     try:
@@ -70,7 +74,7 @@ def _dataset_records(path: Path, hf_split: str) -> tuple[list[tuple[str, Any]], 
     for name in image_columns:
         for (_, record), count in zip(records, _image_counts(loaded, name)):
             record[name] = count
-    return records, loaded
+    return records
 
 
 def _holds_images(feature: Any) -> bool:
@@ -122,7 +126,7 @@ def read_conversations(path: Path, fmt: ConversationFormat, image_root: str | No
 
     `parse` reads one record (default: `parse_record` with `fmt`); `fmt.images_key` names the images column.
     """
-    records, _ = read_records(path, hf_split)
+    records = read_records(path, hf_split)
     root = os.path.abspath(image_root or (path if path.is_dir() else path.parent))
     key = fmt.images_key
     conversations = []

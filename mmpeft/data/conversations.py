@@ -63,12 +63,11 @@ MESSAGES = ConversationFormat("OpenAI messages", ("messages",), ("role",), ("con
                               unsupported_roles={"tool": TOOL_ROLES["tool"]})
 
 
+@dataclass(frozen=True, eq=False)
 class DatasetImageAt(DatasetImage):
     """One image of a list-of-images column of a `datasets` table (TRL's `images`), read only when used."""
 
-    def __init__(self, dataset: Any, column: str, index: int, position: int):
-        super().__init__(dataset, column, index)
-        object.__setattr__(self, "position", position)
+    position: int = 0
 
     def open(self):
         import io

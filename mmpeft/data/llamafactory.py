@@ -110,7 +110,7 @@ def _entry_problems(entry: dict, where: str) -> list[str]:
     return problems
 
 
-def alpaca_conversation(record: Any, source: str, entry: LlamaFactoryEntry, images: list) -> Conversation:
+def alpaca_conversation(record: Any, source: str, images: list, entry: LlamaFactoryEntry) -> Conversation:
     """An alpaca row -> turns: system, the history pairs, then instruction (+ input) and output."""
     if not isinstance(record, dict):
         return Conversation((), (), source, (f"expected a JSON object, got {type(record).__name__}",))
