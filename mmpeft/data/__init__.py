@@ -54,8 +54,9 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
         parse_shift(shift)
     check_augment(spec.augment)
     if spec.source in CONVERSATION_SOURCES:
-        raise DataError(f"data.source: {spec.source} holds conversations, not labelled images: read it with "
-                        "mmpeft.data.conversation_data.load_conversations (mmpeft.run does)")
+        raise DataError(f"data.source: {spec.source} holds conversations, not labelled images; so far only "
+                        "`mmpeft run` and `mmpeft check` read them (grids, continual sequences, export and plan "
+                        "need labelled data)")
     raw = read_rows(spec)
     if not raw.rows:
         raise DataError(f"no rows found in {raw.where} (data.source: {spec.source})")
