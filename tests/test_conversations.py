@@ -103,6 +103,8 @@ def test_llamafactory_mllm_layout_and_alpaca(tmp_path, colors):
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     demo_read = load_conversations(spec("llamafactory", tmp_path / "dataset_info.json", name="mllm_demo"), seed=0)
     assert [t.role for t in demo_read.train[0].turns] == ["user", "assistant", "user", "assistant"]
+    direct = load_conversations(spec("sharegpt", tmp_path / "mllm_demo.json"), seed=0)  # the same file, no entry
+    assert direct.train[0].turns == demo_read.train[0].turns and direct.train[0].images == demo_read.train[0].images
     alpaca_read = load_conversations(spec("llamafactory", tmp_path / "dataset_info.json", name="colors_alpaca"), 0)
     turns = alpaca_read.train[0].turns
     assert [(t.role, t.text) for t in turns] == [("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello"),
