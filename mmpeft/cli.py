@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmpeft.specs import Recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,10 +157,10 @@ def check(path: str, overrides: list[str]) -> str:
     import mmpeft
 
     recipe = mmpeft.load_recipe(path, overrides)
-    return recipe.to_yaml() + check_conversation_rows(recipe)
+    return recipe.to_yaml() + _check_conversation_rows(recipe)
 
 
-def check_conversation_rows(recipe) -> str:
+def _check_conversation_rows(recipe: Recipe) -> str:
     """Conversation data (llava, sharegpt, messages, llamafactory): every row checked too, as `run` would."""
     from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
 
