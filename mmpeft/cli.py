@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmpeft.specs import Recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +156,20 @@ def check(path: str, overrides: list[str]) -> str:
         return yaml.safe_dump({**plain, "grid": to_plain(grid)}, sort_keys=False)
     import mmpeft
 
-    return mmpeft.load_recipe(path, overrides).to_yaml()
+    recipe = mmpeft.load_recipe(path, overrides)
+    return recipe.to_yaml() + _check_conversation_rows(recipe)
+
+
+def _check_conversation_rows(recipe: Recipe) -> str:
+    """Conversation data (llava, sharegpt, messages, llamafactory): every row checked too, as `run` would."""
+    from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
+
+    if recipe.data.source not in CONVERSATION_SOURCES:
+        return ""
+    info = load_conversations(recipe.data, recipe.seed).info
+    counts = ", ".join(f"{split} {n}" for split, n in info["counts"].items())
+    return (f"# data: {counts} rows ({info['turns']['assistant']} assistant turns, {info['images']['total']} images); "
+            f"{info['skipped']} bad rows skipped\n")
 
 
 def is_user_error(error: Exception) -> bool:

@@ -65,7 +65,9 @@ class AugmentSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: Literal["digits", "folder", "csv", "jsonl", "hf", "hf_disk"] = "digits"
+    # llava | sharegpt | messages | llamafactory: conversation datasets for generative backbones (docs/data.md)
+    source: Literal["digits", "folder", "csv", "jsonl", "hf", "hf_disk", "llava", "sharegpt", "messages",
+                    "llamafactory"] = "digits"
     path: str | None = None  # folder/file path, or a `datasets` builder/name for source: hf
     image_root: str | None = None  # where csv/jsonl image paths resolve (default: the file's folder)
     hf_split: str = "train"
@@ -91,6 +93,7 @@ class DataSpec:
     question: str = "What is in the image?"
     prompt_column: str = "prompt"
     answer_template: str = "{label}"
+    name: str | None = None  # data.source: llamafactory: the entry of dataset_info.json (data.path)
 
     def __post_init__(self) -> None:
         if "{label}" not in self.answer_template:

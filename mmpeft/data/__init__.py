@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmpeft.data.augment import check_augment
+from mmpeft.data.conversation_data import CONVERSATION_SOURCES
 from mmpeft.data.dataset import Example, ImageCollator, ImageDataset, collate_images
 from mmpeft.data.errors import DataError
 from mmpeft.data.labels import LabelSet
@@ -52,6 +53,10 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
     for shift in spec.eval_shifts:
         parse_shift(shift)
     check_augment(spec.augment)
+    if spec.source in CONVERSATION_SOURCES:
+        raise DataError(f"data.source: {spec.source} holds conversations, not labelled images; so far only "
+                        "`mmpeft run` and `mmpeft check` read them (grids, continual sequences, export and plan "
+                        "need labelled data)")
     raw = read_rows(spec)
     if not raw.rows:
         raise DataError(f"no rows found in {raw.where} (data.source: {spec.source})")

@@ -61,6 +61,7 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
         problems += _check_files(recipe, base_dir)
         problems += _check_shifts(recipe)
         problems += _check_generative(recipe)
+        problems += _check_conversations(recipe)
         if method is not None:
             problems += METHODS.get(method.name).check(recipe)
     if problems:
@@ -94,6 +95,24 @@ def _check_generative(recipe: Recipe) -> list[str]:
                         "backbone.family is 'dual_encoder'; use classification or contrastive")
     if recipe.eval.generate:
         problems.append("eval.generate: free-form answers need backbone.family: generative (or auto)")
+    return problems
+
+
+def _check_conversations(recipe: Recipe) -> list[str]:
+    """Conversation sources (llava, sharegpt, messages, llamafactory): their file, and keys that cannot apply."""
+    from mmpeft.data.conversation_data import CONVERSATION_SOURCES, conversation_spec_problems
+
+    data = recipe.data
+    problems = conversation_spec_problems(data)
+    if data.source not in CONVERSATION_SOURCES:
+        return problems
+    if data.path and not Path(data.path).exists():
+        problems.append(f"data.path: {data.source} file {data.path!r} does not exist")
+    if recipe.train.objective != "generative":
+        problems.append(f"train.objective: conversations train with 'generative' (assistant-token loss), not "
+                        f"{recipe.train.objective!r}")
+    if recipe.backbone.family == "dual_encoder":
+        problems.append(f"backbone.family: data.source: {data.source} needs a generative backbone, not dual_encoder")
     return problems
 
 

@@ -15,12 +15,14 @@ from mmpeft.backbones.quantization import weight_bytes
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
 from mmpeft.data import load_data
+from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.features import FeatureBinding, bind_features, keep_after_apply
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import make_objective
 from mmpeft.report import write_run_report
 from mmpeft.runs.build import apply_method, build, load_base
+from mmpeft.runs.conversations import execute_conversations
 from mmpeft.runs.evaluate import (
     evaluate_answer_set,
     evaluate_retrieval_set,
@@ -50,12 +52,19 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None =
         recipe = load_recipe(run_dir / RECIPE_FILE, overrides)
     else:
         recipe = load_recipe(recipe, overrides)
+        if recipe.data.source in CONVERSATION_SOURCES:  # every row checked before a run folder is even made
+            conversations = load_conversations(recipe.data, recipe.seed)
+            run_dir = new_run_dir(recipe)
+            with run_logging(run_dir):
+                return execute_conversations(recipe, run_dir, data=conversations)
         run_dir = new_run_dir(recipe)
     with run_logging(run_dir):
         return execute(recipe, run_dir, resume=resume is not None)
 
 
 def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
+    if recipe.data.source in CONVERSATION_SOURCES:  # multi-turn conversations: no labels, their own evaluation
+        return execute_conversations(recipe, run_dir, resume)
     set_seed(recipe.seed, deterministic=False)
     data = load_data(recipe.data, recipe.seed)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
