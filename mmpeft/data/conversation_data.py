@@ -88,7 +88,7 @@ def load_conversations(spec: DataSpec, seed: int) -> ConversationSplits:
     conversations, where = read_source(spec)
     if not conversations:
         raise DataError(f"no rows found in {where} (data.source: {spec.source})")
-    good, bad = find_bad_conversations(conversations)
+    good, bad = find_bad_conversations(conversations, spec.max_image_pixels)
     report_bad_rows(bad, where, spec.on_bad_rows)
     if not good:
         raise DataError(f"no usable rows in {where}: all {len(bad)} rows are bad")

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
 from mmpeft.core.schema import did_you_mean
 from mmpeft.data.sources import DatasetImage, ImageRef
-from mmpeft.data.validate import BadRow, verify_image
+from mmpeft.data.validate import BadRow, check_image
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -191,18 +193,21 @@ def _order_problems(turns: Sequence[Turn]) -> list[str]:
     return []
 
 
-def find_bad_conversations(conversations: Sequence[Conversation]) -> tuple[list[Conversation], list[BadRow]]:
-    """Good conversations and one BadRow per bad one, naming all of its problems; each image is verified once."""
+def find_bad_conversations(conversations: Sequence[Conversation], max_pixels: int | None = None,
+                           ) -> tuple[list[Conversation], list[BadRow]]:
+    """Good conversations and one BadRow per bad one, naming all of its problems; each image is checked once
+    (header size against `max_pixels` before decoding, then decoded as labelled rows' images are)."""
     checked: dict[object, str | None] = {}
     good, bad = [], []
     for conversation in conversations:
         problems = conversation_problems(conversation)
         kind = "read" if problems else None
         for position, image in enumerate(conversation.images):
-            status = _image_status(image, checked)
+            status = _image_status(image, checked, max_pixels)
             if status is not None:
                 problems.append(f"image {position + 1}: {status}")
-                kind = kind or ("missing" if "not found" in status else "corrupt")
+                kind = kind or ("missing" if "not found" in status else "large" if "too large" in status
+                                else "corrupt")
         if problems:
             bad.append(BadRow(conversation.source, kind or "read", "; ".join(problems)))
         else:
@@ -210,27 +215,27 @@ def find_bad_conversations(conversations: Sequence[Conversation]) -> tuple[list[
     return good, bad
 
 
-def _image_status(image: ImageRef, checked: dict[object, str | None]) -> str | None:
+def _image_status(image: ImageRef, checked: dict[object, str | None], max_pixels: int | None) -> str | None:
     key = image if isinstance(image, str) else id(image)
     if key not in checked:
-        checked[key] = _verify(image)
+        checked[key] = _check(image, max_pixels)
     return checked[key]
 
 
-def _verify(image: ImageRef) -> str | None:
+def _check(image: ImageRef, max_pixels: int | None) -> str | None:
     if isinstance(image, str):
-        status = verify_image(image)
-        if status == "missing":
+        if not os.path.isfile(image):
             folder, name = os.path.split(image)
             return f"{name!r} not found under {folder}"
-        return None if status is None else f"{image!r} is unreadable ({status.removeprefix('corrupt: ')})"
-    if isinstance(image, DatasetImage):
-        try:
-            with image.open() as opened:
-                opened.verify()
-        except Exception as error:  # PIL raises many types for damaged bytes
-            return f"unreadable ({type(error).__name__}: {error})"
-    return None
+        problem = check_image(lambda: Image.open(image), max_pixels)
+    elif isinstance(image, DatasetImage):
+        problem = check_image(image.open, max_pixels)
+    else:
+        return None
+    if problem is None:
+        return None
+    kind, detail = problem
+    return f"{image!r} is too large ({detail})" if kind == "large" else f"{image!r} is unreadable ({detail})"
 
 
 def chat_messages(turns: Sequence[Turn]) -> list[dict]:
