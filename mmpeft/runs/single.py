@@ -15,6 +15,7 @@ from mmpeft.backbones.quantization import weight_bytes
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
 from mmpeft.data import load_data
+from mmpeft.data.loader import loader_settings
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.features import FeatureBinding, bind_features, keep_after_apply
 from mmpeft.methods import METHODS, count_parameters
@@ -51,7 +52,7 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None =
     else:
         recipe = load_recipe(recipe, overrides)
         run_dir = new_run_dir(recipe)
-    with run_logging(run_dir):
+    with run_logging(run_dir), loader_settings(recipe.data.image_cache, recipe.train.num_workers):
         return execute(recipe, run_dir, resume=resume is not None)
 
 

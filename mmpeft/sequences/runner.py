@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
 from mmpeft.data import ImageDataset, LabelSet, collate_images
+from mmpeft.data.loader import loader_settings
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import Classification
@@ -89,7 +90,7 @@ def continual(recipe: str | Path | dict | ContinualRecipe | None, overrides: lis
             raise FileExistsError(f"run folder {folder} holds an interrupted continual run; continue it with "
                                   f"`mmpeft continual --resume {folder}` or choose another output.name")
         run_dir = new_run_dir(loaded)  # type: ignore[arg-type]  (it needs .name, .output and .to_yaml only)
-    with run_logging(run_dir):
+    with run_logging(run_dir), loader_settings(loaded.recipe.data.image_cache, loaded.recipe.train.num_workers):
         try:
             return execute(loaded, run_dir, resume=resume is not None)
         except KeyboardInterrupt:
