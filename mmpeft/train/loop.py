@@ -224,9 +224,9 @@ class Trainer:
         self.train_set.set_epoch(epoch)
         batches = self.epoch_batches(epoch)
         start = progress.batch_in_epoch
+        tic = time.perf_counter()  # from before the loader: the first epoch's image caching is training time too
         loader = self.loader.epoch(epoch, [self.local_part(b) for b in batches[start:]])
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.epochs}", initial=start, total=len(batches), disable=None)
-        tic = time.perf_counter()
         for index, batch in enumerate(bar, start=start):
             for callback in self.callbacks:
                 batch = callback.transform_batch(batch)
