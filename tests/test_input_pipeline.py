@@ -89,6 +89,8 @@ def test_cache_on_or_off_gives_the_same_run_with_shift_and_augmentation(color_re
     stats = image_cache_module.IMAGE_CACHE.stats
     assert stats.memory_hits > 0 and stats.stored_memory > 0
     fitted_with_cache = stats.fitted
+    mmpeft.run(color_recipe, ["output.name=seed1", "seed=1", "data.split.seed=0", "train.epochs=1"])
+    assert image_cache_module.IMAGE_CACHE.stats.fitted == fitted_with_cache  # another seed, same split: no decoding
     off = mmpeft.run(color_recipe, ["output.name=uncached", "data.image_cache=off", "train.num_workers=0"])
     assert image_cache_module.IMAGE_CACHE.stats.fitted > 2 * fitted_with_cache  # off: every access decodes again
     assert on["test"] == off["test"]
