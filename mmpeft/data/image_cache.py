@@ -101,6 +101,10 @@ class ImageCache:
     memory_bytes: int = 0
     stats: CacheStats = field(default_factory=CacheStats)
 
+    def __reduce__(self):
+        """Workers started by "spawn" get their own process cache (and the disk), not a pickled copy of the memory."""
+        return (_process_cache, ()) if self is IMAGE_CACHE else super().__reduce__()
+
     def clear(self) -> None:
         self.memory.clear()
         self.memory_bytes = 0
@@ -162,6 +166,10 @@ class ImageCache:
 
 
 IMAGE_CACHE = ImageCache()
+
+
+def _process_cache() -> ImageCache:
+    return IMAGE_CACHE
 
 
 def choose_storage(mode: str, fit_key: str, missing: int, bytes_per_image: int, cache: ImageCache) -> str | None:

@@ -206,7 +206,8 @@ def task_context(recipe: ContinualRecipe, sequence: TaskSequence, backbone, inde
     context = TaskContext(index=index, backbone=backbone, train_set=sequence.tasks[index].dataset("train"),
                           train_sets=[t.dataset("train") for t in sequence.tasks], labels=labels,
                           previous_classes=sequence.previous_classes(index), logits=objective.logits,
-                          collate=collate_images(backbone.preprocess), batch_size=recipe.recipe.eval.batch_size,
+                          collate=collate_images(backbone.preprocess, backbone.preprocess_fitted),
+                          batch_size=recipe.recipe.eval.batch_size,
                           seed=recipe.seed + index, is_last=index == len(sequence.tasks) - 1)
     return context, objective
 
