@@ -158,7 +158,7 @@ class ImageCache:
 
     @staticmethod
     def root(fit_key: str) -> Path:
-        return cache_dir("images") / _hash(fit_key)  # created by the first entry written
+        return cache_dir() / "images" / _hash(fit_key)  # created by the first entry written, not by lookups
 
     def entry_dir(self, fit_key: str, location: str) -> Path:
         digest = _hash(location)
@@ -184,7 +184,7 @@ def choose_storage(mode: str, fit_key: str, missing: int, bytes_per_image: int, 
     if mode == "memory" or (mode == "auto" and cache.memory_bytes + needed <= memory_limit_bytes()):
         return "memory"
     root = cache.root(fit_key)
-    free = shutil.disk_usage(root.parent).free
+    free = shutil.disk_usage(cache_dir()).free
     if needed * DISK_HEADROOM <= free:
         if mode == "auto":
             logger.info("image cache: %d images (%.0f MB) exceed the memory limit (MMPEFT_IMAGE_CACHE_MB=%d): "
