@@ -203,3 +203,17 @@ def test_generative_processor_outputs_are_reused_per_example():
     other = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
     backbone.encode_one(text, [other])
     assert backbone.encoded.misses == 2
+
+
+def test_a_second_generative_epoch_skips_the_processor(photos):
+    """The real path: cached decoded images -> loader -> answer-loss inputs; epoch 2 hits for every example."""
+    from mmpeft.data import LabelSet
+    from mmpeft.objectives import make_objective
+    from mmpeft.testing import tiny_backbone
+
+    backbone = load_backbone(BackboneSpec(id=str(tiny_backbone("llava"))))
+    objective = make_objective("generative", backbone, LabelSet(["cat", "dog"]))
+    loader = EpochLoader(ImageDataset(photos), backbone, seed=0, num_workers=0)
+    epochs = [[objective.inputs(batch) for batch in loader.epoch(epoch, [[0, 1, 2], [3, 4, 5]])] for epoch in (0, 1)]
+    assert (backbone.encoded.misses, backbone.encoded.hits) == (len(photos), len(photos))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(*epochs) for k in a)
