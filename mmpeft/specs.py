@@ -94,8 +94,16 @@ class DataSpec:
     prompt_column: str = "prompt"
     answer_template: str = "{label}"
     name: str | None = None  # data.source: llamafactory: the entry of dataset_info.json (data.path)
+    # Decoded images, fitted to the backbone's processor, kept across epochs, evaluations, seeds, grid cells and
+    # sequence tasks: "auto" (memory up to MMPEFT_IMAGE_CACHE_MB, then memory-mapped files under
+    # $MMPEFT_CACHE/images), "memory", "disk", or "off" (decode every time; YAML's bare `off`, read as false, works).
+    image_cache: Literal["auto", "memory", "disk", "off", False] = "auto"
 
     def __post_init__(self) -> None:
+        if self.image_cache is False:  # YAML 1.1 reads a bare `off` as false: that is what the user wrote
+            object.__setattr__(self, "image_cache", "off")
+        if self.image_cache not in ("auto", "memory", "disk", "off"):
+            raise ValueError(f"data.image_cache: {self.image_cache!r} is not one of 'auto', 'memory', 'disk', 'off'")
         if "{label}" not in self.answer_template:
             raise ValueError(f"data.answer_template: {self.answer_template!r} has no {{label}} placeholder")
         if problem := _template_problem(self.answer_template):
@@ -147,7 +155,9 @@ class TrainSpec:
     early_stopping_patience: int | None = None  # epochs without val improvement
     checkpoint_every_steps: int | None = None  # also at every epoch end
     log_with: Literal["tensorboard"] | None = None
-    num_workers: int = 0
+    # DataLoader worker processes: "auto" (a share of the cores; 0 where images come ready from the memory cache)
+    # or a number (0: load in the training process). Results do not depend on it.
+    num_workers: int | Literal["auto"] = "auto"
     # Image features of a frozen image tower (zero-shot, linear probe, text-side methods) are computed once and
     # reused across epochs and runs: "memory" (this process), "disk" (also under $MMPEFT_CACHE/features), or
     # "recompute" (encode every batch; not "off", which YAML reads as false).
@@ -155,6 +165,11 @@ class TrainSpec:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes, CUDA only
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun / accelerate launch; one process ignores it
+
+    def __post_init__(self) -> None:
+        if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
+                                           or self.num_workers < 0):
+            raise ValueError(f"train.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}")
 
 
 @dataclass(frozen=True)

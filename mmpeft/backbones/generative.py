@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmpeft.backbones.base import BACKBONES, Backbone, BackboneError
+from mmpeft.backbones.encoded_cache import EncodedCache, encoded_key
 from mmpeft.backbones.image_only import register as register_image_only_processors
 from mmpeft.backbones.loading import load_pretrained
 from mmpeft.backbones.scoring import score_answers
@@ -89,6 +90,7 @@ class GenerativeBackbone(Backbone):
         super().__init__(model, processor, name_or_path)
         self.task = GenerativeTask()
         self._answer_ids: dict[str, list[int]] = {}
+        self.encoded = EncodedCache()  # processor outputs per (prompt, images): not re-run every epoch
 
     def configure(self, recipe: Recipe) -> None:
         """Take the question, answer template and scoring/generation settings from the recipe."""
@@ -186,11 +188,17 @@ class GenerativeBackbone(Backbone):
 
     # --- inputs -------------------------------------------------------------------------------------------------
     def encode_one(self, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """One rendered prompt and its images (in order of appearance) -> processor tensors (batch of 1, on CPU)."""
+        """One rendered prompt and its images (in order of appearance) -> processor tensors (batch of 1, on CPU).
+
+        Cached per (prompt, images' pixels): the same example is not put through the processor every epoch."""
         bos = self.tokenizer.bos_token
-        encoded = self.processor(text=[text], images=list(images) or None, return_tensors="pt",
-                                 add_special_tokens=not (bos and text.startswith(bos)))
-        return dict(encoded)
+        special = not (bos and text.startswith(bos))
+
+        def run_processor() -> dict[str, torch.Tensor]:
+            return dict(self.processor(text=[text], images=list(images) or None, return_tensors="pt",
+                                       add_special_tokens=special))
+
+        return self.encoded.get_or_make(encoded_key(text, list(images), str(special)), run_processor)
 
     def with_answer(self, encoded: dict[str, torch.Tensor], answer: list[int]) -> dict[str, torch.Tensor]:
         """Append answer tokens; `labels` are IGNORE_INDEX on every prompt token and the answer ids after it."""

@@ -16,6 +16,7 @@ from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
 from mmpeft.data import load_data
 from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
+from mmpeft.data.loader import loader_settings
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.features import FeatureBinding, bind_features, keep_after_apply
 from mmpeft.methods import METHODS, count_parameters
@@ -42,6 +43,7 @@ logger = logging.getLogger("mmpeft")
 def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
         resume: str | Path | None = None) -> dict:
     """Run a recipe end to end and return its metrics (also written to <run folder>/metrics.json)."""
+    conversations = None
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / RECIPE_FILE).is_file():
@@ -54,17 +56,14 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None =
         recipe = load_recipe(recipe, overrides)
         if recipe.data.source in CONVERSATION_SOURCES:  # every row checked before a run folder is even made
             conversations = load_conversations(recipe.data, recipe.seed)
-            run_dir = new_run_dir(recipe)
-            with run_logging(run_dir):
-                return execute_conversations(recipe, run_dir, data=conversations)
         run_dir = new_run_dir(recipe)
-    with run_logging(run_dir):
+    with run_logging(run_dir), loader_settings(recipe.data.image_cache, recipe.train.num_workers):
+        if recipe.data.source in CONVERSATION_SOURCES:  # multi-turn conversations: no labels, their own evaluation
+            return execute_conversations(recipe, run_dir, resume is not None, data=conversations)
         return execute(recipe, run_dir, resume=resume is not None)
 
 
 def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
-    if recipe.data.source in CONVERSATION_SOURCES:  # multi-turn conversations: no labels, their own evaluation
-        return execute_conversations(recipe, run_dir, resume)
     set_seed(recipe.seed, deterministic=False)
     data = load_data(recipe.data, recipe.seed)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
 from mmpeft.data import ImageDataset, LabelSet, collate_images
+from mmpeft.data.loader import loader_settings
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import Classification
@@ -90,7 +91,7 @@ def continual(recipe: str | Path | dict | ContinualRecipe | None, overrides: lis
             raise FileExistsError(f"run folder {folder} holds an interrupted continual run; continue it with "
                                   f"`mmpeft continual --resume {folder}` or choose another output.name")
         run_dir = new_run_dir(loaded)  # type: ignore[arg-type]  (it needs .name, .output and .to_yaml only)
-    with run_logging(run_dir):
+    with run_logging(run_dir), loader_settings(loaded.recipe.data.image_cache, loaded.recipe.train.num_workers):
         try:
             return execute(loaded, run_dir, resume=resume is not None)
         except KeyboardInterrupt:
@@ -206,7 +207,8 @@ def task_context(recipe: ContinualRecipe, sequence: TaskSequence, backbone, inde
     context = TaskContext(index=index, backbone=backbone, train_set=sequence.tasks[index].dataset("train"),
                           train_sets=[t.dataset("train") for t in sequence.tasks], labels=labels,
                           previous_classes=sequence.previous_classes(index), logits=objective.logits,
-                          collate=collate_images(backbone.preprocess), batch_size=recipe.recipe.eval.batch_size,
+                          collate=collate_images(backbone.preprocess, backbone.preprocess_fitted),
+                          batch_size=recipe.recipe.eval.batch_size,
                           seed=recipe.seed + index, is_last=index == len(sequence.tasks) - 1)
     return context, objective
 

@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
-from mmpeft.data import collate_images
+from mmpeft.data.loader import EpochLoader
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -170,8 +169,7 @@ class Trainer:
         from transformers import get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, round(spec.warmup_ratio * total), total)
-        # a dataset may bring its own collate (cached image features: mmpeft.features.FeatureDataset)
-        self.collate = getattr(train_set, "collate", None) or collate_images(backbone.preprocess)
+        self.loader = EpochLoader(train_set, backbone, seed, spec.num_workers)  # data/loader.py: cache, workers
         self.progress = Progress()
         self.best_state: dict[str, torch.Tensor] | None = None
         self.final_state: dict[str, torch.Tensor] | None = None  # FSDP: the trained state, whole
@@ -210,6 +208,7 @@ class Trainer:
             if progress.finished:
                 break
         progress.finished = True
+        self.loader.close()
         if self.fsdp:  # sharded weights stay sharded: the caller rebuilds a whole model from this state
             self.final_state = self.best_state if self.best_state is not None else self.snapshot()
         elif self.best_state is not None:
@@ -225,12 +224,9 @@ class Trainer:
         self.train_set.set_epoch(epoch)
         batches = self.epoch_batches(epoch)
         start = progress.batch_in_epoch
-        # own generator: creating the iterator must not draw from the global RNG that dropout uses
-        local = [self.local_part(b) for b in batches[start:]]
-        loader = DataLoader(self.train_set, batch_sampler=local, collate_fn=self.collate,
-                            num_workers=spec.num_workers, generator=torch.Generator().manual_seed(self.seed + epoch))
+        tic = time.perf_counter()  # from before the loader: the first epoch's image caching is training time too
+        loader = self.loader.epoch(epoch, [self.local_part(b) for b in batches[start:]])
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.epochs}", initial=start, total=len(batches), disable=None)
-        tic = time.perf_counter()
         for index, batch in enumerate(bar, start=start):
             for callback in self.callbacks:
                 batch = callback.transform_batch(batch)
