@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError, build, did_you_mean
 from mmpeft.specs import Recipe
+
 
 def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
     """YAML file or mapping (+ `key.sub=value` overrides) -> validated Recipe; raises RecipeError."""
