@@ -103,6 +103,9 @@ class DataSpec:
                 raise ValueError(f"data.templates: {template!r} has no {{label}} placeholder")
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     objective: Literal["classification", "contrastive", "generative"] = "classification"  # generative: answer loss
@@ -117,7 +120,8 @@ class TrainSpec:
     select_metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
     early_stopping_patience: int | None = None  # epochs without val improvement
     checkpoint_every_steps: int | None = None  # also at every epoch end
-    log_with: Literal["tensorboard"] | None = None
+    # trackers (tensorboard, mlflow, wandb; one name is a list of one): recipe, train/val and test metrics, report
+    log_with: tuple[Tracker, ...] | None = None
     num_workers: int = 0
     # Image features of a frozen image tower (zero-shot, linear probe, text-side methods) are computed once and
     # reused across epochs and runs: "memory" (this process), "disk" (also under $MMPEFT_CACHE/features), or
@@ -126,6 +130,8 @@ class TrainSpec:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes, CUDA only
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun / accelerate launch; one process ignores it
+    tracking_uri: str = "./mlruns"  # MLflow: a local folder (file store) or any MLflow tracking URI
+    tracking_experiment: str | None = None  # MLflow experiment / W&B project and group; default: the recipe's name
 
 
 @dataclass(frozen=True)
