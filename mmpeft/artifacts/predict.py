@@ -206,9 +206,12 @@ def iter_labels_file(path: str | Path) -> Iterator[str]:
 def table(rows: list[dict], limit: int = TABLE_ROWS) -> str:
     """A short terminal table: each image's top label (score) or answer, or why it was skipped."""
     lines = []
-    width = min(60, max((len(os.path.basename(r["path"])) for r in rows), default=5))
-    for row in rows[:limit]:
-        name = os.path.basename(row["path"])[:width].ljust(width)
+    shown = rows[:limit]
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(r["path"])) for r in shown]) if shown else ""
+    names = [os.path.relpath(os.path.abspath(r["path"]), root) for r in shown]  # short, yet unique
+    width = min(60, max(map(len, names), default=5))
+    for row, name in zip(shown, names):
+        name = name[-width:].ljust(width)
         if "error" in row:
             lines.append(f"{name}  SKIPPED: {row['error']}")
         elif "answer" in row:
