@@ -14,31 +14,39 @@ from mmpeft.cli import main
 TASK = {"question": "Which colour fills this picture?", "answer_template": "It is {label}."}
 
 
+# name -> (backbone, method, export kinds): lora saves a peft adapter; bitfit and the linear probe mmpeft's own format
+RUNS = {"clip": ("clip", {"name": "lora", "r": 4, "alpha": 8}, ("adapter", "merged")),
+        "llava": ("llava", {"name": "lora", "r": 4, "alpha": 8}, ("adapter", "merged")),
+        "siglip": ("siglip", {"name": "bitfit"}, ("adapter",)),
+        "probe": ("clip", {"name": "linear_probe"}, ("adapter",))}
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, color_folder, tiny_clip_dir):
-    """exported(kind) -> {"run", "adapter", "merged"} folders of one tiny run, made once per module on first use."""
+def exported(tmp_path_factory, color_folder):
+    """exported(name) -> {"run", "adapter", "merged"} folders of one tiny run, made once per module on first use."""
     from mmpeft.testing import tiny_backbone
 
     root, made = tmp_path_factory.mktemp("predict-runs"), {}
 
-    def make(kind: str) -> dict:
-        if kind not in made:
+    def make(name: str) -> dict:
+        if name not in made:
+            kind, method, exports = RUNS[name]
             generative = kind == "llava"
-            recipe = {"name": kind, "seed": 0, "backbone": {"id": str(tiny_backbone(kind) if generative
-                                                                      else tiny_clip_dir)},
+            recipe = {"name": name, "seed": 0, "backbone": {"id": str(tiny_backbone(kind))},
                       "data": {"source": "folder", "path": str(color_folder),
                                "templates": ["a photo of a {label} image."], "split": {"val": 0.0, "test": 0.25},
                                "shots": 4, **(TASK if generative else {})},
-                      "method": {"name": "lora", "r": 4, "alpha": 8},
+                      "method": method,
                       "train": {"epochs": 1 if generative else 3, "batch_size": 12, "lr": 0.02, "warmup_ratio": 0.0},
                       "eval": {"batch_size": 32, "zero_shot": False, "length_normalize": generative},
-                      "output": {"dir": str(root), "name": kind}}
+                      "output": {"dir": str(root), "name": name}}
             mmpeft.run(recipe)
-            folders = {"run": root / kind, "adapter": root / f"{kind}-adapter", "merged": root / f"{kind}-merged"}
-            mmpeft.export(folders["run"], folders["adapter"], how="adapter")
-            mmpeft.export(folders["run"], folders["merged"], how="merged")
-            made[kind] = folders
-        return made[kind]
+            folders = {"run": root / name}
+            for how in exports:
+                folders[how] = root / f"{name}-{how}"
+                mmpeft.export(folders["run"], folders[how], how=how)
+            made[name] = folders
+        return made[name]
 
     return make
 
@@ -71,6 +79,17 @@ def test_dual_encoder_predicts_alike_from_run_adapter_and_merged_export(exported
     assert top1(rows["run"]) == top1(rows["adapter"]) == top1(rows["merged"]) and len(top1(rows["run"])) == 9
     truth = {path: path.split("/")[-2] for path in top1(rows["run"])}
     assert sum(top1(rows["run"])[p] == truth[p] for p in truth) >= 6  # the trained model has learned the colours
+
+
+def test_siglip_trained_state_and_a_linear_probe_predict_alike_from_run_and_exports(exported, images):
+    folders = exported("siglip")  # bitfit: the trained biases in mmpeft's format, onto the base
+    rows = {kind: top1(mmpeft.predict(folder, images)) for kind, folder in folders.items()}
+    assert rows["run"] == rows["adapter"] and len(rows["run"]) == 9
+    probe = exported("probe")
+    rows = {kind: mmpeft.predict(folder, images / "red", top_k=3) for kind, folder in probe.items()}
+    assert rows["run"] == rows["adapter"] and [e["label"] for e in rows["run"][0]["labels"]] != []
+    with pytest.raises(ValueError, match=r"classifies with a trained head over its own 3 classes \(blue, green, red\)"):
+        mmpeft.predict(probe["adapter"], images / "red", labels=["cat", "dog"])
 
 
 def test_new_labels_at_predict_time_and_the_command_line(exported, images, tmp_path, capsys):
