@@ -75,6 +75,28 @@ def test_mlflow_and_wandb_offline_hold_the_recipe_metrics_and_artifacts(color_re
     assert len(final) == 1 and json.loads(final[0]["test/accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
 
 
+
+@pytest.mark.skipif(not HAS_TRACKERS, reason="needs mlflow and wandb (pip install 'mmpeft[mlflow,wandb]')")
+def test_a_run_that_fails_in_training_is_marked_failed(color_recipe, tmp_path, monkeypatch):
+    import mlflow
+
+    from mmpeft.train import TrainingDiverged
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    store = tmp_path / "mlruns"
+    train = {**color_recipe["train"], "epochs": 1, "lr": 1e30, "log_with": ["mlflow", "wandb"],
+             "tracking_uri": str(store)}
+    with pytest.raises(TrainingDiverged):
+        mmpeft.run({**color_recipe, "train": train, "eval": {"zero_shot": False}})
+    mlflow.set_tracking_uri(store.resolve().as_uri())
+    (status,) = mlflow.search_runs(experiment_names=["colors"])["status"]
+    assert status == "FAILED"
+    (offline,) = (tmp_path / "runs" / "run" / "tracking" / "wandb").glob("offline-run-*")
+    (exit_record,) = wandb_records(next(offline.glob("*.wandb")))["exit"]
+    assert exit_record.exit_code == 1
+
+
 def wandb_records(path) -> dict[str, list]:
     """The records of an offline W&B run file (LevelDB-log framing: 32 KiB blocks of 7-byte-headed chunks after a
     7-byte file header), parsed with wandb's own protobuf classes, by record type."""

@@ -141,7 +141,7 @@ def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
     try:
         progress = trainer.fit(resume=resume)
     except BaseException:
-        end_tracking(trainer)
+        end_tracking(trainer, failed=True)
         raise
     seconds = progress.train_seconds
     summary = {"epochs_run": progress.epoch, "steps": progress.global_step, "seconds": round(seconds, 3),

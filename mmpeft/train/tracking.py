@@ -32,6 +32,10 @@ SUMMARY_SECTIONS = ("zero_shot", "test", "answers", "retrieval")
 SKIPPED_KEYS = ("per_class", "confusion_matrix", "examples")
 
 
+class TrackingError(ValueError):
+    """A tracker that would not start, with what to change."""
+
+
 def trackers_of(spec: TrainSpec) -> tuple[str, ...]:
     """`train.log_with` as tracker names, each once, in order."""
     return tuple(dict.fromkeys(spec.log_with or ()))
@@ -73,7 +77,13 @@ def start_tracking(accelerator: Accelerator, spec: TrainSpec, run_dir: Path, con
     if "wandb" in names:
         (run_dir / "tracking").mkdir(parents=True, exist_ok=True)
         init_kwargs["wandb"] = {"name": run_dir.name, "dir": str(run_dir / "tracking"), "group": experiment}
-    accelerator.init_trackers(experiment, config=config, init_kwargs=init_kwargs)
+    try:
+        accelerator.init_trackers(experiment, config=config, init_kwargs=init_kwargs)
+    except Exception as error:  # a tracker's own start-up error (no login, unreachable server, bad URI), in one line
+        raise TrackingError(f"train.log_with: {', '.join(names)} did not start: {type(error).__name__}: "
+                            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}. W&B without an "
+                            "account or network: WANDB_MODE=offline; MLflow: check train.tracking_uri "
+                            f"({spec.tracking_uri!r})") from error
     logger.info("tracking with %s (experiment %s, run %s)", ", ".join(names), experiment, run_dir.name)
 
 
@@ -112,8 +122,17 @@ def run_artifacts(run_dir: Path) -> list[Path]:
 
 
 def finish_tracking(accelerator: Accelerator, step: int, metrics: dict | None = None,
-                    artifacts: Iterable[Path] = (), base: Path | None = None) -> None:
-    """Log the final metrics and files to every tracker, then end them (accelerate's end_training)."""
+                    artifacts: Iterable[Path] = (), base: Path | None = None, failed: bool = False) -> None:
+    """Log the final metrics and files to every tracker, then end them (accelerate's end_training); a failed run
+    is marked so (MLflow status FAILED, W&B exit code 1) instead of looking finished."""
+    if failed and accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            if tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.end_run(status="FAILED")
+            elif tracker.name == "wandb":
+                tracker.tracker.finish(exit_code=1)
     if metrics:
         accelerator.log(summary_metrics(metrics), step=step)
     files = [Path(p) for p in artifacts]
@@ -128,9 +147,9 @@ def finish_tracking(accelerator: Accelerator, step: int, metrics: dict | None = 
     accelerator.end_training()
 
 
-def end_tracking(trainer, metrics: dict | None = None, run_dir: Path | None = None) -> None:
+def end_tracking(trainer, metrics: dict | None = None, run_dir: Path | None = None, failed: bool = False) -> None:
     """End a Trainer's trackers (made with `keep_tracking_open`) with the run's final metrics and files; once."""
     if trainer.tracking:
         trainer.tracking = False
         files = run_artifacts(run_dir) if run_dir is not None else []
-        finish_tracking(trainer.accelerator, trainer.progress.global_step, metrics, files, run_dir)
+        finish_tracking(trainer.accelerator, trainer.progress.global_step, metrics, files, run_dir, failed)
