@@ -147,5 +147,5 @@ def test_merged_llava_export_in_the_image_text_to_text_pipeline(exported, images
     for row in ours:
         messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(row["path"]).convert("RGB")},
                                                  {"type": "text", "text": TASK["question"]}]}]
-        answer = chat(text=messages, max_new_tokens=16, do_sample=False, return_full_text=False)
+        answer = chat(text=messages, max_new_tokens=16, generate_kwargs={"do_sample": False}, return_full_text=False)
         assert answer[0]["generated_text"].strip() == row["answer"]
