@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def choose_labels(predictor: Predictor, labels: Sequence[str] | None, source: st
     """The run's label set, or new labels written with the run's templates (zero-shot on them)."""
     if not labels:
         return predictor.labels
-    names = [str(name).strip() for name in labels]
+    names = [str(name).strip() for name in (labels.split(",") if isinstance(labels, str) else labels)]
     if any(not name for name in names):
         raise ValueError(f"labels: an empty label in {list(labels)!r}")
     if len(set(names)) != len(names):
@@ -171,28 +172,18 @@ def answers(backbone: Backbone, images: list) -> list[str]:
                             task["max_new_tokens"])
 
 
-class rows_writer:
+@contextmanager
+def rows_writer(out: str | Path | None) -> Iterator[Callable[[dict], None]]:
     """JSON lines streamed into a temporary file beside `out`, renamed onto it when the job ends; no-op without."""
+    if out is None:
+        yield lambda row: None
+        return
+    with atomic_path(out) as staging, open(staging, "w", encoding="utf-8") as handle:
+        def write(row: dict) -> None:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
 
-    def __init__(self, out: str | Path | None):
-        self.out = None if out is None else Path(out)
-
-    def __enter__(self):
-        if self.out is None:
-            return lambda row: None
-        self._context = atomic_path(self.out)
-        self._handle = open(self._context.__enter__(), "w")
-        return self.write
-
-    def write(self, row: dict) -> None:
-        self._handle.write(json.dumps(row) + "\n")
-        self._handle.flush()
-
-    def __exit__(self, *exc) -> bool:
-        if self.out is not None:
-            self._handle.close()
-            self._context.__exit__(*exc)
-        return False
+        yield write
 
 
 def iter_labels_file(path: str | Path) -> Iterator[str]:
