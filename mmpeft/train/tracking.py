@@ -123,8 +123,8 @@ def run_artifacts(run_dir: Path) -> list[Path]:
 
 def finish_tracking(accelerator: Accelerator, step: int, metrics: dict | None = None,
                     artifacts: Iterable[Path] = (), base: Path | None = None, failed: bool = False) -> None:
-    """Log the final metrics and files to every tracker, then end them (accelerate's end_training); a failed run
-    is marked so (MLflow status FAILED, W&B exit code 1) instead of looking finished."""
+    """Log the final metrics and files to every tracker, then finish each; a failed run is marked so (MLflow status
+    FAILED, W&B exit code 1) instead of looking finished."""
     if failed and accelerator.is_main_process:
         for tracker in accelerator.trackers:
             if tracker.name == "mlflow":
@@ -144,7 +144,9 @@ def finish_tracking(accelerator: Accelerator, step: int, metrics: dict | None = 
             elif tracker.name == "wandb":
                 for path in files:
                     tracker.tracker.save(str(path), base_path=str(base or path.parent), policy="now")
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not accelerator.end_training(): it also destroys the process group,
+        tracker.finish()  # which a multi-process run still needs (evaluation, the final barrier)
+    accelerator.trackers = []
 
 
 def end_tracking(trainer, metrics: dict | None = None, run_dir: Path | None = None, failed: bool = False) -> None:
