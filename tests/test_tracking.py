@@ -30,6 +30,16 @@ def test_log_with_takes_one_tracker_or_a_list_and_says_how_to_install_a_missing_
         assert trackers_of(recipe.train) == ("mlflow", "wandb")
 
 
+def test_a_tracker_that_is_not_installed_is_a_recipe_error_saying_how_to_install_it(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("mlflow", "wandb")
+                        else find_spec(name, *a))  # as on a machine without the extras
+    with pytest.raises(RecipeError) as error:
+        mmpeft.load_recipe({"method": "lora", "train": {"log_with": ["mlflow", "wandb"]}})
+    assert "train.log_with: mlflow is not installed; `pip install 'mmpeft[mlflow]'`" in str(error.value)
+    assert "train.log_with: wandb is not installed; `pip install 'mmpeft[wandb]'`" in str(error.value)
+
+
 @pytest.mark.skipif(not HAS_TRACKERS, reason="needs mlflow and wandb (pip install 'mmpeft[mlflow,wandb]')")
 def test_mlflow_and_wandb_offline_hold_the_recipe_metrics_and_artifacts(color_recipe, tmp_path, monkeypatch):
     import mlflow
