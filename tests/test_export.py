@@ -129,7 +129,7 @@ def test_generative_merged_export_carries_its_task_and_verifies(trained, family,
     name = type(AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")).__name__
     assert name.startswith({"llava": "Llava", "qwen2vl": "Qwen2VL"}[family])
     card = (tmp_path / "merged" / "README.md").read_text()
-    assert "model.generate" in card and GENERATIVE_TASK[family]["question"] in card
+    assert "model.generate" in card and GENERATIVE_TASK[family]["question"] in card and "image-text-to-text" in card
 
 
 def test_model_cards_start_with_hugging_face_metadata(trained, color_folder, tmp_path):

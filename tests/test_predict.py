@@ -135,6 +135,12 @@ def test_merged_clip_export_in_the_zero_shot_pipeline(exported, images):
     theirs = {path: classify(path, candidate_labels=names, hypothesis_template="a photo of a {} image.")[0]["label"]
               for path in files}
     assert theirs == ours
+    card = (folders["merged"] / "README.md").read_text()  # the card's own pipeline snippet runs as written
+    snippet = card.split("In a transformers pipeline:")[1].split("```python")[1].split("```")[0]
+    printed = []
+    exec(snippet.replace("path/to/this/folder", str(folders["merged"])).replace("image.png", files[0]),
+         {"print": printed.append})
+    assert printed[0][0]["label"] == ours[files[0]]
 
 
 def test_merged_llava_export_in_the_image_text_to_text_pipeline(exported, images):

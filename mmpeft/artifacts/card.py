@@ -113,6 +113,8 @@ def summary_rows(manifest: dict) -> list[tuple[str, str]]:
 def how_to_load(manifest: dict) -> list[str]:
     generative = manifest["base"].get("family") == "generative"
     plain = (generative_code if generative else dual_encoder_code)(manifest) if manifest["format"] != "mmpeft" else []
+    if manifest["format"] == "transformers":
+        plain = pipeline_code(manifest, generative) + plain
     return plain + ["With mmpeft (any format; rebuilds exactly what was trained and checks the files):", "",
                     "```python", "import torch", "from PIL import Image",
                     "from mmpeft.artifacts import export_labels, load_adapter", "",
@@ -123,6 +125,24 @@ def how_to_load(manifest: dict) -> list[str]:
                     "    text = None if backbone.head is not None else backbone.class_text_features(labels)",
                     "    logits = backbone.classify(pixels, text)  # [images, classes]",
                     "print(labels.names[int(logits.argmax(-1)[0])])", "```"]
+
+
+def pipeline_code(manifest: dict, generative: bool) -> list[str]:
+    """A merged model in transformers' own pipeline (offline, name the task: without it the Hub is asked)."""
+    if generative:
+        question = (manifest.get("task") or {}).get("question", "What is in the image?")
+        return ["In a transformers pipeline:", "", "```python", "from transformers import pipeline", "",
+                'chat = pipeline("image-text-to-text", model="path/to/this/folder")',
+                f'messages = [{{"role": "user", "content": [{{"type": "image", "image": "image.png"}}, '
+                f'{{"type": "text", "text": {question!r}}}]}}]',
+                'print(chat(text=messages, max_new_tokens=16, generate_kwargs={"do_sample": False}, '
+                'return_full_text=False)[0]["generated_text"])', "```", ""]
+    labels = manifest["labels"]
+    templates = manifest.get("templates") or ["a photo of a {label}."]
+    return ["In a transformers pipeline:", "", "```python", "from transformers import pipeline", "",
+            'classify = pipeline("zero-shot-image-classification", model="path/to/this/folder")',
+            f'print(classify("image.png", candidate_labels={labels["names"]!r}, '
+            f'hypothesis_template={templates[0].replace("{label}", "{}")!r}))', "```", ""]
 
 
 def loading_lines(manifest: dict, model_class: str) -> list[str]:
