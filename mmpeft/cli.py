@@ -37,7 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     continual.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. regulariser.strength=100")
     continual.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sequence at its task")
     add_export_commands(commands)
+    add_predict_command(commands)
     return parser
+
+
+def add_predict_command(commands) -> None:
+    """`mmpeft predict` (see mmpeft.artifacts.predict)."""
+    predict = commands.add_parser("predict", help="label scores or answers for images, from a run or an export")
+    predict.add_argument("source", metavar="RUN_OR_EXPORT", help="a run folder or a folder written by mmpeft export")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files; folders are walked")
+    labels = predict.add_mutually_exclusive_group()
+    labels.add_argument("--labels", help="comma-separated labels to score instead of the run's (zero-shot on them)")
+    labels.add_argument("--labels-file", metavar="FILE", help="labels to score, one a line")
+    predict.add_argument("--top-k", type=int, default=5, help="labels kept per image (default 5)")
+    predict.add_argument("--question", help="generative: the question asked (default: the run's)")
+    predict.add_argument("--out", metavar="FILE", help="write every result as JSON lines (e.g. predictions.jsonl)")
+    predict.add_argument("--batch-size", type=int, default=16)
 
 
 def add_export_commands(commands) -> None:
@@ -119,6 +134,16 @@ def dispatch(args: argparse.Namespace) -> int:
                       tolerance=args.tolerance, onnx=args.onnx)
     elif args.command == "merge":
         mmpeft.merge(args.run_dirs, args.weights, how=args.how, density=args.density, out=args.out, seed=args.seed)
+    elif args.command == "predict":
+        from mmpeft.artifacts.predict import iter_labels_file, table
+
+        labels = list(iter_labels_file(args.labels_file)) if args.labels_file else None
+        labels = [name for name in args.labels.split(",") if name.strip()] if args.labels else labels
+        rows = mmpeft.predict(args.source, args.images, labels=labels, top_k=args.top_k, question=args.question,
+                              out=args.out, batch_size=args.batch_size)
+        print(table(rows), end="")
+        if args.out:
+            print(f"predictions: {args.out}")
     elif args.command == "plan":
         from mmpeft.planner import render
 

@@ -140,6 +140,9 @@ def _template_problem(template: str) -> str | None:
     return None
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     objective: Literal["classification", "contrastive", "generative"] = "classification"  # generative: answer loss
@@ -154,7 +157,8 @@ class TrainSpec:
     select_metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
     early_stopping_patience: int | None = None  # epochs without val improvement
     checkpoint_every_steps: int | None = None  # also at every epoch end
-    log_with: Literal["tensorboard"] | None = None
+    # trackers (tensorboard, mlflow, wandb; one name is a list of one): recipe, train/val and test metrics, report
+    log_with: tuple[Tracker, ...] | None = None
     # DataLoader worker processes: "auto" (a share of the cores; 0 where images come ready from the memory cache)
     # or a number (0: load in the training process). Results do not depend on it.
     num_workers: int | Literal["auto"] = "auto"
@@ -165,6 +169,8 @@ class TrainSpec:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes, CUDA only
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun / accelerate launch; one process ignores it
+    tracking_uri: str = "./mlruns"  # MLflow: a local folder (file store) or any MLflow tracking URI
+    tracking_experiment: str | None = None  # MLflow experiment / W&B project and group; default: the recipe's name
 
     def __post_init__(self) -> None:
         if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import yaml
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError, build, did_you_mean
 from mmpeft.specs import Recipe
+from mmpeft.train.tracking import missing_tracker_problems
 
 
 def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
@@ -72,8 +72,7 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
 
 def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
     problems = []
-    if recipe.train.log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        problems.append("train.log_with: tensorboard is not installed; `pip install tensorboard` or remove the key")
+    problems += missing_tracker_problems(recipe.train)
     data = recipe.data
     if data.source in ("folder", "csv", "jsonl", "hf_disk") and data.path and not Path(data.path).exists():
         problems.append(f"data.path: {data.source} source {data.path!r} does not exist")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE, new_run_dir, run_loggi
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.specs import Recipe
 from mmpeft.train import Trainer
+from mmpeft.train.tracking import end_tracking
 
 logger = logging.getLogger("mmpeft")
 
@@ -80,8 +82,9 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     logger.info("method %s: %d trainable of %d parameters (%.3f%%)", method.name, metrics["params"]["trainable"],
                 metrics["params"]["total"], metrics["params"]["percent"])
     features = keep_after_apply(features, recipe, method, backbone)
+    trainer = None  # its trackers stay open for the test metrics
     if method.trains:
-        metrics["train"], final_state = train(recipe, run_dir, backbone, data, resume, features)
+        metrics["train"], final_state, trainer = train(recipe, run_dir, backbone, data, resume, features)
         if final_state is not None:  # FSDP left the trained model sharded: evaluate and save a whole one
             backbone = build(recipe, data.labels, final_state)
     tested = evaluate_all(backbone, test_sets, data, recipe, "test", features)
@@ -99,6 +102,8 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         write_json(run_dir / METRICS_FILE, metrics)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         logger.info("run folder: %s", run_dir)
+    if trainer is not None:
+        end_tracking(trainer, metrics, run_dir)
     state.wait_for_everyone()
     return metrics
 
@@ -118,8 +123,9 @@ def evaluate_all(backbone: Backbone, test_sets: dict, data, recipe: Recipe, stag
 
 
 def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
-          features: FeatureBinding | None = None) -> tuple[dict, dict | None]:
-    """Train; returns the summary and, under FSDP, the whole trained state (else None: `backbone` holds it)."""
+          features: FeatureBinding | None = None) -> tuple[dict, dict | None, Trainer]:
+    """Train; returns the summary, under FSDP the whole trained state (else None: `backbone` holds it), and the
+    trainer, whose trackers stay open until `end_tracking`."""
     train_set = data.dataset("train", augment=True, seed=recipe.seed, spec=recipe.data)
     if features is not None and train_set.augment is not None:
         logger.info("feature cache: off for training: data.augment changes the images every epoch "
@@ -136,14 +142,20 @@ def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
         scores = classification_metrics(truth, predicted, data.labels.names)
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
-    trainer = Trainer(backbone, objective, train_set, recipe.train, recipe.seed, run_dir,
-                      evaluate_val=evaluate_val if val_set is not None else None, tracker_config=_flat(recipe))
-    progress = trainer.fit(resume=resume)
+    spec = recipe.train if recipe.train.tracking_experiment else replace(recipe.train, tracking_experiment=recipe.name)
+    trainer = Trainer(backbone, objective, train_set, spec, recipe.seed, run_dir,
+                      evaluate_val=evaluate_val if val_set is not None else None, tracker_config=_flat(recipe),
+                      keep_tracking_open=True)
+    try:
+        progress = trainer.fit(resume=resume)
+    except BaseException:
+        end_tracking(trainer, failed=True)
+        raise
     seconds = progress.train_seconds
     summary = {"epochs_run": progress.epoch, "steps": progress.global_step, "seconds": round(seconds, 3),
                "samples_per_second": round(progress.samples_seen / seconds, 2) if seconds else None,
                "best_epoch": progress.best_epoch, "history": progress.history}
-    return summary, trainer.final_state
+    return summary, trainer.final_state, trainer
 
 
 def memory_footprint(backbone: Backbone) -> dict:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
 from mmpeft.data.loader import EpochLoader
+from mmpeft.train.tracking import epoch_metrics, finish_tracking, start_tracking, tracker_arguments
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -141,13 +142,12 @@ class LossModule(torch.nn.Module):
 class Trainer:
     def __init__(self, backbone, objective: Objective, train_set: ImageDataset, spec: TrainSpec, seed: int,
                  run_dir: Path, evaluate_val: Callable[[], dict] | None = None, callbacks: tuple[Callback, ...] = (),
-                 tracker_config: dict | None = None):
+                 tracker_config: dict | None = None, keep_tracking_open: bool = False):
         self.backbone, self.objective, self.train_set, self.spec, self.seed = backbone, objective, train_set, spec, seed
         self.run_dir, self.evaluate_val, self.callbacks = Path(run_dir), evaluate_val, callbacks
-        kwargs = {"log_with": spec.log_with, "project_dir": str(self.run_dir / "tracking")} if spec.log_with else {}
-        self.accelerator = make_accelerator(spec.mixed_precision, **kwargs)
-        if spec.log_with:
-            self.accelerator.init_trackers(self.run_dir.name, config=tracker_config)
+        self.accelerator = make_accelerator(spec.mixed_precision, **tracker_arguments(spec, self.run_dir))
+        self.tracking, self.keep_tracking_open = bool(spec.log_with), keep_tracking_open  # open: the caller ends it
+        start_tracking(self.accelerator, spec, self.run_dir, tracker_config)  # a no-op without train.log_with
         backbone.to(self.accelerator.device)
         if spec.gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
@@ -215,8 +215,8 @@ class Trainer:
             self.restore(self.best_state)
         for callback in self.callbacks:
             callback.on_train_end(self)
-        if spec.log_with:
-            self.accelerator.end_training()
+        if self.tracking and not self.keep_tracking_open:
+            finish_tracking(self.accelerator, progress.global_step)
         return progress
 
     def run_epoch(self, epoch: int) -> None:
@@ -246,7 +246,7 @@ class Trainer:
                 self.optimizer_step()
                 progress.batch_in_epoch = index + 1
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-                if spec.log_with:
+                if self.tracking:
                     self.accelerator.log({"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0]},
                                          step=progress.global_step)
                 if spec.checkpoint_every_steps and progress.global_step % spec.checkpoint_every_steps == 0:
@@ -287,8 +287,8 @@ class Trainer:
                 progress.stale_epochs += 1
         progress.history.append(metrics)
         logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
-        if spec.log_with:
-            self.accelerator.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step=progress.global_step)
+        if self.tracking:
+            self.accelerator.log(epoch_metrics(metrics), step=progress.global_step)
         for callback in self.callbacks:
             callback.on_epoch_end(self, metrics)
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
