@@ -64,7 +64,7 @@ class AugmentSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: Literal["digits", "folder", "csv", "jsonl", "hf", "hf_disk"] = "digits"
+    source: Literal["digits", "folder", "csv", "jsonl", "hf", "hf_disk", "captions", "webdataset"] = "digits"
     path: str | None = None  # folder/file path, or a `datasets` builder/name for source: hf
     image_root: str | None = None  # where csv/jsonl image paths resolve (default: the file's folder)
     hf_split: str = "train"
@@ -87,8 +87,17 @@ class DataSpec:
     question: str = "What is in the image?"
     prompt_column: str = "prompt"
     answer_template: str = "{label}"
+    # Caption tables (source: captions, open_clip's layout) and WebDataset shards (source: webdataset); see
+    # docs/captions-and-shards.md. separator: column separator of csv/captions files (default "," / tab).
+    separator: str | None = None
+    eval_path: str | None = None  # captions/webdataset: a held-out table or shard pattern, the test split
 
     def __post_init__(self) -> None:
+        if self.eval_path is not None and self.source not in ("captions", "webdataset"):
+            raise ValueError(f"data.eval_path applies to data.source: captions or webdataset, not {self.source!r}")
+        if self.separator is not None and (len(self.separator) != 1 or self.source not in ("csv", "captions")):
+            raise ValueError(f"data.separator: {self.separator!r} must be one character, for data.source: csv or "
+                             "captions")
         if "{label}" not in self.answer_template:
             raise ValueError(f"data.answer_template: {self.answer_template!r} has no {{label}} placeholder")
         if self.source != "digits" and not self.path:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mmpeft.core.schema import did_you_mean
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import DatasetImage, Row
+from mmpeft.data.sources import DatasetImage, Row, ShardImage
 
 logger = logging.getLogger("mmpeft")
 SHOWN = 5  # bad rows quoted in a message
@@ -36,13 +36,17 @@ class BadRow:
         return f"{self.source}: {self.reason}"
 
 
-def find_bad_rows(rows: Sequence[Row], classes: Sequence[str] | None) -> tuple[list[Row], list[BadRow]]:
-    """Split rows into good ones and bad ones (each image file is opened and verified once, in threads)."""
+def find_bad_rows(rows: Sequence[Row], classes: Sequence[str] | None, labelled: bool = True,
+                  ) -> tuple[list[Row], list[BadRow]]:
+    """Split rows into good ones and bad ones (each image file is opened and verified once, in threads).
+    `labelled` False: caption-only rows, which need no label (their readers refuse rows without a caption)."""
     checks = _check_images(rows)
     allowed = set(classes) if classes is not None else None
     good, bad = [], []
     for row in rows:
         problem = _row_problem(row, allowed, classes, checks)
+        if not labelled and problem is not None and problem == ("label", "no label"):
+            problem = None
         if problem is None:
             good.append(row)
         else:
@@ -88,7 +92,7 @@ def _verify_chunk(paths: list[str]) -> list[str | None]:
     return [verify_image(p) for p in paths]
 
 
-def _verify_dataset_image(ref: DatasetImage) -> str | None:
+def _verify_dataset_image(ref: DatasetImage | ShardImage) -> str | None:
     try:
         with ref.open() as image:
             image.verify()
@@ -100,7 +104,7 @@ def _verify_dataset_image(ref: DatasetImage) -> str | None:
 def _check_images(rows: Sequence[Row]) -> dict[object, str | None]:
     """Verify every distinct image once (captions often share an image); results keyed by path or ref id."""
     paths = sorted({row.image for row in rows if row.problem is None and isinstance(row.image, str)})
-    refs = [row.image for row in rows if row.problem is None and isinstance(row.image, DatasetImage)]
+    refs = [row.image for row in rows if row.problem is None and isinstance(row.image, (DatasetImage, ShardImage))]
     results: dict[object, str | None] = {}
     if len(paths) > 512:  # threads in chunks: free on a local disk, a large win on network storage
         chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
@@ -124,7 +128,7 @@ def _row_problem(row: Row, allowed: set[str] | None, classes: Sequence[str] | No
             return "missing", f"image {name!r} not found under {folder}"
         if status is not None:
             return "corrupt", f"image {row.image!r} is unreadable ({status.removeprefix('corrupt: ')})"
-    elif isinstance(row.image, DatasetImage) and checks[id(row.image)] is not None:
+    elif isinstance(row.image, (DatasetImage, ShardImage)) and checks[id(row.image)] is not None:
         return "corrupt", f"image is unreadable ({checks[id(row.image)].removeprefix('corrupt: ')})"
     if row.label is None:
         return "label", "no label"
