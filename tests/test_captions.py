@@ -186,3 +186,20 @@ def test_shard_problems_are_bad_rows_or_clear_errors(tmp_path):
                                                            "path": str(tmp_path / "bad-{0000..0002}.tar")}}).data
     with pytest.raises(DataError, match="2 of 3 shards .* do not exist"):
         load_data(missing, 0)
+
+
+def test_a_caption_table_converts_to_shards_that_read_back(tmp_path):
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    from mmpeft.data.shards import main
+
+    rows = captioned_images(tmp_path, 7)
+    table = write_table(tmp_path / "labelled.tsv", rows, labels=True)
+    main([str(table), str(tmp_path / "out" / "part-%04d.tar"), "--per-shard", "3"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-0000.tar", "part-0001.tar", "part-0002.tar"]
+    spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset", "path": str(tmp_path / "out" / "*.tar"),
+                                                        "split": {"val": 0.0, "test": 0.4}}}).data
+    data = load_data(spec, 0)  # the label column became key.cls members: labelled shards
+    assert data.info["labelled"] is True and data.labels.names == ["blue", "green", "red"]
+    every = data.dataset("train")
+    texts = sorted(every[i]["text"] for i in range(len(every))) + sorted(e.text for e in data.test)
+    assert sorted(texts) == sorted(caption for _, caption, _ in rows)
