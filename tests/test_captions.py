@@ -190,7 +190,7 @@ def test_shard_problems_are_bad_rows_or_clear_errors(tmp_path):
 
 def test_a_caption_table_converts_to_shards_that_read_back(tmp_path):
     pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
-    from mmpeft.data.shards import main
+    from mmpeft.data.write_shards import main
 
     rows = captioned_images(tmp_path, 7)
     table = write_table(tmp_path / "labelled.tsv", rows, labels=True)
