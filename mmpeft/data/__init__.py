@@ -73,19 +73,14 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
         raise DataError(f"no usable rows in {raw.where}: all {len(bad)} rows are bad")
     labels = LabelSet.from_spec(spec, (row.label for row in good if row.label is not None), raw.label_names)
     check_empty_classes(labels.keys, (row.label for row in good), raw.where, len(bad))
-    held_out = {id(row) for row in raw.held_out or []}
     # caption-only rows get class -1: no class, never a positive of another row (mmpeft.objectives.contrastive)
     examples = [Example(row.image, labels.index(row.label) if raw.labelled else -1, row.text, row.prompt)
                 for row in good]
     if raw.held_out is None:
         train, val, test = _split(examples, spec, seed, labels.names)
-    else:  # data.eval_path: its rows are the test split; val comes from data.path by data.split.val
-        test = [e for e, row in zip(examples, good) if id(row) in held_out]
-        rest = [e for e, row in zip(examples, good) if id(row) not in held_out]
-        train, val = rest, []
-        if spec.split.val > 0:
-            split_seed = spec.split.seed if spec.split.seed is not None else seed
-            train, _, val = split_examples(rest, SplitSpec(val=0.0, test=spec.split.val), split_seed, labels.names)
+    else:
+        held_out = {id(row) for row in raw.held_out}
+        train, val, test = _split_held_out(examples, [id(row) in held_out for row in good], spec, seed, labels.names)
     if spec.shots is not None:
         train = k_shot(train, spec.shots, seed, labels.names)
     info = {
@@ -107,6 +102,18 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
         "skipped_rows": [str(b) for b in bad[:MAX_LISTED_SKIPS]],
     }
     return DataSplits(train, val, test, labels, info, shifts)
+
+
+def _split_held_out(examples: list[Example], held_out: list[bool], spec: DataSpec, seed: int, names: list[str],
+                    ) -> tuple[list[Example], list[Example], list[Example]]:
+    """`data.eval_path`: its rows are the test split; val is `data.split.val` of the rest (stratified)."""
+    test = [example for example, out in zip(examples, held_out) if out]
+    train = [example for example, out in zip(examples, held_out) if not out]
+    if spec.split.val == 0:
+        return train, [], test
+    split_seed = spec.split.seed if spec.split.seed is not None else seed
+    train, _, val = split_examples(train, SplitSpec(val=0.0, test=spec.split.val), split_seed, names)
+    return train, val, test
 
 
 def _split(examples: list[Example], spec: DataSpec, seed: int, names: list[str],

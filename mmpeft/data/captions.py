@@ -29,6 +29,8 @@ def read_caption_source(spec: DataSpec) -> RawData:
     held_out = None
     if spec.eval_path is not None:
         held_out, held_out_labelled = read(spec.eval_path, spec)
+        if spec.source == "captions":  # name the file in bad-row messages ("line 4" alone would mean data.path)
+            held_out = [dataclasses.replace(row, source=f"{spec.eval_path} {row.source}") for row in held_out]
         if held_out_labelled != labelled:
             raise DataError(f"data.eval_path {spec.eval_path!r} {'has' if held_out_labelled else 'lacks'} the label "
                             f"column {spec.label_column!r} but data.path {spec.path!r} "
