@@ -35,7 +35,7 @@ from mmpeft.core.io import atomic_path, cache_dir
 from mmpeft.data.dataset import Example, ImageDataset
 from mmpeft.data.image_cache import INDEX_SEEDED_SHIFTS
 from mmpeft.data.loader import make_loader
-from mmpeft.data.sources import DatasetImage
+from mmpeft.data.sources import DatasetImage, ShardImage
 
 if TYPE_CHECKING:
     from mmpeft.specs import BackboneSpec, Recipe
@@ -88,6 +88,9 @@ def example_key(example: Example, position: int, shifts: Sequence[str]) -> str:
     if isinstance(image, str):
         stat = os.stat(image)
         ref = f"file:{os.path.abspath(image)}:{stat.st_size}:{stat.st_mtime_ns}"
+    elif isinstance(image, ShardImage):
+        stat = os.stat(image.shard)
+        ref = f"shard:{os.path.abspath(image.shard)}:{stat.st_mtime_ns}:{image.offset}:{image.size}"
     elif isinstance(image, DatasetImage):
         ref = f"dataset:{getattr(image.dataset, '_fingerprint', id(image.dataset))}:{image.column}:{image.index}"
     else:

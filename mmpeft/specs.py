@@ -65,9 +65,10 @@ class AugmentSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    # llava | sharegpt | messages | llamafactory: conversation datasets for generative backbones (docs/data.md)
+    # llava | sharegpt | messages | llamafactory: conversation datasets for generative backbones (docs/data.md);
+    # captions (open_clip tables) | webdataset (tar shards): image-caption data (docs/captions-and-shards.md)
     source: Literal["digits", "folder", "csv", "jsonl", "hf", "hf_disk", "llava", "sharegpt", "messages",
-                    "llamafactory"] = "digits"
+                    "llamafactory", "captions", "webdataset"] = "digits"
     path: str | None = None  # folder/file path, or a `datasets` builder/name for source: hf
     image_root: str | None = None  # where csv/jsonl image paths resolve (default: the file's folder)
     hf_split: str = "train"
@@ -98,12 +99,21 @@ class DataSpec:
     # sequence tasks: "auto" (memory up to MMPEFT_IMAGE_CACHE_MB, then memory-mapped files under
     # $MMPEFT_CACHE/images), "memory", "disk", or "off" (decode every time; YAML's bare `off`, read as false, works).
     image_cache: Literal["auto", "memory", "disk", "off", False] = "auto"
+    # Caption tables (source: captions, open_clip's layout) and WebDataset shards (source: webdataset); see
+    # docs/captions-and-shards.md. separator: column separator of csv/captions files (default "," / tab).
+    separator: str | None = None
+    eval_path: str | None = None  # captions/webdataset: a held-out table or shard pattern, the test split
 
     def __post_init__(self) -> None:
         if self.image_cache is False:  # YAML 1.1 reads a bare `off` as false: that is what the user wrote
             object.__setattr__(self, "image_cache", "off")
         if self.image_cache not in ("auto", "memory", "disk", "off"):
             raise ValueError(f"data.image_cache: {self.image_cache!r} is not one of 'auto', 'memory', 'disk', 'off'")
+        if self.eval_path is not None and self.source not in ("captions", "webdataset"):
+            raise ValueError(f"data.eval_path applies to data.source: captions or webdataset, not {self.source!r}")
+        if self.separator is not None and (len(self.separator) != 1 or self.source not in ("csv", "captions")):
+            raise ValueError(f"data.separator: {self.separator!r} must be one character, for data.source: csv or "
+                             "captions")
         if "{label}" not in self.answer_template:
             raise ValueError(f"data.answer_template: {self.answer_template!r} has no {{label}} placeholder")
         if problem := _template_problem(self.answer_template):

@@ -215,7 +215,12 @@ class GenerativeBackbone(Backbone):
         return out
 
     def stack(self, parts: list[dict[str, torch.Tensor]], padding_side: str = "right") -> dict[str, torch.Tensor]:
-        """Batch per-example encodings: sequences padded (pad id, mask 0, label ignored), image tensors concatenated."""
+        """Batch per-example encodings: sequences padded (pad id, mask 0, label ignored), image tensors concatenated.
+
+        Image tensors that differ beyond the batch dimension (Idefics3 with image splitting: one image is 1 + 4
+        crops, a wide one 1 + 2) are zero-padded to the largest, as the processor pads a batch itself: the model
+        drops all-zero crops, and their pixel attention mask is 0.
+        """
         length = max(part["input_ids"].shape[1] for part in parts)
         pad = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
         batch = {}
@@ -228,7 +233,7 @@ class GenerativeBackbone(Backbone):
                     filled.append(torch.cat([value, extra] if padding_side == "right" else [extra, value], 1))
                 batch[key] = torch.cat(filled)
             else:
-                batch[key] = torch.cat(values)
+                batch[key] = _zero_padded_cat(values)
         return batch
 
     def to_model(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -316,20 +321,28 @@ class GenerativeBackbone(Backbone):
     @torch.no_grad()
     def image_embeddings(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
         """[N, D] normalised: the mean of each image's visual tokens as the language model receives them (vision
-        tower + projector), used to pick nearest-neighbour demonstrations."""
+        tower + projector), used to pick nearest-neighbour demonstrations.
+
+        Each image goes through the image processor on its own (a flat list is one sample with N images to
+        Idefics3's processor); images whose tensors have the same shapes are then batched, and the features the model
+        returns for a batch (one row per image, per crop, or per visual token) are split evenly per image.
+        """
         get_features = self.base_model.get_image_features
         accepted = inspect.signature(get_features).parameters
-        vectors = []
-        for start in range(0, len(images), batch_size):
-            pixels = self.image_processor(images=self.preprocess(images[start:start + batch_size]), return_tensors="pt")
-            inputs = self.to_model({k: v for k, v in pixels.items() if k in accepted and torch.is_tensor(v)})
-            output = get_features(**inputs)
-            pooled = getattr(output, "pooler_output", output)
-            if isinstance(pooled, (list, tuple)):
-                vectors += [p.float().reshape(-1, p.shape[-1]).mean(0) for p in pooled]
-            else:
-                pooled = pooled.float()
-                vectors += list(pooled.mean(1) if pooled.dim() == 3 else pooled)
+        encoded = []
+        for image in self.preprocess(images):
+            pixels = self.image_processor(images=[image], return_tensors="pt")
+            encoded.append({k: v for k, v in pixels.items() if k in accepted and torch.is_tensor(v)})
+        groups: dict[tuple, list[int]] = {}
+        for index, inputs in enumerate(encoded):
+            groups.setdefault(tuple((k, tuple(v.shape)) for k, v in sorted(inputs.items())), []).append(index)
+        vectors: list[torch.Tensor | None] = [None] * len(images)
+        for members in groups.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                inputs = {key: torch.cat([encoded[i][key] for i in chunk]) for key in encoded[chunk[0]]}
+                for index, vector in zip(chunk, _mean_per_image(get_features(**self.to_model(inputs)), len(chunk))):
+                    vectors[index] = vector
         return nn.functional.normalize(torch.stack(vectors), dim=-1)
 
     # --- for methods --------------------------------------------------------------------------------------------
@@ -340,17 +353,80 @@ class GenerativeBackbone(Backbone):
     def default_lora_targets(self, towers: tuple[str, ...]) -> str:
         """A peft `target_modules` regex: the linear layers of the chosen towers (language: attention and MLP of every
         decoder layer; vision: attention of every encoder block; projector: its linear layers)."""
-        names = [name for name, module in self.model.named_modules() if _is_linear(module)]
-        for tower in towers:
-            if tower not in TOWER_PATTERNS:
-                raise BackboneError(f"method.towers: {tower!r} is not a tower of generative backbones; towers: "
-                                    f"{', '.join(TOWER_PATTERNS)}, all")
-            pattern = re.compile(rf".*{TOWER_PATTERNS[tower]}")
-            if not any(pattern.fullmatch(name) for name in names):
-                raise BackboneError(f"method.towers: {tower!r} matches no linear layer of "
-                                    f"{type(self.base_model).__name__} (pattern {TOWER_PATTERNS[tower]}); name its "
-                                    "modules in method.target_modules instead")
+        problems = lora_tower_problems(self.model, towers)
+        if problems:
+            raise BackboneError("; ".join(problems))
         return rf".*({'|'.join(TOWER_PATTERNS[t] for t in towers)})"
+
+    @classmethod
+    def recipe_tower_problems(cls, spec: BackboneSpec, towers: tuple[str, ...]) -> list[str]:
+        """`lora_tower_problems` before any weight loads: the architecture built from config.json on the meta device.
+
+        Nothing to say (the load reports it) when the config cannot be read here (a hub id offline) or is not an
+        image-text-to-text model; demo names are not built for a check.
+        """
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        if spec.id.startswith("mmpeft-demo/"):
+            return []
+        try:
+            remote = spec.trust_remote_code
+            config = AutoConfig.from_pretrained(spec.id, revision=spec.revision, trust_remote_code=remote)
+            with init_empty_weights():
+                model = AutoModelForImageTextToText.from_config(config, trust_remote_code=remote)
+        except (OSError, ValueError, KeyError):
+            return []
+        return lora_tower_problems(model, towers)
+
+
+def lora_tower_problems(model: nn.Module, towers: tuple[str, ...]) -> list[str]:
+    """Why each of `towers` has no linear layer LoRA can wrap in `model` (Gemma3's projector is a bare weight)."""
+    names = [name for name, module in model.named_modules() if _is_linear(module)]
+    problems = []
+    for tower in towers:
+        if tower not in TOWER_PATTERNS:
+            problems.append(f"method.towers: {tower!r} is not a tower of generative backbones; towers: "
+                            f"{', '.join(TOWER_PATTERNS)}, all")
+            continue
+        pattern = re.compile(rf".*{TOWER_PATTERNS[tower]}")
+        if any(pattern.fullmatch(name) for name in names):
+            continue
+        owned = re.compile(TOWER_PARAMETERS[tower])
+        bare = [name for name, _ in model.named_parameters() if owned.search(name)]
+        why = (f"its parameters there ({', '.join(bare[:3])}) are not linear layers, so LoRA cannot wrap them; leave "
+               f"{tower!r} out of method.towers, or train it with method.name: full" if bare else
+               "name its modules in method.target_modules instead")
+        problems.append(f"method.towers: {tower!r} matches no linear layer of {type(model).__name__} "
+                        f"(pattern {TOWER_PATTERNS[tower]}); {why}")
+    return problems
+
+def _mean_per_image(output, images: int) -> list[torch.Tensor]:
+    """One mean feature vector per image from what `get_image_features` returned for a batch of `images`."""
+    pooled = getattr(output, "pooler_output", output)
+    if isinstance(pooled, (list, tuple)):
+        pooled = torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled])
+    pooled = pooled.float().reshape(-1, pooled.shape[-1])
+    if pooled.shape[0] % images:
+        raise BackboneError(f"get_image_features returned {pooled.shape[0]} feature rows for {images} "
+                            "images; cannot tell which belong to which image")
+    return list(pooled.reshape(images, -1, pooled.shape[-1]).mean(1))
+
+
+
+def _zero_padded_cat(values: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat` on dimension 0, zero-padding every other dimension to the largest first when shapes differ."""
+    if all(value.shape[1:] == values[0].shape[1:] for value in values):
+        return torch.cat(values)
+    if len({value.dim() for value in values}) != 1:
+        raise BackboneError(f"cannot batch image tensors of shapes {[tuple(v.shape) for v in values]}")
+    largest = [max(sizes) for sizes in zip(*(value.shape[1:] for value in values))]
+    out = values[0].new_zeros((sum(value.shape[0] for value in values), *largest))
+    row = 0
+    for value in values:
+        out[(slice(row, row + value.shape[0]), *(slice(0, n) for n in value.shape[1:]))] = value
+        row += value.shape[0]
+    return out
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from mmpeft.core.io import atomic_path, cache_dir
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import DatasetImage, ImageRef
+from mmpeft.data.sources import DatasetImage, ImageRef, ShardImage
 
 logger = logging.getLogger("mmpeft")
 
@@ -59,6 +59,10 @@ def image_identity(image: ImageRef) -> tuple[str, str]:
     if isinstance(image, DatasetImage):
         fingerprint = getattr(image.dataset, "_fingerprint", None) or str(id(image.dataset))
         return f"dataset:{fingerprint}:{image.column}:{image.index}", ""
+    if isinstance(image, ShardImage):
+        stat = os.stat(image.shard)
+        where = f"shard:{os.path.abspath(image.shard)}:{image.member}@{image.offset}"
+        return where, f"{stat.st_size}:{stat.st_mtime_ns}"
     return f"pixels:{pixel_digest(image)}", ""
 
 

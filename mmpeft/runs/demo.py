@@ -194,6 +194,15 @@ def tiny_qwen2vl() -> Path:
     return tiny_backbone("qwen2vl")
 
 
+def _register_tiny_generative(kind: str) -> None:
+    """`mmpeft-demo/tiny-<kind>` for every other tiny generative family (docs/generative-families.md)."""
+    DEMO_BACKBONES.register(f"mmpeft-demo/tiny-{kind}")(lambda: tiny_backbone(kind))
+
+
+for _kind in ("idefics3", "smolvlm", "qwen25vl", "paligemma", "gemma3"):
+    _register_tiny_generative(_kind)
+
+
 @DEMO_BACKBONES.register("mmpeft-demo/digits-clip")
 def digits_clip() -> Path:
     """A 267k-parameter CLIP pre-trained by mmpeft on 1,078 real digit scans; built once (about a minute)."""

@@ -74,8 +74,10 @@ def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
     problems = []
     problems += missing_tracker_problems(recipe.train)
     data = recipe.data
-    if data.source in ("folder", "csv", "jsonl", "hf_disk") and data.path and not Path(data.path).exists():
+    if data.source in ("folder", "csv", "jsonl", "hf_disk", "captions") and data.path and not Path(data.path).exists():
         problems.append(f"data.path: {data.source} source {data.path!r} does not exist")
+    if data.source == "captions" and data.eval_path and not Path(data.eval_path).exists():
+        problems.append(f"data.eval_path: captions table {data.eval_path!r} does not exist")
     if data.image_root and not Path(data.image_root).is_dir():
         problems.append(f"data.image_root: folder {data.image_root!r} does not exist")
     backbone_id = recipe.backbone.id

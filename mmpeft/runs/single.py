@@ -15,7 +15,7 @@ from mmpeft.backbones import Backbone
 from mmpeft.backbones.quantization import weight_bytes
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
-from mmpeft.data import load_data
+from mmpeft.data import DataError, load_data
 from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
 from mmpeft.data.loader import loader_settings
 from mmpeft.evaluation import classification_metrics, predict
@@ -40,6 +40,7 @@ from mmpeft.train import Trainer
 from mmpeft.train.tracking import end_tracking
 
 logger = logging.getLogger("mmpeft")
+NO_LABELS = "classification metrics not computed: caption-only data has no labels (see retrieval)"
 
 
 def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
@@ -69,8 +70,12 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     set_seed(recipe.seed, deterministic=False)
     data = load_data(recipe.data, recipe.seed)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
-    backbone = load_base(recipe)
     method = METHODS.get(recipe.method.name)()
+    if not data.info.get("labelled", True) and method.trains and recipe.train.objective != "contrastive":
+        raise DataError(f"data: {data.info['where']} is caption-only (no {recipe.data.label_column!r} column), so "
+                        f"train.objective: {recipe.train.objective!r} has nothing to learn; use train.objective: "
+                        "contrastive, or add a label column")
+    backbone = load_base(recipe)
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
                      "seed": recipe.seed, "data": data.info}
     test_sets = evaluation_sets(recipe, data)
@@ -94,7 +99,8 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     metrics.update(tested)
     metrics["feature_cache"] = features.stats() if features is not None else {"used": False}
     metrics["memory"] = memory_footprint(backbone)
-    print_line(method.name, metrics["test"], metrics["params"])
+    if "skipped" not in metrics["test"]:
+        print_line(method.name, metrics["test"], metrics["params"])
     state = process_state()
     if state.is_main_process:  # one writer, whatever the number of processes
         save_adapter(method, backbone, recipe, run_dir)
@@ -112,9 +118,12 @@ def evaluate_all(backbone: Backbone, test_sets: dict, data, recipe: Recipe, stag
                  features: FeatureBinding | None) -> dict:
     """{"zero_shot" or "test": label scores, "answers"/"retrieval": {stage: ...} where the recipe asks for them}."""
     key = "zero_shot" if stage == "zero-shot" else "test"
-    found: dict = {key: evaluate_sets(backbone, test_sets, data.labels, recipe, stage, features)}
-    if stage == "zero-shot":
-        print_line(stage, found[key])
+    if data.info.get("labelled", True):
+        found: dict = {key: evaluate_sets(backbone, test_sets, data.labels, recipe, stage, features)}
+        if stage == "zero-shot":
+            print_line(stage, found[key])
+    else:  # caption-only data: no classes to score; retrieval below is the evaluation
+        found = {key: {"skipped": NO_LABELS, "n": len(data.test)}}
     if recipe.eval.generate:
         found["answers"] = {key: evaluate_answer_set(backbone, test_sets, data, recipe, stage)}
     if wants_retrieval(recipe):
@@ -142,10 +151,11 @@ def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
         scores = classification_metrics(truth, predicted, data.labels.names)
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
+    labelled = data.info.get("labelled", True)
     spec = recipe.train if recipe.train.tracking_experiment else replace(recipe.train, tracking_experiment=recipe.name)
     trainer = Trainer(backbone, objective, train_set, spec, recipe.seed, run_dir,
-                      evaluate_val=evaluate_val if val_set is not None else None, tracker_config=_flat(recipe),
-                      keep_tracking_open=True)
+                      evaluate_val=evaluate_val if val_set is not None and labelled else None,
+                      tracker_config=_flat(recipe), keep_tracking_open=True)
     try:
         progress = trainer.fit(resume=resume)
     except BaseException:
