@@ -21,6 +21,7 @@ from mmpeft.core.schema import did_you_mean
 GRID_RECIPE = "compare.yaml"  # the resolved grid recipe in the grid folder; `--resume` reloads it
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # labels name cell folders
 COMMAND_KINDS = {"compare": "methods", "fewshot": "fewshot"}  # grid.kind when the recipe leaves it out
+EXECUTORS = ("sequential", "processes", "ray")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class GridSpec:
     templates: tuple[str, ...] = ()  # zero-shot prompts: templates with {label} or built-in set names; () = recipe's
     regularisers: tuple[str | dict[str, Any], ...] = ()  # regularisers grids: the axis instead of methods
     strategies: tuple[str, ...] | None = None  # fewshot, generative: in-context demo strategies; None = all of them
+    executor: str = "sequential"  # sequential (this process) | processes (a local pool) | ray
+    max_parallel: int | None = None  # cells at once; None: as many as the resources allow
+    threads_per_cell: int = 1  # torch threads of each cell in a worker (processes, ray)
+    cpus_per_cell: float = 1.0  # CPU slots a cell takes (processes: whole slots; ray: its num_cpus)
+    gpus_per_cell: float = 1.0  # GPUs a cell takes where there are GPUs (processes: whole GPUs; ray: fractions too)
+    ray_address: str | None = None  # None: a local Ray; `auto` or host:port joins a running cluster
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,42 @@
-"""Where a grid's cells run: in this process, one after another (image features of a frozen tower are shared).
+"""Where a grid's cells run (`grid.executor`): in this process, in a local pool of processes, or on Ray.
 
 Every executor runs the same function on the same Cell (mmpeft.grids.cells.run_cell): a cell's seed, split and
-k-shot sample come from its recipe, never from the worker or the order. The driver alone writes results, summary
-and report.
+k-shot sample come from its recipe, never from the worker or the order, so per-cell metrics are the same whichever
+runs it. Workers write only their cell's folder and send its results row back; the driver alone writes results,
+summary and report. A cell that raises, or whose worker dies, becomes a failed row and the others go on.
+
+- sequential: one cell after another in this process (image features of a frozen tower are shared in memory).
+- processes: `max_parallel` long-lived worker interpreters (mmpeft.grids.worker), one cell each at a time: one
+  per set of `gpus_per_cell` GPUs (CUDA_VISIBLE_DEVICES), else one per `cpus_per_cell` CPU slots, each with
+  `threads_per_cell` torch threads. A worker that dies is replaced.
+- ray: one Ray task per cell with num_cpus=cpus_per_cell and num_gpus=gpus_per_cell (fractions allowed) where the
+  cluster has GPUs; `ray.init()` starts a local Ray unless grid.ray_address names one (`auto` joins a running
+  cluster). Workers must see the grid folder: on several nodes it must be on shared storage (checked at start).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
 import sys
+import uuid
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from mmpeft.grids.base import Cell, GridKind, GridSpec
-from mmpeft.grids.cells import run_cell
+from mmpeft.grids.cells import failed_row, run_cell
 from mmpeft.runs.folder import METRICS_FILE
 
 logger = logging.getLogger("mmpeft")
 
 Finished = Callable[[Cell, dict], None]
+
+
+class GridFolderNotShared(RuntimeError):
+    """A worker cannot see the grid folder, so its cell folders would be lost."""
 
 
 class Progress:
@@ -85,14 +103,122 @@ class Executor:
         finished(cell, row)
         progress.ended(cell, row, was_running)
 
+    def probe_file(self) -> Path:
+        """A file only this run writes: a worker that cannot read it does not share the grid folder."""
+        path = self.grid_dir / f".probe-{uuid.uuid4().hex}"
+        path.write_text(socket.gethostname())
+        return path
+
+    def not_shared(self, host: str) -> GridFolderNotShared:
+        return GridFolderNotShared(
+            f"grid folder {self.grid_dir.resolve()} is not visible from a worker on {host}: on a cluster of several "
+            "machines the grid folder (output.dir) must be on storage every node mounts at the same path")
+
 
 class SequentialExecutor(Executor):
     """In this process, one cell after another (the default)."""
 
 
-def make_executor(grid: GridSpec, kind: GridKind, grid_dir: Path) -> Executor:
-    """The executor grid.executor names."""
-    return SequentialExecutor(grid, kind, grid_dir)
+class Worker:
+    """One worker interpreter (mmpeft.grids.worker) and the connection to it; `cell` is what it runs now."""
+
+    def __init__(self, kind_name: str, threads: int, probe: Path, env: dict[str, str]):
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        paths = os.pathsep.join(p for p in sys.path if p)  # the driver's imports, mmpeft's checkout included
+        command = [sys.executable, "-m", "mmpeft.grids.worker", str(theirs.fileno()), kind_name, str(threads),
+                   str(probe)]
+        self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),),
+                                        env={**os.environ, **env, "PYTHONPATH": paths})
+        theirs.close()
+        self.connection = Connection(ours.detach())
+        self.env, self.cell = env, None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.connection.send(None)
+                self.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.connection.close()
 
 
-__all__ = ["Executor", "SequentialExecutor", "make_executor"]
+class ProcessExecutor(Executor):
+    """A local pool of spawned worker processes; a dead worker's cell is recorded as failed and the worker replaced."""
+
+    def slots(self, cells: int) -> list[dict[str, str]]:
+        """The environment of each worker: its GPUs where there are GPUs, else only its thread count."""
+        import torch
+
+        threads = {"OMP_NUM_THREADS": str(self.grid.threads_per_cell)}
+        limit = min(self.grid.max_parallel or cells, cells)
+        if torch.cuda.is_available():
+            per = int(self.grid.gpus_per_cell)
+            gpus = list(range(torch.cuda.device_count()))
+            sets = [gpus[i:i + per] for i in range(0, len(gpus) - per + 1, per)]
+            if not sets:
+                raise ValueError(f"grid.gpus_per_cell: {per} GPUs per cell, but this machine has {len(gpus)}")
+            return [{**threads, "CUDA_VISIBLE_DEVICES": ",".join(map(str, s))} for s in sets[:limit]]
+        count = max(1, len(os.sched_getaffinity(0)) // int(self.grid.cpus_per_cell))
+        return [threads] * min(count, limit)
+
+    def run_todo(self, cells: list[Cell], progress: Progress, finished: Finished) -> None:
+        from multiprocessing.connection import wait
+
+        probe = self.probe_file()
+        workers = [Worker(self.kind.name, self.grid.threads_per_cell, probe, env)
+                   for env in self.slots(len(cells))]
+        pending = deque(cells)
+        try:
+            for worker in workers:
+                self._ready(worker)
+            while pending or any(w.cell for w in workers):
+                for worker in workers:
+                    if worker.cell is None and pending:
+                        worker.cell = pending.popleft()
+                        worker.connection.send(worker.cell)
+                        progress.started()
+                busy = [w for w in workers if w.cell is not None]
+                wait([w.connection for w in busy])  # a row, or end of file from a worker that died
+                for i, worker in enumerate(workers):
+                    if worker.cell is not None:
+                        workers[i] = self._collect(worker, probe, progress, finished)
+        finally:
+            for worker in workers:
+                worker.stop()
+            probe.unlink(missing_ok=True)
+
+    def _ready(self, worker: Worker) -> None:
+        try:
+            _, visible, host = worker.connection.recv()
+        except EOFError:
+            raise RuntimeError(f"a grid worker process exited while starting (exit code {worker.process.wait()}); "
+                               "see the messages above") from None
+        if not visible:
+            raise self.not_shared(host)
+
+    def _collect(self, worker: Worker, probe: Path, progress: Progress, finished: Finished) -> Worker:
+        """The worker's row if it sent one; if it died instead, a failed row and a fresh worker."""
+        cell = worker.cell
+        try:
+            if not worker.connection.poll():
+                return worker
+            _, row = worker.connection.recv()
+            worker.cell = None
+            self._end(progress, finished, cell, row)
+            return worker
+        except (EOFError, OSError):  # its end of the socket closed: the process is gone
+            pass
+        code = worker.process.wait()
+        message = f"WorkerDied: the worker process running this cell exited with code {code}"
+        self._end(progress, finished, cell, failed_row(self.kind, cell, message, message))
+        worker.stop()
+        fresh = Worker(self.kind.name, self.grid.threads_per_cell, probe, worker.env)
+        self._ready(fresh)
+        return fresh
+
+
+__all__ = ["Executor", "GridFolderNotShared", "ProcessExecutor", "SequentialExecutor"]

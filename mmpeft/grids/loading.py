@@ -3,17 +3,18 @@
 `grid.kind` says which kind of grid it is (mmpeft.grids.base.GRID_KINDS: methods, fewshot, regularisers); left out,
 it comes from the command (`mmpeft compare` -> methods, `mmpeft fewshot` -> fewshot). The kind is never guessed
 from the recipe's other keys: a `tasks:` recipe or a `grid.regularisers` list without `kind: regularisers` is an
-error that says so.
+error that says so. The executor keys (grid.executor, ...) are checked here for every kind.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 from mmpeft.core.schema import RecipeError, build, did_you_mean
-from mmpeft.grids.base import COMMAND_KINDS, GRID_KINDS, Cell, GridSpec, kind_of
+from mmpeft.grids.base import COMMAND_KINDS, EXECUTORS, GRID_KINDS, Cell, GridSpec, kind_of
 from mmpeft.runs.recipe import _set_path, parse_overrides, read_yaml
 
 
@@ -68,11 +69,38 @@ def grid_kind(data: dict, grid_data: Any, command: str, problems: list[str]) -> 
 
 
 def load_grid_spec(grid_data: Any, command: str, problems: list[str], example: str) -> GridSpec | None:
-    """grid: as a GridSpec (None with problems when missing or wrong)."""
+    """grid: as a GridSpec (None with problems when missing or wrong), its executor keys checked too."""
     if grid_data is None:
         problems.append(f"grid: required in a {command} recipe, e.g. grid: {example}")
         return None
-    return build(GridSpec, grid_data, "grid", problems)
+    grid = build(GridSpec, grid_data, "grid", problems)
+    if grid is not None:
+        problems += executor_problems(grid)
+    return grid
+
+
+def executor_problems(grid: GridSpec) -> list[str]:
+    """grid.executor and the per-cell resources, before anything runs."""
+    problems = []
+    if grid.executor not in EXECUTORS:
+        problems.append(f"grid.executor: {grid.executor!r} is not an executor{did_you_mean(grid.executor, EXECUTORS)}"
+                        f"; valid: {', '.join(EXECUTORS)}")
+    if grid.executor == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append("grid.executor: ray needs the Ray package, which is not installed: pip install 'mmpeft[ray]'")
+    if grid.max_parallel is not None and grid.max_parallel < 1:
+        problems.append(f"grid.max_parallel: {grid.max_parallel} must be at least 1 (or leave it out)")
+    if grid.threads_per_cell < 1:
+        problems.append(f"grid.threads_per_cell: {grid.threads_per_cell} must be at least 1")
+    for key in ("cpus_per_cell", "gpus_per_cell"):
+        value = getattr(grid, key)
+        if value <= 0:
+            problems.append(f"grid.{key}: {value} must be > 0")
+        elif grid.executor == "processes" and value != int(value):
+            problems.append(f"grid.{key}: {value} is a fraction; the processes executor gives whole CPUs/GPUs to a "
+                            "cell (use grid.executor: ray for fractions)")
+    if grid.ray_address is not None and grid.executor != "ray":
+        problems.append(f"grid.ray_address: set, but grid.executor is {grid.executor!r}; add grid.executor: ray")
+    return problems
 
 
 def plan_cells(setup: Any, grid_dir: Path) -> list[Cell]:

@@ -13,9 +13,9 @@ from datetime import datetime
 from pathlib import Path
 
 from mmpeft.core.io import write_text
-from mmpeft.grids.base import GRID_RECIPE, Cell, GridKind, kind_of
+from mmpeft.grids.base import GRID_RECIPE, Cell, GridKind, GridSpec, kind_of
 from mmpeft.grids.cells import check_finished_cells, write_rows
-from mmpeft.grids.executors import make_executor
+from mmpeft.grids.executors import Executor, ProcessExecutor, SequentialExecutor
 from mmpeft.grids.loading import load_setup
 
 logger = logging.getLogger("mmpeft")
@@ -83,3 +83,14 @@ def run_cells(kind: GridKind, setup, grid_dir: Path, cells: list[Cell], context:
     with make_executor(setup.grid, kind, grid_dir) as executor:
         executor.run(cells, finished)
     return write_rows(grid_dir, before, cells, done, columns)
+
+
+def make_executor(grid: GridSpec, kind: GridKind, grid_dir: Path) -> Executor:
+    """The executor grid.executor names (validated, Ray's presence included, when the recipe was loaded)."""
+    if grid.executor == "processes":
+        return ProcessExecutor(grid, kind, grid_dir)
+    if grid.executor == "ray":
+        from mmpeft.grids.ray_executor import RayExecutor
+
+        return RayExecutor(grid, kind, grid_dir)
+    return SequentialExecutor(grid, kind, grid_dir)
