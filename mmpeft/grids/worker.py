@@ -7,13 +7,17 @@ re-run the caller's script), talking over the socket FD it inherits: it first sa
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 
 def worker_main(fd: int, kind_name: str, threads: int, probe: str) -> None:
+    threading.Thread(target=exit_with_driver, args=(os.getppid(),), daemon=True).start()
     import torch
 
     torch.set_num_threads(threads)
@@ -32,6 +36,13 @@ def worker_main(fd: int, kind_name: str, threads: int, probe: str) -> None:
         if cell is None:
             return
         connection.send(("row", run_cell(kind, cell)))
+
+
+def exit_with_driver(driver: int) -> None:
+    """A killed driver must not leave a worker writing a cell that a resumed grid runs again."""
+    while os.getppid() == driver:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 if __name__ == "__main__":
