@@ -133,12 +133,12 @@ class Worker:
                                         env={**os.environ, **env, "PYTHONPATH": paths})
         theirs.close()
         self.connection = Connection(ours.detach())
-        self.env, self.cell = env, None
+        self.env, self.cell, self.ready, self.dead = env, None, False, False
 
     def stop(self) -> None:
         if self.process.poll() is None:
             try:
-                self.connection.send(None)
+                self.connection.send(None)  # a busy worker reads it only after its cell: then it is killed
                 self.process.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 self.process.kill()
@@ -147,7 +147,7 @@ class Worker:
 
 
 class ProcessExecutor(Executor):
-    """A local pool of spawned worker processes; a dead worker's cell is recorded as failed and the worker replaced."""
+    """A local pool of worker interpreters; a dead worker's cell is recorded as failed and the worker replaced."""
 
     def slots(self, cells: int) -> list[dict[str, str]]:
         """The environment of each worker: its GPUs where there are GPUs, else only its thread count."""
@@ -169,56 +169,54 @@ class ProcessExecutor(Executor):
         from multiprocessing.connection import wait
 
         probe = self.probe_file()
-        workers = [Worker(self.kind.name, self.grid.threads_per_cell, probe, env)
-                   for env in self.slots(len(cells))]
+        threads = self.grid.threads_per_cell
+        workers = [Worker(self.kind.name, threads, probe, env) for env in self.slots(len(cells))]
         pending = deque(cells)
         try:
-            for worker in workers:
-                self._ready(worker)
             while pending or any(w.cell for w in workers):
-                for worker in workers:
-                    if worker.cell is None and pending:
+                for i, worker in enumerate(workers):
+                    if worker.dead and pending:  # replaced only while there is work for it
+                        workers[i] = Worker(self.kind.name, threads, probe, worker.env)
+                    elif worker.ready and worker.cell is None and pending:
                         worker.cell = pending.popleft()
                         worker.connection.send(worker.cell)
                         progress.started()
-                busy = [w for w in workers if w.cell is not None]
-                wait([w.connection for w in busy])  # a row, or end of file from a worker that died
-                for i, worker in enumerate(workers):
-                    if worker.cell is not None:
-                        workers[i] = self._collect(worker, probe, progress, finished)
+                live = [w for w in workers if not w.dead]
+                wait([w.connection for w in live])  # a message, or end of file from a worker that died
+                for worker in live:
+                    self._receive(worker, progress, finished)
         finally:
             for worker in workers:
                 worker.stop()
             probe.unlink(missing_ok=True)
 
-    def _ready(self, worker: Worker) -> None:
-        try:
-            _, visible, host = worker.connection.recv()
-        except EOFError:
-            raise RuntimeError(f"a grid worker process exited while starting (exit code {worker.process.wait()}); "
-                               "see the messages above") from None
-        if not visible:
-            raise self.not_shared(host)
-
-    def _collect(self, worker: Worker, probe: Path, progress: Progress, finished: Finished) -> Worker:
-        """The worker's row if it sent one; if it died instead, a failed row and a fresh worker."""
-        cell = worker.cell
+    def _receive(self, worker: Worker, progress: Progress, finished: Finished) -> None:
+        """Handle what the worker sent: that it is ready, its cell's row, or (its socket closed) its death."""
         try:
             if not worker.connection.poll():
-                return worker
-            _, row = worker.connection.recv()
-            worker.cell = None
-            self._end(progress, finished, cell, row)
-            return worker
+                return
+            message = worker.connection.recv()
         except (EOFError, OSError):  # its end of the socket closed: the process is gone
-            pass
+            self._died(worker, progress, finished)
+            return
+        if message[0] == "ready":
+            _, visible, host = message
+            if not visible:
+                raise self.not_shared(host)
+            worker.ready = True
+        else:
+            cell, worker.cell = worker.cell, None
+            self._end(progress, finished, cell, message[1])
+
+    def _died(self, worker: Worker, progress: Progress, finished: Finished) -> None:
         code = worker.process.wait()
+        worker.dead = True
+        if worker.cell is None:  # it never ran a cell: starting it again would fail the same way
+            raise RuntimeError(f"a grid worker process exited while starting (exit code {code}); see the messages "
+                               "above")
+        cell, worker.cell = worker.cell, None
         message = f"WorkerDied: the worker process running this cell exited with code {code}"
         self._end(progress, finished, cell, failed_row(self.kind, cell, message, message))
-        worker.stop()
-        fresh = Worker(self.kind.name, self.grid.threads_per_cell, probe, worker.env)
-        self._ready(fresh)
-        return fresh
 
 
 __all__ = ["Executor", "GridFolderNotShared", "ProcessExecutor", "SequentialExecutor"]
