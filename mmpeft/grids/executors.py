@@ -35,8 +35,8 @@ logger = logging.getLogger("mmpeft")
 Finished = Callable[[Cell, dict], None]
 
 
-class GridFolderNotShared(RuntimeError):
-    """A worker cannot see the grid folder, so its cell folders would be lost."""
+class GridFolderNotShared(FileNotFoundError):
+    """A worker cannot see the grid folder, so its cell folders would be lost (a user error: one line in the CLI)."""
 
 
 class Progress:

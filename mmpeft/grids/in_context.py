@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError, to_plain
+from mmpeft.grids.cells import error_message
 from mmpeft.grids.method_setup import CompareSetup, shared_data
 from mmpeft.specs import Recipe
 
@@ -100,8 +101,7 @@ def icl_rows(setup: CompareSetup, grid_dir: Path, strategies: tuple[str, ...]) -
                 write_json(path, {"key": key, "rows": found})
                 error_path.unlink(missing_ok=True)
             except Exception as error:
-                text = str(error).strip()
-                message = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+                message = error_message(error)
                 logger.error("in-context rows, seed %d failed: %s", seed, message)
                 write_text(error_path, traceback.format_exc())
                 found = [{"method": f"icl-{s}", "strategy": s, "shots": k, "seed": seed, "status": "failed",

@@ -7,7 +7,8 @@
 
 The zero-shot baselines are computed once, by the driver, on the split every cell shares. Run in one process
 (grid.executor: sequential), the image features of a frozen image tower are computed once for the whole grid
-(mmpeft.features); other executors share them through the disk cache.
+(mmpeft.features); with other executors each worker process keeps its own (`train.feature_cache: disk` shares them
+through the cache folder).
 """
 
 from __future__ import annotations
