@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,10 +131,12 @@ def check(path: str, overrides: list[str]) -> str:
 
     from mmpeft.core.schema import to_plain
 
-    with open(path) as handle:
-        text = handle.read()
-    keys = yaml.safe_load(text) or {}
-    keys = keys if isinstance(keys, dict) else {}
+    from mmpeft.runs.recipe import read_yaml
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    keys = read_yaml(Path(path))  # names the file in any YAML problem
+    text = Path(path).read_text(encoding="utf-8")
     if "tasks" in keys and "grid" not in keys:
         from mmpeft.sequences.tasks import load_continual_recipe
 

@@ -175,13 +175,9 @@ def _has_grid(source: Any) -> bool:
     path = Path(source)
     if not path.is_file():
         return False
-    import yaml
+    from mmpeft.runs.recipe import read_yaml
 
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return False  # load_recipe reports it with the file's name
-    return isinstance(data, dict) and "grid" in data
+    return "grid" in read_yaml(path)  # a RecipeError names the file
 
 
 def _device_memory() -> int | None:

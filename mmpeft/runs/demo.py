@@ -25,10 +25,9 @@ import torch
 
 from mmpeft.backbones import DEMO_BACKBONES
 from mmpeft.backbones.base import BackboneError
-from mmpeft.core.io import cache_dir
+from mmpeft.core.io import PROJECT_ROOT, cache_dir
 from mmpeft.tiny.dual_encoder import save_tiny_clip
 from mmpeft.tiny.store import tiny_backbone
-from mmpeft.core.io import PROJECT_ROOT
 
 logger = logging.getLogger("mmpeft")
 
