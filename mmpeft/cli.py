@@ -130,7 +130,6 @@ def check(path: str, overrides: list[str]) -> str:
     import yaml
 
     from mmpeft.core.schema import to_plain
-
     from mmpeft.runs.recipe import read_yaml
 
     if not Path(path).is_file():
