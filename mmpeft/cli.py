@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except KeyboardInterrupt:
+        if args.command in ("export", "merge"):
+            print(f"interrupted; nothing was written to {args.out} (its staging folder was removed); run the same "
+                  f"`mmpeft {args.command}` command again", file=sys.stderr)
+            return 130
+        if args.command not in RESUMABLE:
+            print("interrupted", file=sys.stderr)
+            return 130
         again = args.command if args.command in ("compare", "fewshot", "continual") else "run"
         folder = "grid" if again in ("compare", "fewshot") else "run"
         print(f"interrupted; continue with: mmpeft {again} --resume <{folder} folder>", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from accelerate.utils import broadcast_object_list
 
 from mmpeft.core.distributed import process_state
-from mmpeft.core.io import write_text
+from mmpeft.core.io import folder_hashes, write_json, write_text
 
 if TYPE_CHECKING:
     from mmpeft.backbones import Backbone
@@ -25,6 +25,8 @@ logger = logging.getLogger("mmpeft")
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
+# sha256 of every file of the saved state, written with it: export refuses a state changed after the run.
+HASH_FILE = "mmpeft_hashes.json"
 
 
 def new_run_dir(recipe: Recipe) -> Path:
@@ -50,6 +52,7 @@ def save_adapter(method: Method, backbone: Backbone, recipe: Recipe, run_dir: Pa
     final, staging = run_dir / ADAPTER_DIR, run_dir / f".{ADAPTER_DIR}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     method.save(backbone, recipe.method, staging)
+    write_json(staging / HASH_FILE, {"algorithm": "sha256", "files": folder_hashes(staging)})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
 
