@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # known user errors get one line; others keep their traceback with -v
         if args.verbose or not is_user_error(error):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
 
 
@@ -164,11 +165,28 @@ def check(path: str, overrides: list[str]) -> str:
     return mmpeft.load_recipe(path, overrides).to_yaml()
 
 
+# Writing outputs: a full disk, a read-only or not-a-folder destination is the user's to fix, not a bug.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
+def one_line(error: Exception) -> str:
+    """An OSError with a file as "FILE: what is wrong; what to do"; anything else as its message."""
+    from mmpeft.core.io import OutputError
+
+    if isinstance(error, OSError) and not isinstance(error, OutputError) and error.errno in OUTPUT_ERRNOS:
+        where = error.filename or "an output"
+        return (f"cannot write {where}: {error.strerror or error}; choose a writable folder (output.dir, --out) "
+                "or free some space")
+    return str(error)
+
+
 def is_user_error(error: Exception) -> bool:
     from mmpeft.backbones import BackboneError
     from mmpeft.core.schema import RecipeError
     from mmpeft.data import DataError
     from mmpeft.train import TrainingDiverged
 
+    if isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS:
+        return True
     return isinstance(error, (RecipeError, DataError, BackboneError, TrainingDiverged, FileNotFoundError,
                               FileExistsError, ValueError))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -17,6 +18,27 @@ from typing import Any
 # The checkout (or installed tree) that holds recipes/ and adapters/ beside the package.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROCESS_STARTED = time.time()  # a staging folder older than this process, with no live lock, was left by a killed one
+# How a full disk shows through the writers: OSError ENOSPC, safetensors' Rust error, torch.save's C++ stream.
+DISK_FULL_SIGNS = ("No space left", "os error 28", "StorageFull", "basic_ios::clear", "failed writing file",
+                   "Disk quota exceeded")
+
+
+class OutputError(OSError):
+    """An output that could not be written (disk full, read-only folder), said in one line with what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(sign in str(error) for sign in DISK_FULL_SIGNS)
+
+
+def disk_full(where: str | Path, kept: str = "nothing half-written was left") -> OutputError:
+    return OutputError(errno.ENOSPC, f"no space left on the device while writing {where}: {kept}; free some space "
+                                     "and run the command again")
 
 
 def cache_dir(*parts: str) -> Path:
@@ -38,8 +60,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); the result should read like any file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error) and not isinstance(error, OutputError):
+            raise disk_full(path) from None
         raise
 
 
@@ -62,8 +86,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if path.exists():
             path.rmdir()
         os.replace(staging, path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error) and not isinstance(error, OutputError):
+            raise disk_full(path) from None
         raise
     finally:
         Path(f"{staging}.lock").unlink(missing_ok=True)

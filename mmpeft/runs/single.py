@@ -29,7 +29,14 @@ from mmpeft.runs.evaluate import (
     print_line,
     wants_retrieval,
 )
-from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE, new_run_dir, run_logging, save_adapter
+from mmpeft.runs.folder import (
+    METRICS_FILE,
+    RECIPE_FILE,
+    discard_if_nothing_ran,
+    new_run_dir,
+    run_logging,
+    save_adapter,
+)
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.specs import Recipe
 from mmpeft.train import Trainer
@@ -51,8 +58,13 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None =
     else:
         recipe = load_recipe(recipe, overrides)
         run_dir = new_run_dir(recipe)
-    with run_logging(run_dir):
-        return execute(recipe, run_dir, resume=resume is not None)
+    try:
+        with run_logging(run_dir):
+            return execute(recipe, run_dir, resume=resume is not None)
+    except Exception:
+        if resume is None:
+            discard_if_nothing_ran(run_dir)
+        raise
 
 
 def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
