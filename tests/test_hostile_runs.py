@@ -17,6 +17,7 @@ import mmpeft
 from mmpeft.backbones import BackboneError
 from mmpeft.cli import main
 from mmpeft.core.io import OutputError, atomic_dir
+from mmpeft.core.schema import RecipeError
 from mmpeft.runs.folder import LOCK_FILE, RECIPE_FILE, claim_run_dir, new_run_dir, release_run_dir
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.train.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
@@ -239,3 +240,31 @@ def test_out_of_range_numbers_stop_mmpeft_run_before_a_folder_exists(quick, tmp_
     err = capsys.readouterr().err
     assert "train.batch_size: 0 is out of range" in err and "train.grad_accum_steps: 0 is out of range" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_template_longer_than_the_text_tower_is_refused_before_training(quick, tmp_path, capsys):
+    template = "a very " + "long " * 20 + "photo of a {label}."  # the tiny CLIP reads 16 tokens
+    recipe = {**quick, "data": {**quick["data"], "templates": [template]}}
+    with pytest.raises(RecipeError, match=r"data.templates 'a very long .*: 3 of 3 class texts are longer than "
+                                                 r"the text tower's limit of 16 tokens .* has 29 tokens"):
+        mmpeft.run(recipe)
+    assert not (tmp_path / "runs" / "run").exists()
+    assert main(["run", write_recipe(tmp_path, recipe)]) == 2
+    assert "limit of 16 tokens" in capsys.readouterr().err
+
+
+def test_overlong_captions_are_counted_in_a_warning(quick, caplog):
+    from types import SimpleNamespace
+
+    from mmpeft.data import Example, LabelSet
+    from mmpeft.runs.build import load_base
+    from mmpeft.runs.texts import check_text_lengths
+
+    recipe = load_recipe(quick)
+    captions = ["a red square", "word " * 30, "a blue square", "word " * 17]
+    data = SimpleNamespace(labels=LabelSet(["red", "blue"], templates=["a {label}."]), val=[], test=[],
+                           train=[Example(image=f"{i}.png", label=0, text=text) for i, text in enumerate(captions)])
+    with caplog.at_level("WARNING", logger="mmpeft"):
+        check_text_lengths(load_base(recipe), data, recipe)
+    assert "2 of 4 captions (data.text_column: text) are longer than the text tower's limit of 16 tokens" in caplog.text
+    assert "the longest has 32 tokens" in caplog.text

@@ -38,6 +38,7 @@ from mmpeft.runs.folder import (
     save_adapter,
 )
 from mmpeft.runs.recipe import load_recipe
+from mmpeft.runs.texts import check_text_lengths
 from mmpeft.specs import Recipe
 from mmpeft.train import Trainer
 
@@ -72,6 +73,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     data = load_data(recipe.data, recipe.seed)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
     backbone = load_base(recipe)
+    check_text_lengths(backbone, data, recipe)
     method = METHODS.get(recipe.method.name)()
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
                      "seed": recipe.seed, "data": data.info}
