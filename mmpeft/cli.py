@@ -104,6 +104,24 @@ def quiet_dependencies() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    for handler in hf_logging.get_logger().handlers:  # the "transformers" logger prints through its own handler
+        if not any(isinstance(f, DependencyNoise) for f in handler.filters):
+            handler.addFilter(DependencyNoise())
+
+
+class DependencyNoise(logging.Filter):
+    """Dependency warnings the user cannot act on stay out of the terminal and go to the run's train.log: published
+    SigLIP configs keep CLIP's default bos/eos ids (49406/49407) outside their own 32k vocabulary."""
+
+    NOISE = ("must be `None` or an integer within the vocabulary",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(text in record.getMessage() for text in self.NOISE):
+            return True
+        for handler in logging.getLogger("mmpeft").handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        return False
 
 
 RESUMABLE = {"run": "RUN_DIR", "compare": "GRID_DIR", "fewshot": "GRID_DIR", "continual": "RUN_DIR"}

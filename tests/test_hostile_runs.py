@@ -268,3 +268,18 @@ def test_overlong_captions_are_counted_in_a_warning(quick, caplog):
         check_text_lengths(load_base(recipe), data, recipe)
     assert "2 of 4 captions (data.text_column: text) are longer than the text tower's limit of 16 tokens" in caplog.text
     assert "the longest has 32 tokens" in caplog.text
+
+
+def test_siglip_config_token_id_warnings_go_to_the_log_not_the_terminal(tmp_path, capfd):
+    from transformers import SiglipConfig
+
+    from mmpeft.cli import quiet_dependencies
+    from mmpeft.runs.folder import run_logging
+
+    quiet_dependencies()
+    with run_logging(tmp_path):
+        SiglipConfig(text_config={"vocab_size": 97})  # the published defaults: bos 49406, eos 49407
+    err = capfd.readouterr().err
+    assert "bos_token_id" not in err and "eos_token_id" not in err
+    log = (tmp_path / "train.log").read_text()
+    assert "bos_token_id must be `None` or an integer within the vocabulary (between 0 and 96), got 49406" in log
