@@ -283,3 +283,50 @@ def test_siglip_config_token_id_warnings_go_to_the_log_not_the_terminal(tmp_path
     assert "bos_token_id" not in err and "eos_token_id" not in err
     log = (tmp_path / "train.log").read_text()
     assert "bos_token_id must be `None` or an integer within the vocabulary (between 0 and 96), got 49406" in log
+
+
+def published_style_siglip(folder):
+    """A tiny SigLIP laid out like the published ones: SiglipTokenizer over a sentencepiece `spiece.model` (trained
+    here, offline) and the config's own default bos/eos ids."""
+    import io
+
+    import sentencepiece
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipProcessor, SiglipTokenizer
+
+    from mmpeft.tiny.dual_encoder import _image_kwargs, tiny_siglip_config
+
+    model_proto = io.BytesIO()
+    sentences = [f"a photo of a {c} image." for c in ("red", "green", "blue")] * 20 + ["a small colour square."] * 5
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model_proto,
+                                             vocab_size=40, model_type="unigram", eos_id=1, unk_id=2, pad_id=0,
+                                             bos_id=-1, hard_vocab_limit=False)
+    folder.mkdir()
+    (folder / "spiece.model").write_bytes(model_proto.getvalue())
+    tokenizer = SiglipTokenizer(vocab_file=str(folder / "spiece.model"), model_max_length=64)
+    text = tiny_siglip_config(vocab_size=len(tokenizer), max_length=64).text_config.to_dict()
+    for key in ("bos_token_id", "eos_token_id"):
+        text.pop(key)  # as published: SiglipTextConfig's defaults (CLIP's ids, outside this vocabulary)
+    config = SiglipConfig(text_config={**text, "pad_token_id": tokenizer.pad_token_id},
+                          vision_config=tiny_siglip_config().vision_config.to_dict())
+    torch.manual_seed(0)
+    SiglipModel(config).save_pretrained(folder)
+    SiglipProcessor(image_processor=SiglipImageProcessorPil(**_image_kwargs(24)), tokenizer=tokenizer
+                    ).save_pretrained(folder)
+    return folder
+
+
+def test_a_siglip_folder_with_a_sentencepiece_tokenizer_loads_and_scores(tmp_path):
+    from mmpeft.backbones import load_backbone
+    from mmpeft.specs import BackboneSpec
+
+    folder = published_style_siglip(tmp_path / "siglip-sp")
+    backbone = load_backbone(BackboneSpec(id=str(folder)))
+    assert type(backbone.tokenizer).__name__ == "SiglipTokenizer" and (folder / "spiece.model").is_file()
+    from PIL import Image
+
+    from mmpeft.data import LabelSet
+
+    labels = LabelSet(["red", "green", "blue"], templates=["a photo of a {label} image."])
+    texts = backbone.class_text_features(labels)
+    logits = backbone.classify(backbone.preprocess([Image.new("RGB", (12, 12), (220, 30, 30))] * 2), texts)
+    assert texts.shape[0] == 3 and logits.shape == (2, 3) and bool(torch.isfinite(logits).all())
