@@ -330,3 +330,15 @@ def test_a_siglip_folder_with_a_sentencepiece_tokenizer_loads_and_scores(tmp_pat
     texts = backbone.class_text_features(labels)
     logits = backbone.classify(backbone.preprocess([Image.new("RGB", (12, 12), (220, 30, 30))] * 2), texts)
     assert texts.shape[0] == 3 and logits.shape == (2, 3) and bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the plan of a CPU-only machine")
+def test_plan_on_a_cpu_machine_has_no_cuda_reserve_and_says_what_it_counts():
+    from mmpeft.planner import plan, render
+
+    (cpu,) = plan("recipes/quickstart.yaml")
+    assert cpu["device"] == "cpu" and cpu["bytes"]["reserve"] == 0 and cpu["bytes"]["total"] == cpu["bytes"]["peak"]
+    text = render([cpu])
+    assert "CUDA context" not in text and "planned for this machine's CPU" in text and "1.6-2.2x" in text
+    (gpu,) = plan("recipes/quickstart.yaml", gpu_memory="24GiB")  # a budget plans for a GPU
+    assert gpu["device"] == "cuda" and gpu["bytes"]["reserve"] > 0 and "CUDA context" in render([gpu])

@@ -54,7 +54,8 @@ def plan(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None 
     verdict. Nothing is downloaded and no weights are read.
     """
     budget = parse_memory(gpu_memory) if gpu_memory is not None else _device_memory()
-    return [plan_recipe(one, label, budget) for label, one in plan_targets(recipe, overrides)]
+    device = "cuda" if gpu_memory is not None or torch.cuda.is_available() else "cpu"  # where the run would train
+    return [plan_recipe(one, label, budget, device) for label, one in plan_targets(recipe, overrides)]
 
 
 def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
