@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    pin_demo_numerics(args)  # before anything imports torch
     quiet_dependencies()
     try:
         return dispatch(args)
@@ -122,6 +124,34 @@ class DependencyNoise(logging.Filter):
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
         return False
+
+
+# As the demo backbone is built (mmpeft.runs.demo.PINNED_NUMERICS, repeated here: reading it would import torch):
+# AVX2 kernels on one thread, so a demo recipe's figures are the same on every x86 machine with AVX2.
+DEMO_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def pin_demo_numerics(args: argparse.Namespace) -> bool:
+    """Pin the kernels and threads (unless the environment sets them) for training commands on a demo backbone
+    (`backbone.id: mmpeft-demo/...`, the quickstart's). Tiny models run no slower on one thread."""
+    import re
+
+    if args.command not in RESUMABLE:
+        return False
+    ids = [o.partition("=")[2] for o in getattr(args, "overrides", None) or [] if o.startswith("backbone.id=")]
+    if not ids:
+        source = Path(args.resume) / "recipe.yaml" if getattr(args, "resume", None) else Path(args.recipe or "")
+        try:
+            text = source.read_text(encoding="utf-8")[:100_000] if source.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            text = ""  # the recipe reader reports it
+        ids = re.findall(r"^\s+id:\s*[\"']?([^\s\"'#]+)", text, flags=re.MULTILINE)[:1]
+    if not ids or not ids[-1].strip("\"'").startswith("mmpeft-demo/"):
+        return False
+    for name, value in DEMO_NUMERICS.items():
+        os.environ.setdefault(name, value)
+    return True
 
 
 RESUMABLE = {"run": "RUN_DIR", "compare": "GRID_DIR", "fewshot": "GRID_DIR", "continual": "RUN_DIR"}

@@ -159,3 +159,12 @@ def test_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(RecipeError, match="output.dir: .* is a file, not a folder"):
         load_recipe({**BASE, "output": {"dir": str(tmp_path / "afile")}})
+
+
+def test_grid_seeds_have_the_recipe_seed_range(tmp_path):
+    from mmpeft.grids.setup import load_compare_recipe
+
+    path = tmp_path / "compare.yaml"
+    path.write_text("# mmpeft compare compare.yaml\nmethod: lora\ngrid:\n  methods: [lora, full]\n  seeds: [0, -1]\n")
+    with pytest.raises(RecipeError, match=r"grid.seeds\[1\]: -1 is out of range; it must be >= 0"):
+        load_compare_recipe(path, [])

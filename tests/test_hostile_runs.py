@@ -342,3 +342,23 @@ def test_plan_on_a_cpu_machine_has_no_cuda_reserve_and_says_what_it_counts():
     assert "CUDA context" not in text and "planned for this machine's CPU" in text and "1.6-2.2x" in text
     (gpu,) = plan("recipes/quickstart.yaml", gpu_memory="24GiB")  # a budget plans for a GPU
     assert gpu["device"] == "cuda" and gpu["bytes"]["reserve"] > 0 and "CUDA context" in render([gpu])
+
+
+@pytest.mark.parametrize(("argv", "pinned"), [
+    (["run", "recipes/quickstart.yaml"], True),
+    (["run", "recipes/quickstart.yaml", "train.epochs=2"], True),
+    (["run", "recipes/quickstart.yaml", "backbone.id=/models/clip"], False),
+    (["check", "recipes/quickstart.yaml"], False),
+])
+def test_demo_recipes_pin_the_kernels_the_demo_backbone_was_built_with(argv, pinned, monkeypatch):
+    from mmpeft.cli import DEMO_NUMERICS, build_parser, pin_demo_numerics
+    from mmpeft.runs.demo import PINNED_NUMERICS
+
+    assert DEMO_NUMERICS == PINNED_NUMERICS
+    for name in DEMO_NUMERICS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's own setting wins
+    args, _ = build_parser().parse_known_args(argv)
+    assert pin_demo_numerics(args) is pinned
+    assert os.environ.get("ATEN_CPU_CAPABILITY") == ("avx2" if pinned else None)
+    assert os.environ["OMP_NUM_THREADS"] == "4"

@@ -30,7 +30,7 @@ import yaml
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError, build, did_you_mean, to_plain
 from mmpeft.runs.recipe import _set_path, load_recipe, parse_overrides, preset_candidates, read_yaml
-from mmpeft.specs import DataSpec, OutputSpec, Recipe, TrainSpec
+from mmpeft.specs import DataSpec, OutputSpec, Recipe, Seed, TrainSpec
 
 if TYPE_CHECKING:
     from mmpeft.grids.regularisers import RegulariserSetup
@@ -48,7 +48,7 @@ GRID_RECIPE = "compare.yaml"
 @dataclass(frozen=True)
 class GridSpec:
     methods: tuple[str | dict[str, Any], ...] = ()  # names, presets, or mappings with name/preset (+ label, train)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[Seed, ...] = (0, 1, 2)
     shots: tuple[int, ...] | None = None  # k per class; None: every cell uses data.shots (all examples by default)
     baseline: str | None = None  # paired tests against this label; default: the entry running `full` (or `naive`)
     templates: tuple[str, ...] = ()  # zero-shot prompts: templates with {label} or built-in set names; () = recipe's
