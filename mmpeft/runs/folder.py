@@ -98,7 +98,7 @@ def release_run_dir(run_dir: Path) -> None:
         os.close(handle)
 
 
-def discard_if_nothing_ran(run_dir: Path) -> bool:
+def discard_if_nothing_ran(run_dir: Path, command: str = "run") -> bool:
     """After a failed new run: remove its folder when it holds only what the start wrote (recipe, log, lock), so a
     failure leaves nothing behind; otherwise keep it and say where it is. Returns whether it was removed."""
     if not process_state().is_main_process or not run_dir.is_dir():
@@ -108,7 +108,7 @@ def discard_if_nothing_ran(run_dir: Path) -> bool:
         shutil.rmtree(run_dir, ignore_errors=True)
         return True
     logger.error("the run folder %s keeps what ran before the error (train.log says more); continue it with "
-                 "`mmpeft run --resume %s` or remove it", run_dir, run_dir)
+                 "`mmpeft %s --resume %s` or remove it", run_dir, command, run_dir)
     return False
 
 
