@@ -77,8 +77,8 @@ def claim_run_dir(run_dir: Path) -> None:
     try:
         handle = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise OSError(error.errno, f"cannot write in the run folder {run_dir}: {error.strerror}; "
-                                   "choose a writable output.dir") from None
+        raise OutputError(error.errno, f"cannot write in the run folder {run_dir}: {error.strerror}; "
+                                       "choose a writable output.dir") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -123,7 +123,11 @@ class run_logging:
 
     def __enter__(self):
         if process_state().is_main_process and (self.run_dir, threading.get_ident()) not in _CLAIMS:
-            claim_run_dir(self.run_dir)  # a resumed run claims its folder too: two resumes never write at once
+            try:
+                claim_run_dir(self.run_dir)  # a resumed run claims its folder too: two resumes never write at once
+            except BaseException:
+                self.handler.close()
+                raise
         logger.addHandler(self.handler)
         if not process_state().is_main_process:
             logger.setLevel(logging.WARNING)
