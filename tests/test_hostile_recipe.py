@@ -3,6 +3,7 @@ and escaping run names are refused before any model loads, with the YAML path, a
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -70,10 +71,12 @@ def test_every_numeric_field_of_every_section_has_a_range():
 
     from mmpeft.core.schema import _range_of
     from mmpeft.methods import METHODS
+    from mmpeft.sequences.regularisers import REGULARISERS
     from mmpeft.specs import AugmentSpec, BackboneSpec, DataSpec, EvalSpec, OutputSpec, Recipe, SplitSpec, TrainSpec
 
     classes = [Recipe, BackboneSpec, DataSpec, SplitSpec, AugmentSpec, TrainSpec, EvalSpec, OutputSpec,
-               *(METHODS.get(name).Config for name in METHODS.names())]
+               *(METHODS.get(name).Config for name in METHODS.names()),
+               *(REGULARISERS.get(name).Config for name in REGULARISERS.names())]
     unbounded = []
     for cls in classes:
         plain, extras = get_type_hints(cls), get_type_hints(cls, include_extras=True)
@@ -168,3 +171,17 @@ def test_grid_seeds_have_the_recipe_seed_range(tmp_path):
     path.write_text("# mmpeft compare compare.yaml\nmethod: lora\ngrid:\n  methods: [lora, full]\n  seeds: [0, -1]\n")
     with pytest.raises(RecipeError, match=r"grid.seeds\[1\]: -1 is out of range; it must be >= 0"):
         load_compare_recipe(path, [])
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("regulariser.strength=-1", "regulariser.strength: -1 is out of range; it must be >= 0"),
+    ("regulariser.fisher_samples=0", "regulariser.fisher_samples: 0 is out of range; it must be >= 1"),
+    ("regulariser={name: online_ewc, gamma: 1.5}", "regulariser.gamma: 1.5 is out of range"),
+    ("regulariser={name: lwf, temperature: 0}", "regulariser.temperature: 0 is out of range; it must be > 0"),
+    ("regulariser={name: replay, memory_size: 0}", "regulariser.memory_size: 0 is out of range"),
+])
+def test_regulariser_ranges(override, expected):
+    from mmpeft.sequences.tasks import load_continual_recipe
+
+    with pytest.raises(RecipeError, match=re.escape(expected)):
+        load_continual_recipe("recipes/continual-ewc.yaml", [override])
