@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -88,10 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    pin_demo_numerics(args)  # before anything imports torch
     quiet_dependencies()
     try:
         return dispatch(args)
     except KeyboardInterrupt:
+        if args.command in ("export", "merge"):
+            print(f"interrupted; nothing was written to {args.out} (its staging folder was removed); run the same "
+                  f"`mmpeft {args.command}` command again", file=sys.stderr)
+            return 130
+        if args.command not in RESUMABLE:
+            print("interrupted", file=sys.stderr)
+            return 130
         again = args.command if args.command in ("compare", "fewshot", "continual") else "run"
         folder = "grid" if again in ("compare", "fewshot") else "run"
         print(f"interrupted; continue with: mmpeft {again} --resume <{folder} folder>", file=sys.stderr)
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # known user errors get one line; others keep their traceback with -v
         if args.verbose or not is_user_error(error):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
 
 
@@ -114,6 +125,52 @@ def quiet_dependencies() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    for handler in hf_logging.get_logger().handlers:  # the "transformers" logger prints through its own handler
+        if not any(isinstance(f, DependencyNoise) for f in handler.filters):
+            handler.addFilter(DependencyNoise())
+
+
+class DependencyNoise(logging.Filter):
+    """Dependency warnings the user cannot act on stay out of the terminal and go to the run's train.log: published
+    SigLIP configs keep CLIP's default bos/eos ids (49406/49407) outside their own 32k vocabulary."""
+
+    NOISE = ("must be `None` or an integer within the vocabulary",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(text in record.getMessage() for text in self.NOISE):
+            return True
+        for handler in logging.getLogger("mmpeft").handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        return False
+
+
+# As the demo backbone is built (mmpeft.runs.demo.PINNED_NUMERICS, repeated here: reading it would import torch):
+# AVX2 kernels on one thread, so a demo recipe's figures are the same on every x86 machine with AVX2.
+DEMO_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def pin_demo_numerics(args: argparse.Namespace) -> bool:
+    """Pin the kernels and threads (unless the environment sets them) for training commands on a demo backbone
+    (`backbone.id: mmpeft-demo/...`, the quickstart's). Tiny models run no slower on one thread."""
+    import re
+
+    if args.command not in RESUMABLE:
+        return False
+    ids = [o.partition("=")[2] for o in getattr(args, "overrides", None) or [] if o.startswith("backbone.id=")]
+    if not ids:
+        source = Path(args.resume) / "recipe.yaml" if getattr(args, "resume", None) else Path(args.recipe or "")
+        try:
+            text = source.read_text(encoding="utf-8")[:100_000] if source.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            text = ""  # the recipe reader reports it
+        ids = re.findall(r"^\s+id:\s*[\"']?([^\s\"'#]+)", text, flags=re.MULTILINE)[:1]
+    if not ids or not ids[-1].strip("\"'").startswith("mmpeft-demo/"):
+        return False
+    for name, value in DEMO_NUMERICS.items():
+        os.environ.setdefault(name, value)
+    return True
 
 
 RESUMABLE = {"run": "RUN_DIR", "compare": "GRID_DIR", "fewshot": "GRID_DIR", "continual": "RUN_DIR"}
@@ -158,11 +215,12 @@ def check(path: str, overrides: list[str]) -> str:
     import yaml
 
     from mmpeft.core.schema import to_plain
+    from mmpeft.runs.recipe import read_yaml
 
-    with open(path) as handle:
-        text = handle.read()
-    keys = yaml.safe_load(text) or {}
-    keys = keys if isinstance(keys, dict) else {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"recipe file not found: {path}")
+    keys = read_yaml(Path(path))  # names the file in any YAML problem
+    text = Path(path).read_text(encoding="utf-8")
     if "tasks" in keys and "grid" not in keys:
         from mmpeft.sequences.tasks import load_continual_recipe
 
@@ -197,11 +255,28 @@ def _check_conversation_rows(recipe: Recipe) -> str:
             f"{info['skipped']} bad rows skipped\n")
 
 
+# Writing outputs: a full disk, a read-only or not-a-folder destination is the user's to fix, not a bug.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
+def one_line(error: Exception) -> str:
+    """An OSError with a file as "FILE: what is wrong; what to do"; anything else as its message."""
+    from mmpeft.core.io import OutputError
+
+    if isinstance(error, OSError) and not isinstance(error, OutputError) and error.errno in OUTPUT_ERRNOS:
+        where = error.filename or "an output"
+        return (f"cannot write {where}: {error.strerror or error}; choose a writable folder (output.dir, --out) "
+                "or free some space")
+    return str(error)
+
+
 def is_user_error(error: Exception) -> bool:
     from mmpeft.backbones import BackboneError
     from mmpeft.core.schema import RecipeError
     from mmpeft.data import DataError
     from mmpeft.train import TrainingDiverged
 
+    if isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS:
+        return True
     return isinstance(error, (RecipeError, DataError, BackboneError, TrainingDiverged, FileNotFoundError,
                               FileExistsError, ValueError))

@@ -8,13 +8,17 @@ from __future__ import annotations
 import dataclasses
 import string
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from mmpeft.core.schema import to_plain
+from mmpeft.core.schema import Range, to_plain
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+# Numeric fields carry their valid range (checked by mmpeft.core.schema.build, reported with the YAML path).
+Positive = Annotated[int, Range(ge=1)]
+Seed = Annotated[int, Range(ge=0, lt=2**32)]  # numpy seeds must be in [0, 2**32)
+Fraction = Annotated[float, Range(ge=0, le=1)]
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,9 @@ class BackboneSpec:
 
 @dataclass(frozen=True)
 class SplitSpec:
-    val: float = 0.15  # fractions of all rows, stratified by class
-    test: float = 0.25
-    seed: int | None = None  # default: the recipe's seed; compare grids pin it so every cell shares one split
+    val: Annotated[float, Range(ge=0, lt=1)] = 0.15  # fractions of all rows, stratified by class
+    test: Annotated[float, Range(gt=0, lt=1)] = 0.25
+    seed: Seed | None = None  # default: the recipe's seed; compare grids pin it so every cell shares one split
 
     def __post_init__(self) -> None:
         if not (0 <= self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1):
@@ -56,11 +60,11 @@ class SplitSpec:
 @dataclass(frozen=True)
 class AugmentSpec:
     random_resized_crop: bool = False
-    crop_scale: tuple[float, ...] = (0.8, 1.0)
+    crop_scale: tuple[Annotated[float, Range(gt=0, le=1)], ...] = (0.8, 1.0)
     horizontal_flip: bool = False
-    color_jitter: float = 0.0  # max relative change of brightness/contrast/saturation
-    affine_degrees: float = 0.0  # random rotation in [-d, d] degrees
-    affine_translate: float = 0.0  # random shift up to this fraction of the width/height
+    color_jitter: Fraction = 0.0  # max relative change of brightness/contrast/saturation
+    affine_degrees: Annotated[float, Range(ge=0, le=180)] = 0.0  # random rotation in [-d, d] degrees
+    affine_translate: Fraction = 0.0  # random shift up to this fraction of the width/height
 
 
 @dataclass(frozen=True)
@@ -80,14 +84,14 @@ class DataSpec:
     label_prompts: dict[str, tuple[str, ...]] | None = None  # per-label prompt texts (synonyms, descriptions)
     templates: tuple[str, ...] = ("a photo of a {label}.",)
     split: SplitSpec = field(default_factory=SplitSpec)
-    shots: int | None = None  # k training examples per class (k-shot), sampled by seed
+    shots: Positive | None = None  # k training examples per class (k-shot), sampled by seed
     shift: tuple[str, ...] = ()  # image shifts applied to every split, composed in order
     eval_shifts: tuple[str, ...] = ()  # extra test-time shifts ("none", "rot90", "rot90+invert", ...)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     on_bad_rows: Literal["error", "skip"] = "error"
     # Images with more pixels (read from the file's header, before decoding) are bad rows; null: no cap. Well below
     # PIL's decompression-bomb limit (~179M), so a tiny file claiming a huge size is refused before it is decoded.
-    max_image_pixels: int | None = 50_000_000
+    max_image_pixels: Positive | None = 50_000_000
     subset: Literal["pretrain", "heldout"] | None = None  # digits only: the fixed 60/40 pre-training partition
     # Generative backbones: each image is asked `question` (or its row's own `prompt_column` value) and answers with
     # its row's text (`text_column`) or `answer_template` filled with the class name.
@@ -123,10 +127,6 @@ class DataSpec:
         if self.subset is not None and self.source != "digits":
             raise ValueError(f"data.subset: {self.subset!r} applies to data.source: digits only, "
                              f"not {self.source!r}")
-        if self.shots is not None and self.shots < 1:
-            raise ValueError(f"data.shots must be >= 1, got {self.shots}")
-        if self.max_image_pixels is not None and self.max_image_pixels < 1:
-            raise ValueError(f"data.max_image_pixels must be >= 1 or null (no cap), got {self.max_image_pixels}")
         for i, template in enumerate(self.templates):
             if "{label}" not in template:
                 raise ValueError(f"data.templates: {template!r} has no {{label}} placeholder")
@@ -156,22 +156,22 @@ Tracker = Literal["tensorboard", "mlflow", "wandb"]
 @dataclass(frozen=True)
 class TrainSpec:
     objective: Literal["classification", "contrastive", "generative"] = "classification"  # generative: answer loss
-    epochs: int = 5
-    batch_size: int = 32  # per process
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = 1.0
+    epochs: Positive = 5
+    batch_size: Positive = 32  # per process
+    lr: Annotated[float, Range(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Range(ge=0)] = 0.01
+    warmup_ratio: Fraction = 0.1
+    grad_accum_steps: Positive = 1
+    max_grad_norm: Annotated[float, Range(gt=0)] | None = 1.0  # null: no clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     select_metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
-    early_stopping_patience: int | None = None  # epochs without val improvement
-    checkpoint_every_steps: int | None = None  # also at every epoch end
+    early_stopping_patience: Positive | None = None  # epochs without val improvement
+    checkpoint_every_steps: Positive | None = None  # also at every epoch end
     # trackers (tensorboard, mlflow, wandb; one name is a list of one): recipe, train/val and test metrics, report
     log_with: tuple[Tracker, ...] | None = None
     # DataLoader worker processes: "auto" (a share of the cores; 0 where images come ready from the memory cache)
     # or a number (0: load in the training process). Results do not depend on it.
-    num_workers: int | Literal["auto"] = "auto"
+    num_workers: Annotated[int, Range(ge=0)] | Literal["auto"] = "auto"
     # Image features of a frozen image tower (zero-shot, linear probe, text-side methods) are computed once and
     # reused across epochs and runs: "memory" (this process), "disk" (also under $MMPEFT_CACHE/features), or
     # "recompute" (encode every batch; not "off", which YAML reads as false).
@@ -190,16 +190,12 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    batch_size: int = 64
+    batch_size: Positive = 64
     zero_shot: bool = True  # evaluate the untouched backbone first, for comparison
     retrieval: bool | None = None  # image<->text recall on the test split; default: on for objective contrastive
     length_normalize: bool = False  # generative label scoring: mean instead of sum of the answer's token log-probs
     generate: bool = False  # generative: also generate free-form answers (exact and normalised match)
-    max_new_tokens: int = 16  # generation length limit for eval.generate
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    max_new_tokens: Positive = 16  # generation length limit for eval.generate
 
 
 @dataclass(frozen=True)
@@ -207,11 +203,17 @@ class OutputSpec:
     dir: str = "runs"
     name: str | None = None  # default: <recipe name>-<timestamp>
 
+    def __post_init__(self) -> None:
+        name = self.name
+        if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name or ":" in name):
+            raise ValueError(f"output.name: {name[:80]!r} must be a plain folder name (no '/', '\\', ':', "
+                             "'..'): the run folder is created inside output.dir; put any sub-folders in output.dir")
+
 
 @dataclass(frozen=True)
 class Recipe:
     method: Any  # a method's own config dataclass (see mmpeft.methods)
-    seed: int = 0
+    seed: Seed = 0
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)

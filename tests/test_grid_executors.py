@@ -100,7 +100,7 @@ def test_executors_give_sequential_metrics_record_a_failure_and_resume_only_it(
     ({"methods": ["lora"], "executor": "rey"}, "grid.executor: 'rey' is not an executor (did you mean 'ray'?)"),
     ({"methods": ["lora"], "executor": "processes", "gpus_per_cell": 0.5},
      "grid.gpus_per_cell: 0.5 is a fraction; the processes executor gives whole CPUs/GPUs"),
-    ({"methods": ["lora"], "max_parallel": 0}, "grid.max_parallel: 0 must be at least 1"),
+    ({"methods": ["lora"], "max_parallel": 0}, "grid.max_parallel: 0 is out of range; it must be >= 1"),
     ({"methods": ["lora"], "ray_address": "auto"}, "grid.ray_address: set, but grid.executor is 'sequential'"),
 ])
 def test_grid_kind_and_executor_keys_are_checked_before_anything_runs(color_recipe, grid, expected):

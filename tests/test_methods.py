@@ -229,11 +229,14 @@ def test_unusable_settings_fail_with_the_field(bases: dict, config: dict, labels
 
 
 def test_config_checks_name_the_field() -> None:
-    for config, message in [({"name": "bottleneck", "reduction_factor": 0}, r"method\.reduction_factor must be"),
-                            ({"name": "vpt", "n_tokens": 0}, r"method\.n_tokens must be >= 1, got 0"),
+    from mmpeft.core.schema import build
+
+    for config, message in [({"name": "bottleneck", "reduction_factor": 0}, r"method\.reduction_factor: 0 is out of"),
+                            ({"name": "vpt", "n_tokens": 0}, r"method\.n_tokens: 0 is out of range; it must be >= 1"),
                             ({"name": "ia3", "feedforward_modules": ("fc2",)}, r"method\.feedforward_modules is set")]:
-        with pytest.raises(ValueError, match=message):
-            METHODS.get(config["name"]).Config(**config)
+        problems: list[str] = []
+        build(METHODS.get(config["name"]).Config, config, "method", problems)  # ranges: checked by the schema
+        assert len(problems) == 1 and re.search(message, problems[0]), problems
 
 
 def test_prompt_methods_refuse_generative_backbones_and_say_what_is_planned() -> None:

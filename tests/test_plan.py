@@ -85,7 +85,7 @@ def test_verdict_flips_at_the_planned_total(tiny_clip_dir, color_folder):
 
 def test_suggested_changes_fit_when_applied(tiny_clip_dir, color_folder):
     data = recipe_data(tiny_clip_dir, color_folder, "lora", batch_size=64)
-    budget = plan(data, ["train.gradient_checkpointing=true"])[0]["bytes"]["total"]  # just enough with it
+    budget = plan(data, ["train.gradient_checkpointing=true"], gpu_memory=2**40)[0]["bytes"]["total"]  # just enough
     tight = plan(data, gpu_memory=budget)[0]
     assert tight["fits"] is False
     changes = [s["change"] for s in tight["suggestions"] if s["change"]]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -72,6 +73,9 @@ def check_arguments(runs: list[RunFolder], weights: list[float] | None, how: str
     if weights is None:
         weights = [1.0 / len(runs)] * len(runs)
     weights = [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise ExportError(f"weights: {weights} must all be finite numbers (a NaN or infinite weight makes every "
+                          "merged entry NaN)")
     if len(weights) != len(runs):
         raise ExportError(f"weights: {len(weights)} given for {len(runs)} runs; give one weight per run")
     if density is not None:

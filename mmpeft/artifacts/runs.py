@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmpeft.backbones import Backbone
+from mmpeft.core.io import sha256_file
 from mmpeft.core.schema import RecipeError
 from mmpeft.data import LabelSet, load_data
 from mmpeft.methods import METHODS, Method
 from mmpeft.methods.base import CONFIG_FILE, STATE_FILE
 from mmpeft.runs.build import apply_method, load_base
-from mmpeft.runs.folder import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE
+from mmpeft.runs.folder import ADAPTER_DIR, HASH_FILE, METRICS_FILE, RECIPE_FILE
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.specs import Recipe
 
@@ -80,7 +81,50 @@ def read_run(path: str | Path) -> RunFolder:
         raise ExportError(f"{adapter}: missing {', '.join(missing)} (method {method.name!r} saves "
                           f"{', '.join(expected_files(method.saved_format))}); the run folder is incomplete or was "
                           f"changed: run it again with `mmpeft run {path / RECIPE_FILE}`")
+    check_hashes(adapter)
+    check_finite(adapter)
     return RunFolder(path, recipe, metrics, adapter, method)
+
+
+def check_hashes(adapter: Path) -> None:
+    """The saved state must be the one the run wrote: each file's sha256 against HASH_FILE (written with it)."""
+    record = adapter / HASH_FILE
+    if not record.is_file():
+        logger.warning("%s: no %s (a run from before mmpeft recorded hashes): the saved state cannot be checked "
+                       "against the one the run wrote", adapter, HASH_FILE)
+        return
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ExportError(f"{record} is damaged ({error}); the run folder was changed: run the recipe again") from None
+    changed = [name for name, digest in files.items()
+               if not (adapter / name).is_file() or sha256_file(adapter / name) != digest]
+    if changed:
+        raise ExportError(f"{adapter}: {', '.join(changed)} changed after the run saved it (sha256 differs from "
+                          f"{HASH_FILE}): these are not the weights the run trained and evaluated; run the recipe "
+                          "again rather than exporting them")
+
+
+def check_finite(adapter: Path) -> None:
+    """Refuse a saved state holding NaN or infinity: every output it gives would be NaN."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(adapter.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                bad = [key for key in handle.keys() if _not_finite(handle.get_tensor(key), torch)]
+        except (SafetensorError, OSError) as error:
+            raise ExportError(f"{file} cannot be read ({str(error).splitlines()[0]}): the file is truncated or "
+                              "damaged; run the recipe again") from None
+        if bad:
+            raise ExportError(f"{file}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:3])}): the run "
+                              "diverged or the file was changed; nothing was exported. Train again with a lower "
+                              "train.lr or train.max_grad_norm")
+
+
+def _not_finite(tensor, torch) -> bool:
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
 
 
 def expected_files(saved_format: str) -> tuple[str, ...]:

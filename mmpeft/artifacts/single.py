@@ -18,6 +18,7 @@ from mmpeft.core.dtypes import DTYPES
 from mmpeft.core.io import atomic_dir, write_text
 from mmpeft.core.schema import to_plain
 from mmpeft.methods.base import CannotMerge
+from mmpeft.runs.folder import HASH_FILE
 
 logger = logging.getLogger("mmpeft")
 
@@ -167,6 +168,8 @@ def export_adapter(run: RunFolder, data, stage: Path, verify: bool, tolerance: f
         raise ExportError(f"run {run.path} trained on a randomly initialised base (backbone.init: scratch) that "
                           "exists nowhere on disk, so its adapter alone cannot be loaded; export it with --merge")
     for path in run.adapter.iterdir():
+        if path.name == HASH_FILE:  # the run's own record; the export's manifest describes the export
+            continue
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, stage / path.name)
     trained = rebuild(run, data.labels)
     size = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())

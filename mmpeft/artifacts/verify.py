@@ -60,6 +60,11 @@ def differences(reference: dict[str, torch.Tensor], exported: dict[str, torch.Te
         if name not in exported or exported[name].shape != value.shape:
             raise ExportError(f"the exported model gives no {name} of shape {tuple(value.shape)} "
                               f"(got {tuple(exported[name].shape) if name in exported else 'none'})")
+        for side, tensor in (("the trained model", value), ("the exported model", exported[name])):
+            if not bool(torch.isfinite(tensor).all()):  # max() with NaN keeps the other value: check first
+                raise ExportError(f"verification failed: {side} gives NaN or infinite {name} "
+                                  f"({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values); nothing "
+                                  "was written. Its weights are not finite: train again (a lower train.lr)")
         diffs[name] = float((value - exported[name]).abs().max())
         relative = max(relative, diffs[name] / max(1.0, float(value.abs().max())))
     return {**diffs, "max": max(diffs.values()), "relative": relative}

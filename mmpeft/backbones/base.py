@@ -145,6 +145,11 @@ class Backbone(torch.nn.Module, ABC):
         """The model's learnable log temperature (CLIP's `logit_scale`), which contrastive training clamps."""
         raise self.unsupported("contrastive image-text training")
 
+    def overlong_texts(self, texts: list[str]) -> tuple[int | None, list[tuple[str, int]]]:
+        """(the text tower's token limit, the texts longer than it with their lengths): what `tokenize` would cut.
+        None and [] where nothing is cut (generative backbones score whole answers)."""
+        return None, []
+
     def references(self, batch: dict, labels: LabelSet) -> list[str]:
         raise self.unsupported("free-form answers")
 

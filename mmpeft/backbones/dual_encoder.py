@@ -127,6 +127,13 @@ class DualEncoder(Backbone):
         tokens = self.tokenizer(texts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
         return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
 
+    def overlong_texts(self, texts: list[str]) -> tuple[int | None, list[tuple[str, int]]]:
+        limit = getattr(self.base_model.config.text_config, "max_position_embeddings", None)
+        if limit is None or not texts:
+            return limit, []
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
+        return limit, [(text, length) for text, length in zip(texts, lengths) if length > limit]
+
     # --- features -----------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = getattr(self.base_model, "dtype", pixel_values.dtype)

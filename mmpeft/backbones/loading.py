@@ -39,9 +39,28 @@ def load_pretrained(model_class, spec: BackboneSpec, path: str):
 
 
 def from_pretrained(cls, path: str, spec: BackboneSpec, **kwargs):
+    from safetensors import SafetensorError
+
     try:
         return cls.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs)
+    except SafetensorError as error:
+        raise BackboneError(f"backbone.id {spec.id!r}: {damaged_weights(path)} cannot be read "
+                            f"({str(error).splitlines()[0]}): it is truncated or damaged; copy or download the "
+                            "model again") from None
     except OSError as error:
         where = "local directory" if Path(path).is_dir() else "hub id (offline here? set HF_HUB_OFFLINE=0 online)"
         raise BackboneError(f"backbone.id {spec.id!r}: could not load {cls.__name__} from {where}: "
                             f"{str(error).splitlines()[0]}") from None
+
+
+def damaged_weights(path: str) -> str:
+    """The first weights file under a local `path` that safetensors cannot open (else a description of them)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError):
+            return str(file)
+    return f"a weights file of {path}"

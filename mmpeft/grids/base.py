@@ -13,10 +13,11 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from mmpeft.core.registry import Registry
-from mmpeft.core.schema import did_you_mean
+from mmpeft.core.schema import Range, did_you_mean
+from mmpeft.specs import Positive, Seed
 
 GRID_RECIPE = "compare.yaml"  # the resolved grid recipe in the grid folder; `--resume` reloads it
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # labels name cell folders
@@ -28,17 +29,20 @@ EXECUTORS = ("sequential", "processes", "ray")
 class GridSpec:
     kind: str | None = None  # methods | fewshot | regularisers; None: from the command (compare/fewshot)
     methods: tuple[str | dict[str, Any], ...] = ()  # names, presets, or mappings with name/preset (+ label, train)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    shots: tuple[int, ...] | None = None  # k per class; None: every cell uses data.shots (all examples by default)
+    seeds: tuple[Seed, ...] = (0, 1, 2)
+    # k per class; None: every cell uses data.shots (all examples by default); 0: fewshot's in-context row
+    shots: tuple[Annotated[int, Range(ge=0)], ...] | None = None
     baseline: str | None = None  # paired tests against this label; default: the entry running `full` (or `naive`)
     templates: tuple[str, ...] = ()  # zero-shot prompts: templates with {label} or built-in set names; () = recipe's
     regularisers: tuple[str | dict[str, Any], ...] = ()  # regularisers grids: the axis instead of methods
     strategies: tuple[str, ...] | None = None  # fewshot, generative: in-context demo strategies; None = all of them
     executor: str = "sequential"  # sequential (this process) | processes (a local pool) | ray
-    max_parallel: int | None = None  # cells at once; None: as many as the resources allow
-    threads_per_cell: int = 1  # torch threads of each cell in a worker (processes, ray)
-    cpus_per_cell: float = 1.0  # CPU slots a cell takes (processes: whole slots; ray: its num_cpus)
-    gpus_per_cell: float = 1.0  # GPUs a cell takes where there are GPUs (processes: whole GPUs; ray: fractions too)
+    max_parallel: Positive | None = None  # cells at once; None: as many as the resources allow
+    threads_per_cell: Positive = 1  # torch threads of each cell in a worker (processes, ray)
+    # CPU slots a cell takes (processes: whole slots; ray: its num_cpus)
+    cpus_per_cell: Annotated[float, Range(gt=0)] = 1.0
+    # GPUs a cell takes where there are GPUs (processes: whole GPUs; ray: fractions too)
+    gpus_per_cell: Annotated[float, Range(gt=0)] = 1.0
     ray_address: str | None = None  # None: a local Ray; `auto` or host:port joins a running cluster
 
 

@@ -87,15 +87,9 @@ def executor_problems(grid: GridSpec) -> list[str]:
                         f"; valid: {', '.join(EXECUTORS)}")
     if grid.executor == "ray" and importlib.util.find_spec("ray") is None:
         problems.append("grid.executor: ray needs the Ray package, which is not installed: pip install 'mmpeft[ray]'")
-    if grid.max_parallel is not None and grid.max_parallel < 1:
-        problems.append(f"grid.max_parallel: {grid.max_parallel} must be at least 1 (or leave it out)")
-    if grid.threads_per_cell < 1:
-        problems.append(f"grid.threads_per_cell: {grid.threads_per_cell} must be at least 1")
-    for key in ("cpus_per_cell", "gpus_per_cell"):
+    for key in ("cpus_per_cell", "gpus_per_cell"):  # their ranges are in GridSpec
         value = getattr(grid, key)
-        if value <= 0:
-            problems.append(f"grid.{key}: {value} must be > 0")
-        elif grid.executor == "processes" and value != int(value):
+        if grid.executor == "processes" and value != int(value):
             problems.append(f"grid.{key}: {value} is a fraction; the processes executor gives whole CPUs/GPUs to a "
                             "cell (use grid.executor: ray for fractions)")
     if grid.ray_address is not None and grid.executor != "ray":

@@ -10,11 +10,12 @@ sublayer (`mlp.adapter`, `self_attn.adapter`) and runs from a forward hook, so t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from torch import nn
 
+from mmpeft.core.schema import Range
 from mmpeft.methods.base import Method, MethodConfig, freeze, register
 
 if TYPE_CHECKING:
@@ -28,13 +29,11 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 class BottleneckSpec(MethodConfig):
     name: str = "bottleneck"
     placement: Literal["houlsby", "pfeiffer"] = "houlsby"
-    reduction_factor: int = 16  # bottleneck width = hidden size // reduction_factor
+    reduction_factor: Annotated[int, Range(ge=1)] = 16  # bottleneck width = hidden size // reduction_factor
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     towers: tuple[Literal["vision", "text"], ...] = ("vision", "text")
 
     def __post_init__(self) -> None:
-        if self.reduction_factor < 1:
-            raise ValueError(f"method.reduction_factor must be >= 1, got {self.reduction_factor}")
         if not self.towers:
             raise ValueError("method.towers must name at least one of: vision, text")
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from torch import nn
 
 from mmpeft.backbones import family_towers, resolve_towers
 from mmpeft.backbones.quantization import cuda_available
 from mmpeft.core.io import write_json
-from mmpeft.core.schema import to_plain
+from mmpeft.core.schema import Range, to_plain
 from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, freeze, register
 
 if TYPE_CHECKING:
@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class LoraSpec(MethodConfig):
     name: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: Annotated[int, Range(ge=1)] = 8
+    alpha: Annotated[float, Range(gt=0)] = 16.0
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     # dual_encoder: vision, text (default both); generative: language (default), vision, projector; "all": every one
     towers: tuple[Literal["vision", "text", "language", "projector", "all"], ...] | None = None
     target_modules: tuple[str, ...] | None = None  # module names or one regex; default: attention projections
@@ -34,8 +34,6 @@ class LoraSpec(MethodConfig):
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r: steadier as r grows
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"method.r must be >= 1, got {self.r}")
         if self.towers is not None and not self.towers:
             raise ValueError("method.towers must name at least one tower, or be left out for the family's default")
 

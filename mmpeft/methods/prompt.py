@@ -16,11 +16,12 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 from torch import nn
 
+from mmpeft.core.schema import Range
 from mmpeft.methods.base import Method, MethodConfig, freeze, register, require_labels
 
 if TYPE_CHECKING:
@@ -33,23 +34,15 @@ PLACEHOLDER = "X"  # CoOp's placeholder word; its embedding is replaced, only it
 @dataclass(frozen=True)
 class CoOpSpec(MethodConfig):
     name: str = "coop"
-    n_ctx: int = 16  # learned context vectors in front of the class name
+    n_ctx: Annotated[int, Range(ge=1)] = 16  # learned context vectors in front of the class name
     class_specific: bool = False  # one context per class instead of one shared by all
     init: str | None = "a photo of a"  # its token embeddings start the last context vectors; None: random
-
-    def __post_init__(self) -> None:
-        if self.n_ctx < 1:
-            raise ValueError(f"method.n_ctx must be >= 1, got {self.n_ctx}")
 
 
 @dataclass(frozen=True)
 class VPTSpec(MethodConfig):
     name: str = "vpt"
-    n_tokens: int = 8  # learned tokens inserted into the vision sequence (shallow: at the input only)
-
-    def __post_init__(self) -> None:
-        if self.n_tokens < 1:
-            raise ValueError(f"method.n_tokens must be >= 1, got {self.n_tokens}")
+    n_tokens: Annotated[int, Range(ge=1)] = 8  # learned tokens inserted into the vision sequence (shallow: input only)
 
 
 class TextContext(nn.Module):

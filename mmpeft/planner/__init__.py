@@ -54,7 +54,8 @@ def plan(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None 
     verdict. Nothing is downloaded and no weights are read.
     """
     budget = parse_memory(gpu_memory) if gpu_memory is not None else _device_memory()
-    return [plan_recipe(one, label, budget) for label, one in plan_targets(recipe, overrides)]
+    device = "cuda" if gpu_memory is not None or torch.cuda.is_available() else "cpu"  # where the run would train
+    return [plan_recipe(one, label, budget, device) for label, one in plan_targets(recipe, overrides)]
 
 
 def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
@@ -171,13 +172,9 @@ def _has_grid(source: Any) -> bool:
     path = Path(source)
     if not path.is_file():
         return False
-    import yaml
+    from mmpeft.runs.recipe import read_yaml
 
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return False  # load_recipe reports it with the file's name
-    return isinstance(data, dict) and "grid" in data
+    return "grid" in read_yaml(path)  # a RecipeError names the file
 
 
 def _device_memory() -> int | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 from accelerate.utils import broadcast_object_list
 
 from mmpeft.core.distributed import process_state
-from mmpeft.core.io import write_text
+from mmpeft.core.io import OutputError, disk_full, folder_hashes, is_disk_full, write_json, write_text
 
 if TYPE_CHECKING:
     from mmpeft.backbones import Backbone
@@ -25,6 +27,10 @@ logger = logging.getLogger("mmpeft")
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
+# sha256 of every file of the saved state, written with it: export refuses a state changed after the run.
+HASH_FILE = "mmpeft_hashes.json"
+LOCK_FILE = ".mmpeft.lock"  # flock-ed by the process writing the run: a second run with the same output.name is refused
+_CLAIMS: dict[tuple[Path, int], int] = {}  # (run folder, thread) -> the open lock file it holds
 
 
 def new_run_dir(recipe: Recipe) -> Path:
@@ -38,6 +44,10 @@ def new_run_dir(recipe: Recipe) -> Path:
         raise FileExistsError(f"run folder {run_dir} already holds a finished run; choose another output.name")
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(run_dir)
+        if (run_dir / METRICS_FILE).exists():  # finished while this process waited for the claim
+            release_run_dir(run_dir)
+            raise FileExistsError(f"run folder {run_dir} already holds a finished run; choose another output.name")
         write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
     state.wait_for_everyone()
     return run_dir
@@ -49,9 +59,57 @@ def save_adapter(method: Method, backbone: Backbone, recipe: Recipe, run_dir: Pa
         return
     final, staging = run_dir / ADAPTER_DIR, run_dir / f".{ADAPTER_DIR}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    method.save(backbone, recipe.method, staging)
+    try:
+        method.save(backbone, recipe.method, staging)
+        write_json(staging / HASH_FILE, {"algorithm": "sha256", "files": folder_hashes(staging)})
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error) and not isinstance(error, OutputError):
+            raise disk_full(final, "the trained state was not saved (its checkpoint, if any, is kept)") from None
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Hold run_dir's lock for this run (the OS drops it if the process dies); refuse a folder another run holds."""
+    run_dir = Path(run_dir)
+    try:
+        handle = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise OutputError(error.errno, f"cannot write in the run folder {run_dir}: {error.strerror}; "
+                                       "choose a writable output.dir") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(handle, 64).decode(errors="replace").strip() or "another process"
+        os.close(handle)
+        raise FileExistsError(f"run folder {run_dir} is in use by another run right now (process {holder}); "
+                              "give this run another output.name, or wait for that one to finish") from None
+    os.ftruncate(handle, 0)
+    os.write(handle, str(os.getpid()).encode())
+    _CLAIMS[run_dir, threading.get_ident()] = handle
+
+
+def release_run_dir(run_dir: Path) -> None:
+    handle = _CLAIMS.pop((Path(run_dir), threading.get_ident()), None)
+    if handle is not None:
+        Path(run_dir, LOCK_FILE).unlink(missing_ok=True)
+        os.close(handle)
+
+
+def discard_if_nothing_ran(run_dir: Path, command: str = "run") -> bool:
+    """After a failed new run: remove its folder when it holds only what the start wrote (recipe, log, lock), so a
+    failure leaves nothing behind; otherwise keep it and say where it is. Returns whether it was removed."""
+    if not process_state().is_main_process or not run_dir.is_dir():
+        return False
+    if {p.name for p in run_dir.iterdir()} <= {RECIPE_FILE, "train.log", LOCK_FILE}:
+        release_run_dir(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return True
+    logger.error("the run folder %s keeps what ran before the error (train.log says more); continue it with "
+                 "`mmpeft %s --resume %s` or remove it", run_dir, command, run_dir)
+    return False
 
 
 class run_logging:
@@ -59,10 +117,17 @@ class run_logging:
 
     def __init__(self, run_dir: Path):
         main = process_state().is_main_process
+        self.run_dir = Path(run_dir)
         self.handler = logging.FileHandler(run_dir / "train.log") if main else logging.NullHandler()
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def __enter__(self):
+        if process_state().is_main_process and (self.run_dir, threading.get_ident()) not in _CLAIMS:
+            try:
+                claim_run_dir(self.run_dir)  # a resumed run claims its folder too: two resumes never write at once
+            except BaseException:
+                self.handler.close()
+                raise
         logger.addHandler(self.handler)
         if not process_state().is_main_process:
             logger.setLevel(logging.WARNING)
@@ -75,3 +140,4 @@ class run_logging:
         logger.info("finished in %.1f s", time.perf_counter() - self.started)
         logger.removeHandler(self.handler)
         self.handler.close()
+        release_run_dir(self.run_dir)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mmpeft.core.io import PROJECT_ROOT
-from mmpeft.core.schema import RecipeError, build, did_you_mean
+from mmpeft.core.schema import RecipeError, build, did_you_mean, show
 from mmpeft.specs import Recipe
 from mmpeft.train.tracking import missing_tracker_problems
 
@@ -56,7 +57,8 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
         method = build(METHODS.get(method_data["name"]).Config, method_data, "method", problems)
     rest = {k: v for k, v in data.items() if k != "method"}
     recipe = build(Recipe, {**rest, "method": None}, "", problems)
-    complete = recipe is not None and None not in (recipe.backbone, recipe.data, recipe.train, recipe.eval)
+    sections = (recipe.backbone, recipe.data, recipe.train, recipe.eval, recipe.output) if recipe else (None,)
+    complete = None not in sections
     if complete:
         recipe = recipe.replace(method=method)
         problems += _check_files(recipe, base_dir)
@@ -80,6 +82,9 @@ def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
         problems.append(f"data.eval_path: captions table {data.eval_path!r} does not exist")
     if data.image_root and not Path(data.image_root).is_dir():
         problems.append(f"data.image_root: folder {data.image_root!r} does not exist")
+    output_dir = Path(recipe.output.dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        problems.append(f"output.dir: {recipe.output.dir!r} is a file, not a folder; run folders are created in it")
     backbone_id = recipe.backbone.id
     looks_local = backbone_id.startswith((".", "/", "~")) or Path(backbone_id).exists()
     if looks_local and not Path(backbone_id).expanduser().is_dir():
@@ -176,7 +181,11 @@ def parse_overrides(overrides: list[str] | dict | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise RecipeError([f"override {item!r}: expected key.sub=value (for example train.epochs=3)"])
-        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            parsed[key.strip()] = parse_yaml(value) if value.strip() else None
+        except yaml.YAMLError as error:
+            raise RecipeError([f"override {show(item)}: the value is not valid YAML ({show_error(error)}); quote "
+                               "a string value, e.g. 'data.templates=[\"a photo of a {label}.\"]'"]) from None
     return parsed
 
 
@@ -195,14 +204,83 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+MAX_ALIAS_NODES = 10_000  # values an alias may repeat, in all: a recipe repeats a few; an alias bomb, billions
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (YAML would keep the last one silently) and alias expansion past
+    MAX_ALIAS_NODES (nine nested anchors of nine expand 600 bytes into 387 million values)."""
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self.alias_nodes = 0
+        self.node_sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if event.anchor in self.anchors:
+                self.alias_nodes += self.expanded_size(self.anchors[event.anchor])
+                if self.alias_nodes > MAX_ALIAS_NODES:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"aliases expand to more than {MAX_ALIAS_NODES} values (an alias bomb?); "
+                        "write the values out or use fewer nested aliases", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def expanded_size(self, node: yaml.Node) -> int:
+        """Values `node` stands for once every alias inside it is expanded (memoised: shared nodes count once)."""
+        key = id(node)
+        if key not in self.node_sizes:
+            self.node_sizes[key] = MAX_ALIAS_NODES + 1  # a node inside itself (recursive alias) is a bomb too
+            children = node.value if isinstance(node, yaml.SequenceNode) else (
+                [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else [])
+            self.node_sizes[key] = min(1 + sum(self.expanded_size(child) for child in children),
+                                       10 * MAX_ALIAS_NODES)
+        return self.node_sizes[key]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {line}; first given on line {seen[key]}): YAML would "
+                    "silently keep the last one; remove one of them", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> data through RecipeLoader; raises yaml.YAMLError."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict:
     """A YAML file whose top level is a mapping; anything else is a RecipeError naming the file."""
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError([f"{path}: not a YAML text file (byte {error.start} is not UTF-8 text); a recipe is "
+                           "a UTF-8 YAML file"]) from None
+    except OSError as error:
+        raise RecipeError([f"{path}: cannot be read: {error.strerror or error}"]) from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as error:
-        raise RecipeError([f"{path}: not valid YAML: {error}"]) from None
+        raise RecipeError([f"{path}: not valid YAML: {show_error(error)}"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise RecipeError([f"{path}: the top level must be a mapping, got {type(data).__name__}"])
     return data
+
+
+def show_error(error: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (line and column), without the echoed source."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"

@@ -33,8 +33,16 @@ from mmpeft.runs.evaluate import (
     print_line,
     wants_retrieval,
 )
-from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE, new_run_dir, run_logging, save_adapter
+from mmpeft.runs.folder import (
+    METRICS_FILE,
+    RECIPE_FILE,
+    discard_if_nothing_ran,
+    new_run_dir,
+    run_logging,
+    save_adapter,
+)
 from mmpeft.runs.recipe import load_recipe
+from mmpeft.runs.texts import check_text_lengths
 from mmpeft.specs import Recipe
 from mmpeft.train import Trainer
 from mmpeft.train.tracking import end_tracking
@@ -60,10 +68,15 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None =
         if recipe.data.source in CONVERSATION_SOURCES:  # every row checked before a run folder is even made
             conversations = load_conversations(recipe.data, recipe.seed)
         run_dir = new_run_dir(recipe)
-    with run_logging(run_dir), loader_settings(recipe.data.image_cache, recipe.train.num_workers):
-        if recipe.data.source in CONVERSATION_SOURCES:  # multi-turn conversations: no labels, their own evaluation
-            return execute_conversations(recipe, run_dir, resume is not None, data=conversations)
-        return execute(recipe, run_dir, resume=resume is not None)
+    try:
+        with run_logging(run_dir), loader_settings(recipe.data.image_cache, recipe.train.num_workers):
+            if recipe.data.source in CONVERSATION_SOURCES:  # multi-turn conversations: no labels, their own evaluation
+                return execute_conversations(recipe, run_dir, resume is not None, data=conversations)
+            return execute(recipe, run_dir, resume=resume is not None)
+    except Exception:
+        if resume is None:
+            discard_if_nothing_ran(run_dir)
+        raise
 
 
 def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
@@ -76,6 +89,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                         f"train.objective: {recipe.train.objective!r} has nothing to learn; use train.objective: "
                         "contrastive, or add a label column")
     backbone = load_base(recipe)
+    check_text_lengths(backbone, data, recipe)
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
                      "seed": recipe.seed, "data": data.info}
     test_sets = evaluation_sets(recipe, data)

@@ -34,7 +34,7 @@ from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import Classification
 from mmpeft.runs.build import apply_method, load_base
-from mmpeft.runs.folder import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, new_run_dir, run_logging
+from mmpeft.runs.folder import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, discard_if_nothing_ran, new_run_dir, run_logging
 from mmpeft.sequences.metrics import summarise
 from mmpeft.sequences.regularisers import Regulariser, TaskContext, make_regulariser, trainable_parameters
 from mmpeft.sequences.regularisers.base import copy_into
@@ -91,12 +91,17 @@ def continual(recipe: str | Path | dict | ContinualRecipe | None, overrides: lis
             raise FileExistsError(f"run folder {folder} holds an interrupted continual run; continue it with "
                                   f"`mmpeft continual --resume {folder}` or choose another output.name")
         run_dir = new_run_dir(loaded)  # type: ignore[arg-type]  (it needs .name, .output and .to_yaml only)
-    with run_logging(run_dir), loader_settings(loaded.recipe.data.image_cache, loaded.recipe.train.num_workers):
-        try:
-            return execute(loaded, run_dir, resume=resume is not None)
-        except KeyboardInterrupt:
-            logger.info("interrupted; continue with: mmpeft continual --resume %s", run_dir)
-            raise
+    try:
+        with run_logging(run_dir), loader_settings(loaded.recipe.data.image_cache, loaded.recipe.train.num_workers):
+            try:
+                return execute(loaded, run_dir, resume=resume is not None)
+            except KeyboardInterrupt:
+                logger.info("interrupted; continue with: mmpeft continual --resume %s", run_dir)
+                raise
+    except Exception:
+        if resume is None:
+            discard_if_nothing_ran(run_dir, "continual")
+        raise
 
 
 def run_continual_cell(recipe: str | Path | dict | ContinualRecipe, regulariser_name: str | dict, seed: int,

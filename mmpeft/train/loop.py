@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -12,12 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mmpeft.core.distributed import process_state
-from mmpeft.core.io import write_json
 from mmpeft.data.loader import EpochLoader
+from mmpeft.train.checkpoint import read_checkpoint, write_checkpoint
 from mmpeft.train.tracking import epoch_metrics, finish_tracking, start_tracking, tracker_arguments
 
 if TYPE_CHECKING:
@@ -344,38 +342,21 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _write_checkpoint(self, trainable: dict[str, torch.Tensor], optimizer: dict) -> None:
-        final = self.checkpoint_dir
-        staging = final.with_name("staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_file(trainable, str(staging / "trainable.safetensors"))
-        if self.best_state is not None:
-            save_file(self.best_state, str(staging / "best.safetensors"))
-        torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, staging / "optimizer.pt")
-        write_json(staging / "progress.json", asdict(self.progress))
-        old = final.with_name("previous")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        write_checkpoint(self.checkpoint_dir, trainable, self.best_state, {
+            "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()},
+            asdict(self.progress))
 
     def load_checkpoint(self) -> bool:
-        import json
-
         directory = self.checkpoint_dir
         if not (directory / "progress.json").is_file():
             logger.info("no checkpoint in %s: starting from the beginning", directory)
             return False
-        self.restore(load_file(str(directory / "trainable.safetensors")))
-        if (directory / "best.safetensors").is_file():
-            self.best_state = load_file(str(directory / "best.safetensors"))
-        extra = torch.load(directory / "optimizer.pt", weights_only=True)
+        trainable, self.best_state, extra, progress = read_checkpoint(directory)  # CheckpointError names the file
+        self.restore(trainable)
         self.load_optimizer_state(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
-        self.progress = Progress(**json.loads((directory / "progress.json").read_text()))
+        self.progress = Progress(**progress)
         logger.info("resumed at epoch %d, batch %d (step %d)", self.progress.epoch + 1,
                     self.progress.batch_in_epoch, self.progress.global_step)
         return True

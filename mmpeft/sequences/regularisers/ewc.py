@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
+from mmpeft.core.schema import Range
 from mmpeft.sequences.regularisers.base import (
     Regulariser,
     RegulariserConfig,
@@ -39,18 +40,13 @@ FisherMode = Literal["per_sample", "per_batch"]
 @dataclass(frozen=True)
 class EWCConfig(RegulariserConfig):
     name: str = "ewc"
-    strength: float = 1000.0  # the whole factor in front of sum F (theta - theta*)^2 (lambda/2 in the paper)
+    # the whole factor in front of sum F (theta - theta*)^2 (lambda/2 in the paper)
+    strength: Annotated[float, Range(ge=0)] = 1000.0
     fisher: FisherMode = "per_sample"
-    fisher_samples: int | None = 256  # training examples of the task used for F (a seeded subset); null: all
-    fisher_batch_size: int = 32  # per_batch: the batch whose mean gradient is squared (per_sample: always 1)
-
-    def __post_init__(self) -> None:
-        if self.strength < 0:
-            raise ValueError(f"regulariser.strength must be >= 0, got {self.strength}")
-        if self.fisher_samples is not None and self.fisher_samples < 1:
-            raise ValueError(f"regulariser.fisher_samples must be >= 1 or null (all), got {self.fisher_samples}")
-        if self.fisher_batch_size < 1:
-            raise ValueError(f"regulariser.fisher_batch_size must be >= 1, got {self.fisher_batch_size}")
+    # training examples of the task used for F (a seeded subset); null: all
+    fisher_samples: Annotated[int, Range(ge=1)] | None = 256
+    # per_batch: the batch whose mean gradient is squared (per_sample: always 1)
+    fisher_batch_size: Annotated[int, Range(ge=1)] = 32
 
 
 def empirical_fisher(params: dict[str, torch.Tensor], batches: Iterable, log_likelihood: Callable[..., torch.Tensor],

@@ -9,9 +9,11 @@ keeps the true starting point rather than the weights it resumed from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
+from mmpeft.core.schema import Range
 from mmpeft.sequences.regularisers.base import (
     Regulariser,
     RegulariserConfig,
@@ -28,11 +30,7 @@ from mmpeft.sequences.regularisers.base import (
 @dataclass(frozen=True)
 class L2SPConfig(RegulariserConfig):
     name: str = "l2sp"
-    strength: float = 0.1  # the whole factor in front of sum (theta - theta0)^2
-
-    def __post_init__(self) -> None:
-        if self.strength < 0:
-            raise ValueError(f"regulariser.strength must be >= 0, got {self.strength}")
+    strength: Annotated[float, Range(ge=0)] = 0.1  # the whole factor in front of sum (theta - theta0)^2
 
 
 @register

@@ -16,11 +16,12 @@ forward per step).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
+from mmpeft.core.schema import Range
 from mmpeft.data.augment import augment_enabled
 from mmpeft.sequences.regularisers.base import (
     Regulariser,
@@ -40,15 +41,9 @@ TARGETS_KEY = "lwf_targets"
 @dataclass(frozen=True)
 class LwFConfig(RegulariserConfig):
     name: str = "lwf"
-    alpha: float = 1.0  # weight of the distillation term
-    temperature: float = 2.0  # T: softens both distributions
+    alpha: Annotated[float, Range(ge=0)] = 1.0  # weight of the distillation term
+    temperature: Annotated[float, Range(gt=0)] = 2.0  # T: softens both distributions
     targets: Literal["precompute", "swap"] = "precompute"
-
-    def __post_init__(self) -> None:
-        if self.alpha < 0:
-            raise ValueError(f"regulariser.alpha must be >= 0, got {self.alpha}")
-        if self.temperature <= 0:
-            raise ValueError(f"regulariser.temperature must be > 0, got {self.temperature}")
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -8,9 +8,11 @@ in the paper's notation); F_t is estimated exactly as in `ewc` (see its `fisher`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
+from mmpeft.core.schema import Range
 from mmpeft.sequences.regularisers.base import (
     Regulariser,
     TaskContext,
@@ -27,12 +29,8 @@ from mmpeft.sequences.regularisers.ewc import EWCConfig, task_fisher
 @dataclass(frozen=True)
 class OnlineEWCConfig(EWCConfig):
     name: str = "online_ewc"
-    gamma: float = 0.9  # decay of the running Fisher per task: 1 weighs every task alike, 0 keeps only the last
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.gamma <= 1:
-            raise ValueError(f"regulariser.gamma must be in [0, 1], got {self.gamma}")
+    # decay of the running Fisher per task: 1 weighs every task alike, 0 keeps only the last
+    gamma: Annotated[float, Range(ge=0, le=1)] = 0.9
 
 
 @register

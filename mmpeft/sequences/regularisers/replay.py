@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 
+from mmpeft.core.schema import Range
 from mmpeft.sequences.regularisers.base import Regulariser, RegulariserConfig, TaskContext, register
 
 Policy = Literal["reservoir", "class_balanced"]
@@ -29,15 +30,9 @@ Policy = Literal["reservoir", "class_balanced"]
 @dataclass(frozen=True)
 class ReplayConfig(RegulariserConfig):
     name: str = "replay"
-    memory_size: int = 200  # examples kept over all earlier tasks
+    memory_size: Annotated[int, Range(ge=1)] = 200  # examples kept over all earlier tasks
     policy: Policy = "class_balanced"
-    ratio: float = 0.5  # replayed examples per new example in a batch
-
-    def __post_init__(self) -> None:
-        if self.memory_size < 1:
-            raise ValueError(f"regulariser.memory_size must be >= 1, got {self.memory_size}")
-        if self.ratio <= 0:
-            raise ValueError(f"regulariser.ratio must be > 0 (replayed examples per new example), got {self.ratio}")
+    ratio: Annotated[float, Range(gt=0)] = 0.5  # replayed examples per new example in a batch
 
 
 @dataclass(frozen=True)
