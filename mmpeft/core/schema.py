@@ -121,73 +121,80 @@ def convert(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
     if hint is Any:
         return value
     if origin in (Union, types.UnionType):
-        options = get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        non_none = [o for o in options if o is not type(None)]
-        for option in non_none:
-            trial: list[str] = []
-            result = convert(option, value, path, trial)
-            if not trial:
-                return result
-        if len(non_none) == 1:
-            return convert(non_none[0], value, path, problems)
-        problems.append(f"{path}: expected {_describe(hint)}, got {show(value)}")
-        return None
+        return _convert_union(hint, value, path, problems)
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
             problems.append(f"{path}: {show(value)} is not one of {', '.join(map(repr, choices))}"
                             f"{did_you_mean(str(value), map(str, choices))}")
         return value
-    if origin in (list, tuple):
-        (item_hint, *_) = get_args(hint) or (Any,)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{path}: expected a list, got {show(value)}")
-            return None
-        items = [convert(item_hint, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-        return tuple(items)
-    if origin is dict:
+    if origin in (list, tuple, dict):
+        return _convert_collection(hint, value, path, problems)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, path, problems)
+    return _convert_scalar(hint, value, path, problems)
+
+
+def _convert_union(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """The first option that takes the value without a problem; one option left: its own problems."""
+    options = get_args(hint)
+    if value is None and type(None) in options:
+        return None
+    non_none = [o for o in options if o is not type(None)]
+    for option in non_none:
+        trial: list[str] = []
+        result = convert(option, value, path, trial)
+        if not trial:
+            return result
+    if len(non_none) == 1:
+        return convert(non_none[0], value, path, problems)
+    problems.append(f"{path}: expected {_describe(hint)}, got {show(value)}")
+    return None
+
+
+def _convert_collection(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """Lists and tuples (a single value becomes a list of one) -> tuples; mappings -> dicts, item by item."""
+    if get_origin(hint) is dict:
         key_hint, value_hint = get_args(hint) or (Any, Any)
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a mapping, got {show(value)}")
             return None
         return {convert(key_hint, k, path, problems): convert(value_hint, v, _join(path, str(k)), problems)
                 for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, path, problems)
+    (item_hint, *_) = get_args(hint) or (Any,)
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        problems.append(f"{path}: expected a list, got {show(value)}")
+        return None
+    return tuple(convert(item_hint, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
+
+
+def _convert_scalar(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """bool, float (a numeric string is read as a number; never NaN or infinite), int and str, strictly."""
     if hint is bool:
         if not isinstance(value, bool):
             problems.append(f"{path}: expected true or false, got {show(value)}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:
-                    number = float(value)
-                except ValueError:
-                    pass
-                else:
-                    if math.isfinite(number):
-                        return number
             problems.append(f"{path}: expected a number, got {show(value)}")
             return None
         if not math.isfinite(value):
             problems.append(f"{path}: expected a finite number, got {value}")
             return None
         return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {show(value)}")
-            return None
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            problems.append(f"{path}: expected a string, got {show(value)}")
-            return None
-        return value
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        problems.append(f"{path}: expected an integer, got {show(value)}")
+        return None
+    if hint is str and not isinstance(value, str):
+        problems.append(f"{path}: expected a string, got {show(value)}")
+        return None
     return value
 
 
