@@ -167,3 +167,22 @@ def stop_and_check(launcher: Launcher, record: dict, root: Path) -> None:
     assert {e.path: e.status for e in scan(root, launcher.statuses())}[record["folder"]] == "interrupted"
     assert not (folder / "metrics.json").exists() and (folder / "checkpoints").is_dir()
     assert "no running launch" in launcher.stop(record["folder"])
+
+
+def test_the_page_refuses_typed_paths_outside_the_runs_folder(ui_runs_dir, tmp_path):
+    from mmpeft.ui.app import Workbench
+
+    bench = Workbench(ui_runs_dir)
+    head, report, plots, recipe, log = bench.show("../../etc")
+    assert "outside" in head and (report, plots, recipe, log) == ("", [], "", "")
+    table, plots = bench.compare(["lora-run", "grid/../../x"])
+    assert "outside" in table and plots == []
+    assert "finished" in bench.show("lora-run")[0]
+    with pytest.raises(OutsideError):
+        bench.load_recipe_text("../pyproject.toml", None)
+    upload = tmp_path / "mine.yaml"
+    upload.write_text("name: mine\n")
+    assert bench.load_recipe_text(None, str(upload)) == ("name: mine\n", "mine.yaml")
+    assert (ui_runs_dir / ".ui" / "uploads" / "mine.yaml").is_file()
+    assert "valid" not in bench.check("name: x\nmethod: nothing\n", "x.yaml", "")
+    assert not list((ui_runs_dir / ".ui" / "recipes").glob("*/x.yaml"))  # a check leaves no file behind

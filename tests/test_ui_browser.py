@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,8 +38,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ui_url(ui_runs_dir, tmp_path_factory):
+def browser_runs(ui_runs_dir, tmp_path_factory) -> Path:
+    """A copy of the session's runs folder: what this test launches into it stays out of the other tests' way."""
+    copy = tmp_path_factory.mktemp("ui-browser") / "runs"
+    shutil.copytree(ui_runs_dir, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def ui_url(browser_runs, tmp_path_factory):
     """`python -m mmpeft ui RUNS_DIR --port P` as a user starts it, until the page answers."""
+    ui_runs_dir = browser_runs
     port = free_port()
     log = tmp_path_factory.mktemp("ui-server") / "server.log"
     with open(log, "wb") as output:
@@ -58,7 +68,7 @@ def ui_url(ui_runs_dir, tmp_path_factory):
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGINT)
+        os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(10)
         except subprocess.TimeoutExpired:
@@ -111,7 +121,8 @@ def open_tab(driver, name: str) -> None:
     button.click()
 
 
-def test_runs_table_report_compare_and_launch(browser, ui_url, ui_runs_dir, color_folder, tiny_clip_dir, tmp_path):
+def test_runs_table_report_compare_and_launch(browser, ui_url, browser_runs, color_folder, tmp_path):
+    ui_runs_dir = browser_runs
     browser.get(ui_url)
     table = wait_text(browser, "runs-table", "grid/cells/bitfit-seed0")
     assert "lora-run" in table and "compare" in table and "finished" in table

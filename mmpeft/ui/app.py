@@ -79,12 +79,10 @@ class Workbench:
         selected = selected or []
         try:
             rows = comparison_rows(self.runs_dir, selected)
-        except OutsideError as error:
+            plots = [(str(plot), f"{relative}: {plot.name}") for relative in selected
+                     for plot in details(self.runs_dir, relative).plots]
+        except (OutsideError, FileNotFoundError) as error:
             return f"**{error}**", []
-        plots = []
-        for relative in selected:
-            for plot in details(self.runs_dir, relative).plots:
-                plots.append((str(plot), f"{relative}: {plot.name}"))
         return markdown_table(rows), plots
 
     def load_recipe_text(self, shipped: str | None, uploaded: str | None):
@@ -102,7 +100,8 @@ class Workbench:
     def check(self, text: str, name: str, overrides: str) -> str:
         if not text.strip():
             return "**Nothing to check**: pick or upload a recipe."
-        checked, _ = self.launcher.check(text, name or "recipe", overrides.split())
+        checked, staged = self.launcher.check(text, name or "recipe", overrides.split())
+        shutil.rmtree(staged.parent, ignore_errors=True)  # only a started recipe keeps its file
         return checked_markdown(checked)
 
     def start(self, text: str, name: str, overrides: str):
@@ -126,10 +125,13 @@ class Workbench:
     def predict(self, source: str | None, images: list[str] | None, labels: str, question: str, top_k: int):
         if not source or not images:
             return [], "pick a source and upload at least one image"
-        folder = inside(self.runs_dir, source)
         names = [label.strip() for label in labels.split(",") if label.strip()] or None
-        rows = mmpeft.predict(str(folder), list(images), labels=names, top_k=int(top_k),
-                              question=question.strip() or None)
+        try:
+            folder = inside(self.runs_dir, source)
+            rows = mmpeft.predict(str(folder), list(images), labels=names, top_k=int(top_k),
+                                  question=question.strip() or None)
+        except (ValueError, FileNotFoundError) as error:  # bad source, labels or images: say which
+            return [], f"**{error}**"
         table = []
         for row in rows:
             shown = row.get("error") or row.get("answer") or ", ".join(
@@ -245,6 +247,8 @@ def try_tab(bench: Workbench) -> None:
 def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
     """Start the workbench on host:port, serving files from `runs_dir` only."""
     app = build_app(runs_dir)
+    print(f"mmpeft ui: {Path(runs_dir).resolve()} on http://{host}:{port} (Ctrl+C stops the UI; runs it launched "
+          f"keep going)", flush=True)
     app.launch(server_name=host, server_port=port, allowed_paths=[str(Path(runs_dir).resolve())],
                prevent_thread_lock=not block, inbrowser=False, share=False, quiet=True)
     return app
