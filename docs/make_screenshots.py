@@ -49,7 +49,10 @@ def save(driver, path: Path) -> None:
 
 def wait_text(driver, element_id: str, needle: str, seconds: float = 60) -> None:
     deadline = time.time() + seconds
-    while needle not in driver.find_element(By.ID, element_id).text:
+    while True:
+        found = driver.find_elements(By.ID, element_id)  # the page renders after it loads
+        if found and needle in found[0].text:
+            return
         if time.time() > deadline:
             raise TimeoutError(f"{needle!r} never appeared in #{element_id}")
         time.sleep(0.3)
@@ -63,7 +66,7 @@ def shoot(root: Path) -> None:
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
         driver.get(f"http://127.0.0.1:{PORT}/")
-        wait_text(driver, "runs-table", "methods/cells/lora-seed1")
+        wait_text(driver, "runs-table", "lora-r8")
         next(c for c in driver.find_elements(By.CSS_SELECTOR, "#runs-table [role=gridcell]")
              if c.text.strip() == "lora-r8").click()
         wait_text(driver, "report", "Trainable parameters")

@@ -186,3 +186,17 @@ def test_the_page_refuses_typed_paths_outside_the_runs_folder(ui_runs_dir, tmp_p
     assert (ui_runs_dir / ".ui" / "uploads" / "mine.yaml").is_file()
     assert "valid" not in bench.check("name: x\nmethod: nothing\n", "x.yaml", "")
     assert not list((ui_runs_dir / ".ui" / "recipes").glob("*/x.yaml"))  # a check leaves no file behind
+
+
+def test_a_finished_continual_run_is_listed_with_its_average_accuracy(color_recipe, tmp_path):
+    import mmpeft
+
+    recipe = {**color_recipe, "tasks": [{"classes": ["red", "green"]}, {"name": "rest", "classes": ["blue"]}],
+              "regulariser": "naive", "train": {**color_recipe["train"], "epochs": 1},
+              "output": {"dir": str(tmp_path / "runs"), "name": "sequence"}}
+    metrics = mmpeft.continual(recipe)
+    entry = by_path(tmp_path / "runs")["sequence"]
+    assert (entry.kind, entry.status) == ("continual", "finished")
+    assert entry.accuracy == metrics["summary"]["average_accuracy"]
+    assert entry.seconds == pytest.approx(sum(t["seconds"] for t in metrics["train"]))
+    assert {p.name for p in details(tmp_path / "runs", "sequence").plots} >= {"accuracy_matrix.png"}

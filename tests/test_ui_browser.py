@@ -166,6 +166,9 @@ def test_runs_table_report_compare_and_launch(browser, ui_url, browser_runs, col
     browser.find_element(By.ID, "refresh-runs").click()
     click_cell(browser, "runs-table", "launched")
     wait_for(lambda: "finished" in text_of(browser, "run-head"), "the launched run shown finished")
+    open_tab(browser, "Log")
+    wait_for(lambda: "finished in" in browser.find_element(By.CSS_SELECTOR, "#log-tail textarea").get_attribute(
+        "value"), "the launched run's log tail")
     assert (ui_runs_dir / ".ui" / "launches" / "launched.json").is_file()
     browser.save_screenshot(str(tmp_path / "launched.png"))
 
