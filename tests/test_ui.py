@@ -137,7 +137,7 @@ def test_start_refuses_an_invalid_recipe_and_starts_nothing(tmp_path):
 
 
 def test_launch_writes_the_run_folder_and_stop_interrupts_it(ui_runs_dir, tmp_path):
-    """A real `python -m mmpeft run` in its own session; SIGINT leaves a resumable folder."""
+    """A real `python -m mmpeft run` in its own session; SIGINT leaves a resumable folder; Resume finishes it."""
     recipe = yaml.safe_load((ui_runs_dir / "lora-run" / "recipe.yaml").read_text())
     recipe["train"]["epochs"] = 400
     recipe["output"] = {"dir": "ignored", "name": None}
@@ -147,8 +147,9 @@ def test_launch_writes_the_run_folder_and_stop_interrupts_it(ui_runs_dir, tmp_pa
     try:
         stop_and_check(launcher, record, tmp_path / "runs")
     finally:
-        if launcher.alive(record["pid"]):
-            os.killpg(record["pid"], signal.SIGKILL)
+        for launch in launcher.launches():
+            if launch["status"] == "running":
+                os.killpg(launch["pid"], signal.SIGKILL)
 
 
 def stop_and_check(launcher: Launcher, record: dict, root: Path) -> None:
@@ -167,6 +168,12 @@ def stop_and_check(launcher: Launcher, record: dict, root: Path) -> None:
     assert {e.path: e.status for e in scan(root, launcher.statuses())}[record["folder"]] == "interrupted"
     assert not (folder / "metrics.json").exists() and (folder / "checkpoints").is_dir()
     assert "no running launch" in launcher.stop(record["folder"])
+    resumed = launcher.resume(record["folder"], "run", ["train.epochs=1"])  # the budget already spent: it just ends
+    assert resumed["command"][3:6] == ["run", "--resume", str(folder)]
+    while launcher.alive(resumed["pid"]) and time.time() < deadline + 60:
+        time.sleep(0.3)
+    assert (folder / "metrics.json").is_file(), Path(resumed["log"]).read_text()[-2000:]
+    assert {e.path: e.status for e in scan(root, launcher.statuses())}[record["folder"]] == "finished"
 
 
 def test_the_page_refuses_typed_paths_outside_the_runs_folder(ui_runs_dir, tmp_path):

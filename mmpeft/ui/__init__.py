@@ -12,8 +12,8 @@ def serve(runs_dir="runs", host: str = "127.0.0.1", port: int = 7860, block: boo
     """Start the workbench; see mmpeft.ui.app.serve."""
     try:
         import gradio  # noqa: F401
-    except ImportError as error:
-        raise ImportError("mmpeft ui needs Gradio: pip install 'mmpeft[ui]'") from error
+    except ImportError:
+        raise SystemExit("error: mmpeft ui needs Gradio: pip install 'mmpeft[ui]'") from None
     from mmpeft.ui.app import serve as _serve
 
     return _serve(runs_dir, host=host, port=port, block=block)

@@ -121,23 +121,26 @@ class Launcher:
         overrides = self.overrides(extra) + ([] if checked.output_name else [f"output.name={folder}"])
         return self._spawn([checked.command, str(path), *overrides], folder)
 
-    def resume(self, relative: str, kind: str) -> dict:
+    def resume(self, relative: str, kind: str, extra: list[str] | None = None) -> dict:
+        """`mmpeft <command> --resume FOLDER [overrides]`: continues from the folder's last checkpoint."""
         folder = inside(self.runs_dir, relative)
         command = RESUME_COMMANDS.get(kind)
         if command is None:
             raise ValueError(f"a {kind} folder cannot be resumed")
-        return self._spawn([command, "--resume", str(folder)], folder.relative_to(self.runs_dir).as_posix())
+        return self._spawn([command, "--resume", str(folder), *(extra or [])],
+                           folder.relative_to(self.runs_dir).as_posix())
 
     def _spawn(self, arguments: list[str], folder: str) -> dict:
         self.records.mkdir(parents=True, exist_ok=True)
         name = folder.replace("/", "__")
         log = self.records / f"{name}.log"
         command = [sys.executable, "-m", "mmpeft", *arguments]
+        offset = log.stat().st_size if log.is_file() else 0  # a resume appends to the folder's launch log
         with open(log, "ab") as output:
             process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.children[process.pid] = process
-        record = {"folder": folder, "pid": process.pid, "command": command, "log": str(log),
+        record = {"folder": folder, "pid": process.pid, "command": command, "log": str(log), "log_offset": offset,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(self.records / f"{name}.json", record)
         return record
@@ -161,7 +164,8 @@ class Launcher:
     def status(self, record: dict) -> str:
         if self.alive(record["pid"]):
             return "running"
-        text = Path(record["log"]).read_text(errors="replace") if Path(record["log"]).is_file() else ""
+        log = Path(record["log"])
+        text = log.read_bytes()[record.get("log_offset", 0):].decode(errors="replace") if log.is_file() else ""
         last = text.strip().splitlines()[-1] if text.strip() else ""
         if "interrupted" in last:
             return "interrupted"
