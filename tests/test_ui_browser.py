@@ -115,6 +115,19 @@ def click_cell(driver, table_id: str, value: str) -> None:
     cell.click()
 
 
+def pick(driver, dropdown_id: str, *choices: str) -> None:
+    """Choose options of a Gradio dropdown by typing and clicking them, then close its list."""
+    box = driver.find_element(By.CSS_SELECTOR, f"#{dropdown_id} input")
+    for choice in choices:
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", box)
+        box.send_keys(Keys.CONTROL, "a")  # a single-choice box holds its current value: type over it
+        box.send_keys(choice)
+        wait_for(lambda c=choice: [o for o in driver.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li")
+                                   if o.text.strip() == c], f"option {choice}")[0].click()
+    box.send_keys(Keys.ESCAPE)  # the open list would cover the buttons below it
+    wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li"), "the option list to close")
+
+
 def open_tab(driver, name: str) -> None:
     button = wait_for(lambda: next((b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]")
                                     if b.text.strip() == name), None), f"tab {name}")
@@ -136,14 +149,7 @@ def test_runs_table_report_compare_and_launch(browser, ui_url, browser_runs, col
     browser.save_screenshot(str(tmp_path / "report.png"))
 
     open_tab(browser, "Compare")
-    picker = browser.find_element(By.CSS_SELECTOR, "#compare-picker input")
-    for choice in ("lora-run", "grid"):
-        picker.click()
-        picker.send_keys(choice)
-        wait_for(lambda c=choice: [o for o in browser.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li")
-                                   if o.text.strip() == c], f"option {choice}")[0].click()
-    picker.send_keys(Keys.ESCAPE)  # close the option list that covers the button
-    wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li"), "the option list to close")
+    pick(browser, "compare-picker", "lora-run", "grid")
     browser.find_element(By.ID, "compare-go").click()
     compared = wait_text(browser, "compare-table", "grid : bitfit")
     assert "lora-run" in compared and browser.find_elements(By.CSS_SELECTOR, "#compare-table strong")
@@ -161,11 +167,14 @@ def test_runs_table_report_compare_and_launch(browser, ui_url, browser_runs, col
     browser.find_element(By.ID, "start-recipe").click()
     started = wait_text(browser, "launch-status", "started", "problem")
     assert "started" in started and "launched" in started, started
-    wait_for(lambda: (ui_runs_dir / "launched" / "metrics.json").is_file(), "the launched run to finish")
+    wait_for(lambda: (ui_runs_dir / "launched" / "recipe.yaml").is_file(), "the launched run's folder")
     open_tab(browser, "Runs")
     browser.find_element(By.ID, "refresh-runs").click()
-    click_cell(browser, "runs-table", "launched")
-    wait_for(lambda: "finished" in text_of(browser, "run-head"), "the launched run shown finished")
+    pick(browser, "folder-picker", "launched")  # picked while it runs: the timer refreshes its status and log
+    wait_text(browser, "run-head", "finished")
+    assert (ui_runs_dir / "launched" / "metrics.json").is_file()
+    browser.find_element(By.ID, "refresh-runs").click()
+    wait_text(browser, "runs-table", "launched")
     open_tab(browser, "Log")
     wait_for(lambda: "finished in" in browser.find_element(By.CSS_SELECTOR, "#log-tail textarea").get_attribute(
         "value"), "the launched run's log tail")
@@ -178,12 +187,7 @@ def test_runs_table_report_compare_and_launch(browser, ui_url, browser_runs, col
     if getattr(mmpeft, "predict", None) is None:
         assert "not available in this version" in wait_for(lambda: text_of(browser, "predict-missing"), "notice")
         return
-    source = browser.find_element(By.CSS_SELECTOR, "#predict-source input")
-    source.click()
-    source.send_keys("lora-run")
-    wait_for(lambda: [o for o in browser.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li")
-                      if o.text.strip() == "lora-run"], "lora-run as a source")[0].click()
-    source.send_keys(Keys.ESCAPE)
+    pick(browser, "predict-source", "lora-run")
     image = next((color_folder / "red").glob("*.png"))
     browser.find_element(By.CSS_SELECTOR, "#predict-images input[type=file]").send_keys(str(image))
     browser.find_element(By.CSS_SELECTOR, "#predict-labels textarea, #predict-labels input").send_keys("red, blue")
