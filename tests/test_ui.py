@@ -207,3 +207,29 @@ def test_a_finished_continual_run_is_listed_with_its_average_accuracy(color_reci
     assert entry.accuracy == metrics["summary"]["average_accuracy"]
     assert entry.seconds == pytest.approx(sum(t["seconds"] for t in metrics["train"]))
     assert {p.name for p in details(tmp_path / "runs", "sequence").plots} >= {"accuracy_matrix.png"}
+
+
+def test_a_grid_folder_says_its_kind_in_its_first_line(ui_runs_dir, tmp_path):
+    root = tmp_path / "runs"
+    text = (ui_runs_dir / "grid" / "compare.yaml").read_text()
+    assert text.startswith("# mmpeft compare --resume ")
+    for command in ("fewshot", "search"):
+        shutil.copytree(ui_runs_dir / "grid", root / command)
+        (root / command / "compare.yaml").write_text(text.replace("# mmpeft compare", f"# mmpeft {command}", 1))
+    shutil.copytree(ui_runs_dir / "grid", root / "regs")
+    data = yaml.safe_load(text)
+    data["grid"] = {"regularisers": ["naive", {"name": "ewc", "label": "ewc-30"}], "seeds": [0]}
+    (root / "regs" / "compare.yaml").write_text(yaml.safe_dump(data))
+    entries = by_path(root)
+    assert {p: entries[p].kind for p in ("fewshot", "search", "regs")} == {
+        "fewshot": "fewshot", "search": "search", "regs": "regularisers"}
+    assert entries["regs"].method == "naive, ewc-30"
+
+
+def test_ui_command_binds_to_this_machine_unless_told(tmp_path):
+    from mmpeft.cli import build_parser
+
+    args = build_parser().parse_args(["ui"])
+    assert (args.runs_dir, args.host, args.port) == ("runs", "127.0.0.1", 7860)
+    args = build_parser().parse_args(["ui", str(tmp_path), "--host", "0.0.0.0", "--port", "8080"])
+    assert (args.runs_dir, args.host, args.port) == (str(tmp_path), "0.0.0.0", 8080)
