@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmpeft.specs import Recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     continual.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. regulariser.strength=100")
     continual.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sequence at its task")
     add_export_commands(commands)
+    add_predict_command(commands)
     ui = commands.add_parser("ui", help="local web workbench: browse and compare runs, launch recipes, try a model")
     ui.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR", help="folder of runs (default: runs)")
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     return parser
+
+
+def add_predict_command(commands) -> None:
+    """`mmpeft predict` (see mmpeft.artifacts.predict)."""
+    predict = commands.add_parser("predict", help="label scores or answers for images, from a run or an export")
+    predict.add_argument("source", metavar="RUN_OR_EXPORT", help="a run folder or a folder written by mmpeft export")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files; folders are walked")
+    labels = predict.add_mutually_exclusive_group()
+    labels.add_argument("--labels", help="comma-separated labels to score instead of the run's (zero-shot on them)")
+    labels.add_argument("--labels-file", metavar="FILE", help="labels to score, one a line")
+    predict.add_argument("--top-k", type=int, default=5, help="labels kept per image (default 5)")
+    predict.add_argument("--question", help="generative: the question asked (default: the run's)")
+    predict.add_argument("--out", metavar="FILE", help="write every result as JSON lines (e.g. predictions.jsonl)")
+    predict.add_argument("--batch-size", type=int, default=16)
 
 
 def add_export_commands(commands) -> None:
@@ -119,6 +138,16 @@ def dispatch(args: argparse.Namespace) -> int:
                       tolerance=args.tolerance, onnx=args.onnx)
     elif args.command == "merge":
         mmpeft.merge(args.run_dirs, args.weights, how=args.how, density=args.density, out=args.out, seed=args.seed)
+    elif args.command == "predict":
+        from mmpeft.artifacts.predict import iter_labels_file, table
+
+        labels = list(iter_labels_file(args.labels_file)) if args.labels_file else None
+        labels = [name for name in args.labels.split(",") if name.strip()] if args.labels else labels
+        rows = mmpeft.predict(args.source, args.images, labels=labels, top_k=args.top_k, question=args.question,
+                              out=args.out, batch_size=args.batch_size)
+        print(table(rows), end="")
+        if args.out:
+            print(f"predictions: {args.out}")
     elif args.command == "plan":
         from mmpeft.planner import render
 
@@ -160,7 +189,20 @@ def check(path: str, overrides: list[str]) -> str:
         return yaml.safe_dump({**plain, "grid": to_plain(grid)}, sort_keys=False)
     import mmpeft
 
-    return mmpeft.load_recipe(path, overrides).to_yaml()
+    recipe = mmpeft.load_recipe(path, overrides)
+    return recipe.to_yaml() + _check_conversation_rows(recipe)
+
+
+def _check_conversation_rows(recipe: Recipe) -> str:
+    """Conversation data (llava, sharegpt, messages, llamafactory): every row checked too, as `run` would."""
+    from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
+
+    if recipe.data.source not in CONVERSATION_SOURCES:
+        return ""
+    info = load_conversations(recipe.data, recipe.seed).info
+    counts = ", ".join(f"{split} {n}" for split, n in info["counts"].items())
+    return (f"# data: {counts} rows ({info['turns']['assistant']} assistant turns, {info['images']['total']} images); "
+            f"{info['skipped']} bad rows skipped\n")
 
 
 def is_user_error(error: Exception) -> bool:

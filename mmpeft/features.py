@@ -28,19 +28,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from mmpeft.core.io import atomic_path, cache_dir
-from mmpeft.data.dataset import Example, ImageDataset, collate_images
-from mmpeft.data.sources import DatasetImage
+from mmpeft.data.dataset import Example, ImageDataset
+from mmpeft.data.image_cache import INDEX_SEEDED_SHIFTS
+from mmpeft.data.loader import make_loader
+from mmpeft.data.sources import DatasetImage, ShardImage
 
 if TYPE_CHECKING:
     from mmpeft.specs import BackboneSpec, Recipe
 
 logger = logging.getLogger("mmpeft")
 
-INDEX_SEEDED_SHIFTS = ("noise",)  # shifts whose output depends on the example's position (see data/shifts.py)
 SPOT_CHECK = 4  # cached features compared against a fresh forward pass, at the first cache hit of a run
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
@@ -87,6 +88,9 @@ def example_key(example: Example, position: int, shifts: Sequence[str]) -> str:
     if isinstance(image, str):
         stat = os.stat(image)
         ref = f"file:{os.path.abspath(image)}:{stat.st_size}:{stat.st_mtime_ns}"
+    elif isinstance(image, ShardImage):
+        stat = os.stat(image.shard)
+        ref = f"shard:{os.path.abspath(image.shard)}:{stat.st_mtime_ns}:{image.offset}:{image.size}"
     elif isinstance(image, DatasetImage):
         ref = f"dataset:{getattr(image.dataset, '_fingerprint', id(image.dataset))}:{image.column}:{image.index}"
     else:
@@ -102,6 +106,8 @@ def example_key(example: Example, position: int, shifts: Sequence[str]) -> str:
 class FeatureDataset(Dataset):
     """Items {"image_features", "label", "index"} standing in for an ImageDataset; brings its own collate."""
 
+    accepts_epoch_keys = True
+
     def __init__(self, features: torch.Tensor, source: ImageDataset):
         self.features = features
         self.examples = source.examples
@@ -113,7 +119,8 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index = key[1] if isinstance(key, tuple) else key
         return {"image_features": self.features[index], "label": self.examples[index].label, "index": index}
 
     @property
@@ -132,7 +139,7 @@ def encode_dataset(backbone, dataset: Dataset, batch_size: int, desc: str = "fea
     """Normalised image features [N, D] (float32, CPU) of every item, in eval mode."""
     was_training = backbone.training
     backbone.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_images(backbone.preprocess))
+    loader = make_loader(dataset, backbone, batch_size=batch_size)
     chunks = [backbone.encode_images(batch["pixel_values"]).float().cpu()
               for batch in tqdm(loader, desc=desc, leave=False, disable=None)]
     backbone.train(was_training)

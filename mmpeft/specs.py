@@ -65,7 +65,10 @@ class AugmentSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: Literal["digits", "folder", "csv", "jsonl", "hf", "hf_disk"] = "digits"
+    # llava | sharegpt | messages | llamafactory: conversation datasets for generative backbones (docs/data.md);
+    # captions (open_clip tables) | webdataset (tar shards): image-caption data (docs/captions-and-shards.md)
+    source: Literal["digits", "folder", "csv", "jsonl", "hf", "hf_disk", "llava", "sharegpt", "messages",
+                    "llamafactory", "captions", "webdataset"] = "digits"
     path: str | None = None  # folder/file path, or a `datasets` builder/name for source: hf
     image_root: str | None = None  # where csv/jsonl image paths resolve (default: the file's folder)
     hf_split: str = "train"
@@ -91,8 +94,26 @@ class DataSpec:
     question: str = "What is in the image?"
     prompt_column: str = "prompt"
     answer_template: str = "{label}"
+    name: str | None = None  # data.source: llamafactory: the entry of dataset_info.json (data.path)
+    # Decoded images, fitted to the backbone's processor, kept across epochs, evaluations, seeds, grid cells and
+    # sequence tasks: "auto" (memory up to MMPEFT_IMAGE_CACHE_MB, then memory-mapped files under
+    # $MMPEFT_CACHE/images), "memory", "disk", or "off" (decode every time; YAML's bare `off`, read as false, works).
+    image_cache: Literal["auto", "memory", "disk", "off", False] = "auto"
+    # Caption tables (source: captions, open_clip's layout) and WebDataset shards (source: webdataset); see
+    # docs/captions-and-shards.md. separator: column separator of csv/captions files (default "," / tab).
+    separator: str | None = None
+    eval_path: str | None = None  # captions/webdataset: a held-out table or shard pattern, the test split
 
     def __post_init__(self) -> None:
+        if self.image_cache is False:  # YAML 1.1 reads a bare `off` as false: that is what the user wrote
+            object.__setattr__(self, "image_cache", "off")
+        if self.image_cache not in ("auto", "memory", "disk", "off"):
+            raise ValueError(f"data.image_cache: {self.image_cache!r} is not one of 'auto', 'memory', 'disk', 'off'")
+        if self.eval_path is not None and self.source not in ("captions", "webdataset"):
+            raise ValueError(f"data.eval_path applies to data.source: captions or webdataset, not {self.source!r}")
+        if self.separator is not None and (len(self.separator) != 1 or self.source not in ("csv", "captions")):
+            raise ValueError(f"data.separator: {self.separator!r} must be one character, for data.source: csv or "
+                             "captions")
         if "{label}" not in self.answer_template:
             raise ValueError(f"data.answer_template: {self.answer_template!r} has no {{label}} placeholder")
         if problem := _template_problem(self.answer_template):
@@ -129,6 +150,9 @@ def _template_problem(template: str) -> str | None:
     return None
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     objective: Literal["classification", "contrastive", "generative"] = "classification"  # generative: answer loss
@@ -143,8 +167,11 @@ class TrainSpec:
     select_metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
     early_stopping_patience: int | None = None  # epochs without val improvement
     checkpoint_every_steps: int | None = None  # also at every epoch end
-    log_with: Literal["tensorboard"] | None = None
-    num_workers: int = 0
+    # trackers (tensorboard, mlflow, wandb; one name is a list of one): recipe, train/val and test metrics, report
+    log_with: tuple[Tracker, ...] | None = None
+    # DataLoader worker processes: "auto" (a share of the cores; 0 where images come ready from the memory cache)
+    # or a number (0: load in the training process). Results do not depend on it.
+    num_workers: int | Literal["auto"] = "auto"
     # Image features of a frozen image tower (zero-shot, linear probe, text-side methods) are computed once and
     # reused across epochs and runs: "memory" (this process), "disk" (also under $MMPEFT_CACHE/features), or
     # "recompute" (encode every batch; not "off", which YAML reads as false).
@@ -152,6 +179,13 @@ class TrainSpec:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes, CUDA only
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun / accelerate launch; one process ignores it
+    tracking_uri: str = "./mlruns"  # MLflow: a local folder (file store) or any MLflow tracking URI
+    tracking_experiment: str | None = None  # MLflow experiment / W&B project and group; default: the recipe's name
+
+    def __post_init__(self) -> None:
+        if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
+                                           or self.num_workers < 0):
+            raise ValueError(f"train.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}")
 
 
 @dataclass(frozen=True)

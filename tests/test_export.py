@@ -15,6 +15,10 @@ from mmpeft.artifacts import ExportError, load_adapter, read_run
 from mmpeft.artifacts.runs import rebuild, run_data
 from mmpeft.artifacts.verify import make_probe, outputs
 
+GENERATIVE_TASK = {
+    "llava": {"question": "Which colour fills this picture?", "answer_template": "The colour is {label}."},
+    "qwen2vl": {"question": "Name the colour of the image.", "answer_template": "It looks {label} to me."},
+}
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
 
@@ -25,11 +29,13 @@ def trained(tmp_path_factory, color_folder, tiny_clip_dir, tiny_siglip_dir):
     from mmpeft.testing import tiny_backbone
 
     root, made = tmp_path_factory.mktemp("export-runs"), {}
-    dirs = {"clip": lambda: tiny_clip_dir, "siglip": lambda: tiny_siglip_dir, "llava": lambda: tiny_backbone("llava")}
+    dirs = {"clip": lambda: tiny_clip_dir, "siglip": lambda: tiny_siglip_dir, "llava": lambda: tiny_backbone("llava"),
+            "qwen2vl": lambda: tiny_backbone("qwen2vl")}
     methods = {"lora": {"name": "lora", "r": 4, "alpha": 8}, "bottleneck": {"name": "bottleneck",
                                                                            "reduction_factor": 8}}
     specs = {"clip": ("clip", "lora", {}), "clip_b": ("clip", "lora", {"seed": 1}),
              "siglip": ("siglip", "lora", {}), "bottleneck": ("clip", "bottleneck", {}), "llava": ("llava", "lora", {}),
+             "qwen2vl": ("qwen2vl", "lora", {}),
              "clip_4bit": ("clip", "lora", {"backbone": {"id": str(tiny_clip_dir), "quantization": {"bits": 4}}})}
 
     def make(name: str):
@@ -44,6 +50,9 @@ def trained(tmp_path_factory, color_folder, tiny_clip_dir, tiny_siglip_dir):
                                                            "warmup_ratio": 0.0},
                       "eval": {"batch_size": 32, "zero_shot": False}, "output": {"dir": str(root), "name": name},
                       **extra}
+            if backbone in GENERATIVE_TASK:  # not the defaults: the export must carry them to score the same way
+                recipe["data"].update(GENERATIVE_TASK[backbone])
+                recipe["eval"]["length_normalize"] = True
             mmpeft.run(recipe)
             made[name] = root / name
         return made[name]
@@ -98,13 +107,70 @@ def test_onnx_towers_match_pytorch(trained, tmp_path):
     assert session.run(None, {"pixel_values": pixels})[0].shape[0] == 3
 
 
-def test_generative_merged_export_loads_as_image_text_to_text(trained, tmp_path):
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_generative_merged_export_carries_its_task_and_verifies(trained, family, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    result = mmpeft.export(trained("llava"), tmp_path / "merged", how="merged")
-    assert result["base"]["family"] == "generative" and result["verification"]["relative"] <= 1e-4
-    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")).__name__.startswith("Llava")
-    assert "model.generate" in (tmp_path / "merged" / "README.md").read_text()
+    from mmpeft.backbones import load_backbone
+    from mmpeft.specs import BackboneSpec
+
+    run_dir = trained(family)
+    result = mmpeft.export(run_dir, tmp_path / "merged", how="merged")
+    task = {**GENERATIVE_TASK[family], "length_normalize": True, "max_new_tokens": 16}
+    assert result["base"]["family"] == "generative" and result["task"] == task
+    assert result["verification"]["relative"] <= 1e-4
+    reference, probe = trained_outputs(run_dir)
+    reloaded = load_adapter(tmp_path / "merged")
+    assert reloaded.task_settings() == task
+    torch.testing.assert_close(outputs(reloaded, probe)["logits"], reference["logits"], rtol=0, atol=1e-4)
+    # what the export used to check: the folder asked the default question, so its label scores moved
+    untasked = outputs(load_backbone(BackboneSpec(id=str(tmp_path / "merged"))), probe)["logits"]
+    assert (untasked - reference["logits"]).abs().max() > 1e-3
+    name = type(AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")).__name__
+    assert name.startswith({"llava": "Llava", "qwen2vl": "Qwen2VL"}[family])
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "model.generate" in card and GENERATIVE_TASK[family]["question"] in card and "image-text-to-text" in card
+
+
+def test_model_cards_start_with_hugging_face_metadata(trained, color_folder, tmp_path):
+    import yaml
+
+    merged = mmpeft.export(trained("clip"), tmp_path / "merged", how="merged")
+    mmpeft.export(trained("llava"), tmp_path / "adapter", how="adapter")
+    expected = {"merged": ("transformers", "zero-shot-image-classification"), "adapter": ("peft", "image-text-to-text")}
+    for kind, (library, pipeline_tag) in expected.items():
+        text = (tmp_path / kind / "README.md").read_text()
+        assert text.startswith("---\n")
+        meta = yaml.safe_load(text.split("---\n")[1])
+        assert meta["library_name"] == library and meta["pipeline_tag"] == pipeline_tag
+        assert meta["datasets"] == [color_folder.name]
+        assert meta["base_model"] == json.loads((tmp_path / kind / "mmpeft_export.json").read_text())["base"]["id"]
+        assert "mmpeft" in meta["tags"] and "lora" in meta["tags"]
+        (result,) = meta["model-index"][0]["results"]
+        assert result["dataset"]["split"] == "test" and result["task"]["type"] == pipeline_tag
+    meta = yaml.safe_load((tmp_path / "merged" / "README.md").read_text().split("---\n")[1])
+    accuracy = meta["model-index"][0]["results"][0]["metrics"][0]
+    assert accuracy["type"] == "accuracy" and accuracy["value"] == pytest.approx(merged["metrics"][0]["test"])
+    assert meta["datasets"] == [meta["model-index"][0]["results"][0]["dataset"]["name"]]
+    if importlib.util.find_spec("huggingface_hub"):
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(tmp_path / "merged" / "README.md")
+        assert card.data.library_name == "transformers" and card.data.base_model == meta["base_model"]
+        assert card.data.eval_results[0].metric_value == pytest.approx(merged["metrics"][0]["test"])
+
+
+def test_merged_export_refuses_a_folder_pipelines_cannot_load(tmp_path, tiny_clip_dir):
+    from mmpeft.artifacts.single import check_pipeline_files
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_clip_dir, folder)
+    check_pipeline_files(folder, "dual_encoder", folder)
+    with pytest.raises(ExportError, match=r"saved no chat template \(chat_template.jinja"):
+        check_pipeline_files(folder, "generative", folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ExportError, match=r"saved no tokenizer \(tokenizer.json or"):
+        check_pipeline_files(folder, "dual_encoder", folder)
 
 
 def test_adapter_only_reloads_exactly_in_plain_peft_and_mmpeft(trained, tiny_clip_dir, tmp_path):

@@ -127,7 +127,7 @@ def test_tensorboard_tracking_needs_the_package():
         (problem,) = problems_of({"method": "lora", "train": {"log_with": "tensorboard"}})
         assert "pip install tensorboard" in problem
     else:
-        assert load_recipe({"method": "lora", "train": {"log_with": "tensorboard"}}).train.log_with == "tensorboard"
+        assert load_recipe({"method": "lora", "train": {"log_with": "tensorboard"}}).train.log_with == ("tensorboard",)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

@@ -3,6 +3,8 @@
 - `export(run_dir, out, how="auto"|"merged"|"adapter", dtype=None, verify=True, tolerance=None, onnx=False)`
 - `merge(run_dirs, weights, how="linear"|"ties"|"dare_linear"|"dare_ties", density=None, out=...)`
 - `load_adapter(folder, base=None)` -> an mmpeft backbone; `export_labels(folder)` -> its label set
+- `mmpeft.artifacts.predict.predict(run_or_export, images, ...)` -> one row per image (not re-exported here: the
+  function would shadow its module)
 
 Every output folder is written beside its destination and renamed into place only when complete and verified.
 """

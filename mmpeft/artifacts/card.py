@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import PurePath
+
+import yaml
 
 FORMAT_TEXT = {
     "transformers": "a complete transformers model (safetensors) with its processor; the method is folded into "
@@ -16,7 +19,8 @@ FORMAT_TEXT = {
 
 def model_card(manifest: dict, title: str, extra: list[str] | None = None) -> str:
     base, method = manifest["base"], manifest["method"]
-    lines = [f"# {title}", "", f"Exported by mmpeft {manifest['mmpeft_version']}: {FORMAT_TEXT[manifest['format']]}.",
+    lines = [front_matter(manifest, title), f"# {title}", "",
+             f"Exported by mmpeft {manifest['mmpeft_version']}: {FORMAT_TEXT[manifest['format']]}.",
              "", "| | |", "|---|---|",
              f"| base model | `{base['id']}` |",
              f"| method | `{method['name']}` `{json.dumps({k: v for k, v in method.items() if k != 'name'})}` |"]
@@ -32,6 +36,48 @@ def model_card(manifest: dict, title: str, extra: list[str] | None = None) -> st
         lines += [f"| {name} | {'; '.join(prompts)} |" for name, prompts in zip(labels["names"], labels["prompts"])]
     lines += ["", "## How to load", ""] + how_to_load(manifest)
     return "\n".join(lines) + "\n"
+
+
+LIBRARY = {"transformers": "transformers", "peft": "peft", "mmpeft": "mmpeft"}
+PIPELINE_TAG = {"dual_encoder": "zero-shot-image-classification", "generative": "image-text-to-text"}
+
+
+def front_matter(manifest: dict, title: str) -> str:
+    """Hugging Face model-card metadata (YAML between --- lines): what the Hub and `huggingface_hub.ModelCard` read
+    to index the model: its base, library, pipeline, data and test scores."""
+    base, data = manifest["base"], manifest.get("data") or {}
+    family = base.get("family", "dual_encoder")
+    dataset = data_name(data)
+    meta: dict = {"base_model": base["id"], "library_name": LIBRARY[manifest["format"]],
+                  "pipeline_tag": PIPELINE_TAG[family],
+                  "tags": ["mmpeft", manifest["method"]["name"], family, manifest["kind"]]}
+    if dataset:
+        meta["datasets"] = [dataset]
+    scored = [metrics for metrics in (test_metrics(run) for run in manifest.get("metrics", [])) if metrics]
+    results = [{"task": {"type": PIPELINE_TAG[family], "name": "image classification"},
+                "dataset": {"name": dataset or "unknown", "type": dataset or "unknown", "split": "test"},
+                "metrics": metrics} for metrics in scored]
+    if results:
+        meta["model-index"] = [{"name": title, "results": results}]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def data_name(data: dict) -> str | None:
+    """The data's name: a hub dataset's id, else the folder or file name it was read from."""
+    where = data.get("where")
+    if not where:
+        return None
+    return str(where) if data.get("source") in ("hf", "digits") else PurePath(str(where)).name or str(where)
+
+
+def test_metrics(run: dict) -> list[dict]:
+    found = []
+    for key, kind, name in (("test", "accuracy", "test accuracy"), ("test_macro_f1", "f1", "test macro-F1"),
+                            ("zero_shot", "accuracy", "zero-shot accuracy (before training)"),
+                            ("merged", "accuracy", "merged adapter accuracy")):
+        if run.get(key) is not None:
+            found.append({"type": kind, "value": round(float(run[key]), 6), "name": f"{name} ({run['run']})"})
+    return found
 
 
 def summary_rows(manifest: dict) -> list[tuple[str, str]]:
@@ -67,6 +113,8 @@ def summary_rows(manifest: dict) -> list[tuple[str, str]]:
 def how_to_load(manifest: dict) -> list[str]:
     generative = manifest["base"].get("family") == "generative"
     plain = (generative_code if generative else dual_encoder_code)(manifest) if manifest["format"] != "mmpeft" else []
+    if manifest["format"] == "transformers":
+        plain = pipeline_code(manifest, generative) + plain
     return plain + ["With mmpeft (any format; rebuilds exactly what was trained and checks the files):", "",
                     "```python", "import torch", "from PIL import Image",
                     "from mmpeft.artifacts import export_labels, load_adapter", "",
@@ -77,6 +125,24 @@ def how_to_load(manifest: dict) -> list[str]:
                     "    text = None if backbone.head is not None else backbone.class_text_features(labels)",
                     "    logits = backbone.classify(pixels, text)  # [images, classes]",
                     "print(labels.names[int(logits.argmax(-1)[0])])", "```"]
+
+
+def pipeline_code(manifest: dict, generative: bool) -> list[str]:
+    """A merged model in transformers' own pipeline (offline, name the task: without it the Hub is asked)."""
+    if generative:
+        question = (manifest.get("task") or {}).get("question", "What is in the image?")
+        return ["In a transformers pipeline:", "", "```python", "from transformers import pipeline", "",
+                'chat = pipeline("image-text-to-text", model="path/to/this/folder")',
+                f'messages = [{{"role": "user", "content": [{{"type": "image", "image": "image.png"}}, '
+                f'{{"type": "text", "text": {question!r}}}]}}]',
+                'print(chat(text=messages, max_new_tokens=16, generate_kwargs={"do_sample": False}, '
+                'return_full_text=False)[0]["generated_text"])', "```", ""]
+    labels = manifest["labels"]
+    templates = manifest.get("templates") or ["a photo of a {label}."]
+    return ["In a transformers pipeline:", "", "```python", "from transformers import pipeline", "",
+            'classify = pipeline("zero-shot-image-classification", model="path/to/this/folder")',
+            f'print(classify("image.png", candidate_labels={labels["names"]!r}, '
+            f'hypothesis_template={templates[0].replace("{label}", "{}")!r}))', "```", ""]
 
 
 def loading_lines(manifest: dict, model_class: str) -> list[str]:

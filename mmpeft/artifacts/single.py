@@ -3,6 +3,7 @@ alone, staged beside `out`, verified against the trained model, and only then re
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -87,9 +88,6 @@ def cannot_merge_message(run: RunFolder, reason: str) -> str:
 
 def export_merged(run: RunFolder, data, stage: Path, dtype: str, verify: bool, tolerance: float, out: Path) -> dict:
     """Base + method folded together, saved with its processor; a 4/8-bit run folds into an unquantised base."""
-    from mmpeft.backbones import load_backbone
-    from mmpeft.specs import BackboneSpec
-
     spec = run.recipe.backbone
     probe = make_probe(data)
     trained = rebuild(run, data.labels)
@@ -109,13 +107,15 @@ def export_merged(run: RunFolder, data, stage: Path, dtype: str, verify: bool, t
                           "transformers model; this is a bug in the method's merge")
     plain.save_pretrained(stage)
     model.processor.save_pretrained(stage)
+    check_pipeline_files(stage, base["family"], out)
     size = sum(p.stat().st_size for p in stage.glob("*.safetensors"))
     parameters = sum(p.numel() for p in plain.parameters())
     del model, plain
+    manifest = manifest_for(run, data, "merged", "transformers", base, None, size, dtype, notes, parameters=parameters)
     verification = None
     if verify:
-        reloaded = load_backbone(BackboneSpec(id=str(stage), dtype=dtype))  # plain AutoModel/AutoProcessor
-        exported = outputs(reloaded, probe)
+        write_manifest(stage, manifest)  # reloaded as a user would: load_adapter, the run's task applied
+        exported = outputs(load_adapter(stage), probe)
         verification = check(differences(reference, exported), tolerance, f"merged model {out}")
         if reference is not trained_out:
             verification["vs_trained_run"] = differences(trained_out, exported)["max"]
@@ -134,8 +134,31 @@ def export_merged(run: RunFolder, data, stage: Path, dtype: str, verify: bool, t
     elif dtype != spec.dtype and verification:
         notes.append(f"trained in {spec.dtype}, exported in {dtype}: outputs differ from the trained model by up to "
                      f"{verification['vs_trained_run']:.3g}")
-    return manifest_for(run, data, "merged", "transformers", base, verification, size, dtype, notes,
-                        parameters=parameters)
+    return {**manifest, "verification": verification, "notes": notes}
+
+
+# What transformers' pipelines need beside the weights: each tuple holds alternatives.
+PIPELINE_FILES = {
+    "image processor": ("preprocessor_config.json", "processor_config.json"),
+    "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json"),
+    "tokenizer config": ("tokenizer_config.json",),
+}
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def check_pipeline_files(stage: Path, family: str, out: Path) -> None:
+    """Refuse a merged folder that `transformers.pipeline(..., model=out)` could not use: without tokenizer files a
+    pipeline silently builds an empty tokenizer, without a chat template a generative one cannot build prompts."""
+    missing = [f"{what} ({' or '.join(names)})" for what, names in PIPELINE_FILES.items()
+               if not any((stage / name).is_file() for name in names)]
+    if family == "generative" and not any((stage / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        config = stage / "tokenizer_config.json"
+        if not (config.is_file() and "chat_template" in json.loads(config.read_text())):
+            missing.append(f"chat template ({' or '.join(CHAT_TEMPLATE_FILES)})")
+    if missing:
+        raise ExportError(f"merged model {out}: the processor saved no {', '.join(missing)}; transformers pipelines "
+                          "need them to load the folder. Save the base's processor with them (processor."
+                          "save_pretrained) and export again; nothing was written")
 
 
 def export_adapter(run: RunFolder, data, stage: Path, verify: bool, tolerance: float, out: Path) -> dict:
@@ -179,7 +202,8 @@ def manifest_for(run: RunFolder, data, kind: str, fmt: str, base: dict, verifica
                                                                            range(len(labels))]},
         "data": {k: info.get(k) for k in ("source", "where", "classes", "counts")},
         "metrics": [run_scores(run)], "dtype": dtype, "size_bytes": size, "verification": verification,
-        "notes": notes, "task": generative_task(run.recipe), **extra,
+        "notes": notes, "task": generative_task(run.recipe) if base.get("family") == "generative" else None,
+        "templates": list(run.recipe.data.templates), **extra,
     }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from mmpeft.core.registry import Registry
@@ -92,6 +93,24 @@ class Backbone(torch.nn.Module, ABC):
     @abstractmethod
     def logits(self, batch: dict, class_targets: Any) -> torch.Tensor:
         """[batch, classes] scores of a collated batch against `class_text_features` (None with a linear head)."""
+
+    # --- the decoded-image cache (mmpeft.data.image_cache): decode and fit once, finish per batch ----------------
+    def image_fit_key(self, room: bool) -> str:
+        """What fixes `fit_image`'s output besides the image (part of every cache key)."""
+        return "decoded-rgb-v1"
+
+    def fit_image(self, image: Image.Image, room: bool) -> np.ndarray:
+        """The uint8 height x width x 3 array the cache keeps for an image; `room`: augmentation will crop it.
+
+        By default only decoded; a family whose processor allows it also resizes here, once per image.
+        """
+        return np.asarray(image.convert("RGB"))
+
+    def preprocess_fitted(self, arrays: list[np.ndarray]) -> Any:
+        """What `preprocess` gives for the images that `fit_image` returned these arrays for."""
+        from PIL import Image
+
+        return self.preprocess([Image.fromarray(np.asarray(array)) for array in arrays])
 
     def classify(self, pixel_values: Any, class_targets: Any) -> torch.Tensor:
         """Scores of preprocessed images alone (each asked the recipe's question, for generative backbones)."""

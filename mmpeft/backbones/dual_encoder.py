@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +27,8 @@ TOWER_PATTERNS = {
     "text": r"(text_model|text_tower|textual)",
 }
 ATTENTION_PROJECTIONS = r"(q_proj|k_proj|v_proj|out_proj)"
+ROOM = 8 / 7  # an augmented image's cached base is this much larger than the processor's input (256 px for 224)
+logger = logging.getLogger("mmpeft")
 TOWER_ATTRIBUTES = {"vision": "vision_model", "text": "text_model"}  # the towers of CLIP-style models
 
 
@@ -34,6 +40,8 @@ class DualEncoder(Backbone):
     TOWER_PATTERNS = TOWER_PATTERNS
     DEFAULT_TOWERS = tuple(TOWER_PATTERNS)
     caches_image_features = True
+    _finish_table: torch.Tensor | bool | None = None  # preprocess_fitted's lookup table (False: use the processor)
+    _finish_checked = False
 
     @classmethod
     def load(cls, spec: BackboneSpec, path: str) -> DualEncoder:
@@ -52,6 +60,66 @@ class DualEncoder(Backbone):
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    # --- the decoded-image cache: the processor's resize and crop once per image, rescale/normalise per batch -----
+    @property
+    def exact_fit(self) -> bool:
+        """A PIL processor with the standard steps (resize, crop, rescale, normalise, no padding): its resize and
+        crop give uint8 pixels, so they can run once and the rest per batch, with results identical to `preprocess`."""
+        from transformers.image_processing_backends import PilBackend
+
+        processor = self.image_processor
+        return (isinstance(processor, PilBackend) and type(processor)._preprocess is PilBackend._preprocess
+                and not getattr(processor, "do_pad", False))
+
+    def image_fit_key(self, room: bool) -> str:
+        if not self.exact_fit:
+            return super().image_fit_key(room)
+        settings = json.dumps(self.image_processor.to_dict(), sort_keys=True, default=str)
+        return f"clip-fit-v1:{'base' if room else 'input'}:{hashlib.sha1(settings.encode()).hexdigest()[:16]}"
+
+    def fit_image(self, image: Image.Image, room: bool) -> np.ndarray:
+        """The processor's resize and crop (uint8 HxWx3); with `room`, an aspect-kept base ROOM times larger."""
+        if not self.exact_fit:
+            return super().fit_image(image, room)
+        if room:
+            return _base_image(image.convert("RGB"), round(self._input_side() * ROOM), self.image_processor.resample)
+        fitted = self.image_processor(images=[image], do_rescale=False, do_normalize=False)["pixel_values"][0]
+        if fitted.dtype != np.uint8:
+            raise BackboneError(f"{type(self.image_processor).__name__} resized to {fitted.dtype}, not uint8: "
+                                "set data.image_cache: off for this backbone")
+        return np.ascontiguousarray(np.moveaxis(fitted, 0, -1))
+
+    def preprocess_fitted(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Rescale and normalise as a per-channel lookup table of the processor's own outputs for 0..255; the first
+        batch is checked against the processor itself (any difference: the processor from then on)."""
+        if not self.exact_fit:
+            return super().preprocess_fitted(arrays)
+        if self._finish_table is None:
+            self._finish_table = _finish_table(self.image_processor)
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        if self._finish_table is False:
+            return self._processor_finish(pixels)
+        out = torch.empty(pixels.shape, dtype=self._finish_table.dtype)
+        for channel in range(pixels.shape[1]):
+            out[:, channel] = self._finish_table[channel][pixels[:, channel].int()]
+        if not self._finish_checked:
+            self._finish_checked = True
+            if not torch.equal(out, self._processor_finish(pixels)):
+                logger.warning("image cache: the lookup table differs from %s; using the processor for each batch",
+                               type(self.image_processor).__name__)
+                self._finish_table = False
+                return self._processor_finish(pixels)
+        return out
+
+    def _processor_finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_processor(images=list(pixels.numpy()), do_resize=False, do_center_crop=False,
+                                    input_data_format="channels_first", return_tensors="pt")["pixel_values"]
+
+    def _input_side(self) -> int:
+        processor = self.image_processor
+        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+        return max(int(value) for value in dict(size).values() if value)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         padding = "max_length" if self.model_type.startswith("siglip") else True
@@ -132,6 +200,23 @@ class DualEncoder(Backbone):
     def encoder_layers(self, tower: str) -> list[nn.Module]:
         """Encoder layers of a tower; each has `.self_attn` and `.mlp` (CLIP and SigLIP alike)."""
         return list(self.tower_model(tower).encoder.layers)
+
+
+def _base_image(image: Image.Image, side: int, resample) -> np.ndarray:
+    """Shrink (never enlarge) so the shorter side is `side`, keeping the aspect ratio."""
+    width, height = image.size
+    if min(width, height) > side:
+        scale = side / min(width, height)
+        image = image.resize((max(side, round(width * scale)), max(side, round(height * scale))), resample)
+    return np.asarray(image)
+
+
+def _finish_table(processor) -> torch.Tensor:
+    """[3, 256]: the processor's rescale + normalise of every uint8 value of each channel (a 1 x 256 ramp image)."""
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    out = processor(images=[ramp], do_resize=False, do_center_crop=False, input_data_format="channels_last",
+                    return_tensors="pt")["pixel_values"][0]
+    return out[:, 0, :].contiguous()
 
 
 def _pooled(output) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmpeft.backbones.base import BACKBONES, Backbone, BackboneError
+from mmpeft.backbones.encoded_cache import EncodedCache, encoded_key
 from mmpeft.backbones.image_only import register as register_image_only_processors
 from mmpeft.backbones.loading import load_pretrained
 from mmpeft.backbones.scoring import score_answers
@@ -89,6 +90,7 @@ class GenerativeBackbone(Backbone):
         super().__init__(model, processor, name_or_path)
         self.task = GenerativeTask()
         self._answer_ids: dict[str, list[int]] = {}
+        self.encoded = EncodedCache()  # processor outputs per (prompt, images): not re-run every epoch
 
     def configure(self, recipe: Recipe) -> None:
         """Take the question, answer template and scoring/generation settings from the recipe."""
@@ -186,11 +188,17 @@ class GenerativeBackbone(Backbone):
 
     # --- inputs -------------------------------------------------------------------------------------------------
     def encode_one(self, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """One rendered prompt and its images (in order of appearance) -> processor tensors (batch of 1, on CPU)."""
+        """One rendered prompt and its images (in order of appearance) -> processor tensors (batch of 1, on CPU).
+
+        Cached per (prompt, images' pixels): the same example is not put through the processor every epoch."""
         bos = self.tokenizer.bos_token
-        encoded = self.processor(text=[text], images=list(images) or None, return_tensors="pt",
-                                 add_special_tokens=not (bos and text.startswith(bos)))
-        return dict(encoded)
+        special = not (bos and text.startswith(bos))
+
+        def run_processor() -> dict[str, torch.Tensor]:
+            return dict(self.processor(text=[text], images=list(images) or None, return_tensors="pt",
+                                       add_special_tokens=special))
+
+        return self.encoded.get_or_make(encoded_key(text, list(images), str(special)), run_processor)
 
     def with_answer(self, encoded: dict[str, torch.Tensor], answer: list[int]) -> dict[str, torch.Tensor]:
         """Append answer tokens; `labels` are IGNORE_INDEX on every prompt token and the answer ids after it."""
@@ -207,7 +215,12 @@ class GenerativeBackbone(Backbone):
         return out
 
     def stack(self, parts: list[dict[str, torch.Tensor]], padding_side: str = "right") -> dict[str, torch.Tensor]:
-        """Batch per-example encodings: sequences padded (pad id, mask 0, label ignored), image tensors concatenated."""
+        """Batch per-example encodings: sequences padded (pad id, mask 0, label ignored), image tensors concatenated.
+
+        Image tensors that differ beyond the batch dimension (Idefics3 with image splitting: one image is 1 + 4
+        crops, a wide one 1 + 2) are zero-padded to the largest, as the processor pads a batch itself: the model
+        drops all-zero crops, and their pixel attention mask is 0.
+        """
         length = max(part["input_ids"].shape[1] for part in parts)
         pad = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
         batch = {}
@@ -220,7 +233,7 @@ class GenerativeBackbone(Backbone):
                     filled.append(torch.cat([value, extra] if padding_side == "right" else [extra, value], 1))
                 batch[key] = torch.cat(filled)
             else:
-                batch[key] = torch.cat(values)
+                batch[key] = _zero_padded_cat(values)
         return batch
 
     def to_model(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -236,6 +249,68 @@ class GenerativeBackbone(Backbone):
             parts = [self.with_answer(part, answer) for part, answer in zip(parts, answers)]
         return self.to_model(self.stack(parts, padding_side))
 
+    # --- conversations (multi-turn, multi-image; data.source: llava | sharegpt | messages | llamafactory) --------
+    def encode_conversation(self, messages: list[dict], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """One whole conversation (chat-template messages, images in order) -> processor tensors with `labels` on
+        every assistant turn's tokens (its end-of-turn marker included) and IGNORE_INDEX everywhere else.
+
+        Where each assistant turn starts and ends comes from rendering prefixes of the conversation through the
+        model's own template (up to the turn's generation prompt, and up to the turn's end), tokenized with the
+        images they hold: no template's markers are hard-coded, so any chat template masks correctly.
+        """
+        text = self.render(messages)
+        full = self.encode_one(text, images)
+        ids = full["input_ids"][0]
+        limit = self.context_length
+        if limit is not None and len(ids) > limit:
+            raise BackboneError(f"a conversation of {len(ids)} tokens exceeds the context length of "
+                                f"{self.name_or_path!r} ({limit}); shorten it or split it into several rows")
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = self._prefix_tokens(messages[:i], images, text, ids, add_generation_prompt=True)
+                end = self._prefix_tokens(messages[:i + 1], images, text, ids)
+                labels[start:end] = ids[start:end]
+        return {**full, "labels": labels[None]}
+
+    def _prefix_tokens(self, messages: list[dict], images: list[Image.Image], full_text: str, full_ids: torch.Tensor,
+                       add_generation_prompt: bool = False) -> int:
+        """How many leading tokens of the whole conversation the rendered prefix `messages` accounts for."""
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        text = text if add_generation_prompt else text.rstrip()  # whitespace after end-of-turn is not the answer
+        if not full_text.startswith(text):
+            raise BackboneError(f"backbone.id {self.name_or_path!r}: its chat template renders the first "
+                                f"{len(messages)} turn(s) differently once later turns follow ({text[-60:]!r} is "
+                                "not a prefix of the whole conversation), so assistant turns cannot be masked by "
+                                "rendering prefixes")
+        shown = sum(part.get("type") == "image" for message in messages for part in _parts(message))
+        prefix = self.encode_one(text, images[:shown])["input_ids"][0]
+        n = min(len(prefix), len(full_ids))
+        differs = (prefix[:n] != full_ids[:n]).nonzero()
+        return int(differs[0]) if len(differs) else n
+
+    def encode_conversations(self, conversations: list[tuple[list[dict], list[Image.Image]]],
+                             padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """A batch of conversations with assistant-only `labels`, on the model's device."""
+        parts = [self.encode_conversation(messages, images) for messages, images in conversations]
+        return self.to_model(self._stack_mixed(parts, padding_side))
+
+    def encode_prompts(self, texts: list[str], images: list[list[Image.Image]],
+                       padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """Rendered prompts for generation, where some rows may have no image (text-only conversation turns)."""
+        parts = [self.encode_one(text, imgs) for text, imgs in zip(texts, images)]
+        return self.to_model(self._stack_mixed(parts, padding_side))
+
+    def _stack_mixed(self, parts: list[dict[str, torch.Tensor]], padding_side: str) -> dict[str, torch.Tensor]:
+        """`stack`, also when text-only rows sit among rows with images (their image tensors are concatenated)."""
+        if all(part.keys() == parts[0].keys() for part in parts):
+            return self.stack(parts, padding_side)
+        batch = self.stack([{k: v for k, v in part.items() if k in SEQUENCE_KEYS} for part in parts], padding_side)
+        imaged = [{k: v for k, v in part.items() if k not in SEQUENCE_KEYS} for part in parts]
+        imaged = [part for part in imaged if part]
+        batch.update({key: torch.cat([part[key] for part in imaged]) for key in imaged[0]})
+        return batch
+
     # --- evaluation hooks (mmpeft.evaluation.predict) -----------------------------------------------------------
     def logits(self, batch: dict, answers: list[list[int]]) -> torch.Tensor:
         """[batch, classes] log-likelihood of each class's answer given the image and its question."""
@@ -246,20 +321,28 @@ class GenerativeBackbone(Backbone):
     @torch.no_grad()
     def image_embeddings(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
         """[N, D] normalised: the mean of each image's visual tokens as the language model receives them (vision
-        tower + projector), used to pick nearest-neighbour demonstrations."""
+        tower + projector), used to pick nearest-neighbour demonstrations.
+
+        Each image goes through the image processor on its own (a flat list is one sample with N images to
+        Idefics3's processor); images whose tensors have the same shapes are then batched, and the features the model
+        returns for a batch (one row per image, per crop, or per visual token) are split evenly per image.
+        """
         get_features = self.base_model.get_image_features
         accepted = inspect.signature(get_features).parameters
-        vectors = []
-        for start in range(0, len(images), batch_size):
-            pixels = self.image_processor(images=self.preprocess(images[start:start + batch_size]), return_tensors="pt")
-            inputs = self.to_model({k: v for k, v in pixels.items() if k in accepted and torch.is_tensor(v)})
-            output = get_features(**inputs)
-            pooled = getattr(output, "pooler_output", output)
-            if isinstance(pooled, (list, tuple)):
-                vectors += [p.float().reshape(-1, p.shape[-1]).mean(0) for p in pooled]
-            else:
-                pooled = pooled.float()
-                vectors += list(pooled.mean(1) if pooled.dim() == 3 else pooled)
+        encoded = []
+        for image in self.preprocess(images):
+            pixels = self.image_processor(images=[image], return_tensors="pt")
+            encoded.append({k: v for k, v in pixels.items() if k in accepted and torch.is_tensor(v)})
+        groups: dict[tuple, list[int]] = {}
+        for index, inputs in enumerate(encoded):
+            groups.setdefault(tuple((k, tuple(v.shape)) for k, v in sorted(inputs.items())), []).append(index)
+        vectors: list[torch.Tensor | None] = [None] * len(images)
+        for members in groups.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                inputs = {key: torch.cat([encoded[i][key] for i in chunk]) for key in encoded[chunk[0]]}
+                for index, vector in zip(chunk, _mean_per_image(get_features(**self.to_model(inputs)), len(chunk))):
+                    vectors[index] = vector
         return nn.functional.normalize(torch.stack(vectors), dim=-1)
 
     # --- for methods --------------------------------------------------------------------------------------------
@@ -270,17 +353,80 @@ class GenerativeBackbone(Backbone):
     def default_lora_targets(self, towers: tuple[str, ...]) -> str:
         """A peft `target_modules` regex: the linear layers of the chosen towers (language: attention and MLP of every
         decoder layer; vision: attention of every encoder block; projector: its linear layers)."""
-        names = [name for name, module in self.model.named_modules() if _is_linear(module)]
-        for tower in towers:
-            if tower not in TOWER_PATTERNS:
-                raise BackboneError(f"method.towers: {tower!r} is not a tower of generative backbones; towers: "
-                                    f"{', '.join(TOWER_PATTERNS)}, all")
-            pattern = re.compile(rf".*{TOWER_PATTERNS[tower]}")
-            if not any(pattern.fullmatch(name) for name in names):
-                raise BackboneError(f"method.towers: {tower!r} matches no linear layer of "
-                                    f"{type(self.base_model).__name__} (pattern {TOWER_PATTERNS[tower]}); name its "
-                                    "modules in method.target_modules instead")
+        problems = lora_tower_problems(self.model, towers)
+        if problems:
+            raise BackboneError("; ".join(problems))
         return rf".*({'|'.join(TOWER_PATTERNS[t] for t in towers)})"
+
+    @classmethod
+    def recipe_tower_problems(cls, spec: BackboneSpec, towers: tuple[str, ...]) -> list[str]:
+        """`lora_tower_problems` before any weight loads: the architecture built from config.json on the meta device.
+
+        Nothing to say (the load reports it) when the config cannot be read here (a hub id offline) or is not an
+        image-text-to-text model; demo names are not built for a check.
+        """
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        if spec.id.startswith("mmpeft-demo/"):
+            return []
+        try:
+            remote = spec.trust_remote_code
+            config = AutoConfig.from_pretrained(spec.id, revision=spec.revision, trust_remote_code=remote)
+            with init_empty_weights():
+                model = AutoModelForImageTextToText.from_config(config, trust_remote_code=remote)
+        except (OSError, ValueError, KeyError):
+            return []
+        return lora_tower_problems(model, towers)
+
+
+def lora_tower_problems(model: nn.Module, towers: tuple[str, ...]) -> list[str]:
+    """Why each of `towers` has no linear layer LoRA can wrap in `model` (Gemma3's projector is a bare weight)."""
+    names = [name for name, module in model.named_modules() if _is_linear(module)]
+    problems = []
+    for tower in towers:
+        if tower not in TOWER_PATTERNS:
+            problems.append(f"method.towers: {tower!r} is not a tower of generative backbones; towers: "
+                            f"{', '.join(TOWER_PATTERNS)}, all")
+            continue
+        pattern = re.compile(rf".*{TOWER_PATTERNS[tower]}")
+        if any(pattern.fullmatch(name) for name in names):
+            continue
+        owned = re.compile(TOWER_PARAMETERS[tower])
+        bare = [name for name, _ in model.named_parameters() if owned.search(name)]
+        why = (f"its parameters there ({', '.join(bare[:3])}) are not linear layers, so LoRA cannot wrap them; leave "
+               f"{tower!r} out of method.towers, or train it with method.name: full" if bare else
+               "name its modules in method.target_modules instead")
+        problems.append(f"method.towers: {tower!r} matches no linear layer of {type(model).__name__} "
+                        f"(pattern {TOWER_PATTERNS[tower]}); {why}")
+    return problems
+
+def _mean_per_image(output, images: int) -> list[torch.Tensor]:
+    """One mean feature vector per image from what `get_image_features` returned for a batch of `images`."""
+    pooled = getattr(output, "pooler_output", output)
+    if isinstance(pooled, (list, tuple)):
+        pooled = torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled])
+    pooled = pooled.float().reshape(-1, pooled.shape[-1])
+    if pooled.shape[0] % images:
+        raise BackboneError(f"get_image_features returned {pooled.shape[0]} feature rows for {images} "
+                            "images; cannot tell which belong to which image")
+    return list(pooled.reshape(images, -1, pooled.shape[-1]).mean(1))
+
+
+
+def _zero_padded_cat(values: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat` on dimension 0, zero-padding every other dimension to the largest first when shapes differ."""
+    if all(value.shape[1:] == values[0].shape[1:] for value in values):
+        return torch.cat(values)
+    if len({value.dim() for value in values}) != 1:
+        raise BackboneError(f"cannot batch image tensors of shapes {[tuple(v.shape) for v in values]}")
+    largest = [max(sizes) for sizes in zip(*(value.shape[1:] for value in values))]
+    out = values[0].new_zeros((sum(value.shape[0] for value in values), *largest))
+    row = 0
+    for value in values:
+        out[(slice(row, row + value.shape[0]), *(slice(0, n) for n in value.shape[1:]))] = value
+        row += value.shape[0]
+    return out
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -289,3 +435,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 def is_generative(model: nn.Module) -> bool:
     return hasattr(model, "generate") and hasattr(model, "get_image_features")
+
+
+def _parts(message: dict) -> list[dict]:
+    content = message.get("content")
+    return content if isinstance(content, list) else []

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmpeft.backbones.base import BackboneError
+from mmpeft.backbones.image_only import image_only_processor
 from mmpeft.backbones.quantization import bnb_config, prepare_loaded
 from mmpeft.core.dtypes import DTYPES
 
@@ -31,7 +32,9 @@ def load_pretrained(model_class, spec: BackboneSpec, path: str):
         model = from_pretrained(model_class, path, spec, **kwargs)
     if spec.quantization is not None:
         prepare_loaded(model)
-    processor = from_pretrained(AutoProcessor, path, spec)
+    # Qwen2-VL-style folders name a stock processor that cannot load without torchvision: use its image-only variant.
+    processor_class = image_only_processor(getattr(model.config, "model_type", "")) or AutoProcessor
+    processor = from_pretrained(processor_class, path, spec)
     return model, processor
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmpeft.data import sources
 from mmpeft.data.augment import check_augment
+from mmpeft.data.captions import read_caption_source
+from mmpeft.data.conversation_data import CONVERSATION_SOURCES
 from mmpeft.data.dataset import Example, ImageCollator, ImageDataset, collate_images
 from mmpeft.data.errors import DataError
 from mmpeft.data.labels import LabelSet
 from mmpeft.data.shifts import SHIFTS, apply_shifts, parse_shift, shift_label
-from mmpeft.data.sources import DatasetImage, Row, load_image, read_rows
+from mmpeft.data.sources import DatasetImage, Row, load_image
 from mmpeft.data.splits import examples_fingerprint, k_shot, split_examples
 from mmpeft.data.validate import check_empty_classes, find_bad_rows, report_bad_rows
 from mmpeft.specs import DataSpec, SplitSpec
@@ -46,31 +49,51 @@ class DataSplits:
         return ImageDataset(getattr(self, split), self.shifts, spec.augment if augment and spec else None, seed)
 
 
+def read_rows(spec: DataSpec) -> sources.RawData:
+    """The raw rows of any `data.source` (caption tables and shards: mmpeft.data.captions)."""
+    if spec.source in ("captions", "webdataset"):
+        return read_caption_source(spec)
+    return sources.read_rows(spec)
+
+
 def load_data(spec: DataSpec, seed: int) -> DataSplits:
     """Read, check, split and sample the data of a recipe; raises DataError with what to fix."""
     shifts = parse_shift(spec.shift)  # fail fast on typos, before any file is read
     for shift in spec.eval_shifts:
         parse_shift(shift)
     check_augment(spec.augment)
+    if spec.source in CONVERSATION_SOURCES:
+        raise DataError(f"data.source: {spec.source} holds conversations, not labelled images; so far only "
+                        "`mmpeft run` and `mmpeft check` read them (grids, continual sequences, export and plan "
+                        "need labelled data)")
     raw = read_rows(spec)
     if not raw.rows:
         raise DataError(f"no rows found in {raw.where} (data.source: {spec.source})")
-    good, bad = find_bad_rows(raw.rows, spec.classes, spec.max_image_pixels)
+    if not raw.labelled and (spec.shots is not None or spec.classes is not None):
+        raise DataError(f"data.{'shots' if spec.shots is not None else 'classes'}: {raw.where} has no label column "
+                        f"{spec.label_column!r} (caption-only data), so there are no classes to sample or list")
+    good, bad = find_bad_rows(raw.rows + (raw.held_out or []), spec.classes, spec.max_image_pixels, raw.labelled)
     report_bad_rows(bad, raw.where, spec.on_bad_rows)
     if not good:
         raise DataError(f"no usable rows in {raw.where}: all {len(bad)} rows are bad")
     captioned = all(row.text for row in good)  # caption/answer data may carry a single placeholder label
-    labels = LabelSet.from_spec(spec, [row.label for row in good], raw.label_names, where=raw.where,
-                                min_classes=1 if captioned else 2)
+    labels = LabelSet.from_spec(spec, [row.label for row in good if row.label is not None], raw.label_names,
+                                where=raw.where, min_classes=0 if not raw.labelled else 1 if captioned else 2)
     check_empty_classes(labels.keys, (row.label for row in good), raw.where, len(bad))
-    examples = [Example(row.image, labels.index(row.label), row.text, row.prompt)  # type: ignore[arg-type]
+    # caption-only rows get class -1: no class, never a positive of another row (mmpeft.objectives.contrastive)
+    examples = [Example(row.image, labels.index(row.label) if raw.labelled else -1, row.text, row.prompt)
                 for row in good]
-    train, val, test = _split(examples, spec, seed, labels.names)
+    if raw.held_out is None:
+        train, val, test = _split(examples, spec, seed, labels.names)
+    else:
+        held_out = {id(row) for row in raw.held_out}
+        train, val, test = _split_held_out(examples, [id(row) in held_out for row in good], spec, seed, labels.names)
     if spec.shots is not None:
         train = k_shot(train, spec.shots, seed, labels.names)
     info = {
         "source": spec.source,
         "where": raw.where,
+        "labelled": raw.labelled,
         "classes": len(labels),
         "counts": {"train": len(train), "val": len(val), "test": len(test)},
         "class_counts": {name: _per_class(split, len(labels)) for name, split in
@@ -86,6 +109,18 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
         "skipped_rows": [str(b) for b in bad[:MAX_LISTED_SKIPS]],
     }
     return DataSplits(train, val, test, labels, info, shifts)
+
+
+def _split_held_out(examples: list[Example], held_out: list[bool], spec: DataSpec, seed: int, names: list[str],
+                    ) -> tuple[list[Example], list[Example], list[Example]]:
+    """`data.eval_path`: its rows are the test split; val is `data.split.val` of the rest (stratified)."""
+    test = [example for example, out in zip(examples, held_out) if out]
+    train = [example for example, out in zip(examples, held_out) if not out]
+    if spec.split.val == 0:
+        return train, [], test
+    split_seed = spec.split.seed if spec.split.seed is not None else seed
+    train, _, val = split_examples(train, SplitSpec(val=0.0, test=spec.split.val), split_seed, names)
+    return train, val, test
 
 
 def _split(examples: list[Example], spec: DataSpec, seed: int, names: list[str],
@@ -116,5 +151,6 @@ def _split(examples: list[Example], spec: DataSpec, seed: int, names: list[str],
 def _per_class(examples: list[Example], num_classes: int) -> list[int]:
     counts = [0] * num_classes
     for example in examples:
-        counts[example.label] += 1
+        if example.label >= 0:
+            counts[example.label] += 1
     return counts

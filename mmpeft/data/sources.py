@@ -42,7 +42,25 @@ class DatasetImage:
         return f"DatasetImage(row {self.index}, column {self.column!r})"
 
 
-ImageRef = str | Image.Image | DatasetImage
+@dataclass(frozen=True, eq=False)
+class ShardImage:
+    """An image member of a WebDataset tar shard, read in place (seek + read) only when used."""
+
+    shard: str
+    member: str
+    offset: int  # of the member's data in the tar file
+    size: int
+
+    def open(self) -> Image.Image:
+        with open(self.shard, "rb") as handle:
+            handle.seek(self.offset)
+            return Image.open(io.BytesIO(handle.read(self.size)))
+
+    def __repr__(self) -> str:
+        return f"ShardImage({self.shard}:{self.member})"
+
+
+ImageRef = str | Image.Image | DatasetImage | ShardImage
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,8 @@ class RawData:
     rows: list[Row]
     where: str
     label_names: dict[str, str] = field(default_factory=dict)
+    labelled: bool = True  # False: caption-only rows (no label column), for contrastive training and retrieval
+    held_out: list[Row] | None = None  # rows of data.eval_path: the test split, instead of a random one
 
 
 def read_rows(spec: DataSpec) -> RawData:
@@ -108,7 +128,7 @@ def read_csv(path: Path, spec: DataSpec) -> list[Row]:
     """CSV with a header row; `source` is the physical line number so users can find the row in an editor."""
     root = _image_root(path, spec)
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, delimiter=spec.separator or ",")
         try:
             _require_columns(path, list(reader.fieldnames or []), spec)
             rows = []
@@ -225,7 +245,7 @@ def load_image(ref: ImageRef) -> Image.Image:
     try:
         if isinstance(ref, Image.Image):
             return to_rgb(ref)  # the caller's image: not ours to close
-        image = ref.open() if isinstance(ref, DatasetImage) else Image.open(ref)
+        image = ref.open() if isinstance(ref, (DatasetImage, ShardImage)) else Image.open(ref)
         with image:
             return to_rgb(image)
     except Exception as error:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)

@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import DatasetImage
+from mmpeft.data.sources import DatasetImage, ShardImage
 from mmpeft.specs import SplitSpec
 
 E = TypeVar("E")  # anything with `.label` (an int) and `.image`
@@ -81,7 +81,8 @@ def examples_fingerprint(examples: Sequence[E]) -> str:
     digest = hashlib.sha1()
     for example in examples:
         image = example.image
-        ref = image if isinstance(image, str) else repr(image) if isinstance(image, DatasetImage) else f"id:{id(image)}"
+        referenced = isinstance(image, (DatasetImage, ShardImage))
+        ref = image if isinstance(image, str) else repr(image) if referenced else f"id:{id(image)}"
         digest.update(f"{ref}\t{example.label}\n".encode())
     return digest.hexdigest()[:12]
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mmpeft.core.schema import did_you_mean
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import DatasetImage, Row
+from mmpeft.data.sources import DatasetImage, Row, ShardImage
 
 logger = logging.getLogger("mmpeft")
 SHOWN = 5  # bad rows quoted in a message
@@ -40,16 +40,19 @@ class BadRow:
 
 
 def find_bad_rows(rows: Sequence[Row], classes: Sequence[str] | None, max_pixels: int | None,
-                  ) -> tuple[list[Row], list[BadRow]]:
+                  labelled: bool = True) -> tuple[list[Row], list[BadRow]]:
     """Split rows into good ones and bad ones (each image is checked once, in threads; see `check_image`).
 
     `max_pixels` is `data.max_image_pixels`: images with more pixels are bad rows (None: no cap of ours).
+    `labelled` False: caption-only rows, which need no label (their readers refuse rows without a caption).
     """
     checks = _check_images(rows, max_pixels)
     allowed = set(classes) if classes is not None else None
     good, bad = [], []
     for row in rows:
         problem = _row_problem(row, allowed, classes, checks)
+        if not labelled and problem is not None and problem == ("label", "no label"):
+            problem = None
         if problem is None:
             good.append(row)
         else:
@@ -123,7 +126,7 @@ def _check_chunk(paths: list[str], max_pixels: int | None) -> list[ImageProblem]
 def _check_images(rows: Sequence[Row], max_pixels: int | None) -> dict[object, ImageProblem]:
     """Check every distinct image once (captions often share an image); results keyed by path or ref id."""
     paths = sorted({row.image for row in rows if row.problem is None and isinstance(row.image, str)})
-    refs = [row.image for row in rows if row.problem is None and isinstance(row.image, DatasetImage)]
+    refs = [row.image for row in rows if row.problem is None and isinstance(row.image, (DatasetImage, ShardImage))]
     results: dict[object, ImageProblem] = {}
     if len(paths) > 512:  # threads in chunks: PIL decodes without the GIL, and network storage waits in parallel
         chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]

@@ -11,10 +11,9 @@ import string
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mmpeft.data import collate_images
+from mmpeft.data.loader import make_loader
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -67,7 +66,7 @@ def evaluate_answers(backbone: GenerativeBackbone, dataset: ImageDataset, labels
     backbone.require("generative", "eval.generate (free-form answers)")
     was_training = backbone.training
     backbone.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_images(backbone.preprocess))
+    loader = make_loader(dataset, backbone, batch_size=batch_size)
     predictions, wanted = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=None):
         texts = [backbone.prompt_text(question) for question in backbone.questions(batch)]

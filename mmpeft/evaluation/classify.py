@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from mmpeft.core.distributed import process_state
-from mmpeft.data import collate_images
+from mmpeft.data.loader import make_loader
 
 if TYPE_CHECKING:
     from mmpeft.data import LabelSet
@@ -28,10 +28,10 @@ def predict(backbone, dataset: Dataset, labels: LabelSet, batch_size: int = 64,
     was_training = backbone.training
     backbone.eval()
     text_features = None if backbone.head is not None else backbone.class_text_features(labels)
-    collate = getattr(dataset, "collate", None) or collate_images(backbone.preprocess)
     state = process_state()
     indices = process_share(len(dataset), state.process_index, state.num_processes)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = make_loader(Subset(dataset, indices), backbone, batch_size=batch_size,
+                         collate=getattr(dataset, "collate", None))
     truth, predicted = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if state.is_main_process else True):
         logits = backbone.logits(batch, text_features)

@@ -118,49 +118,83 @@ def build_prompt(backbone: GenerativeBackbone, demos: Sequence[Demo], question: 
 
 
 def sweep_seed(backbone: GenerativeBackbone, data, recipe: Recipe, seed: int, shots: Sequence[int],
-                strategies: Sequence[str], max_queries: int | None, limit: int | None) -> list[dict]:
-    train, test = data.dataset("train"), data.dataset("test")
-    queries = list(range(len(test)))
-    if max_queries is not None and len(queries) > max_queries:
-        queries = sorted(random.Random(f"mmpeft-icl-queries:{seed}").sample(queries, max_queries))
-    items = [test[i] for i in queries]
-    answers = backbone.class_text_features(data.labels)
-    names = data.labels.names
-    pool: dict[int, Demo] = {}
-
-    def demo(index: int) -> Demo:
-        if index not in pool:
-            example = train.examples[index]
-            question = example.prompt or backbone.task.question
-            answer = example.text or backbone.task.answer_template.format(label=names[example.label])
-            pool[index] = Demo(train[index]["image"], question, answer)
-        return pool[index]
-
-    similarity = None
-    if "nearest" in strategies and any(k > 0 for k in shots):
-        pool_images = [train[i]["image"] for i in range(len(train))]
-        query_vectors = backbone.image_embeddings([item["image"] for item in items])
-        similarity = (query_vectors @ backbone.image_embeddings(pool_images).t()).cpu().numpy()
-    rows = []
+               strategies: Sequence[str], max_queries: int | None, limit: int | None) -> list[dict]:
+    """One row per (k, strategy). A strategy that fails (say, nearest-neighbour embeddings a backbone cannot make)
+    fails only its own rows, with status "failed" and the error; the other strategies' rows stand."""
+    sweep = SeedSweep(backbone, data, recipe.eval.length_normalize, seed, max_queries, limit)
+    rows, zero_shot = [], None
     for k in shots:
         for strategy in strategies:
-            if k == 0 and strategy != strategies[0]:  # no demonstrations: identical for every strategy
-                rows.append({**rows[-1], "method": f"icl-{strategy}", "strategy": strategy})
+            if k == 0 and zero_shot is not None:  # no demonstrations: identical for every strategy
+                rows.append({**zero_shot, "method": f"icl-{strategy}", "strategy": strategy})
                 continue
-            tic = time.perf_counter()
-            prompts = []
-            for position, (query, item) in enumerate(zip(queries, items)):
-                chosen = select_demos(strategy, k, train.labels, seed, query,
-                                      similarity[position] if similarity is not None else None)
-                question = item.get("prompt") or backbone.task.question
-                prompts.append(build_prompt(backbone, [demo(i) for i in chosen], question, item["image"], limit))
-            predicted = np.concatenate([
-                score_encoded(backbone, [p.encoded for p in prompts[i:i + CHUNK]], answers,
-                              recipe.eval.length_normalize).argmax(-1).numpy()
-                for i in range(0, len(prompts), CHUNK)])
-            truth = np.array([item["label"] for item in items])
-            rows.append(_row(strategy, k, seed, truth, predicted, names, prompts, time.perf_counter() - tic))
+            try:
+                row = sweep.row(strategy, k)
+            except Exception as error:  # noqa: BLE001  (recorded in the row; the other strategies go on)
+                row = _failed_row(strategy, k, seed, error)
+            zero_shot = row if k == 0 else zero_shot
+            rows.append(row)
     return rows
+
+
+class SeedSweep:
+    """The queries of one seed, the demonstration pool (built as used) and, once needed, nearest-neighbour
+    similarities; `row(strategy, k)` scores every query with k demonstrations."""
+
+    def __init__(self, backbone: GenerativeBackbone, data, length_normalize: bool, seed: int,
+                 max_queries: int | None, limit: int | None):
+        self.backbone, self.seed, self.limit, self.length_normalize = backbone, seed, limit, length_normalize
+        self.train, test = data.dataset("train"), data.dataset("test")
+        self.queries = list(range(len(test)))
+        if max_queries is not None and len(self.queries) > max_queries:
+            self.queries = sorted(random.Random(f"mmpeft-icl-queries:{seed}").sample(self.queries, max_queries))
+        self.items = [test[i] for i in self.queries]
+        self.answers = backbone.class_text_features(data.labels)
+        self.names = data.labels.names
+        self.pool: dict[int, Demo] = {}
+        self.similarity: np.ndarray | None = None
+
+    def demo(self, index: int) -> Demo:
+        if index not in self.pool:
+            example = self.train.examples[index]
+            question = example.prompt or self.backbone.task.question
+            answer = example.text or self.backbone.task.answer_template.format(label=self.names[example.label])
+            self.pool[index] = Demo(self.train[index]["image"], question, answer)
+        return self.pool[index]
+
+    def nearest(self) -> np.ndarray:
+        """[queries, pool] cosine similarity of image embeddings, computed on first use."""
+        if self.similarity is None:
+            pool_images = [self.train[i]["image"] for i in range(len(self.train))]
+            query_vectors = self.backbone.image_embeddings([item["image"] for item in self.items])
+            self.similarity = (query_vectors @ self.backbone.image_embeddings(pool_images).t()).cpu().numpy()
+        return self.similarity
+
+    def row(self, strategy: str, k: int) -> dict:
+        tic = time.perf_counter()
+        near = self.nearest() if strategy == "nearest" and k > 0 else None
+        prompts = []
+        for position, (query, item) in enumerate(zip(self.queries, self.items)):
+            chosen = select_demos(strategy, k, self.train.labels, self.seed, query,
+                                  near[position] if near is not None else None)
+            question = item.get("prompt") or self.backbone.task.question
+            prompts.append(build_prompt(self.backbone, [self.demo(i) for i in chosen], question, item["image"],
+                                        self.limit))
+        predicted = np.concatenate([
+            score_encoded(self.backbone, [p.encoded for p in prompts[i:i + CHUNK]], self.answers,
+                          self.length_normalize).argmax(-1).numpy()
+            for i in range(0, len(prompts), CHUNK)])
+        truth = np.array([item["label"] for item in self.items])
+        return _row(strategy, k, self.seed, truth, predicted, self.names, prompts, time.perf_counter() - tic)
+
+
+def _failed_row(strategy: str, k: int, seed: int, error: Exception) -> dict:
+    text = str(error).strip()
+    message = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    logger.error("in-context %s k=%d seed %d failed: %s", strategy, k, seed, message,
+                 exc_info=logger.isEnabledFor(logging.DEBUG))
+    return {"method": f"icl-{strategy}", "strategy": strategy, "shots": k, "seed": seed, "status": "failed",
+            "error": message}
 
 
 def _row(strategy: str, k: int, seed: int, truth: np.ndarray, predicted: np.ndarray, names: list[str],
@@ -179,9 +213,11 @@ def _row(strategy: str, k: int, seed: int, truth: np.ndarray, predicted: np.ndar
 
 
 def summarize(rows: list[dict]) -> dict[str, dict[int, tuple[float, float, int]]]:
-    """{strategy: {k: (mean accuracy, std over seeds, seeds)}}."""
+    """{strategy: {k: (mean accuracy, std over seeds, seeds)}}, over the rows that did not fail."""
     grouped: dict[str, dict[int, list[float]]] = {}
     for row in rows:
+        if row["status"] != "ok":
+            continue
         grouped.setdefault(row["strategy"], {}).setdefault(row["shots"], []).append(row["accuracy"])
     return {strategy: {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in sorted(by_k.items())}
             for strategy, by_k in grouped.items()}
@@ -198,10 +234,14 @@ def write_outputs(out_dir: Path, rows: list[dict], title: str) -> None:
     for strategy, by_k in summary.items():
         cells = [f"{by_k[k][0]:.4f} +- {by_k[k][1]:.4f}" if k in by_k else "" for k in ks]
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
-    truncated = sum(row["truncated_prompts"] for row in rows)
+    truncated = sum(row.get("truncated_prompts", 0) for row in rows)
     if truncated:
         lines += ["", f"{truncated} prompts exceeded the model's context and lost whole demonstrations "
-                  f"({sum(row['dropped_demos'] for row in rows)} in all); see {ROWS_FILE}."]
+                  f"({sum(row.get('dropped_demos', 0) for row in rows)} in all); see {ROWS_FILE}."]
+    failed = [row for row in rows if row["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed rows (not in the table):", ""]
+        lines += [f"- {row['strategy']} k={row['shots']} seed {row['seed']}: {row['error']}" for row in failed]
     lines += ["", f"![accuracy vs k]({PLOT_FILE})", ""]
     write_text(out_dir / TABLE_FILE, "\n".join(lines))
     plot_accuracy(summary, out_dir / PLOT_FILE, title)

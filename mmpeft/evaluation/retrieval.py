@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from mmpeft.data import ImageDataset, collate_images
+from mmpeft.data import ImageDataset
+from mmpeft.data.loader import make_loader
 
 if TYPE_CHECKING:
     from mmpeft.data import LabelSet
@@ -87,8 +88,7 @@ def evaluate_retrieval(backbone, dataset: ImageDataset, labels: LabelSet, batch_
     was_training = backbone.training
     backbone.eval()
     image_indices, texts, positives = retrieval_gallery(dataset, labels)
-    loader = DataLoader(Subset(dataset, image_indices), batch_size=batch_size, shuffle=False,
-                        collate_fn=collate_images(backbone.preprocess))
+    loader = make_loader(Subset(dataset, image_indices), backbone, batch_size=batch_size)
     images = torch.cat([backbone.encode_images(batch["pixel_values"])
                         for batch in tqdm(loader, desc=desc, leave=False, disable=None)])
     text_features = torch.cat([backbone.encode_texts(**backbone.tokenize(texts[i:i + batch_size]))

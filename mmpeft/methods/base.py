@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmpeft.backbones import quantization
 from mmpeft.core.io import atomic_path, write_json
 from mmpeft.core.registry import Registry
 from mmpeft.core.schema import to_plain
@@ -49,8 +50,6 @@ class Method:
     @classmethod
     def check(cls, recipe: Recipe, cuda: bool | None = None) -> list[str]:
         """Problems with this method in this recipe, found before any model loads (`cuda`: None = this machine)."""
-        from mmpeft.backbones import quantization
-
         problems = []
         family = recipe.backbone.family
         if family != "auto" and family not in cls.families:
@@ -144,10 +143,8 @@ def register(cls: type[Method]) -> type[Method]:
 
 def freeze(backbone: nn.Module) -> None:
     """Freeze every weight before a method unfreezes or adds its own; a k-bit base also gets peft's preparation."""
-    from mmpeft.backbones.quantization import prepare_for_training
-
     backbone.requires_grad_(False)
-    prepare_for_training(backbone.model)
+    quantization.prepare_for_training(backbone.model)
 
 
 def require_labels(method: str, labels: LabelSet | None, why: str) -> LabelSet:

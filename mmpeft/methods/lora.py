@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from mmpeft.backbones import family_towers, resolve_towers
+from mmpeft.backbones.quantization import cuda_available
 from mmpeft.core.io import write_json
 from mmpeft.core.schema import to_plain
 from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, freeze, register
@@ -86,8 +87,6 @@ class Lora(PeftMethod):
 
     @classmethod
     def check(cls, recipe: Recipe, cuda: bool | None = None) -> list[str]:
-        from mmpeft.backbones.quantization import cuda_available
-
         problems = super().check(recipe, cuda)
         quant = recipe.backbone.quantization
         cuda = cuda_available() if cuda is None else cuda
@@ -100,6 +99,7 @@ class Lora(PeftMethod):
                 resolve_towers(recipe.backbone.family, recipe.method.towers)
             except ValueError as error:
                 problems.append(str(error))
+        problems += generative_tower_problems(recipe)
         return problems
 
     def peft_config(self, backbone: nn.Module, config: LoraSpec):
@@ -112,3 +112,17 @@ class Lora(PeftMethod):
             targets = peft_targets(targets)
         return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
                           bias=config.bias, use_dora=config.use_dora, use_rslora=config.use_rslora)
+
+
+def generative_tower_problems(recipe: Recipe) -> list[str]:
+    """Towers of a generative backbone without linear layers (Gemma3's projector), from its config alone."""
+    from mmpeft.backbones.generative import GenerativeBackbone
+
+    family, towers = recipe.backbone.family, recipe.method.towers
+    if recipe.method.target_modules is not None or towers is None or family not in ("generative", "auto"):
+        return []
+    try:
+        towers = resolve_towers("generative", towers)
+    except ValueError:  # not generative towers: a dual encoder's, or already reported above
+        return []
+    return GenerativeBackbone.recipe_tower_problems(recipe.backbone, towers)

@@ -26,8 +26,9 @@ LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps its learnable temperature here 
 
 def positive_mask(labels: torch.Tensor, captions: Sequence[str], images: Sequence[object] | None = None,
                   ) -> torch.Tensor:
-    """[B, B] bool: example i's image matches example j's caption (same class, same caption or same image)."""
-    positives = labels.view(-1, 1) == labels.view(1, -1)
+    """[B, B] bool: example i's image matches example j's caption (same class, same caption or same image).
+    Label -1 (caption-only data) is no class: such rows match by caption and image only."""
+    positives = (labels.view(-1, 1) == labels.view(1, -1)) & (labels.view(-1, 1) >= 0)
     ids = {text: i for i, text in enumerate(dict.fromkeys(captions))}
     caption_ids = torch.tensor([ids[text] for text in captions], device=labels.device)
     positives |= caption_ids.view(-1, 1) == caption_ids.view(1, -1)

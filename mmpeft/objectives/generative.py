@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmpeft.data.conversations import chat_messages
 from mmpeft.objectives.base import OBJECTIVES, Objective
 
 if TYPE_CHECKING:
+    from mmpeft.backbones.generative import GenerativeBackbone
     from mmpeft.data import ImageDataset, LabelSet
 
 
@@ -44,3 +46,23 @@ class AnswerLoss(Objective):
     def logits(self, batch: dict) -> torch.Tensor:
         """Class scores (answer log-likelihoods), as the classification objective's logits."""
         return self.backbone.logits(batch, self.backbone.class_text_features(self.labels))
+
+
+class ConversationLoss(Objective):
+    """Mean cross-entropy over every assistant turn's tokens of multi-turn, multi-image conversations.
+
+    System, user and image tokens (and template markup outside assistant turns) carry label -100, as TRL's
+    `assistant_only_loss` and LLaMA-Factory do; `GenerativeBackbone.encode_conversation` finds the turns.
+    """
+
+    def __init__(self, backbone: GenerativeBackbone):
+        backbone.require("generative", "conversation data (data.source: llava, sharegpt, messages, llamafactory)")
+        self.backbone = backbone
+
+    def inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Model inputs of a ConversationDataset batch, `labels` on assistant tokens only."""
+        pairs = [(chat_messages(turns), images) for turns, images in zip(batch["turns"], batch["images"])]
+        return self.backbone.encode_conversations(pairs)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return self.backbone.model(**self.inputs(batch)).loss

@@ -12,6 +12,11 @@ CONFUSION_PNG = "confusion_matrix.png"
 
 def write_run_report(run_dir: Path, metrics: dict, names: list[str]) -> None:
     test = metrics["test"]
+    if "skipped" in test:  # caption-only data: retrieval is the whole evaluation
+        lines = [f"# Run `{run_dir.name}`", "", f"Recipe `{metrics['recipe']}`, backbone `{metrics['backbone']}`, "
+                 f"method `{metrics['method']}`, seed {metrics['seed']}.", "", f"{test['skipped'].capitalize()}."]
+        write_text(run_dir / "report.md", "\n".join(lines + retrieval_table(metrics) + [""]))
+        return
     confusion_matrix_png(test["confusion_matrix"], names, run_dir / CONFUSION_PNG,
                          f"{metrics['method']} on test ({test['n']} images)")
     lines = [f"# Run `{run_dir.name}`", "",

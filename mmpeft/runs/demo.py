@@ -25,10 +25,9 @@ import torch
 
 from mmpeft.backbones import DEMO_BACKBONES
 from mmpeft.backbones.base import BackboneError
-from mmpeft.core.io import cache_dir
+from mmpeft.core.io import PROJECT_ROOT, cache_dir
 from mmpeft.tiny.dual_encoder import save_tiny_clip
 from mmpeft.tiny.store import tiny_backbone
-from mmpeft.core.io import PROJECT_ROOT
 
 logger = logging.getLogger("mmpeft")
 
@@ -193,6 +192,15 @@ def tiny_llava() -> Path:
 def tiny_qwen2vl() -> Path:
     """A random tiny Qwen2-VL (generative; about 90k parameters), saved with the image-only processor."""
     return tiny_backbone("qwen2vl")
+
+
+def _register_tiny_generative(kind: str) -> None:
+    """`mmpeft-demo/tiny-<kind>` for every other tiny generative family (docs/generative-families.md)."""
+    DEMO_BACKBONES.register(f"mmpeft-demo/tiny-{kind}")(lambda: tiny_backbone(kind))
+
+
+for _kind in ("idefics3", "smolvlm", "qwen25vl", "paligemma", "gemma3"):
+    _register_tiny_generative(_kind)
 
 
 @DEMO_BACKBONES.register("mmpeft-demo/digits-clip")

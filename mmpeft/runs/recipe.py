@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError, build, did_you_mean
 from mmpeft.specs import Recipe
+from mmpeft.train.tracking import missing_tracker_problems
+
 
 def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
     """YAML file or mapping (+ `key.sub=value` overrides) -> validated Recipe; raises RecipeError."""
@@ -61,6 +62,7 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
         problems += _check_files(recipe, base_dir)
         problems += _check_shifts(recipe)
         problems += _check_generative(recipe)
+        problems += _check_conversations(recipe)
         if method is not None:
             problems += METHODS.get(method.name).check(recipe)
     if problems:
@@ -70,11 +72,12 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
 
 def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
     problems = []
-    if recipe.train.log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        problems.append("train.log_with: tensorboard is not installed; `pip install tensorboard` or remove the key")
+    problems += missing_tracker_problems(recipe.train)
     data = recipe.data
-    if data.source in ("folder", "csv", "jsonl", "hf_disk") and data.path and not Path(data.path).exists():
+    if data.source in ("folder", "csv", "jsonl", "hf_disk", "captions") and data.path and not Path(data.path).exists():
         problems.append(f"data.path: {data.source} source {data.path!r} does not exist")
+    if data.source == "captions" and data.eval_path and not Path(data.eval_path).exists():
+        problems.append(f"data.eval_path: captions table {data.eval_path!r} does not exist")
     if data.image_root and not Path(data.image_root).is_dir():
         problems.append(f"data.image_root: folder {data.image_root!r} does not exist")
     backbone_id = recipe.backbone.id
@@ -94,6 +97,24 @@ def _check_generative(recipe: Recipe) -> list[str]:
                         "backbone.family is 'dual_encoder'; use classification or contrastive")
     if recipe.eval.generate:
         problems.append("eval.generate: free-form answers need backbone.family: generative (or auto)")
+    return problems
+
+
+def _check_conversations(recipe: Recipe) -> list[str]:
+    """Conversation sources (llava, sharegpt, messages, llamafactory): their file, and keys that cannot apply."""
+    from mmpeft.data.conversation_data import CONVERSATION_SOURCES, conversation_spec_problems
+
+    data = recipe.data
+    problems = conversation_spec_problems(data)
+    if data.source not in CONVERSATION_SOURCES:
+        return problems
+    if data.path and not Path(data.path).exists():
+        problems.append(f"data.path: {data.source} file {data.path!r} does not exist")
+    if recipe.train.objective != "generative":
+        problems.append(f"train.objective: conversations train with 'generative' (assistant-token loss), not "
+                        f"{recipe.train.objective!r}")
+    if recipe.backbone.family == "dual_encoder":
+        problems.append(f"backbone.family: data.source: {data.source} needs a generative backbone, not dual_encoder")
     return problems
 
 

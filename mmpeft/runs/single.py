@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,13 +15,16 @@ from mmpeft.backbones import Backbone
 from mmpeft.backbones.quantization import weight_bytes
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
-from mmpeft.data import load_data
+from mmpeft.data import DataError, load_data
+from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
+from mmpeft.data.loader import loader_settings
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.features import FeatureBinding, bind_features, keep_after_apply
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import make_objective
 from mmpeft.report import write_run_report
 from mmpeft.runs.build import apply_method, build, load_base
+from mmpeft.runs.conversations import execute_conversations
 from mmpeft.runs.evaluate import (
     evaluate_answer_set,
     evaluate_retrieval_set,
@@ -33,13 +37,16 @@ from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE, new_run_dir, run_loggi
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.specs import Recipe
 from mmpeft.train import Trainer
+from mmpeft.train.tracking import end_tracking
 
 logger = logging.getLogger("mmpeft")
+NO_LABELS = "classification metrics not computed: caption-only data has no labels (see retrieval)"
 
 
 def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
         resume: str | Path | None = None) -> dict:
     """Run a recipe end to end and return its metrics (also written to <run folder>/metrics.json)."""
+    conversations = None
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / RECIPE_FILE).is_file():
@@ -50,8 +57,12 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None =
         recipe = load_recipe(run_dir / RECIPE_FILE, overrides)
     else:
         recipe = load_recipe(recipe, overrides)
+        if recipe.data.source in CONVERSATION_SOURCES:  # every row checked before a run folder is even made
+            conversations = load_conversations(recipe.data, recipe.seed)
         run_dir = new_run_dir(recipe)
-    with run_logging(run_dir):
+    with run_logging(run_dir), loader_settings(recipe.data.image_cache, recipe.train.num_workers):
+        if recipe.data.source in CONVERSATION_SOURCES:  # multi-turn conversations: no labels, their own evaluation
+            return execute_conversations(recipe, run_dir, resume is not None, data=conversations)
         return execute(recipe, run_dir, resume=resume is not None)
 
 
@@ -59,8 +70,12 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     set_seed(recipe.seed, deterministic=False)
     data = load_data(recipe.data, recipe.seed)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
-    backbone = load_base(recipe)
     method = METHODS.get(recipe.method.name)()
+    if not data.info.get("labelled", True) and method.trains and recipe.train.objective != "contrastive":
+        raise DataError(f"data: {data.info['where']} is caption-only (no {recipe.data.label_column!r} column), so "
+                        f"train.objective: {recipe.train.objective!r} has nothing to learn; use train.objective: "
+                        "contrastive, or add a label column")
+    backbone = load_base(recipe)
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
                      "seed": recipe.seed, "data": data.info}
     test_sets = evaluation_sets(recipe, data)
@@ -72,8 +87,9 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     logger.info("method %s: %d trainable of %d parameters (%.3f%%)", method.name, metrics["params"]["trainable"],
                 metrics["params"]["total"], metrics["params"]["percent"])
     features = keep_after_apply(features, recipe, method, backbone)
+    trainer = None  # its trackers stay open for the test metrics
     if method.trains:
-        metrics["train"], final_state = train(recipe, run_dir, backbone, data, resume, features)
+        metrics["train"], final_state, trainer = train(recipe, run_dir, backbone, data, resume, features)
         if final_state is not None:  # FSDP left the trained model sharded: evaluate and save a whole one
             backbone = build(recipe, data.labels, final_state)
     tested = evaluate_all(backbone, test_sets, data, recipe, "test", features)
@@ -83,7 +99,8 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     metrics.update(tested)
     metrics["feature_cache"] = features.stats() if features is not None else {"used": False}
     metrics["memory"] = memory_footprint(backbone)
-    print_line(method.name, metrics["test"], metrics["params"])
+    if "skipped" not in metrics["test"]:
+        print_line(method.name, metrics["test"], metrics["params"])
     state = process_state()
     if state.is_main_process:  # one writer, whatever the number of processes
         save_adapter(method, backbone, recipe, run_dir)
@@ -91,6 +108,8 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         write_json(run_dir / METRICS_FILE, metrics)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         logger.info("run folder: %s", run_dir)
+    if trainer is not None:
+        end_tracking(trainer, metrics, run_dir)
     state.wait_for_everyone()
     return metrics
 
@@ -99,9 +118,12 @@ def evaluate_all(backbone: Backbone, test_sets: dict, data, recipe: Recipe, stag
                  features: FeatureBinding | None) -> dict:
     """{"zero_shot" or "test": label scores, "answers"/"retrieval": {stage: ...} where the recipe asks for them}."""
     key = "zero_shot" if stage == "zero-shot" else "test"
-    found: dict = {key: evaluate_sets(backbone, test_sets, data.labels, recipe, stage, features)}
-    if stage == "zero-shot":
-        print_line(stage, found[key])
+    if data.info.get("labelled", True):
+        found: dict = {key: evaluate_sets(backbone, test_sets, data.labels, recipe, stage, features)}
+        if stage == "zero-shot":
+            print_line(stage, found[key])
+    else:  # caption-only data: no classes to score; retrieval below is the evaluation
+        found = {key: {"skipped": NO_LABELS, "n": len(data.test)}}
     if recipe.eval.generate:
         found["answers"] = {key: evaluate_answer_set(backbone, test_sets, data, recipe, stage)}
     if wants_retrieval(recipe):
@@ -110,8 +132,9 @@ def evaluate_all(backbone: Backbone, test_sets: dict, data, recipe: Recipe, stag
 
 
 def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
-          features: FeatureBinding | None = None) -> tuple[dict, dict | None]:
-    """Train; returns the summary and, under FSDP, the whole trained state (else None: `backbone` holds it)."""
+          features: FeatureBinding | None = None) -> tuple[dict, dict | None, Trainer]:
+    """Train; returns the summary, under FSDP the whole trained state (else None: `backbone` holds it), and the
+    trainer, whose trackers stay open until `end_tracking`."""
     train_set = data.dataset("train", augment=True, seed=recipe.seed, spec=recipe.data)
     if features is not None and train_set.augment is not None:
         logger.info("feature cache: off for training: data.augment changes the images every epoch "
@@ -128,14 +151,21 @@ def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
         scores = classification_metrics(truth, predicted, data.labels.names)
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
-    trainer = Trainer(backbone, objective, train_set, recipe.train, recipe.seed, run_dir,
-                      evaluate_val=evaluate_val if val_set is not None else None, tracker_config=_flat(recipe))
-    progress = trainer.fit(resume=resume)
+    labelled = data.info.get("labelled", True)
+    spec = recipe.train if recipe.train.tracking_experiment else replace(recipe.train, tracking_experiment=recipe.name)
+    trainer = Trainer(backbone, objective, train_set, spec, recipe.seed, run_dir,
+                      evaluate_val=evaluate_val if val_set is not None and labelled else None,
+                      tracker_config=_flat(recipe), keep_tracking_open=True)
+    try:
+        progress = trainer.fit(resume=resume)
+    except BaseException:
+        end_tracking(trainer, failed=True)
+        raise
     seconds = progress.train_seconds
     summary = {"epochs_run": progress.epoch, "steps": progress.global_step, "seconds": round(seconds, 3),
                "samples_per_second": round(progress.samples_seen / seconds, 2) if seconds else None,
                "best_epoch": progress.best_epoch, "history": progress.history}
-    return summary, trainer.final_state
+    return summary, trainer.final_state, trainer
 
 
 def memory_footprint(backbone: Backbone) -> dict:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
 from mmpeft.data import ImageDataset, LabelSet, collate_images
+from mmpeft.data.loader import loader_settings
 from mmpeft.evaluation import classification_metrics, predict
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import Classification
@@ -37,6 +38,7 @@ from mmpeft.runs.folder import ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, new_run_d
 from mmpeft.sequences.metrics import summarise
 from mmpeft.sequences.regularisers import Regulariser, TaskContext, make_regulariser, trainable_parameters
 from mmpeft.sequences.regularisers.base import copy_into
+from mmpeft.sequences.report import write_continual_report
 from mmpeft.sequences.sequence import TaskSequence, load_sequence
 from mmpeft.sequences.tasks import ContinualRecipe, load_continual_recipe
 from mmpeft.train import CHECKPOINT_DIR, Trainer
@@ -89,7 +91,7 @@ def continual(recipe: str | Path | dict | ContinualRecipe | None, overrides: lis
             raise FileExistsError(f"run folder {folder} holds an interrupted continual run; continue it with "
                                   f"`mmpeft continual --resume {folder}` or choose another output.name")
         run_dir = new_run_dir(loaded)  # type: ignore[arg-type]  (it needs .name, .output and .to_yaml only)
-    with run_logging(run_dir):
+    with run_logging(run_dir), loader_settings(loaded.recipe.data.image_cache, loaded.recipe.train.num_workers):
         try:
             return execute(loaded, run_dir, resume=resume is not None)
         except KeyboardInterrupt:
@@ -205,7 +207,8 @@ def task_context(recipe: ContinualRecipe, sequence: TaskSequence, backbone, inde
     context = TaskContext(index=index, backbone=backbone, train_set=sequence.tasks[index].dataset("train"),
                           train_sets=[t.dataset("train") for t in sequence.tasks], labels=labels,
                           previous_classes=sequence.previous_classes(index), logits=objective.logits,
-                          collate=collate_images(backbone.preprocess), batch_size=recipe.recipe.eval.batch_size,
+                          collate=collate_images(backbone.preprocess, backbone.preprocess_fitted),
+                          batch_size=recipe.recipe.eval.batch_size,
                           seed=recipe.seed + index, is_last=index == len(sequence.tasks) - 1)
     return context, objective
 
@@ -235,8 +238,6 @@ def accuracy(backbone, dataset: ImageDataset, labels: LabelSet, batch_size: int)
 
 def finish(recipe: ContinualRecipe, sequence: TaskSequence, backbone, method, regulariser: Regulariser,
            progress: SequenceProgress, params: dict, run_dir: Path) -> dict:
-    from mmpeft.sequences.report import write_continual_report
-
     base = recipe.recipe
     zero_shot = progress.zero_shot or {}
     metrics = {

@@ -18,7 +18,9 @@ from typing import Any
 
 from mmpeft.core.schema import RecipeError, build, did_you_mean, to_plain
 from mmpeft.data.shifts import parse_shift
+from mmpeft.methods import METHODS
 from mmpeft.runs.recipe import load_recipe, parse_overrides, read_yaml, resolve_presets
+from mmpeft.sequences.regularisers import REGULARISERS
 from mmpeft.sequences.spec import ContinualRecipe, Task
 from mmpeft.specs import DataSpec, Recipe
 
@@ -98,8 +100,6 @@ def _build_continual(recipe: Recipe | None, continual: dict, problems: list[str]
         return None
     result = ContinualRecipe(recipe, tuple(tasks), regulariser, control)
     problems += _check_sequence(result)
-    from mmpeft.sequences.regularisers import REGULARISERS
-
     problems += REGULARISERS.get(regulariser.name).check(result)
     return result
 
@@ -151,8 +151,6 @@ def _default_name(changes: dict, fallback: str) -> str:
 
 
 def _build_regulariser(value: Any, problems: list[str]) -> Any:
-    from mmpeft.sequences.regularisers import REGULARISERS
-
     if isinstance(value, str):
         value = {"name": value}
     if not isinstance(value, dict) or "name" not in value:
@@ -169,8 +167,6 @@ def _build_regulariser(value: Any, problems: list[str]) -> Any:
 
 def _check_sequence(recipe: ContinualRecipe) -> list[str]:
     """What a continual run cannot do, found before any model loads."""
-    from mmpeft.methods import METHODS
-
     problems = []
     base = recipe.recipe
     if not METHODS.get(base.method.name).trains:

@@ -20,12 +20,19 @@ from mmpeft.tiny.dual_encoder import (
     tiny_clip_config,
     tiny_siglip_config,
 )
+from mmpeft.tiny.generative import build_gemma3 as save_tiny_gemma3
+from mmpeft.tiny.generative import build_idefics3 as save_tiny_idefics3
 from mmpeft.tiny.generative import build_llava as save_tiny_llava
+from mmpeft.tiny.generative import build_paligemma as save_tiny_paligemma
 from mmpeft.tiny.generative import build_qwen2vl as save_tiny_qwen2vl
-from mmpeft.tiny.store import tiny_backbone
+from mmpeft.tiny.generative import build_qwen25vl as save_tiny_qwen25vl
+from mmpeft.tiny.generative import build_smolvlm as save_tiny_smolvlm
+from mmpeft.tiny.store import GENERATIVE_KINDS, tiny_backbone
 
 __all__ = [
     "BOS_TOKEN", "DEFAULT_WORDS", "EOS_TOKEN", "PAD_TOKEN", "SPECIAL_TOKENS", "UNK_TOKEN", "build_word_tokenizer",
     "save_tiny_clip", "save_tiny_llava", "save_tiny_qwen2vl", "save_tiny_siglip", "tiny_backbone",
     "tiny_clip_config", "tiny_siglip_config",
+    "GENERATIVE_KINDS", "save_tiny_gemma3", "save_tiny_idefics3", "save_tiny_paligemma", "save_tiny_qwen25vl",
+    "save_tiny_smolvlm",
 ]

@@ -11,11 +11,24 @@ from typing import Any, Literal
 
 from mmpeft.core.io import cache_dir
 from mmpeft.tiny.dual_encoder import save_tiny_clip, save_tiny_siglip
-from mmpeft.tiny.generative import build_llava, build_qwen2vl
+from mmpeft.tiny.generative import (
+    build_gemma3,
+    build_idefics3,
+    build_llava,
+    build_paligemma,
+    build_qwen2vl,
+    build_qwen25vl,
+    build_smolvlm,
+)
 
-_BUILDERS = {"clip": save_tiny_clip, "siglip": save_tiny_siglip, "llava": build_llava, "qwen2vl": build_qwen2vl}
-# Bump when the builders change what they write, so stale cached folders are rebuilt instead of reused.
-_BUILD_VERSION = 1
+_BUILDERS = {"clip": save_tiny_clip, "siglip": save_tiny_siglip, "llava": build_llava, "qwen2vl": build_qwen2vl,
+             "qwen25vl": build_qwen25vl, "idefics3": build_idefics3, "smolvlm": build_smolvlm,
+             "paligemma": build_paligemma, "gemma3": build_gemma3}
+GENERATIVE_KINDS = ("llava", "idefics3", "smolvlm", "qwen2vl", "qwen25vl", "paligemma", "gemma3")
+TinyKind = Literal["clip", "siglip", "llava", "idefics3", "smolvlm", "qwen2vl", "qwen25vl", "paligemma", "gemma3"]
+# Bump a kind's version when its builder changes what it writes: from version 2 on, the version is part of the
+# folder name, so a new folder is built and checkouts of older code sharing the cache keep reading theirs.
+_BUILD_VERSIONS = {"qwen2vl": 2}  # 2: stock processor class name recorded, 4 to 16 image tokens by image shape
 _MARKER = "mmpeft-tiny.json"
 
 
@@ -26,8 +39,9 @@ def _is_complete(path: Path, marker: dict[str, Any]) -> bool:
         return False
 
 
-def tiny_backbone(kind: Literal["clip", "siglip", "llava", "qwen2vl"] = "clip", seed: int = 0) -> Path:
-    """Path of a cached tiny backbone under `cache_dir("tiny-backbones", f"{kind}-{seed}")`, built on first use.
+def tiny_backbone(kind: TinyKind = "clip", seed: int = 0) -> Path:
+    """Path of a cached tiny backbone under `cache_dir("tiny-backbones")` (`{kind}-{seed}`, `-v{version}` appended
+    from version 2), built on first use. `smolvlm` is Idefics3 with image splitting.
 
     The folder is written to a temporary sibling and renamed into place, so a killed build never leaves a half
     folder and concurrent callers either find the finished folder or build their own copy and discard it.
@@ -35,8 +49,9 @@ def tiny_backbone(kind: Literal["clip", "siglip", "llava", "qwen2vl"] = "clip", 
     if kind not in _BUILDERS:
         raise ValueError(f"unknown tiny backbone kind {kind!r}; expected one of {sorted(_BUILDERS)}")
     root = cache_dir("tiny-backbones")
-    target = root / f"{kind}-{seed}"
-    marker = {"kind": kind, "seed": seed, "build_version": _BUILD_VERSION}
+    version = _BUILD_VERSIONS.get(kind, 1)
+    target = root / (f"{kind}-{seed}" if version == 1 else f"{kind}-{seed}-v{version}")
+    marker = {"kind": kind, "seed": seed, "build_version": version}
     if _is_complete(target, marker):
         return target
 

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json
-from mmpeft.data import collate_images
+from mmpeft.data.loader import EpochLoader
+from mmpeft.train.tracking import epoch_metrics, finish_tracking, start_tracking, tracker_arguments
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -142,13 +142,12 @@ class LossModule(torch.nn.Module):
 class Trainer:
     def __init__(self, backbone, objective: Objective, train_set: ImageDataset, spec: TrainSpec, seed: int,
                  run_dir: Path, evaluate_val: Callable[[], dict] | None = None, callbacks: tuple[Callback, ...] = (),
-                 tracker_config: dict | None = None):
+                 tracker_config: dict | None = None, keep_tracking_open: bool = False):
         self.backbone, self.objective, self.train_set, self.spec, self.seed = backbone, objective, train_set, spec, seed
         self.run_dir, self.evaluate_val, self.callbacks = Path(run_dir), evaluate_val, callbacks
-        kwargs = {"log_with": spec.log_with, "project_dir": str(self.run_dir / "tracking")} if spec.log_with else {}
-        self.accelerator = make_accelerator(spec.mixed_precision, **kwargs)
-        if spec.log_with:
-            self.accelerator.init_trackers(self.run_dir.name, config=tracker_config)
+        self.accelerator = make_accelerator(spec.mixed_precision, **tracker_arguments(spec, self.run_dir))
+        self.tracking, self.keep_tracking_open = bool(spec.log_with), keep_tracking_open  # open: the caller ends it
+        start_tracking(self.accelerator, spec, self.run_dir, tracker_config)  # a no-op without train.log_with
         backbone.to(self.accelerator.device)
         if spec.gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
@@ -170,8 +169,7 @@ class Trainer:
         from transformers import get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, round(spec.warmup_ratio * total), total)
-        # a dataset may bring its own collate (cached image features: mmpeft.features.FeatureDataset)
-        self.collate = getattr(train_set, "collate", None) or collate_images(backbone.preprocess)
+        self.loader = EpochLoader(train_set, backbone, seed, spec.num_workers)  # data/loader.py: cache, workers
         self.progress = Progress()
         self.best_state: dict[str, torch.Tensor] | None = None
         self.final_state: dict[str, torch.Tensor] | None = None  # FSDP: the trained state, whole
@@ -210,14 +208,15 @@ class Trainer:
             if progress.finished:
                 break
         progress.finished = True
+        self.loader.close()
         if self.fsdp:  # sharded weights stay sharded: the caller rebuilds a whole model from this state
             self.final_state = self.best_state if self.best_state is not None else self.snapshot()
         elif self.best_state is not None:
             self.restore(self.best_state)
         for callback in self.callbacks:
             callback.on_train_end(self)
-        if spec.log_with:
-            self.accelerator.end_training()
+        if self.tracking and not self.keep_tracking_open:
+            finish_tracking(self.accelerator, progress.global_step)
         return progress
 
     def run_epoch(self, epoch: int) -> None:
@@ -225,12 +224,9 @@ class Trainer:
         self.train_set.set_epoch(epoch)
         batches = self.epoch_batches(epoch)
         start = progress.batch_in_epoch
-        # own generator: creating the iterator must not draw from the global RNG that dropout uses
-        local = [self.local_part(b) for b in batches[start:]]
-        loader = DataLoader(self.train_set, batch_sampler=local, collate_fn=self.collate,
-                            num_workers=spec.num_workers, generator=torch.Generator().manual_seed(self.seed + epoch))
+        tic = time.perf_counter()  # from before the loader: the first epoch's image caching is training time too
+        loader = self.loader.epoch(epoch, [self.local_part(b) for b in batches[start:]])
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.epochs}", initial=start, total=len(batches), disable=None)
-        tic = time.perf_counter()
         for index, batch in enumerate(bar, start=start):
             for callback in self.callbacks:
                 batch = callback.transform_batch(batch)
@@ -250,7 +246,7 @@ class Trainer:
                 self.optimizer_step()
                 progress.batch_in_epoch = index + 1
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-                if spec.log_with:
+                if self.tracking:
                     self.accelerator.log({"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0]},
                                          step=progress.global_step)
                 if spec.checkpoint_every_steps and progress.global_step % spec.checkpoint_every_steps == 0:
@@ -291,8 +287,8 @@ class Trainer:
                 progress.stale_epochs += 1
         progress.history.append(metrics)
         logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
-        if spec.log_with:
-            self.accelerator.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step=progress.global_step)
+        if self.tracking:
+            self.accelerator.log(epoch_metrics(metrics), step=progress.global_step)
         for callback in self.callbacks:
             callback.on_epoch_end(self, metrics)
         progress.epoch, progress.batch_in_epoch = epoch + 1, 0

@@ -3,6 +3,10 @@ checkpointing and LoRA in bf16 autocast, on one mid-sized CLIP built from config
 
     python tests/benchmarks/bench_planner.py [--batch-size 32] [--cases lora full qlora lora-ckpt lora-bf16] [--steps 2]
 
+On a GPU, tests/benchmarks/gpu_suite.py also puts the plan beside the measured peak, for every method on a
+ViT-B/16-sized CLIP at batch 128 and at the largest batch that fits; this script stays for its CPU (RSS) mode and its
+one-process-per-case isolation.
+
 Each case runs in a fresh subprocess, so one case's allocations cannot hide another's. What is measured:
 - CUDA (when present): torch.cuda.max_memory_allocated over the steps, weights included, against the plan's
   peak without its runtime reserve. Target: within 20%.
@@ -35,7 +39,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CLASSES = ["cat", "dog", "bird", "fish", "horse", "deer", "frog", "car", "truck", "ship"]
+from gpu_suite import CLASSES  # noqa: E402  (one class list for the suite and this benchmark)
+
 CASES = {
     "lora": {"method": {"name": "lora", "r": 8}},
     "full": {"method": {"name": "full"}},
@@ -51,7 +56,7 @@ MIB = 2**20
 
 
 def recipe_for(case: str, backbone_dir: str, batch: int):
-    from mmpeft.runs.recipe import load_recipe
+    from mmpeft import load_recipe
 
     data = {"name": f"bench-{case}", "backbone": {"id": backbone_dir},
             "data": {"source": "digits", "classes": CLASSES, "templates": ["a photo of a {label}."]},

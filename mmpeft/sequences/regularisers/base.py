@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from mmpeft.core.registry import Registry
+from mmpeft.data.loader import make_loader
 from mmpeft.train import Callback
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class TaskContext:
         if limit is not None and limit < len(self.train_set):
             order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.seed))
             dataset = Subset(self.train_set, sorted(order[:limit].tolist()))
-        yield from DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False, collate_fn=self.collate)
+        yield from make_loader(dataset, self.backbone, batch_size=batch_size or self.batch_size, collate=self.collate)
 
 
 class Regulariser(Callback):

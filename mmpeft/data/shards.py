@@ -1,0 +1,106 @@
+"""WebDataset tar shards (`train-{0000..0009}.tar`: `key.jpg`/`key.png`/`key.webp` + `key.txt`/`key.json` per
+sample) as rows, through the `webdataset` package's own conventions (`pip install mmpeft[webdataset]`).
+
+Why read in place: data that does not fit a folder of files should not be unpacked into one. Each shard's tar
+headers are scanned once (no image is decoded); a sample's image stays a `ShardImage` (shard, offset, size) that
+is read with one seek when the batch needs it, and its caption (and label, if any) is kept. Samples are grouped by
+webdataset's key rule (`base_plus_ext`: the name up to the first dot in its last path part), and the pattern is
+brace-expanded as webdataset expands it. Training order is the trainer's: a permutation by seed and epoch, so a
+resumed run continues at the same position from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import tarfile
+from pathlib import Path
+
+from mmpeft.data.errors import DataError
+from mmpeft.data.sources import Row, ShardImage
+from mmpeft.specs import DataSpec
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTENSIONS = ("txt", "json")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """`train-{0000..0009}.tar` (webdataset's brace syntax) or a glob -> existing shard files, in order."""
+    try:
+        import braceexpand
+        import webdataset  # noqa: F401  (the optional extra that brings braceexpand)
+    except ImportError:
+        raise DataError("data.source: webdataset needs the webdataset package: pip install 'mmpeft[webdataset]'"
+                        ) from None
+    names = [name for part in braceexpand.braceexpand(pattern) for name in (sorted(glob.glob(part)) or [part])]
+    missing = [name for name in names if not Path(name).is_file()]
+    if missing:
+        raise DataError(f"data.path: {len(missing)} of {len(names)} shards of {pattern!r} do not exist (first: "
+                        f"{missing[0]!r})")
+    return names
+
+
+def read_shards(pattern: str, spec: DataSpec) -> tuple[list[Row], bool]:
+    """Rows of every sample of the shards; a sample without an image or a caption is a bad row, not a crash.
+    Returns the rows and whether every sample has a label (a `cls` member or `data.label_column` in its json)."""
+    from webdataset.tariterators import base_plus_ext
+
+    rows, labelled = [], True
+    for shard in expand_shards(pattern):
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(shard, "r:") as tar:  # uncompressed, as webdataset writes: members can be seeked
+                for member in tar:
+                    key, ext = base_plus_ext(member.name)
+                    if member.isfile() and key is not None and not Path(key).name.startswith("_"):
+                        samples.setdefault(key, {})[ext.lower()] = member
+                texts = {key: _text_of(tar, parts, spec) for key, parts in samples.items()}
+        except tarfile.TarError as error:
+            raise DataError(f"data.path: {shard} is not a readable uncompressed tar shard ({error})") from None
+        for key, parts in samples.items():
+            row = _row(shard, key, parts, texts[key])
+            labelled = labelled and row.label is not None
+            rows.append(row)
+    return rows, labelled and bool(rows)
+
+
+def _text_of(tar: tarfile.TarFile, parts: dict[str, tarfile.TarInfo], spec: DataSpec) -> tuple[str | None, ...]:
+    """(caption, label, problem) of one sample: `txt` is the caption; a `json` may hold caption and label."""
+    caption = label = None
+    if "txt" in parts:
+        caption = tar.extractfile(parts["txt"]).read().decode("utf-8").strip() or None
+    if "cls" in parts:
+        label = tar.extractfile(parts["cls"]).read().decode("utf-8").strip() or None
+    if "json" in parts:
+        try:
+            meta = json.loads(tar.extractfile(parts["json"]).read())
+        except ValueError as error:
+            return None, None, f"json member is not valid JSON ({error})"
+        if not isinstance(meta, dict):
+            return None, None, f"json member is a {type(meta).__name__}, not an object"
+        caption = caption or _field(meta, spec.text_column, "caption")
+        label = label or _field(meta, spec.label_column)
+    return caption, label, None
+
+
+def _field(meta: dict, *names: str) -> str | None:
+    for name in names:
+        value = meta.get(name)
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
+def _row(shard: str, key: str, parts: dict[str, tarfile.TarInfo], text: tuple[str | None, ...]) -> Row:
+    caption, label, problem = text
+    where = f"{Path(shard).name}:{key}"
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
+    if problem is None and image_ext is None:
+        problem = f"no image member (one of .{', .'.join(IMAGE_EXTENSIONS)}; found .{', .'.join(parts)})"
+    if problem is None and caption is None and label is None:
+        problem = "no caption (a .txt member, or a json with a 'caption' or data.text_column key)"
+    if problem is not None:
+        return Row("", None, None, where, problem)
+    member = parts[image_ext]
+    return Row(ShardImage(shard, member.name, member.offset_data, member.size), label, caption, where)
+

@@ -1,0 +1,115 @@
+"""A run on conversation data (data.source: llava | sharegpt | messages | llamafactory): read and check every row
+before the model loads, measure the untouched model, train on assistant turns, evaluate, save.
+
+Conversations have no labels: validation and the run's headline number are the held-out assistant-token loss (lower
+is better), and `eval.generate` adds the last assistant turn generated and matched against the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+from accelerate.utils import set_seed
+
+from mmpeft.backbones import Backbone
+from mmpeft.core.distributed import process_state
+from mmpeft.core.io import write_json, write_text
+from mmpeft.data.conversation_data import ConversationSplits, load_conversations
+from mmpeft.evaluation.conversations import assistant_loss, last_turn_answers
+from mmpeft.methods import METHODS, count_parameters
+from mmpeft.objectives.generative import ConversationLoss
+from mmpeft.runs.build import apply_method, build, load_base
+from mmpeft.runs.folder import METRICS_FILE, save_adapter
+from mmpeft.specs import Recipe
+from mmpeft.train import Trainer
+
+logger = logging.getLogger("mmpeft")
+REPORT_FILE = "report.md"
+
+
+def execute_conversations(recipe: Recipe, run_dir: Path, resume: bool = False,
+                          data: ConversationSplits | None = None) -> dict:
+    """`data` (already read and checked) or the recipe's, read and checked here before any model loads."""
+    set_seed(recipe.seed, deterministic=False)
+    data = data if data is not None else load_conversations(recipe.data, recipe.seed)
+    logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info["counts"].items()))
+    backbone = load_base(recipe)
+    backbone.require("generative", f"data.source: {recipe.data.source} (conversations)")
+    method = METHODS.get(recipe.method.name)()
+    metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
+                     "seed": recipe.seed, "data": data.info}
+    if recipe.eval.zero_shot and method.name != "zero_shot":
+        metrics["zero_shot"] = evaluate_conversations(backbone, data, recipe, "zero-shot")
+    apply_method(backbone, recipe, None)  # no label set: methods that need classes say so
+    metrics["params"] = count_parameters(backbone)
+    if method.trains:
+        metrics["train"], final_state = train_conversations(recipe, run_dir, backbone, data, resume)
+        if final_state is not None:  # FSDP left the trained model sharded: evaluate and save a whole one
+            backbone = build(recipe, None, final_state)
+    metrics["test"] = evaluate_conversations(backbone, data, recipe, "test")
+    state = process_state()
+    if state.is_main_process:
+        save_adapter(method, backbone, recipe, run_dir)
+        write_text(run_dir / REPORT_FILE, conversation_report(run_dir, metrics))
+        write_json(run_dir / METRICS_FILE, metrics)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        logger.info("run folder: %s", run_dir)
+    state.wait_for_everyone()
+    return metrics
+
+
+def evaluate_conversations(backbone: Backbone, data: ConversationSplits, recipe: Recipe, stage: str) -> dict:
+    """{"loss", "perplexity", "tokens", "n"} on the test split, plus "answers" with `eval.generate`; printed."""
+    test = data.dataset("test")
+    result = assistant_loss(backbone, test, recipe.eval.batch_size, desc=f"{stage} loss")
+    line = f"{stage:>10}: assistant-token loss {result['loss']:.4f} ({result['tokens']} tokens, {result['n']} rows)"
+    if recipe.eval.generate:
+        result["answers"] = last_turn_answers(backbone, test, recipe.eval.batch_size, recipe.eval.max_new_tokens,
+                                              desc=f"{stage} answers")
+        line += (f"  last answer exact match {result['answers']['exact_match']:.3f}  normalised "
+                 f"{result['answers']['normalized_match']:.3f}")
+    if process_state().is_main_process:
+        print(line, flush=True)
+    return result
+
+
+def train_conversations(recipe: Recipe, run_dir: Path, backbone: Backbone, data: ConversationSplits,
+                        resume: bool) -> tuple[dict, dict | None]:
+    """Train on assistant turns; validation (when data.split.val > 0) selects by held-out assistant-token loss."""
+    spec = recipe.train
+    if spec.select_metric != "loss":
+        logger.info("train.select_metric: %s has no meaning without labels; conversations select by val loss",
+                    spec.select_metric)
+        spec = dataclasses.replace(spec, select_metric="loss")
+    val_set = data.dataset("val") if data.val else None
+
+    def evaluate_val() -> dict:
+        return {"loss": assistant_loss(backbone, val_set, recipe.eval.batch_size, desc="val")["loss"]}
+
+    trainer = Trainer(backbone, ConversationLoss(backbone), data.dataset("train"), spec, recipe.seed, run_dir,
+                      evaluate_val=evaluate_val if val_set is not None else None)
+    progress = trainer.fit(resume=resume)
+    seconds = progress.train_seconds
+    summary = {"epochs_run": progress.epoch, "steps": progress.global_step, "seconds": round(seconds, 3),
+               "samples_per_second": round(progress.samples_seen / seconds, 2) if seconds else None,
+               "best_epoch": progress.best_epoch, "history": progress.history}
+    return summary, trainer.final_state
+
+
+def conversation_report(run_dir: Path, metrics: dict) -> str:
+    """report.md: the data, the held-out assistant-token loss before and after training, generated answers."""
+    data = metrics["data"]
+    lines = [f"# Run `{run_dir.name}`", "", f"Recipe `{metrics['recipe']}`, backbone `{metrics['backbone']}`, method "
+             f"`{metrics['method']}`, seed {metrics['seed']}; data.source `{data['source']}` ({data['where']}): "
+             + ", ".join(f"{k} {v}" for k, v in data["counts"].items()) + " rows.", "",
+             "| evaluation | assistant-token loss | perplexity | exact match | normalised match |",
+             "|---|---|---|---|---|"]
+    for label, scores in (("zero-shot", metrics.get("zero_shot")), ("after training", metrics["test"])):
+        if scores is not None:
+            answers = scores.get("answers")
+            matches = f"{answers['exact_match']:.3f} | {answers['normalized_match']:.3f}" if answers else "- | -"
+            lines.append(f"| {label} | {scores['loss']:.4f} | {scores['perplexity']:.2f} | {matches} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,205 @@
+"""Caption-only data for contrastive training: open_clip's caption tables (TSV/CSV, `filepath` + `title`) and
+WebDataset shards, each written here in the tool's documented layout and trained on for a few steps."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mmpeft
+from mmpeft.data import DataError, load_data
+from mmpeft.data.sources import ShardImage
+from mmpeft.runs.recipe import load_recipe
+
+SHADES = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
+CAPTIONS = {"dark": 0.45, "bright": 1.0}
+
+
+def captioned_images(root: Path, count: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(file name, caption, colour) of `count` noisy images: 'a dark red image', 'a bright blue image', ..."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        colour = list(SHADES)[i % 3]
+        shade = list(CAPTIONS)[(i // 3) % 2]
+        pixels = np.array(SHADES[colour]) * CAPTIONS[shade] + rng.normal(0, 20, (12, 12, 3))
+        name = f"{seed}-{i:03d}.png"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name)
+        rows.append((name, f"a {shade} {colour} image", colour))
+    return rows
+
+
+def write_table(path: Path, rows, separator: str = "\t", labels: bool = False) -> Path:
+    """open_clip's CSV/TSV layout: a `filepath` and a `title` column (here with an optional `label`)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter=separator)
+        writer.writerow(["filepath", "title"] + (["label"] if labels else []))
+        for name, caption, colour in rows:
+            writer.writerow([name, caption] + ([colour] if labels else []))
+    return path
+
+
+@pytest.fixture(scope="module")
+def caption_tables(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("captions")
+    train = write_table(root / "train.tsv", captioned_images(root, 24, seed=0))
+    held_out = write_table(root / "eval.tsv", captioned_images(root, 12, seed=1))
+    return train, held_out
+
+
+def caption_recipe(data: dict, clip_dir: Path, out: Path, **train) -> dict:
+    return {"name": "captions", "seed": 0, "backbone": {"id": str(clip_dir)}, "data": data,
+            "method": {"name": "lora", "r": 4, "alpha": 8},
+            "train": {"objective": "contrastive", "epochs": 3, "batch_size": 8, "lr": 0.02, "warmup_ratio": 0.0,
+                      **train},
+            "eval": {"batch_size": 32}, "output": {"dir": str(out), "name": "run"}}
+
+
+def test_open_clip_table_reads_without_a_label_column(caption_tables):
+    train, held_out = caption_tables
+    data = load_data(load_recipe({"method": "zero_shot", "data": {
+        "source": "captions", "path": str(train), "eval_path": str(held_out), "split": {"val": 0.25}}}).data, 0)
+    assert data.info["labelled"] is False and len(data.labels) == 0
+    assert data.info["counts"] == {"train": 18, "val": 6, "test": 12}  # test: exactly the held-out table
+    assert all(e.label == -1 and e.text.startswith("a ") for e in data.train + data.val + data.test)
+    assert {Path(e.image).name.split("-")[0] for e in data.test} == {"1"}
+
+
+def test_caption_table_trains_contrastively_and_reports_retrieval_only(caption_tables, tiny_clip_dir, tmp_path):
+    train, held_out = caption_tables
+    metrics = mmpeft.run(caption_recipe({"source": "captions", "path": str(train), "eval_path": str(held_out),
+                                         "split": {"val": 0.0}}, tiny_clip_dir, tmp_path))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for stage in ("zero_shot", "test"):  # classification skipped, and saying so
+        assert "accuracy" not in saved[stage] and "caption-only data has no labels" in saved[stage]["skipped"]
+    retrieval = saved["retrieval"]
+    assert retrieval["test"]["image_to_text"]["queries"] == 12 and retrieval["test"]["text_to_image"]["queries"] == 6
+    assert retrieval["test"]["image_to_text"]["R@1"] > retrieval["zero_shot"]["image_to_text"]["R@1"]
+    assert metrics["train"]["steps"] == 9  # 24 rows, batch 8, 3 epochs
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Classification metrics not computed" in report and "## Retrieval" in report
+
+
+def test_a_label_column_stays_optional_and_gives_classification_metrics(tmp_path, tiny_clip_dir):
+    rows = captioned_images(tmp_path / "images", 24)
+    table = write_table(tmp_path / "images" / "labelled.csv", rows, separator=",", labels=True)
+    metrics = mmpeft.run(caption_recipe({"source": "captions", "path": str(table), "separator": ",",
+                                         "split": {"val": 0.0, "test": 0.25}}, tiny_clip_dir, tmp_path, epochs=1))
+    assert metrics["data"]["labelled"] is True and metrics["test"]["n"] == 6 and "accuracy" in metrics["test"]
+    assert "retrieval" in metrics
+
+
+def test_caption_table_errors_name_the_fix(tmp_path, tiny_clip_dir):
+    rows = captioned_images(tmp_path, 6)
+    comma = write_table(tmp_path / "comma.csv", rows, separator=",")
+    with pytest.raises(DataError, match="data.separator: ','"):
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(comma)}}).data, 0)
+    renamed = tmp_path / "renamed.tsv"
+    renamed.write_text(comma.read_text().replace(",", "\t").replace("title", "caption"))
+    with pytest.raises(DataError, match=r"data.text_column: no column 'text'.*open_clip tables name it 'title'"):
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(renamed)}}).data, 0)
+    spec = load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(renamed),
+                                                        "text_column": "caption"}}).data
+    assert load_data(spec, 0).info["labelled"] is False
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("filepath\ttitle\n" + f"{rows[0][0]}\t\n" + "".join(f"{n}\t{c}\n" for n, c, _ in rows[1:]))
+    with pytest.raises(DataError, match="line 2: .*empty caption column 'title'"):
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(empty)}}).data, 0)
+    with pytest.raises(DataError, match="caption-only.*train.objective: contrastive"):
+        mmpeft.run(caption_recipe({"source": "captions", "path": str(renamed), "text_column": "caption"},
+                                  tiny_clip_dir, tmp_path, objective="classification"))
+
+
+# --- WebDataset shards ------------------------------------------------------------------------------------------
+
+
+def write_shards(root: Path, prefix: str, rows, images: Path, per_shard: int, json_meta: bool = False) -> str:
+    """Shards as webdataset's ShardWriter writes them: `key.png` + `key.txt` (or `key.json`) per sample."""
+    import webdataset as wds
+
+    with wds.ShardWriter(str(root / f"{prefix}-%04d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i, (name, caption, colour) in enumerate(rows):
+            sample = {"__key__": f"sample{i:05d}", "png": (images / name).read_bytes()}
+            if json_meta:
+                sample["json"] = json.dumps({"caption": caption, "colour": colour}).encode()
+            else:
+                sample["txt"] = caption
+            sink.write(sample)
+    count = -(-len(rows) // per_shard)
+    return str(root / f"{prefix}-{{0000..{count - 1:04d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[str, str]:
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    root = tmp_path_factory.mktemp("shards")
+    train = write_shards(root, "train", captioned_images(root / "img", 24, seed=0), root / "img", per_shard=6)
+    held_out = write_shards(root, "eval", captioned_images(root / "img", 12, seed=1), root / "img", per_shard=12,
+                            json_meta=True)
+    return train, held_out
+
+
+def test_shards_read_in_place_with_a_held_out_pattern(shards):
+    train, held_out = shards
+    assert train.endswith("train-{0000..0003}.tar")
+    data = load_data(load_recipe({"method": "zero_shot", "data": {
+        "source": "webdataset", "path": train, "eval_path": held_out, "split": {"val": 0.0}}}).data, 0)
+    assert data.info["counts"] == {"train": 24, "val": 0, "test": 12} and data.info["labelled"] is False
+    assert all(isinstance(e.image, ShardImage) for e in data.train + data.test)
+    item = data.dataset("test")[0]
+    assert item["image"].size == (12, 12) and item["text"].startswith("a ")  # json caption of the held-out shard
+    again = load_data(load_recipe({"method": "zero_shot", "data": {
+        "source": "webdataset", "path": train, "eval_path": held_out, "split": {"val": 0.0}}}).data, 0)
+    assert data.info["fingerprints"] == again.info["fingerprints"]
+
+
+def test_shards_train_contrastively(shards, tiny_clip_dir, tmp_path):
+    train, held_out = shards
+    metrics = mmpeft.run(caption_recipe({"source": "webdataset", "path": train, "eval_path": held_out,
+                                         "split": {"val": 0.0}}, tiny_clip_dir, tmp_path, epochs=2))
+    assert metrics["train"]["steps"] == 6 and "skipped" in metrics["test"]
+    assert metrics["retrieval"]["test"]["image_to_text"]["queries"] == 12
+
+
+def test_shard_problems_are_bad_rows_or_clear_errors(tmp_path):
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    import webdataset as wds
+
+    images = captioned_images(tmp_path / "img", 3)
+    with wds.TarWriter(str(tmp_path / "bad-0000.tar")) as sink:
+        sink.write({"__key__": "ok", "png": (tmp_path / "img" / images[0][0]).read_bytes(), "txt": "a red image"})
+        sink.write({"__key__": "uncaptioned", "png": (tmp_path / "img" / images[1][0]).read_bytes()})
+        sink.write({"__key__": "textonly", "txt": "a blue image"})
+    spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset",
+                                                        "path": str(tmp_path / "bad-0000.tar")}}).data
+    with pytest.raises(DataError) as caught:
+        load_data(spec, 0)
+    assert "bad-0000.tar:uncaptioned: no caption" in str(caught.value)
+    assert "bad-0000.tar:textonly: no image member" in str(caught.value)
+    missing = load_recipe({"method": "zero_shot", "data": {"source": "webdataset",
+                                                           "path": str(tmp_path / "bad-{0000..0002}.tar")}}).data
+    with pytest.raises(DataError, match="2 of 3 shards .* do not exist"):
+        load_data(missing, 0)
+
+
+def test_a_caption_table_converts_to_shards_that_read_back(tmp_path):
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    from mmpeft.data.write_shards import main
+
+    rows = captioned_images(tmp_path, 7)
+    table = write_table(tmp_path / "labelled.tsv", rows, labels=True)
+    main([str(table), str(tmp_path / "out" / "part-%04d.tar"), "--per-shard", "3"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-0000.tar", "part-0001.tar", "part-0002.tar"]
+    spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset", "path": str(tmp_path / "out" / "*.tar"),
+                                                        "split": {"val": 0.0, "test": 0.4}}}).data
+    data = load_data(spec, 0)  # the label column became key.cls members: labelled shards
+    assert data.info["labelled"] is True and data.labels.names == ["blue", "green", "red"]
+    every = data.dataset("train")
+    texts = sorted(every[i]["text"] for i in range(len(every))) + sorted(e.text for e in data.test)
+    assert sorted(texts) == sorted(caption for _, caption, _ in rows)

@@ -1,0 +1,299 @@
+"""Conversation datasets as their tools write them (LLaVA-Instruct, LLaMA-Factory sharegpt/alpaca via
+dataset_info.json, OpenAI/TRL messages in JSONL and a saved `datasets` table): read, every row checked before any
+model loads, assistant-only labels through the chat template, and LoRA training that lowers held-out loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conversation_data import (
+    conversations,
+    write_images,
+    write_llamafactory,
+    write_llava,
+    write_messages_dataset,
+    write_messages_jsonl,
+)
+
+import mmpeft
+from mmpeft.backbones import load_backbone
+from mmpeft.backbones.generative import IGNORE_INDEX
+from mmpeft.core.io import PROJECT_ROOT
+from mmpeft.core.schema import RecipeError
+from mmpeft.data import DataError, load_data
+from mmpeft.data.conversation_data import load_conversations
+from mmpeft.data.conversations import chat_messages
+from mmpeft.runs.recipe import load_recipe
+from mmpeft.specs import BackboneSpec, DataSpec
+from mmpeft.testing import tiny_backbone
+
+END_OF_TURN = {"llava": "</s>", "qwen2vl": "<|im_end|>"}
+IMAGE_TOKEN = {"llava": "<image>", "qwen2vl": "<|image_pad|>"}
+
+
+@pytest.fixture(scope="module")
+def colors(tmp_path_factory) -> tuple[Path, list]:
+    root = tmp_path_factory.mktemp("conversations")
+    return root, conversations(write_images(root))
+
+
+@pytest.fixture(scope="module")
+def backbones() -> dict:
+    return {kind: load_backbone(BackboneSpec(id=str(tiny_backbone(kind)))) for kind in END_OF_TURN}
+
+
+def spec(source: str, path: Path, **keys) -> DataSpec:
+    return DataSpec(source=source, path=str(path), **keys)
+
+
+def bad_row_error(source: str, path: Path, **keys) -> str:
+    with pytest.raises(DataError) as caught:
+        load_conversations(spec(source, path, **keys), seed=0)
+    return str(caught.value)
+
+
+# --- every format, read as its tool writes it ---------------------------------------------------------------------
+def formats(root: Path, rows: list) -> dict[str, DataSpec]:
+    write_llamafactory(root, rows)
+    return {"llava": spec("llava", write_llava(root, rows)),
+            "llamafactory": spec("llamafactory", root / "dataset_info.json", name="colors"),
+            "sharegpt": spec("sharegpt", root / "colors_sharegpt.json"),
+            "messages-jsonl": spec("messages", write_messages_jsonl(root, rows)),
+            "messages-strings": spec("messages", write_messages_jsonl(root, rows, parts=False)),
+            "messages-hf": spec("messages", write_messages_dataset(root, rows))}
+
+
+def test_every_format_reads_the_same_conversations(colors):
+    root, rows = colors
+    read = {name: load_conversations(data, seed=0) for name, data in formats(root, rows).items()}
+    for name, splits in read.items():
+        every = sorted(splits.train + splits.val + splits.test, key=lambda c: int(c.source.split()[-1]))
+        assert len(every) == len(rows), name
+        for conversation, (turns, images) in zip(every, rows):
+            got = [(t.role, t.text.replace("<image>\n", "<image>")) for t in conversation.turns if t.role != "system"]
+            assert got == [(role, text.replace("<image>\n", "<image>")) for role, text in turns], name
+            assert len(conversation.images) == len(images), name
+            if name != "messages-hf":  # paths, in the order written (the first image is the first placeholder's)
+                assert [Path(p).name for p in conversation.images] == [Path(p).name for p in images], name
+    assert [t.role for t in read["llamafactory"].train[0].turns][0] == "system"
+    assert read["llava"].info["images"] == {"total": 24, "max_per_row": 2, "text_only_rows": 6}
+    assert read["messages-hf"].train[1].images[0].open().size == (8, 8)  # stored in the table, read when used
+
+
+def test_llamafactory_mllm_layout_and_alpaca(tmp_path, colors):
+    """LLaMA-Factory's own mllm_demo layout (messages/role/content tags) and an alpaca entry with history."""
+    root, _ = colors
+    (tmp_path / "images").symlink_to(root / "images")
+    demo = [{"messages": [{"role": "user", "content": "<image>Who are they?"}, {"role": "assistant", "content": "Two."},
+                          {"role": "user", "content": "What are they doing?"},
+                          {"role": "assistant", "content": "Playing."}], "images": ["images/red-0.png"]}]
+    alpaca = [{"instruction": "<image>Colour?", "input": "Be brief.", "output": "red", "system": "Be kind.",
+               "history": [["Hi", "Hello"]], "images": ["images/red-1.png"]}]
+    (tmp_path / "mllm_demo.json").write_text(json.dumps(demo * 4))
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca * 4))
+    info = {"mllm_demo": {"file_name": "mllm_demo.json", "formatting": "sharegpt",
+                          "columns": {"messages": "messages", "images": "images"},
+                          "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                   "assistant_tag": "assistant"}},
+            "colors_alpaca": {"file_name": "alpaca.json", "columns": {"prompt": "instruction", "query": "input",
+                              "response": "output", "system": "system", "history": "history", "images": "images"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    demo_read = load_conversations(spec("llamafactory", tmp_path / "dataset_info.json", name="mllm_demo"), seed=0)
+    assert [t.role for t in demo_read.train[0].turns] == ["user", "assistant", "user", "assistant"]
+    direct = load_conversations(spec("sharegpt", tmp_path / "mllm_demo.json"), seed=0)  # the same file, no entry
+    assert direct.train[0].turns == demo_read.train[0].turns and direct.train[0].images == demo_read.train[0].images
+    alpaca_read = load_conversations(spec("llamafactory", tmp_path / "dataset_info.json", name="colors_alpaca"), 0)
+    turns = alpaca_read.train[0].turns
+    assert [(t.role, t.text) for t in turns] == [("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello"),
+                                                 ("user", "<image>Colour?\nBe brief."), ("assistant", "red")]
+
+
+# --- bad rows: each its own error, before any model loads, nothing written ----------------------------------------
+BAD_LLAVA = [
+    ({"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "x"}]},
+     "unknown role 'robot'"),
+    ({"id": "b", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "Hi"}]},
+     "conversations[0]: expected a user turn first, got 'assistant'"),
+    ({"id": "c", "image": "images/red-0.png", "conversations": [{"from": "human", "value": "<image><image>Hi"},
+                                                                {"from": "gpt", "value": "x"}]},
+     "2 <image> placeholder(s) but 1 image(s)"),
+    ({"id": "d", "image": "images/nope.png", "conversations": [{"from": "human", "value": "<image>Hi"},
+                                                               {"from": "gpt", "value": "x"}]},
+     "'nope.png' not found under"),
+    ({"id": "e", "image": "../outside.png", "conversations": [{"from": "human", "value": "<image>Hi"},
+                                                              {"from": "gpt", "value": "x"}]},
+     "image path '../outside.png' escapes the image root"),
+    ({"id": "f", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  "}]},
+     "conversations[1]: empty assistant turn"),
+    ({"id": "g", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "x"},
+                                   {"from": "human", "value": "And?"}]},
+     "must end with an assistant turn"),
+    ({"id": "h", "conversation": []}, "no 'conversations' key"),
+]
+
+
+@pytest.mark.parametrize("record, message", BAD_LLAVA, ids=[r["id"] for r, _ in BAD_LLAVA])
+def test_each_bad_row_names_its_problem_and_row(colors, tmp_path, record, message):
+    root, rows = colors
+    good = json.loads(write_llava(tmp_path, rows[:6]).read_text())
+    (tmp_path / "images").symlink_to(root / "images")
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(good[:3] + [record] + good[3:]))
+    error = bad_row_error("llava", path)
+    assert "1 bad row in" in error and "row 3: " in error and message in error, error
+
+
+def test_bad_rows_reported_together_and_nothing_written(colors, tmp_path):
+    root, rows = colors
+    (tmp_path / "images").symlink_to(root / "images")
+    good = json.loads(write_llava(tmp_path, rows[:8]).read_text())
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(good + [r for r, _ in BAD_LLAVA[:4]]))
+    recipe = {"backbone": {"id": "mmpeft-demo/tiny-llava"}, "method": "lora", "train": {"objective": "generative"},
+              "data": {"source": "llava", "path": str(path)}, "output": {"dir": str(tmp_path / "runs")}}
+    with pytest.raises(DataError) as caught:
+        mmpeft.run(recipe)
+    assert "4 bad rows" in str(caught.value)
+    assert all(f"row {i}:" in str(caught.value) for i in range(8, 12))
+    assert not (tmp_path / "runs").exists()  # checked before a run folder (or a model) exists
+    skipped = load_conversations(spec("llava", path, on_bad_rows="skip"), seed=0)
+    assert skipped.info["skipped"] == 4 and sum(skipped.info["counts"].values()) == 8
+
+
+def test_jsonl_lines_and_messages_parts_are_checked(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}),
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "video"}]},
+                                 {"role": "assistant", "content": "x"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}]}),
+    ]) + "\n")
+    error = bad_row_error("messages", path)
+    assert "3 bad rows" in error and "line 2: not valid JSON" in error
+    assert "line 3: messages[0].content[0]: expected {'type': 'image'}" in error
+    assert "line 4: messages[1]: role 'tool' (tool results) is not supported" in error
+
+
+def test_dataset_info_entry_problems_all_at_once(tmp_path):
+    (tmp_path / "d.json").write_text("[]")
+    info = {"mine": {"file_name": "d.json", "formating": "sharegpt", "columns": {"mesages": "conversations"},
+                     "tags": {"role_tag": "from", "user": "human"}},
+            "remote": {"hf_hub_url": "someone/data"}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    error = bad_row_error("llamafactory", tmp_path / "dataset_info.json", name="mine")
+    assert "3 problem(s)" in error and "unknown key 'formating' (did you mean 'formatting'?)" in error
+    assert "columns: unknown key 'mesages' (did you mean 'messages'?)" in error and "tags: unknown key 'user'" in error
+    assert "cannot be read offline" in bad_row_error("llamafactory", tmp_path / "dataset_info.json", name="remote")
+    assert "no entry 'mien'" in bad_row_error("llamafactory", tmp_path / "dataset_info.json", name="mien")
+
+
+def test_recipe_refuses_keys_that_cannot_apply(colors):
+    root, rows = colors
+    path = str(write_llava(root, rows))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe({"method": "lora", "data": {"source": "llava", "path": path, "shots": 4, "shift": ["rot90"]}})
+    text = str(caught.value)
+    assert "data.shots: conversations have no labels" in text and "data.shift" in text
+    assert "train.objective: conversations train with 'generative'" in text
+    with pytest.raises(RecipeError, match="data.name: required for data.source: llamafactory"):
+        load_recipe({"method": "lora", "train": {"objective": "generative"},
+                     "data": {"source": "llamafactory", "path": path}})
+    with pytest.raises(DataError, match="holds conversations"):
+        load_data(spec("llava", Path(path)), seed=0)
+
+
+# --- assistant-only labels through each model's own chat template -------------------------------------------------
+@pytest.mark.parametrize("kind", END_OF_TURN)
+def test_labels_cover_every_assistant_turn_only(backbones, colors, kind):
+    from mmpeft.data import load_image
+
+    backbone = backbones[kind]
+    root, rows = colors
+    turns, images = rows[2]  # two images, two assistant turns
+    from mmpeft.data.conversations import Turn
+
+    messages = chat_messages([Turn("system", "You name colours.")] * (kind == "qwen2vl")
+                             + [Turn(role, text) for role, text in turns])
+    pictures = [load_image(str(root / image)) for image in images]
+    encoded = backbone.encode_conversation(messages, pictures)
+    ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+    assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
+    learned = backbone.tokenizer.decode(ids[labels != IGNORE_INDEX]).replace(" ", "")
+    eos = END_OF_TURN[kind]
+    assert learned == f"{turns[1][1]}{eos}{turns[3][1]}{eos}"  # both answers, each with its end of turn
+    image_token = backbone.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[kind])
+    assert (ids == image_token).sum() > 0 and not (labels == image_token).any()
+    # the images keep their order: the first image's pixels come first
+    alone = backbone.encode_one(backbone.render(chat_messages([Turn("user", "<image>")])), pictures[:1])
+    first = alone["pixel_values"]
+    assert torch.equal(encoded["pixel_values"][:len(first)], first)
+    assert not torch.equal(encoded["pixel_values"][len(first):2 * len(first)], first)
+
+
+@pytest.mark.parametrize("kind", END_OF_TURN)
+def test_text_only_rows_batch_with_image_rows(backbones, colors, kind):
+    from mmpeft.data import load_image
+    from mmpeft.data.conversations import Turn
+
+    backbone = backbones[kind]
+    root, rows = colors
+    (with_image, images), (text_only, _) = rows[0], rows[3]
+    batch = backbone.encode_conversations([
+        (chat_messages([Turn(r, t) for r, t in with_image]), [load_image(str(root / p)) for p in images]),
+        (chat_messages([Turn(r, t) for r, t in text_only]), [])])
+    labels = batch["labels"]
+    learned = [backbone.tokenizer.decode(row[row != IGNORE_INDEX]).replace(" ", "") for row in batch["input_ids"]
+               .where(labels != IGNORE_INDEX, IGNORE_INDEX)]
+    assert learned == [f"{with_image[1][1]}{END_OF_TURN[kind]}square{END_OF_TURN[kind]}", f"red{END_OF_TURN[kind]}"]
+    alone = backbone.encode_conversation(chat_messages([Turn(r, t) for r, t in with_image]),
+                                         [load_image(str(root / p)) for p in images])
+    assert torch.equal(batch["pixel_values"], alone["pixel_values"])  # only the image row's pixels
+    assert torch.isfinite(backbone.model(**batch).loss)
+
+
+# --- training and evaluation -----------------------------------------------------------------------------------
+def test_lora_on_multi_turn_conversations_lowers_held_out_assistant_loss(tmp_path):
+    path = write_llava(tmp_path, conversations(write_images(tmp_path), rows=36))
+    metrics = mmpeft.run({
+        "name": "conversations", "backbone": {"id": "mmpeft-demo/tiny-llava"},
+        "data": {"source": "llava", "path": str(path), "split": {"val": 0.15, "test": 0.25}},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "towers": ["language", "projector"]},
+        "train": {"objective": "generative", "epochs": 4, "batch_size": 8, "lr": 0.01},
+        "eval": {"generate": True, "max_new_tokens": 4}, "output": {"dir": str(tmp_path / "runs"), "name": "run"}})
+    before, after = metrics["zero_shot"], metrics["test"]
+    assert after["tokens"] == before["tokens"] > 0 and after["n"] == 9
+    assert after["loss"] < 0.5 * before["loss"], (before["loss"], after["loss"])
+    assert after["answers"]["exact_match"] > before["answers"]["exact_match"]
+    history = metrics["train"]["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    folder = tmp_path / "runs" / "run"
+    assert json.loads((folder / "metrics.json").read_text())["test"]["loss"] == pytest.approx(after["loss"])
+    assert (folder / "adapter").is_dir() and "assistant-token loss" in (folder / "report.md").read_text()
+
+
+SHIPPED = ["llava-instruct.yaml", "llamafactory-sharegpt.yaml", "messages-jsonl.yaml"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_conversation_recipes_run_offline(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(PROJECT_ROOT)
+    metrics = mmpeft.run(PROJECT_ROOT / "recipes" / name,
+                         ["train.epochs=1", "eval.generate=false", f"output.dir={tmp_path}"])
+    assert metrics["test"]["loss"] < metrics["zero_shot"]["loss"]
+
+
+def test_mmpeft_check_reads_every_row(tmp_path, capsys, monkeypatch):
+    from mmpeft.cli import main
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    assert main(["check", "recipes/messages-jsonl.yaml"]) == 0
+    assert "# data: train 14, val 4, test 6 rows (42 assistant turns, 24 images)" in capsys.readouterr().out
+    lines = (PROJECT_ROOT / "recipes/data/conversations/messages.jsonl").read_text().splitlines()
+    (tmp_path / "images").symlink_to(PROJECT_ROOT / "recipes/data/conversations/images")
+    (tmp_path / "m.jsonl").write_text("\n".join(lines[:5] + [lines[5].replace('"assistant"', '"asistant"')]))
+    assert main(["check", "recipes/messages-jsonl.yaml", f"data.path={tmp_path / 'm.jsonl'}"]) != 0
+    assert "line 6: messages[1]: unknown role 'asistant' (did you mean 'assistant'?)" in capsys.readouterr().err

@@ -1,0 +1,157 @@
+"""`mmpeft predict` on run folders and both export kinds (tiny CLIP and LLaVA), new labels at predict time, folders
+with an unreadable image, and the merged exports in transformers' own pipelines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import mmpeft
+from mmpeft.cli import main
+
+TASK = {"question": "Which colour fills this picture?", "answer_template": "It is {label}."}
+
+
+# name -> (backbone, method, export kinds): lora saves a peft adapter; bitfit and the linear probe mmpeft's own format
+RUNS = {"clip": ("clip", {"name": "lora", "r": 4, "alpha": 8}, ("adapter", "merged")),
+        "llava": ("llava", {"name": "lora", "r": 4, "alpha": 8}, ("adapter", "merged")),
+        "siglip": ("siglip", {"name": "bitfit"}, ("adapter",)),
+        "probe": ("clip", {"name": "linear_probe"}, ("adapter",))}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, color_folder):
+    """exported(name) -> {"run", "adapter", "merged"} folders of one tiny run, made once per module on first use."""
+    from mmpeft.testing import tiny_backbone
+
+    root, made = tmp_path_factory.mktemp("predict-runs"), {}
+
+    def make(name: str) -> dict:
+        if name not in made:
+            kind, method, exports = RUNS[name]
+            generative = kind == "llava"
+            recipe = {"name": name, "seed": 0, "backbone": {"id": str(tiny_backbone(kind))},
+                      "data": {"source": "folder", "path": str(color_folder),
+                               "templates": ["a photo of a {label} image."], "split": {"val": 0.0, "test": 0.25},
+                               "shots": 4, **(TASK if generative else {})},
+                      "method": method,
+                      "train": {"epochs": 1 if generative else 3, "batch_size": 12, "lr": 0.02, "warmup_ratio": 0.0},
+                      "eval": {"batch_size": 32, "zero_shot": False, "length_normalize": generative},
+                      "output": {"dir": str(root), "name": name}}
+            mmpeft.run(recipe)
+            folders = {"run": root / name}
+            for how in exports:
+                folders[how] = root / f"{name}-{how}"
+                mmpeft.export(folders["run"], folders[how], how=how)
+            made[name] = folders
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, color_folder):
+    """Nine test images in nested folders, plus one file that is not an image."""
+    folder = tmp_path_factory.mktemp("to-predict")
+    for name in ("red", "green", "blue"):
+        (folder / name).mkdir()
+        for source in sorted((color_folder / name).iterdir())[-3:]:
+            shutil.copy(source, folder / name / source.name)
+    (folder / "blue" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    return folder
+
+
+def top1(rows: list[dict]) -> dict[str, str]:
+    return {row["path"]: row["labels"][0]["label"] for row in rows if "labels" in row}
+
+
+def test_dual_encoder_predicts_alike_from_run_adapter_and_merged_export(exported, images, tmp_path):
+    folders = exported("clip")
+    rows = {kind: mmpeft.predict(folder, images, top_k=2) for kind, folder in folders.items()}
+    assert len(rows["run"]) == 10
+    broken = [row for row in rows["run"] if "error" in row]
+    assert [row["path"].endswith("broken.png") for row in broken] == [True] and "cannot read" in broken[0]["error"]
+    first = rows["run"][0]
+    assert [e["label"] for e in first["labels"]] != [] and len(first["labels"]) == 2
+    assert sum(e["score"] for e in first["labels"]) <= 1 + 1e-6
+    assert top1(rows["run"]) == top1(rows["adapter"]) == top1(rows["merged"]) and len(top1(rows["run"])) == 9
+    truth = {path: path.split("/")[-2] for path in top1(rows["run"])}
+    assert sum(top1(rows["run"])[p] == truth[p] for p in truth) >= 6  # the trained model has learned the colours
+
+
+def test_siglip_trained_state_and_a_linear_probe_predict_alike_from_run_and_exports(exported, images):
+    folders = exported("siglip")  # bitfit: the trained biases in mmpeft's format, onto the base
+    rows = {kind: top1(mmpeft.predict(folder, images)) for kind, folder in folders.items()}
+    assert rows["run"] == rows["adapter"] and len(rows["run"]) == 9
+    probe = exported("probe")
+    rows = {kind: mmpeft.predict(folder, images / "red", top_k=3) for kind, folder in probe.items()}
+    assert rows["run"] == rows["adapter"] and [e["label"] for e in rows["run"][0]["labels"]] != []
+    with pytest.raises(ValueError, match=r"classifies with a trained head over its own 3 classes \(blue, green, red\)"):
+        mmpeft.predict(probe["adapter"], images / "red", labels=["cat", "dog"])
+
+
+def test_new_labels_at_predict_time_and_the_command_line(exported, images, tmp_path, capsys):
+    folders = exported("clip")
+    rows = mmpeft.predict(folders["merged"], images / "red", labels=["crimson", "red", "teal"], top_k=3)
+    assert {e["label"] for e in rows[0]["labels"]} == {"crimson", "red", "teal"}
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("# colours\nred\nblue\n\n")
+    out = tmp_path / "predictions.jsonl"
+    assert main(["predict", str(folders["adapter"]), str(images), "--labels-file", str(labels_file),
+                 "--top-k", "1", "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 10 and sum("error" in line for line in lines) == 1
+    assert all(line["labels"][0]["label"] in ("red", "blue") for line in lines if "labels" in line)
+    printed = capsys.readouterr().out
+    assert "9 image(s) predicted, 1 unreadable and skipped" in printed and "SKIPPED" in printed
+    assert main(["predict", str(folders["run"]), str(tmp_path / "missing.png")]) == 2
+    assert "missing.png does not exist" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), str(images)]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
+
+
+def test_generative_answers_and_label_scores_alike_from_run_and_exports(exported, images):
+    folders = exported("llava")
+    answers = {kind: mmpeft.predict(folder, images / "green") for kind, folder in folders.items()}
+    assert all(set(row) == {"path", "answer"} for row in answers["run"]) and len(answers["run"]) == 3
+    assert answers["run"] == answers["adapter"] == answers["merged"]
+    scored = {kind: mmpeft.predict(folder, images / "blue", labels=["red", "green", "blue"])
+              for kind, folder in folders.items()}
+    assert top1(scored["run"]) == top1(scored["adapter"]) == top1(scored["merged"]) and len(top1(scored["run"])) == 3
+    other = mmpeft.predict(folders["merged"], images / "green", question="Describe it.")
+    assert len(other) == 3 and all("answer" in row for row in other)
+
+
+def test_merged_clip_export_in_the_zero_shot_pipeline(exported, images):
+    from transformers import pipeline
+
+    folders = exported("clip")
+    classify = pipeline("zero-shot-image-classification", model=str(folders["merged"]))
+    files = sorted(str(p) for p in images.rglob("*.png") if p.name != "broken.png")
+    names = ["red", "green", "blue"]
+    ours = top1(mmpeft.predict(folders["merged"], files, labels=names))
+    theirs = {path: classify(path, candidate_labels=names, hypothesis_template="a photo of a {} image.")[0]["label"]
+              for path in files}
+    assert theirs == ours
+    card = (folders["merged"] / "README.md").read_text()  # the card's own pipeline snippet runs as written
+    snippet = card.split("In a transformers pipeline:")[1].split("```python")[1].split("```")[0]
+    printed = []
+    exec(snippet.replace("path/to/this/folder", str(folders["merged"])).replace("image.png", files[0]),
+         {"print": printed.append})
+    assert printed[0][0]["label"] == ours[files[0]]
+
+
+def test_merged_llava_export_in_the_image_text_to_text_pipeline(exported, images):
+    from PIL import Image
+    from transformers import pipeline
+
+    folders = exported("llava")
+    chat = pipeline("image-text-to-text", model=str(folders["merged"]))
+    ours = mmpeft.predict(folders["run"], images / "green")
+    for row in ours:
+        messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(row["path"]).convert("RGB")},
+                                                 {"type": "text", "text": TASK["question"]}]}]
+        answer = chat(text=messages, max_new_tokens=16, generate_kwargs={"do_sample": False}, return_full_text=False)
+        assert answer[0]["generated_text"].strip() == row["answer"]
