@@ -194,5 +194,6 @@ def test_runs_table_report_compare_and_launch(browser, ui_url, browser_runs, col
     time.sleep(1)  # the upload settles before the click
     browser.find_element(By.ID, "predict-go").click()
     shown = wait_text(browser, "predict-results", image.name)
-    assert "red" in shown and "blue" in shown
+    direct = mmpeft.predict(str(ui_runs_dir / "lora-run"), [str(image)], labels=["red", "blue"])[0]["labels"]
+    assert ", ".join(f"{item['label']} {item['score']:.3f}" for item in direct) in shown  # the same call, same numbers
     browser.save_screenshot(str(tmp_path / "predict.png"))
