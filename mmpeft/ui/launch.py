@@ -22,6 +22,7 @@ import yaml
 
 from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError
+from mmpeft.runs.folder import METRICS_FILE
 from mmpeft.ui.catalog import UI_DIR, inside
 
 RESUME_COMMANDS = {"run": "run", "cell": "run", "continual": "continual", "compare": "compare", "fewshot": "fewshot",
@@ -171,7 +172,10 @@ class Launcher:
             return "interrupted"
         if last.startswith("error:") or "Traceback (most recent call last)" in text:
             return "failed"
-        return "finished"
+        folder = self.runs_dir / record["folder"]
+        if (folder / METRICS_FILE).is_file() or (folder / "summary.json").is_file():
+            return "finished"
+        return "interrupted"  # ended without a word (killed from outside): what it saved can be resumed
 
     def alive(self, pid: int) -> bool:
         child = self.children.get(pid)
