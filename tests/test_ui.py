@@ -233,3 +233,23 @@ def test_ui_command_binds_to_this_machine_unless_told(tmp_path):
     assert (args.runs_dir, args.host, args.port) == ("runs", "127.0.0.1", 7860)
     args = build_parser().parse_args(["ui", str(tmp_path), "--host", "0.0.0.0", "--port", "8080"])
     assert (args.runs_dir, args.host, args.port) == (str(tmp_path), "0.0.0.0", 8080)
+
+
+def test_try_it_predicts_on_the_runs_own_test_images_through_mmpeft_predict(ui_runs_dir):
+    import mmpeft
+    from mmpeft.ui.app import Workbench
+
+    if getattr(mmpeft, "predict", None) is None:
+        pytest.skip("mmpeft.predict is not in this version")
+    bench = Workbench(ui_runs_dir)
+    assert "lora-run" in bench.predict_sources()
+    update, note = bench.test_images("lora-run", limit=3)
+    files = [value for _, value in update["choices"]]
+    assert len(files) == 3 and note == "3 test images listed" and all(Path(f).is_file() for f in files)
+    table, note = bench.predict("lora-run", None, "", "", 2, picked=files)
+    direct = mmpeft.predict(str(ui_runs_dir / "lora-run"), files, top_k=2)
+    assert [row[0] for row in table] == [Path(f).name for f in files]
+    assert [row[1] for row in table] == [", ".join(f"{i['label']} {i['score']:.3f}" for i in r["labels"])
+                                         for r in direct]
+    assert bench.predict("../..", None, "", "", 2, picked=files)[1].startswith("**")  # outside: refused, said
+    assert "outside" in bench.test_images("../x")[1]

@@ -10,6 +10,7 @@ import gradio as gr
 
 import mmpeft
 from mmpeft.artifacts.loading import MANIFEST
+from mmpeft.artifacts.runs import read_run, run_data
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.ui.catalog import COLUMNS, UI_DIR, OutsideError, details, inside, scan
 from mmpeft.ui.compare import comparison_rows, markdown_table
@@ -122,9 +123,24 @@ class Workbench:
         exports = [p.parent.relative_to(self.runs_dir).as_posix() for p in self.runs_dir.glob(f"**/{MANIFEST}")]
         return finished + exports
 
-    def predict(self, source: str | None, images: list[str] | None, labels: str, question: str, top_k: int):
+    def test_images(self, source: str | None, limit: int = 12):
+        """A few images of the run's own test split (as `mmpeft run` split it): choices for the picker."""
+        if not source:
+            return gr.update(choices=[]), "pick a run first"
+        try:
+            data = run_data(read_run(inside(self.runs_dir, source)))
+        except (ValueError, FileNotFoundError) as error:
+            return gr.update(choices=[]), f"**{error}**"
+        files = [(f"{Path(e.image).name} ({data.labels.names[e.label]})", str(e.image)) for e in data.test
+                 if isinstance(e.image, (str, Path)) and Path(e.image).is_file()][:limit]
+        note = f"{len(files)} test images listed" if files else "this run's images are not files (upload some)"
+        return gr.update(choices=files, value=[]), note
+
+    def predict(self, source: str | None, images: list[str] | None, labels: str, question: str, top_k: int,
+                picked: list[str] | None = None):
+        images = [*(images or []), *(picked or [])]
         if not source or not images:
-            return [], "pick a source and upload at least one image"
+            return [], "pick a source and upload or pick at least one image"
         names = [label.strip() for label in labels.split(",") if label.strip()] or None
         try:
             folder = inside(self.runs_dir, source)
@@ -233,6 +249,9 @@ def try_tab(bench: Workbench) -> None:
     source = gr.Dropdown(label="Run or export", choices=bench.predict_sources(), elem_id="predict-source")
     images = gr.File(label="Images", file_count="multiple", file_types=["image"], type="filepath",
                      elem_id="predict-images")
+    with gr.Row():
+        picked = gr.Dropdown(label="or test images of the run", multiselect=True, choices=[], elem_id="predict-picked")
+        list_test = gr.Button("List test images", elem_id="predict-list-test")
     labels = gr.Textbox(label="Labels, comma separated (dual encoder: zero-shot on new labels)",
                         elem_id="predict-labels")
     question = gr.Textbox(label="Question (generative backbones)", elem_id="predict-question")
@@ -240,7 +259,8 @@ def try_tab(bench: Workbench) -> None:
     go = gr.Button("Predict", elem_id="predict-go")
     note = gr.Markdown(elem_id="predict-note")
     results = gr.Dataframe(headers=["image", "prediction"], interactive=False, elem_id="predict-results")
-    go.click(bench.predict, [source, images, labels, question, top_k], [results, note])
+    go.click(bench.predict, [source, images, labels, question, top_k, picked], [results, note])
+    list_test.click(bench.test_images, source, [picked, note])
     gr.Button("Refresh sources").click(lambda: gr.update(choices=bench.predict_sources()), None, source)
 
 
