@@ -179,12 +179,12 @@ def check(path: str, overrides: list[str]) -> str:
                  "regulariser": to_plain(continual.regulariser), "control": to_plain(continual.control)}
         return yaml.safe_dump(plain, sort_keys=False)
     if "grid" in keys:
-        from mmpeft.grids.setup import load_compare_recipe, load_fewshot_recipe
+        from mmpeft.grids import load_compare_recipe, load_fewshot_recipe
 
         fewshot = text.startswith("# mmpeft fewshot")  # a grid checks as the command its first line names
         grid, recipe = (load_fewshot_recipe if fewshot else load_compare_recipe)(path, overrides)
         plain = recipe.to_dict()
-        if grid.regularisers:  # the continual recipe's own regulariser is a placeholder: the grid names them
+        if grid.kind == "regularisers":  # the continual recipe's own regulariser is a placeholder: the grid names them
             plain.pop("regulariser", None)
         return yaml.safe_dump({**plain, "grid": to_plain(grid)}, sort_keys=False)
     import mmpeft

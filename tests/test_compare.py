@@ -15,7 +15,7 @@ import yaml
 import mmpeft
 from mmpeft.core.schema import RecipeError
 from mmpeft.data import load_data
-from mmpeft.grids.setup import load_setup, plan_cells
+from mmpeft.grids import load_setup, plan_cells
 from mmpeft.report.stats import paired_test, summarize
 from mmpeft.runs import single as pipeline
 
@@ -258,7 +258,7 @@ def regulariser_grid(color_recipe: dict, grid: dict) -> dict:
     return {**color_recipe, "train": {**color_recipe["train"], "epochs": 1, "batch_size": 12},
             "data": {**color_recipe["data"], "split": {"val": 0.0, "test": 0.25}},
             "tasks": [{"classes": ["red", "green"]}, {"name": "rest", "classes": ["blue"]}],
-            "output": {**color_recipe["output"], "name": "grid"}, "grid": grid}
+            "output": {**color_recipe["output"], "name": "grid"}, "grid": {"kind": "regularisers", **grid}}
 
 
 def test_regulariser_grid_table_matches_cells_and_resumes(color_recipe, tmp_path, monkeypatch):
@@ -316,7 +316,7 @@ def test_regulariser_grid_problems_are_reported_clearly(color_recipe):
                      "'ewcc' (did you mean 'ewc'?)", "regulariser: a regularisers grid takes each regulariser",
                      "grid.shots: not used by a regularisers grid"):
         assert expected in problems, expected
-    plain = grid_recipe(color_recipe, {"regularisers": ["naive", "ewc"]})
+    plain = grid_recipe(color_recipe, {"kind": "regularisers", "regularisers": ["naive", "ewc"]})
     (problem,) = pytest.raises(RecipeError, load_setup, plain).value.problems
     assert problem.startswith("grid.regularisers: needs a continual recipe, one with `tasks:`")
     problems = pytest.raises(RecipeError, load_setup, regulariser_grid(color_recipe, {"regularisers": ["naive"]}),

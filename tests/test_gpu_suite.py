@@ -128,7 +128,7 @@ def test_input_pipeline_compares_loader_with_tensors(smoke: tuple[dict, str]) ->
     rows = _rows(smoke[0], "input_pipeline")
     assert [row["status"] for row in rows] == ["ok", "ok", "ok"]
     default, workers, tensors = rows
-    assert default["num_workers"] == 0  # mmpeft's default loader setting, read back from the run's recipe
+    assert default["num_workers"] == "auto"  # mmpeft's default loader setting, read back from the run's recipe
     assert workers["num_workers"] >= 1
     for row in (default, workers):
         assert row["images"] > 0 and row["pipeline_efficiency"] > 0

@@ -1,4 +1,5 @@
-"""In-context prompting beside trained methods: the `icl-<strategy>` rows of a generative `mmpeft fewshot` grid.
+"""In-context prompting beside trained methods: the `icl-<strategy>` rows of a generative fewshot grid (a helper of
+mmpeft.grids.fewshot).
 
 Why in the grid rather than a separate command: prompting a generative VLM with k demonstrations and fine-tuning it
 with LoRA on k examples per class answer the same question (how much does a little labelled data buy?), so their
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError, to_plain
-from mmpeft.grids.setup import CompareSetup, shared_data
+from mmpeft.grids.cells import error_message
+from mmpeft.grids.method_setup import CompareSetup, shared_data
 from mmpeft.specs import Recipe
 
 logger = logging.getLogger("mmpeft")
@@ -41,7 +43,7 @@ def backbone_family(recipe: Recipe) -> str:
 
 
 def icl_strategies(setup: CompareSetup, family: str) -> tuple[str, ...]:
-    """The strategies this grid prompts with (none outside generative fewshot); misuse is refused before any run."""
+    """The strategies a fewshot grid prompts with (none off a generative backbone); misuse is refused before any run."""
     from mmpeft.evaluation.icl import STRATEGIES
 
     grid, problems = setup.grid, []
@@ -60,7 +62,7 @@ def icl_strategies(setup: CompareSetup, family: str) -> tuple[str, ...]:
     if grid.templates:
         problems.append("grid.templates: prompt templates make dual-encoder zero-shot baselines; a generative "
                         "backbone's zero-shot row is the in-context k = 0 prompt (data.question): remove them")
-    strategies = tuple(grid.strategies or STRATEGIES) if setup.command == "fewshot" else ()
+    strategies = tuple(grid.strategies or STRATEGIES)
     taken = sorted({e.label for e in setup.methods} & {f"icl-{s}" for s in strategies})
     if taken:
         problems.append(f"grid.methods: label(s) {', '.join(taken)} name in-context rows; give those entries another "
@@ -99,8 +101,7 @@ def icl_rows(setup: CompareSetup, grid_dir: Path, strategies: tuple[str, ...]) -
                 write_json(path, {"key": key, "rows": found})
                 error_path.unlink(missing_ok=True)
             except Exception as error:
-                text = str(error).strip()
-                message = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+                message = error_message(error)
                 logger.error("in-context rows, seed %d failed: %s", seed, message)
                 write_text(error_path, traceback.format_exc())
                 found = [{"method": f"icl-{s}", "strategy": s, "shots": k, "seed": seed, "status": "failed",

@@ -1,10 +1,12 @@
-"""`mmpeft compare` over a continual recipe: a regularisers x seeds grid, one task sequence per cell, one table.
+"""`grid.kind: regularisers` (`mmpeft compare`): regularisers x seeds over a continual recipe, one task sequence per
+cell, one table.
 
-A compare recipe whose recipe part has `tasks:` takes `grid: {regularisers: [naive, ewc, lwf, replay], seeds: [0, 1]}`.
+A compare recipe whose recipe part has `tasks:` takes `grid: {kind: regularisers, regularisers: [naive, ewc, lwf,
+replay], seeds: [0, 1]}`.
 An entry is a regulariser name (its config's defaults) or a mapping `{name: ewc, strength: 30, label: ewc-30}`; the
 recipe's own `method:` trains under every one. Each cell is an ordinary continual run folder made by
-mmpeft.sequences.run_continual_cell (cells/<recipe name>-<label>-seed<s>/): a finished one is reused, an interrupted
-one continues at its task, a failed one is recorded with its error and retried when the grid runs again.
+mmpeft.sequences (cells/<recipe name>-<label>-seed<s>/): a finished one is reused, an interrupted one continues at
+its task, a failed one is recorded with its error and retried when the grid runs again (mmpeft.grids.cells).
 
 Seeds: a continual recipe splits its tasks' data with `data.split.seed`, else with the recipe's seed; pin
 `data.split.seed` to keep one split for every seed. Either way every regulariser of one seed shares the split, the
@@ -15,16 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from mmpeft.core.io import write_text
 from mmpeft.core.schema import RecipeError, build, did_you_mean, to_plain
-from mmpeft.grids.setup import GRID_RECIPE, LABEL_PATTERN, GridSpec, pick_baseline, seed_problems
+from mmpeft.grids.base import GRID_KINDS, LABEL_PATTERN, Cell, GridKind, GridSpec, pick_baseline, seed_problems
+from mmpeft.grids.loading import load_grid_spec
+from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE
 from mmpeft.runs.recipe import resolve_presets
 from mmpeft.sequences.tasks import ContinualRecipe, load_continual_recipe
 
@@ -80,27 +82,11 @@ class RegulariserSetup:
         return self.recipe.recipe.data.split.seed
 
 
-@dataclass(frozen=True)
-class RegulariserCell:
-    name: str
-    entry: RegulariserEntry
-    seed: int
-    recipe: ContinualRecipe
-    dir: Path
-
-
 def load_regulariser_setup(data: dict, grid_data: Any, overrides: dict[str, Any], base_dir: Path,
-                           label: str | None, command: str) -> RegulariserSetup:
+                           label: str | None, command: str, problems: list[str]) -> RegulariserSetup:
     """Validate the continual recipe and every `grid.regularisers` entry; every problem reported at once."""
-    problems: list[str] = []
-    if command != "compare":
-        problems.append(f"grid.regularisers: a regularisers grid runs with `mmpeft compare`, not `mmpeft {command}`")
-    grid = None
-    if grid_data is None:
-        problems.append("grid: required in a compare recipe, e.g. grid: {regularisers: [naive, ewc, lwf, replay], "
-                        "seeds: [0, 1]}")
-    else:
-        grid = build(GridSpec, grid_data, "grid", problems)
+    grid = load_grid_spec(grid_data, command, problems, "{kind: regularisers, regularisers: [naive, ewc, lwf, "
+                          "replay], seeds: [0, 1]}")
     if grid is not None:
         problems += grid_axis_problems(grid)
     if "tasks" not in data:
@@ -186,123 +172,89 @@ def resolve_regularisers(grid: GridSpec, recipe: ContinualRecipe | None, problem
     return tuple(entries)
 
 
-def setup_yaml(setup: RegulariserSetup, grid_dir: Path) -> str:
-    """The resolved compare recipe saved in the grid folder: `--resume` reloads it, regularisers spelt out."""
-    data = setup.recipe.to_dict()
-    data.pop("regulariser")
-    data["output"] = {"dir": str(grid_dir.parent), "name": grid_dir.name}
-    data["grid"] = {"regularisers": [{"label": e.label, **to_plain(e.config)} for e in setup.regularisers],
-                    "seeds": list(setup.grid.seeds), "baseline": setup.grid.baseline}
-    head = (f"# mmpeft {setup.command} --resume {grid_dir}\n"
-            "# resolved: every default filled in, regularisers spelt out\n")
-    return head + yaml.safe_dump(data, sort_keys=False)
+@GRID_KINDS.register("regularisers")
+class RegularisersKind(GridKind):
+    name: ClassVar[str] = "regularisers"
+    commands: ClassVar[tuple[str, ...]] = ("compare",)
+    refuse_started_cells: ClassVar[bool] = True  # a started sequence resumes at its task: it must match the plan
+    ignored_settings: ClassVar[tuple[str, ...]] = ("output",)  # where the folder is, not how it trains
 
+    def load_setup(self, data: dict, grid_data: Any, overrides: dict[str, Any], base_dir: Path, label: str | None,
+                   command: str, problems: list[str]) -> RegulariserSetup:
+        return load_regulariser_setup(data, grid_data, overrides, base_dir, label, command, problems)
 
-def plan_cells(setup: RegulariserSetup, grid_dir: Path) -> list[RegulariserCell]:
-    """Seeds before regularisers, so an interrupted grid holds complete seeds."""
-    from mmpeft.sequences.runner import plan_continual_cell
+    def plan_cells(self, setup: RegulariserSetup, grid_dir: Path) -> list[Cell]:
+        """Seeds before regularisers, so an interrupted grid holds complete seeds."""
+        from mmpeft.sequences.runner import plan_continual_cell
 
-    cells = []
-    for seed in setup.grid.seeds:
-        for entry in setup.regularisers:
-            _, recipe, run_dir = plan_continual_cell(setup.recipe, entry.settings, seed, grid_dir / "cells")
-            cells.append(RegulariserCell(run_dir.name, entry, seed, recipe, run_dir))
-    return cells
+        cells = []
+        for seed in setup.grid.seeds:
+            for entry in setup.regularisers:
+                _, recipe, run_dir = plan_continual_cell(setup.recipe, entry.settings, seed, grid_dir / "cells")
+                cells.append(Cell(run_dir.name, entry.label, seed, None, recipe, run_dir))
+        return cells
 
+    def execute(self, cell: Cell, resume: bool) -> dict:
+        """One task sequence; an interrupted one (its recipe.yaml is there) continues at its task."""
+        from mmpeft.sequences import continual
 
-def check_finished_cells(cells: list[RegulariserCell]) -> None:
-    """A cell folder started with other settings would be reused or resumed as it is: refuse before running."""
-    from mmpeft.grids.runner import _differences
-    from mmpeft.runs.folder import RECIPE_FILE
+        return continual(cell.recipe, resume=cell.dir if (cell.dir / RECIPE_FILE).is_file() else None)
 
-    problems = []
-    for cell in cells:
-        saved = cell.dir / RECIPE_FILE
-        if not saved.is_file():
-            continue
-        old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(cell.recipe.to_yaml())
-        old.pop("output", None)  # where the folder is, not how it trains
-        new.pop("output", None)
-        differences = _differences(old, new)
-        if differences:
-            problems.append(f"cells/{cell.name} was run with other settings ({'; '.join(differences[:4])})")
-    if problems:
-        raise RecipeError(problems + ["use another output.name for a new grid, or delete those cell folders"])
-
-
-def run_regulariser_grid(setup: RegulariserSetup, grid_dir: Path) -> dict:
-    """Every cell (skipping finished ones), then results, summary table, plot and report.md."""
-    from mmpeft.report.regulariser_report import summarize_regularisers, summary_json, write_regulariser_report
-
-    cells = plan_cells(setup, grid_dir)
-    check_finished_cells(cells)
-    write_text(grid_dir / GRID_RECIPE, setup_yaml(setup, grid_dir))
-    logger.info("compare grid %s: %d cells (%d regularisers x %d seeds), method %s", grid_dir, len(cells),
-                len(setup.regularisers), len(setup.grid.seeds), setup.recipe.recipe.method.name)
-    rows: list[dict] = []
-    for number, cell in enumerate(cells, start=1):
-        row = run_cell(setup, cell)
-        rows.append(row)
-        write_results_table(grid_dir, rows)
-        shown = (f"average accuracy {row['average_accuracy']:.4f}, forgetting {_text(row['average_forgetting'])}"
-                 if row["status"] == "ok" else f"FAILED: {row['error']}")
-        print(f"[{number}/{len(cells)}] {cell.name}: {shown}", flush=True)
-    groups = summarize_regularisers(rows, [e.label for e in setup.regularisers], setup.baseline)
-    write_regulariser_report(grid_dir, setup, rows, groups, first_metrics(cells, rows))
-    failed = [r for r in rows if r["status"] != "ok"]
-    print(f"{setup.command}: {len(rows) - len(failed)}/{len(rows)} cells ok; table and plot in "
-          f"{grid_dir / 'report.md'}", flush=True)
-    return {"dir": str(grid_dir), "rows": rows, "summary": summary_json(groups)}
-
-
-def run_cell(setup: RegulariserSetup, cell: RegulariserCell) -> dict:
-    """Reuse a finished cell, continue an interrupted one, else run it; a failure becomes a row with its error."""
-    from mmpeft.grids.runner import ERROR_FILE
-    from mmpeft.runs.folder import METRICS_FILE
-    from mmpeft.sequences.runner import run_continual_cell
-
-    if (cell.dir / METRICS_FILE).is_file():
-        logger.info("cell %s: finished earlier, skipped", cell.name)
-    try:
-        run_continual_cell(setup.recipe, cell.entry.settings, cell.seed, output_dir=cell.dir.parent)
-    except Exception as error:  # the grid goes on; the cell keeps its error for the table and the report
-        text = str(error).strip()
-        message = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-        logger.error("cell %s failed: %s", cell.name, message)
-        write_text(cell.dir / ERROR_FILE, traceback.format_exc())
-        return {**cell_row(cell, None), "status": "failed", "error": message}
-    (cell.dir / ERROR_FILE).unlink(missing_ok=True)
-    return cell_row(cell, json.loads((cell.dir / METRICS_FILE).read_text()))
-
-
-def cell_row(cell: RegulariserCell, metrics: dict | None) -> dict:
-    """One results row from the cell's metrics.json; None (a failed cell) leaves the numbers empty."""
-    row = {"cell": cell.name, "regulariser": cell.entry.label, "regulariser_name": cell.entry.config.name,
-           "method": cell.recipe.recipe.method.name, "seed": cell.seed, "status": "ok", "error": ""}
-    if metrics is None:
+    def cell_row(self, cell: Cell, metrics: dict | None) -> dict:
+        row = {"cell": cell.name, "regulariser": cell.label, "regulariser_name": cell.recipe.regulariser.name,
+               "method": cell.recipe.recipe.method.name, "seed": cell.seed, "status": "ok", "error": ""}
+        if metrics is None:
+            return row
+        row.update({key: metrics["summary"].get(key) for key in SUMMARY_KEYS})
+        row["trainable_params"] = metrics.get("params", {}).get("trainable")
+        row["train_seconds"] = round(sum(task.get("seconds", 0.0) for task in metrics.get("train", [])), 3)
         return row
-    row.update({key: metrics["summary"].get(key) for key in SUMMARY_KEYS})
-    row["trainable_params"] = metrics.get("params", {}).get("trainable")
-    row["train_seconds"] = round(sum(task.get("seconds", 0.0) for task in metrics.get("train", [])), 3)
-    return row
+
+    def shown(self, row: dict) -> str:
+        forgetting = row["average_forgetting"]
+        return (f"average accuracy {row['average_accuracy']:.4f}, forgetting "
+                f"{'n/a' if forgetting is None else f'{forgetting:.4f}'}")
+
+    def columns(self, setup: RegulariserSetup, context: dict) -> dict[str, str]:
+        return COLUMNS
+
+    def setup_yaml(self, setup: RegulariserSetup, grid_dir: Path) -> str:
+        """The resolved compare recipe saved in the grid folder: `--resume` reloads it, regularisers spelt out."""
+        data = setup.recipe.to_dict()
+        data.pop("regulariser")
+        data["output"] = {"dir": str(grid_dir.parent), "name": grid_dir.name}
+        grid = {key: value for key, value in to_plain(setup.grid).items() if key not in ("methods", *UNUSED_GRID_KEYS)}
+        data["grid"] = {**grid, "regularisers": [{"label": e.label, **to_plain(e.config)} for e in setup.regularisers]}
+        head = (f"# mmpeft {setup.command} --resume {grid_dir}\n"
+                "# resolved: every default filled in, regularisers spelt out\n")
+        return head + yaml.safe_dump(data, sort_keys=False)
+
+    def begin(self, setup: RegulariserSetup, grid_dir: Path, context: dict) -> dict:
+        logger.info("compare grid %s: %d cells (%d regularisers x %d seeds), method %s", grid_dir,
+                    len(setup.regularisers) * len(setup.grid.seeds), len(setup.regularisers),
+                    len(setup.grid.seeds), setup.recipe.recipe.method.name)
+        return context
+
+    def write_report(self, setup: RegulariserSetup, grid_dir: Path, cells: list[Cell], rows: list[dict],
+                     context: dict) -> dict:
+        from mmpeft.report.regulariser_report import summarize_regularisers, summary_json, write_regulariser_report
+
+        groups = summarize_regularisers(rows, [e.label for e in setup.regularisers], setup.baseline)
+        write_regulariser_report(grid_dir, setup, rows, groups, first_metrics(cells, rows))
+        failed = [r for r in rows if r["status"] != "ok"]
+        print(f"{setup.command}: {len(rows) - len(failed)}/{len(rows)} cells ok; table and plot in "
+              f"{grid_dir / 'report.md'}", flush=True)
+        return {"dir": str(grid_dir), "rows": rows, "summary": summary_json(groups)}
+
+    def trained_recipes(self, setup: RegulariserSetup) -> list[tuple[str, Any]]:
+        """One method, trained under every regulariser."""
+        return [(setup.recipe.recipe.method.name, setup.recipe.recipe)]
 
 
-def write_results_table(grid_dir: Path, rows: list[dict]) -> None:
-    from mmpeft.report.grid_report import write_results
-
-    write_results(grid_dir, rows, COLUMNS)
-
-
-def first_metrics(cells: list[RegulariserCell], rows: list[dict]) -> dict | None:
+def first_metrics(cells: list[Cell], rows: list[dict]) -> dict | None:
     """metrics.json of the first finished cell: the sequence's tasks, protocol and zero-shot accuracies."""
-    for cell, row in zip(cells, rows):
-        if row["status"] == "ok":
-            return json.loads((cell.dir / "metrics.json").read_text())
+    by_name = {row["cell"]: row for row in rows}
+    for cell in cells:
+        if by_name.get(cell.name, {}).get("status") == "ok":
+            return json.loads((cell.dir / METRICS_FILE).read_text())
     return None
-
-
-def _text(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-__all__ = ["RegulariserSetup", "load_regulariser_setup", "run_regulariser_grid"]

@@ -66,15 +66,11 @@ def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict
     if isinstance(source, Recipe) or not _has_grid(source):
         loaded = load_recipe(source, overrides)
         return [(loaded.method.name, loaded)]
-    try:
-        from mmpeft.grids.setup import load_setup
-    except ImportError:
-        raise PlanError("this recipe has a `grid:` section (a compare recipe), which this installation cannot read "
-                        "(mmpeft.grids.setup is missing); plan one method with a plain recipe") from None
+    from mmpeft.grids import load_setup
+    from mmpeft.grids.base import kind_of
+
     setup = load_setup(source, overrides)
-    if not hasattr(setup, "methods"):  # a regularisers grid: one method, trained under every regulariser
-        return [(setup.recipe.recipe.method.name, setup.recipe.recipe)]
-    return [(entry.label, setup.recipe.replace(method=entry.config)) for entry in setup.methods]
+    return kind_of(setup).trained_recipes(setup)
 
 
 def plan_recipe(recipe: Recipe, label: str | None = None, budget: int | None = None, device: Device = "cuda") -> dict:

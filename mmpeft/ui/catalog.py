@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from mmpeft.grids.runner import ERROR_FILE
-from mmpeft.grids.setup import GRID_RECIPE
+from mmpeft.grids.base import GRID_RECIPE
+from mmpeft.grids.cells import ERROR_FILE
 from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE
 from mmpeft.sequences.runner import STATE_DIR
 
@@ -134,7 +134,7 @@ def _grid_entry(folder: Path, relative: str, launched: str | None) -> Entry:
     grid = recipe.get("grid") or {}
     words = text.split()
     command = words[2] if text.startswith("# mmpeft ") and len(words) > 2 else "compare"
-    kind = "regularisers" if grid.get("regularisers") else command
+    kind = "regularisers" if grid.get("kind") == "regularisers" or grid.get("regularisers") else command
     labels = [m.get("label", m.get("name", "")) if isinstance(m, dict) else str(m)
               for m in grid.get("methods") or grid.get("regularisers") or []]
     entry = Entry(relative, kind, str(recipe.get("name", "")), str((recipe.get("backbone") or {}).get("id", "")),

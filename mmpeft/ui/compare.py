@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from mmpeft.grids.setup import GRID_RECIPE
+from mmpeft.grids.base import GRID_RECIPE
 from mmpeft.runs.folder import METRICS_FILE
 from mmpeft.ui.catalog import inside
 

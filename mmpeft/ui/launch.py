@@ -72,18 +72,27 @@ def check_recipe(path: Path, overrides: list[str]) -> Checked:
             recipe = continual.recipe
             plain = {**recipe.to_dict(), "tasks": to_plain(continual.tasks)}
         elif command in ("compare", "fewshot"):
-            from mmpeft.grids.setup import load_compare_recipe, load_fewshot_recipe
+            from mmpeft.grids import load_compare_recipe, load_fewshot_recipe
 
             grid, recipe = (load_fewshot_recipe if command == "fewshot" else load_compare_recipe)(path, overrides)
             plain = {**recipe.to_dict(), "grid": to_plain(grid)}
         else:
             recipe = mmpeft.load_recipe(path, overrides)
             plain = recipe.to_dict()
+            check_conversation_rows(recipe)
     except RecipeError as error:
         return Checked(command, list(error.problems))
     except (ValueError, FileNotFoundError) as error:  # what `mmpeft check` reports as one line
         return Checked(command, [str(error)])
     return Checked(command, [], yaml.safe_dump(plain, sort_keys=False), recipe.name, recipe.output.name)
+
+
+def check_conversation_rows(recipe) -> None:
+    """Conversation data is checked row by row, as `mmpeft check` and `mmpeft run` do (raises DataError)."""
+    from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
+
+    if recipe.data.source in CONVERSATION_SOURCES:
+        load_conversations(recipe.data, recipe.seed)
 
 
 class Launcher:

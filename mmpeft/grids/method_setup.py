@@ -1,4 +1,4 @@
-"""Compare recipes: an ordinary recipe plus a `grid:` section (methods x seeds [x shots]), validated before any run.
+"""The setup of a methods grid (`grid.kind: methods` or `fewshot`): the shared recipe and every grid.methods entry.
 
 A grid entry is a method name, a preset (file or name in adapters/), or a mapping (`{preset: lora-r8, r: 16, label:
 lora-r16}` or `{name: lora, towers: [text]}`); a mapping's `train:` changes the shared budget for that method only
@@ -10,50 +10,27 @@ states which for every entry.
 Every cell shares one split, fixed by `data.split.seed` (default: the recipe's top-level `seed`); `grid.seeds` vary
 the method's initialisation, the batch order and, with shots, the k-shot sample (nested in k, the same for every
 method at a given seed and k). So differences between cells of one seed and k come from the method alone.
-
-Two other axes share this machinery: `grid.regularisers` over a continual recipe (one with `tasks:`; see
-mmpeft.grids.regularisers) and, in `mmpeft fewshot` on a generative backbone, in-context prompting (`grid.strategies`,
-k = 0 included) beside the trained methods (see mmpeft.grids.runner).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import yaml
+from typing import Any
 
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError, build, did_you_mean, to_plain
-from mmpeft.runs.recipe import _set_path, load_recipe, parse_overrides, preset_candidates, read_yaml
-from mmpeft.specs import DataSpec, OutputSpec, Recipe, TrainSpec
-
-if TYPE_CHECKING:
-    from mmpeft.grids.regularisers import RegulariserSetup
-    from mmpeft.sequences.tasks import ContinualRecipe
+from mmpeft.grids.base import LABEL_PATTERN, GridSpec, pick_baseline, seed_problems
+from mmpeft.runs.recipe import load_recipe, preset_candidates, read_yaml
+from mmpeft.specs import DataSpec, Recipe, TrainSpec
 
 FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
 # A bare name in grid.methods -> the preset it runs (when the file exists in adapters/). Names not listed here try
 # adapters/<name>.yaml (full, ia3, bitfit), then fall back to the method config's dataclass defaults.
 DEFAULT_PRESETS = {"lora": "lora-r8", "dora": "dora-r8", "rslora": "rslora-r8", "bottleneck": "houlsby",
                    "coop": "coop-16", "vpt": "vpt-8", "linear_probe": "linear-probe"}
-LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # labels name cell folders
-GRID_RECIPE = "compare.yaml"
-
-
-@dataclass(frozen=True)
-class GridSpec:
-    methods: tuple[str | dict[str, Any], ...] = ()  # names, presets, or mappings with name/preset (+ label, train)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    shots: tuple[int, ...] | None = None  # k per class; None: every cell uses data.shots (all examples by default)
-    baseline: str | None = None  # paired tests against this label; default: the entry running `full` (or `naive`)
-    templates: tuple[str, ...] = ()  # zero-shot prompts: templates with {label} or built-in set names; () = recipe's
-    regularisers: tuple[str | dict[str, Any], ...] = ()  # continual recipes: the axis instead of methods
-    strategies: tuple[str, ...] | None = None  # fewshot, generative: in-context demo strategies; None = all of them
 
 
 @dataclass(frozen=True)
@@ -78,79 +55,27 @@ class CompareSetup:
         return self.recipe.seed if seed is None else seed
 
 
-@dataclass(frozen=True)
-class Cell:
-    name: str
-    label: str
-    seed: int
-    shots: int | None
-    recipe: Recipe
-    dir: Path
 
 
-def load_compare_recipe(source: str | Path | dict, overrides: list[str] | dict | None = None,
-                        ) -> tuple[GridSpec, Recipe | ContinualRecipe]:
-    """A compare recipe -> (GridSpec, the shared recipe: a ContinualRecipe for a regularisers grid); every problem
-    of both reported at once (RecipeError)."""
-    setup = load_setup(source, overrides)
-    return setup.grid, setup.recipe
-
-
-def load_fewshot_recipe(source: str | Path | dict, overrides: list[str] | dict | None = None,
-                        ) -> tuple[GridSpec, Recipe]:
-    """As load_compare_recipe, with grid.shots defaulting to FEWSHOT_SHOTS."""
-    setup = load_setup(source, overrides, command="fewshot")
-    return setup.grid, setup.recipe
-
-
-def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = None,
-               command: str = "compare") -> CompareSetup | RegulariserSetup:
-    """Parse, split off `grid:`, validate the rest as a recipe and every grid entry as a method config.
-
-    A continual recipe (`tasks:`) or a `grid.regularisers` axis goes to mmpeft.grids.regularisers instead.
-    """
-    label, base_dir = None, Path.cwd()
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError([f"recipe file not found: {path}"])
-        data, label, base_dir = read_yaml(path), str(path), path.resolve().parent
-        data.setdefault("name", path.stem)
-    else:
-        data = copy.deepcopy(source)
-    problems: list[str] = []
-    grid_data = data.pop("grid", None)
-    rest: dict[str, Any] = {}
-    for key, value in parse_overrides(overrides).items():
-        if key == "grid" or key.startswith("grid."):
-            holder = {"grid": grid_data if isinstance(grid_data, dict) else {}}
-            _set_path(holder, key, value)
-            grid_data = holder["grid"]
-        else:
-            rest[key] = value
-    if "tasks" in data or (isinstance(grid_data, dict) and grid_data.get("regularisers")):
-        from mmpeft.grids.regularisers import load_regulariser_setup
-
-        return load_regulariser_setup(data, grid_data, rest, base_dir, label, command)
-    for key in [k for k in rest if k == "method" or k.startswith("method.")]:
-        rest.pop(key)
+def load_methods_setup(data: dict, grid: GridSpec | None, overrides: dict[str, Any], base_dir: Path,
+                       label: str | None, command: str, problems: list[str]) -> CompareSetup:
+    """Validate the recipe part (its method a zero_shot placeholder) and every grid.methods entry, all at once."""
+    for key in [k for k in overrides if k == "method" or k.startswith("method.")]:
+        overrides.pop(key)
         problems.append(f"override {key}: a {command} recipe takes its methods from grid.methods "
                         "(for example grid.methods=[full,lora])")
     if "method" in data:
         problems.append(f"method: a {command} recipe takes its methods from grid.methods; remove the top-level "
                         "`method` (or move it into grid.methods)")
-    if grid_data is None:
-        problems.append(f"grid: required in a {command} recipe, e.g. grid: {{methods: [full, lora], seeds: [0, 1]}}")
-    grid = build(GridSpec, grid_data, "grid", problems) if grid_data is not None else None
     try:
-        recipe = load_recipe({**data, "method": "zero_shot"}, rest)
+        recipe = load_recipe({**data, "method": "zero_shot"}, overrides)
     except RecipeError as error:
         problems += error.problems
         recipe = None
     entries: tuple[MethodEntry, ...] = ()
     baseline = None
     if grid is not None:
-        if command == "fewshot" and grid.shots is None:
+        if grid.kind == "fewshot" and grid.shots is None:
             grid = dataclasses.replace(grid, shots=FEWSHOT_SHOTS)
         problems += grid_problems(grid, command)
         if recipe is not None and grid.shots is not None and recipe.data.shots is not None:
@@ -158,28 +83,31 @@ def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = N
                             "a grid takes k from grid.shots: remove data.shots")
         entries = resolve_methods(grid, recipe, base_dir, problems)
         baseline = pick_baseline(grid, entries, problems)
-    if problems:
+    if problems or grid is None or recipe is None:
         raise RecipeError(problems, label)
     return CompareSetup(grid, recipe, entries, baseline, command)
 
 
 def grid_problems(grid: GridSpec, command: str = "compare") -> list[str]:
-    """What is wrong with a methods grid (seeds, shots, templates, strategies), before anything runs."""
+    """What is wrong with a methods grid (seeds, shots, templates, strategies), before anything runs.
+
+    A fewshot grid (grid.kind fewshot) also takes k = 0 and in-context strategies; a methods grid takes neither.
+    """
     from mmpeft.evaluation.icl import STRATEGIES
     from mmpeft.evaluation.zero_shot import TEMPLATE_SETS
 
     problems = []
-    if not grid.methods and not (command == "fewshot" and grid.strategies):
+    if not grid.methods and not (grid.kind == "fewshot" and grid.strategies):
         problems.append("grid.methods: list at least one method (e.g. [full, lora]); in `mmpeft fewshot` on a "
                         "generative backbone, grid.strategies alone runs in-context prompting only")
     problems += seed_problems(grid)
     if grid.shots is not None:
-        least = 0 if command == "fewshot" else 1  # k = 0: in-context prompting without demonstrations
+        least = 0 if grid.kind == "fewshot" else 1  # k = 0: in-context prompting without demonstrations
         if not grid.shots or any(k < least for k in grid.shots) or len(set(grid.shots)) != len(grid.shots):
             problems.append(f"grid.shots: {list(grid.shots)} must be distinct integers >= {least} (or leave it out)"
                             + ("; 0 is in-context prompting's zero-shot row" if least == 0 else ""))
     if grid.strategies is not None:
-        if command != "fewshot":
+        if grid.kind != "fewshot":
             problems.append("grid.strategies: in-context prompting sweeps k, so it runs in `mmpeft fewshot`, not "
                             f"`mmpeft {command}`")
         if not grid.strategies:
@@ -195,12 +123,6 @@ def grid_problems(grid: GridSpec, command: str = "compare") -> list[str]:
     return problems
 
 
-def seed_problems(grid: GridSpec) -> list[str]:
-    if not grid.seeds:
-        return ["grid.seeds: list at least one seed"]
-    if len(set(grid.seeds)) != len(grid.seeds):
-        return [f"grid.seeds: {list(grid.seeds)} repeats a seed"]
-    return []
 
 
 def resolve_methods(grid: GridSpec, recipe: Recipe | None, base_dir: Path, problems: list[str],
@@ -288,39 +210,6 @@ def find_preset(ref: str, base_dir: Path) -> Path:
                      f"{', '.join(presets)}")
 
 
-def pick_baseline(grid: GridSpec, entries: tuple, problems: list[str], axis: str = "methods",
-                  default: str = "full") -> str | None:
-    """grid.baseline, else the entry whose config runs `default`: what every other entry is tested against."""
-    labels = [e.label for e in entries]
-    if grid.baseline is not None:
-        if grid.baseline not in labels:
-            problems.append(f"grid.baseline: {grid.baseline!r} is not a label of grid.{axis}"
-                            f"{did_you_mean(grid.baseline, labels)}; labels: {', '.join(labels)}")
-        return grid.baseline
-    return next((e.label for e in entries if e.config.name == default), None)
-
-
-def plan_cells(setup: CompareSetup, grid_dir: Path) -> list[Cell]:
-    """Seeds before methods, so an interrupted grid holds complete seeds; every cell pins the shared split.
-
-    k = 0 trains nothing: it is in-context prompting's zero-shot row (generative fewshot), not a cell.
-    """
-    recipe, grid = setup.recipe, setup.grid
-    data = shared_data(setup)
-    cells = []
-    for shots in [k for k in grid.shots if k != 0] if grid.shots else (recipe.data.shots,):
-        for seed in grid.seeds:
-            for entry in setup.methods:
-                name = f"{entry.label}-k{shots}-seed{seed}" if grid.shots else f"{entry.label}-seed{seed}"
-                cell_recipe = recipe.replace(
-                    method=entry.config, seed=seed, data=dataclasses.replace(data, shots=shots),
-                    train=dataclasses.replace(recipe.train, **train_changes(recipe, entry)),
-                    eval=dataclasses.replace(recipe.eval, zero_shot=False),  # the grid evaluates zero-shot once
-                    output=OutputSpec(dir=str(grid_dir / "cells"), name=name))
-                cells.append(Cell(name, entry.label, seed, shots, cell_recipe, grid_dir / "cells" / name))
-    return cells
-
-
 def shared_data(setup: CompareSetup) -> DataSpec:
     """The recipe's data spec with the split seed pinned: the split every cell (and in-context row) shares."""
     data = setup.recipe.data
@@ -336,17 +225,6 @@ def train_changes(recipe: Recipe, entry: MethodEntry) -> dict[str, Any]:
     return {key: getattr(merged, key) for key in entry.train_changes}
 
 
-def setup_yaml(setup: CompareSetup, grid_dir: Path) -> str:
-    """The resolved compare recipe saved in the grid folder: `--resume` reloads it, methods fully spelt out."""
-    data = setup.recipe.to_dict()
-    data.pop("method")
-    data["output"] = {"dir": str(grid_dir.parent), "name": grid_dir.name}
-    grid = to_plain(setup.grid)
-    grid["methods"] = [{"label": e.label, **to_plain(e.config), **({"train": e.train_changes} if e.train_changes
-                                                                     else {})} for e in setup.methods]
-    data["grid"] = grid
-    head = f"# mmpeft {setup.command} --resume {grid_dir}\n# resolved: every default filled in, methods spelt out\n"
-    return head + yaml.safe_dump(data, sort_keys=False)
 
 
 def _shown(path: Path) -> str:

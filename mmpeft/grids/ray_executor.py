@@ -1,0 +1,96 @@
+"""`grid.executor: ray`: one Ray task per cell (pip install 'mmpeft[ray]').
+
+`ray.init()` starts a local Ray (no dashboard) unless grid.ray_address names a cluster (`auto`: the one this machine
+belongs to). Each task asks for grid.cpus_per_cell CPUs and, where the cluster has GPUs, grid.gpus_per_cell GPUs
+(fractions share a GPU); Ray never retries a cell by itself (a failed cell is rerun by `--resume`). Before any cell
+runs, a probe task on every node checks that it sees the grid folder: on several nodes it must be shared storage.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from mmpeft.grids.base import GRID_KINDS, Cell
+from mmpeft.grids.cells import error_message, failed_row, run_cell
+from mmpeft.grids.executors import Executor, Finished, Progress
+
+
+def ray_cell(kind_name: str, threads: int, cell: Cell) -> dict:
+    """A cell in a Ray worker: the same run_cell as every executor, with the grid's thread count."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import mmpeft.grids  # noqa: F401  (registers the kinds)
+
+    return run_cell(GRID_KINDS.get(kind_name)(), cell)
+
+
+def sees(path: str) -> tuple[str, bool]:
+    return socket.gethostname(), Path(path).is_file()
+
+
+class RayExecutor(Executor):
+    def __enter__(self) -> RayExecutor:
+        import ray
+
+        self.started = not ray.is_initialized()
+        if self.started:
+            if self.grid.ray_address is None:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
+            ray.init(address=self.grid.ray_address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        if self.started:
+            ray.shutdown()
+
+    def run_todo(self, cells: list[Cell], progress: Progress, finished: Finished) -> None:
+        import ray
+
+        gpus = self.grid.gpus_per_cell if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        task = ray.remote(num_cpus=self.grid.cpus_per_cell, num_gpus=gpus, max_retries=0)(ray_cell)
+        self.check_shared(ray)
+        limit = self.grid.max_parallel or self.capacity(ray, gpus)
+        pending, running = list(cells), {}
+        while pending or running:
+            while pending and len(running) < limit:
+                cell = pending.pop(0)
+                running[task.remote(self.kind.name, self.grid.threads_per_cell, cell)] = cell
+                progress.started()
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            cell = running.pop(ref)
+            try:
+                row = ray.get(ref)
+            except Exception as error:  # the task raised outside run_cell, or its worker died
+                cause = getattr(error, "cause", None) or error
+                row = failed_row(self.kind, cell, error_message(cause), str(error))
+            self._end(progress, finished, cell, row)
+
+    def capacity(self, ray, gpus: float) -> int:
+        """Cells the cluster can hold at once."""
+        resources = ray.cluster_resources()
+        fits = int(resources.get("CPU", 1) // self.grid.cpus_per_cell)
+        if gpus:
+            fits = min(fits, int(resources.get("GPU", 0) // gpus))
+        return max(1, fits)
+
+    def check_shared(self, ray) -> None:
+        """Every alive node must see a file the driver just wrote in the grid folder."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        probe = self.probe_file()
+        try:
+            remote = ray.remote(num_cpus=0)(sees)
+            nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+            answers = ray.get([remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                               .remote(str(probe)) for node in nodes])
+        finally:
+            probe.unlink(missing_ok=True)
+        for host, visible in answers:
+            if not visible:
+                raise self.not_shared(host)

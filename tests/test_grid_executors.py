@@ -1,0 +1,119 @@
+"""Grid executors on a tiny CLIP: the same per-cell metrics in this process, a pool of 2 worker processes and a local
+Ray with 2 CPUs; a cell that raises is recorded as failed while the others finish, and a resume (under another
+executor too) re-runs only it. Plus the recipe checks of grid.kind and the executor keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import mmpeft
+from mmpeft.core.schema import RecipeError
+from mmpeft.grids import load_setup
+
+CELLS = ["zero_shot-seed0", "linear_probe-seed0", "zero_shot-seed1", "linear_probe-seed1"]
+BLOCKED = "linear_probe-seed1"  # the cell made to raise: a folder where its recipe.yaml must be written
+
+
+def executor_grid(color_folder: Path, tiny_clip_dir: Path, root: Path, executor: str) -> dict:
+    """4 cells (2 methods x 2 seeds) on the colour folder; only the executor differs between grids."""
+    return {"name": "colors", "seed": 0, "backbone": {"id": str(tiny_clip_dir)},
+            "data": {"source": "folder", "path": str(color_folder), "templates": ["a photo of a {label} image."],
+                     "split": {"val": 0.25, "test": 0.25}},
+            "train": {"epochs": 2, "batch_size": 12, "lr": 0.05, "warmup_ratio": 0.0}, "eval": {"batch_size": 32},
+            "output": {"dir": str(root), "name": executor},
+            "grid": {"methods": ["zero_shot", "linear_probe"], "seeds": [0, 1], "executor": executor,
+                     "max_parallel": 2, "threads_per_cell": 1}}
+
+
+def cell_numbers(grid: Path, cell: str) -> dict:
+    """What must not depend on who ran the cell: test scores, validation history, data fingerprints, sizes."""
+    metrics = json.loads((grid / "cells" / cell / "metrics.json").read_text())
+    history = [{k: v for k, v in h.items() if k.startswith("val_")} for h in (metrics.get("train") or {})
+               .get("history", [])]
+    test = {k: metrics["test"][k] for k in ("accuracy", "macro_f1", "n", "per_class", "confusion_matrix")}
+    return {"test": test, "history": history, "fingerprints": metrics["data"]["fingerprints"],
+            "params": metrics["params"], "seed": metrics["seed"]}
+
+
+@pytest.fixture(scope="module")
+def sequential_grid(tmp_path_factory, color_folder, tiny_clip_dir) -> Path:
+    """The reference: every cell in this process, one after another."""
+    root = tmp_path_factory.mktemp("sequential")
+    mmpeft.compare(executor_grid(color_folder, tiny_clip_dir, root, "sequential"))
+    return root / "sequential"
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray with 2 CPUs for the test (the grid joins it instead of starting its own); skipped, with the
+    reason, only where Ray is not installed or cannot start."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mmpeft[ray]')")
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except Exception as error:  # noqa: BLE001  (any reason Ray cannot start here is a reason to skip)
+        pytest.skip(f"a local Ray cannot start here: {type(error).__name__}: {error}")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize(("executor", "resume_with"), [("processes", "processes"), ("ray", "sequential")])
+def test_executors_give_sequential_metrics_record_a_failure_and_resume_only_it(
+        sequential_grid, color_folder, tiny_clip_dir, tmp_path, request, executor, resume_with):
+    if executor == "ray":
+        request.getfixturevalue("local_ray")
+    grid = tmp_path / executor
+    (grid / "cells" / BLOCKED / "recipe.yaml").mkdir(parents=True)  # writing the cell's recipe.yaml will raise
+    first = mmpeft.compare(executor_grid(color_folder, tiny_clip_dir, tmp_path, executor))
+    assert [(r["cell"], r["status"]) for r in first["rows"]] == [
+        (cell, "failed" if cell == BLOCKED else "ok") for cell in CELLS]  # plan order, the others finished
+    failed = next(r for r in first["rows"] if r["status"] == "failed")
+    assert failed["error"].startswith("IsADirectoryError") and "recipe.yaml" in failed["error"]
+    assert "IsADirectoryError" in (grid / "cells" / BLOCKED / "error.txt").read_text()
+    for cell in CELLS:
+        if cell != BLOCKED:
+            assert cell_numbers(grid, cell) == cell_numbers(sequential_grid, cell), (executor, cell)
+
+    shutil.rmtree(grid / "cells" / BLOCKED / "recipe.yaml")
+    finished = {cell: (grid / "cells" / cell / "metrics.json").stat().st_mtime_ns for cell in CELLS if cell != BLOCKED}
+    again = mmpeft.compare(None, [f"grid.executor={resume_with}"], resume=grid)
+    assert [r["status"] for r in again["rows"]] == ["ok"] * 4
+    assert {cell: (grid / "cells" / cell / "metrics.json").stat().st_mtime_ns for cell in finished} == finished
+    assert cell_numbers(grid, BLOCKED) == cell_numbers(sequential_grid, BLOCKED)
+    assert not (grid / "cells" / BLOCKED / "error.txt").exists()
+    saved = json.loads((grid / "results.json").read_text())["rows"]
+    assert [r["accuracy"] for r in saved] == [r["accuracy"] for r in again["rows"]]
+    assert yaml.safe_load((grid / "compare.yaml").read_text().split("\n", 2)[2])["grid"]["executor"] == resume_with
+
+
+@pytest.mark.parametrize(("grid", "expected"), [
+    ({"kind": "regulariser", "regularisers": ["naive"]}, "grid.kind: unknown grid kind 'regulariser' (did you mean "
+                                                         "'regularisers'?); valid: fewshot, methods, regularisers"),
+    ({"regularisers": ["naive"]}, "add `grid.kind: regularisers`"),
+    ({"methods": ["lora"], "executor": "rey"}, "grid.executor: 'rey' is not an executor (did you mean 'ray'?)"),
+    ({"methods": ["lora"], "executor": "processes", "gpus_per_cell": 0.5},
+     "grid.gpus_per_cell: 0.5 is a fraction; the processes executor gives whole CPUs/GPUs"),
+    ({"methods": ["lora"], "max_parallel": 0}, "grid.max_parallel: 0 must be at least 1"),
+    ({"methods": ["lora"], "ray_address": "auto"}, "grid.ray_address: set, but grid.executor is 'sequential'"),
+])
+def test_grid_kind_and_executor_keys_are_checked_before_anything_runs(color_recipe, grid, expected):
+    recipe = {**{k: v for k, v in color_recipe.items() if k != "method"}, "grid": grid}
+    problems = "\n".join(pytest.raises(RecipeError, load_setup, recipe).value.problems)
+    assert expected in problems
+
+
+def test_a_continual_recipe_needs_the_regularisers_kind_declared(color_recipe):
+    recipe = {**color_recipe, "tasks": [{"classes": ["red", "green"]}, {"classes": ["blue"]}],
+              "grid": {"regularisers": ["naive", "ewc"]}}
+    (problem,) = pytest.raises(RecipeError, load_setup, recipe).value.problems
+    assert "`tasks:` sequence" in problem and "add `grid.kind: regularisers`" in problem
+    setup = load_setup({**recipe, "grid": {"kind": "regularisers", "regularisers": ["naive", "ewc"]}})
+    assert setup.grid.kind == "regularisers" and [e.label for e in setup.regularisers] == ["naive", "ewc"]
+    assert load_setup({**recipe, "grid": {"kind": "regularisers", "regularisers": ["naive"]}}).baseline == "naive"
