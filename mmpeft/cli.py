@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     continual.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sequence at its task")
     add_export_commands(commands)
     add_predict_command(commands)
+    ui = commands.add_parser("ui", help="local web workbench: browse and compare runs, launch recipes, try a model")
+    ui.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR", help="folder of runs (default: runs)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     return parser
 
 
@@ -207,6 +211,10 @@ def dispatch(args: argparse.Namespace) -> int:
         print(render(mmpeft.plan(args.recipe, args.overrides, gpu_memory=args.gpu_memory)), end="")
     elif args.command == "check":
         print(check(args.recipe, args.overrides), end="")
+    elif args.command == "ui":
+        from mmpeft.ui import serve
+
+        serve(args.runs_dir, host=args.host, port=args.port)
     return 0
 
 

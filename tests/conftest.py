@@ -74,3 +74,22 @@ def color_recipe(color_folder, tiny_clip_dir, tmp_path) -> dict:
         "eval": {"batch_size": 32},
         "output": {"dir": str(tmp_path / "runs"), "name": "run"},
     }
+
+
+@pytest.fixture(scope="session")
+def ui_runs_dir(tmp_path_factory, color_folder, tiny_clip_dir) -> Path:
+    """A runs folder as `mmpeft ui` finds it: one finished 1-epoch LoRA run and a finished 2-cell compare grid."""
+    import mmpeft
+
+    root = tmp_path_factory.mktemp("ui-runs")
+    recipe = {"name": "colors", "seed": 0, "backbone": {"id": str(tiny_clip_dir)},
+              "data": {"source": "folder", "path": str(color_folder), "templates": ["a photo of a {label} image."],
+                       "split": {"val": 0.25, "test": 0.25}},
+              "method": {"name": "lora", "r": 4, "alpha": 8},
+              "train": {"epochs": 1, "batch_size": 12, "lr": 0.02, "warmup_ratio": 0.0},
+              "eval": {"batch_size": 32}, "output": {"dir": str(root), "name": "lora-run"}}
+    mmpeft.run(recipe)
+    grid = {k: v for k, v in recipe.items() if k != "method"}
+    grid.update(output={"dir": str(root), "name": "grid"}, grid={"methods": ["linear_probe", "bitfit"], "seeds": [0]})
+    mmpeft.compare(grid)
+    return root

@@ -1,0 +1,255 @@
+"""The workbench's readers and launcher without a browser: folder kinds and status from real run and grid folders,
+comparisons from their files, `mmpeft check`'s verdicts, paths that escape, a real launch stopped with SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("gradio", reason="mmpeft ui needs gradio: pip install 'mmpeft[ui]'")
+
+from mmpeft.cli import check as cli_check  # noqa: E402
+from mmpeft.core.io import PROJECT_ROOT  # noqa: E402
+from mmpeft.ui.catalog import OutsideError, details, inside, scan  # noqa: E402
+from mmpeft.ui.compare import comparison_rows, markdown_table  # noqa: E402
+from mmpeft.ui.launch import Launcher, check_recipe  # noqa: E402
+
+
+def by_path(root: Path) -> dict:
+    return {e.path: e for e in scan(root)}
+
+
+def test_scan_classifies_runs_grids_and_cells_with_their_numbers(ui_runs_dir):
+    entries = by_path(ui_runs_dir)
+    assert set(entries) == {"lora-run", "grid", "grid/cells/linear_probe-seed0", "grid/cells/bitfit-seed0"}
+    run, grid = entries["lora-run"], entries["grid"]
+    metrics = json.loads((ui_runs_dir / "lora-run" / "metrics.json").read_text())
+    assert (run.kind, run.status, run.method) == ("run", "finished", "lora")
+    assert run.accuracy == metrics["test"]["accuracy"] and run.trainable_percent == metrics["params"]["percent"]
+    assert (grid.kind, grid.status, grid.method) == ("compare", "finished", "linear_probe, bitfit")
+    cells = [json.loads((ui_runs_dir / "grid" / "cells" / c / "metrics.json").read_text())["test"]["accuracy"]
+             for c in ("linear_probe-seed0", "bitfit-seed0")]
+    assert grid.accuracy == max(cells)  # the best method's mean over its (one) seed
+    assert entries["grid/cells/bitfit-seed0"].kind == "cell"
+
+
+def test_unfinished_folders_read_as_running_interrupted_or_failed(ui_runs_dir, tmp_path):
+    root = tmp_path / "runs"
+    for name in ("live", "stopped", "broken", "cell-failed"):
+        shutil.copytree(ui_runs_dir / "lora-run", root / name)
+        (root / name / "metrics.json").unlink()
+    with open(root / "live" / "train.log", "a") as log:
+        log.write("2026-01-01 00:00:00 INFO epoch 1: step=3\n")  # no `finished in` yet, written just now
+    (root / "stopped" / "checkpoints" / "last").mkdir(parents=True)  # log closed, a checkpoint to resume from
+    old = time.time() - 3600
+    os.utime(root / "stopped" / "train.log", (old, old))
+    (root / "cell-failed" / "error.txt").write_text("Traceback ...")
+    statuses = {e.path: e.status for e in scan(root)}
+    assert statuses == {"live": "running", "stopped": "interrupted", "broken": "failed", "cell-failed": "failed"}
+    assert scan(root, {"broken": "running"})[0].status in ("running", "failed")
+    assert {e.path: e.status for e in scan(root, {"broken": "running"})}["broken"] == "running"
+
+
+def test_details_hold_report_plots_recipe_and_log(ui_runs_dir):
+    found = details(ui_runs_dir, "grid")
+    assert "## Protocol" in found.report and "![" not in found.report
+    assert {p.name for p in found.plots} >= {"accuracy_vs_params.png", "accuracy_vs_time.png"}
+    assert "grid:" in found.recipe and "compare grid" in found.log
+    run = details(ui_runs_dir, "lora-run")
+    assert [p.name for p in run.plots] == ["confusion_matrix.png"]
+    assert yaml.safe_load(run.recipe)["method"]["name"] == "lora" and run.log.strip().endswith(" s")
+    with pytest.raises(FileNotFoundError, match="not a run, grid or continual folder"):
+        details(ui_runs_dir, "grid/cells")
+
+
+def test_paths_outside_the_runs_folder_are_refused(ui_runs_dir, tmp_path):
+    assert inside(ui_runs_dir, "grid/cells/bitfit-seed0") == (ui_runs_dir / "grid/cells/bitfit-seed0").resolve()
+    for escape in ("..", "../..", "grid/../../x", "/etc", str(tmp_path)):
+        with pytest.raises(OutsideError, match="outside"):
+            inside(ui_runs_dir, escape)
+    link = tmp_path / "linked"
+    link.mkdir()
+    (link / "escape").symlink_to(tmp_path)  # a link inside pointing out is resolved before the check
+    with pytest.raises(OutsideError):
+        inside(link, "escape/x")
+    with pytest.raises(OutsideError):
+        details(ui_runs_dir, "../")
+
+
+def test_compare_table_bolds_the_best_and_reads_grid_rows(ui_runs_dir):
+    rows = comparison_rows(ui_runs_dir, ["lora-run", "grid"])
+    assert [r["row"] for r in rows] == ["lora-run", "grid : linear_probe", "grid : bitfit"]
+    summary = json.loads((ui_runs_dir / "grid" / "summary.json").read_text())
+    assert rows[1]["accuracy"] == summary[0]["accuracy"]["mean"]
+    table = markdown_table(rows)
+    fewest = min(r["trainable params"] for r in rows)
+    assert f"**{int(fewest):,}**" in table  # the linear probe's parameter count
+    assert table.count("**") >= 2 * 3
+    with pytest.raises(OutsideError):
+        comparison_rows(ui_runs_dir, ["../elsewhere"])
+
+
+def test_paired_test_from_summary_json_is_shown(ui_runs_dir, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(ui_runs_dir / "grid", root / "grid")
+    summary = json.loads((root / "grid" / "summary.json").read_text())
+    summary[1]["paired"] = {"n": 3, "mean_difference": 0.125, "t": 4.0, "p": 0.0123, "verdict": "better"}
+    (root / "grid" / "summary.json").write_text(json.dumps(summary))
+    table = markdown_table(comparison_rows(root, ["grid"]))
+    assert "Δ +0.1250, p = 0.0123, better, n=3" in table
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (PROJECT_ROOT / "recipes").glob("*.yaml")))
+def test_check_agrees_with_mmpeft_check_on_shipped_recipes(name):
+    path = PROJECT_ROOT / "recipes" / name
+    checked = check_recipe(path, [])
+    assert checked.ok, checked.problems
+    shown, resolved = yaml.safe_load(checked.resolved), yaml.safe_load(cli_check(str(path), []))
+    assert {k: shown[k] for k in resolved if k in shown} == {k: v for k, v in resolved.items() if k in shown}
+    assert set(shown) >= set(resolved) - {"regulariser", "control"}
+
+
+def test_check_lists_every_problem_with_its_field_path(tmp_path):
+    path = tmp_path / "bad.yaml"
+    text = (PROJECT_ROOT / "recipes" / "quickstart.yaml").read_text()
+    path.write_text(text.replace("epochs: 15", "epochs: many").replace("lr: 0.003", "lr: -1\n  warmupp: 2"))
+    checked = check_recipe(path, ["method.r=0"])
+    assert not checked.ok and len(checked.problems) >= 3
+    text = "\n".join(checked.problems)
+    assert "train.epochs" in text and "'many'" in text and "train.warmupp" in text and "method.r" in text
+
+
+def test_start_refuses_an_invalid_recipe_and_starts_nothing(tmp_path):
+    launcher = Launcher(tmp_path / "runs")
+    result = launcher.start("name: x\nmethod: lora\ntrain: {epochs: zero}\n", "x.yaml", ["data.source=nowhere"])
+    assert not isinstance(result, dict), f"started: {result}"
+    assert any(p.startswith("train.epochs") for p in result.problems)
+    assert any(p.startswith("data.source") and "nowhere" in p for p in result.problems)
+    assert launcher.launches() == [] and not [p for p in (tmp_path / "runs").iterdir() if p.name != ".ui"]
+
+
+def test_launch_writes_the_run_folder_and_stop_interrupts_it(ui_runs_dir, tmp_path):
+    """A real `python -m mmpeft run` in its own session; SIGINT leaves a resumable folder; Resume finishes it."""
+    recipe = yaml.safe_load((ui_runs_dir / "lora-run" / "recipe.yaml").read_text())
+    recipe["train"]["epochs"] = 400
+    recipe["output"] = {"dir": "ignored", "name": None}
+    launcher = Launcher(tmp_path / "runs")
+    record = launcher.start(yaml.safe_dump(recipe), "colors.yaml", [])
+    assert isinstance(record, dict), record
+    try:
+        stop_and_check(launcher, record, tmp_path / "runs")
+    finally:
+        for launch in launcher.launches():
+            if launch["status"] == "running":
+                os.killpg(launch["pid"], signal.SIGKILL)
+
+
+def stop_and_check(launcher: Launcher, record: dict, root: Path) -> None:
+    folder = root / record["folder"]
+    assert record["folder"].startswith("colors-") and record["command"][:3] == [sys.executable, "-m", "mmpeft"]
+    deadline = time.time() + 90
+    while not (folder / "checkpoints").is_dir() and time.time() < deadline:
+        assert launcher.alive(record["pid"]), Path(record["log"]).read_text()
+        time.sleep(0.3)
+    assert {e.path: e.status for e in scan(root, launcher.statuses())}[record["folder"]] == "running"
+    assert "sent SIGINT" in launcher.stop(record["folder"])
+    while launcher.alive(record["pid"]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not launcher.alive(record["pid"])
+    assert "interrupted; continue with: mmpeft run --resume" in Path(record["log"]).read_text()
+    assert {e.path: e.status for e in scan(root, launcher.statuses())}[record["folder"]] == "interrupted"
+    assert not (folder / "metrics.json").exists() and (folder / "checkpoints").is_dir()
+    assert "no running launch" in launcher.stop(record["folder"])
+    resumed = launcher.resume(record["folder"], "run", ["train.epochs=1"])  # the budget already spent: it just ends
+    assert resumed["command"][3:6] == ["run", "--resume", str(folder)]
+    while launcher.alive(resumed["pid"]) and time.time() < deadline + 60:
+        time.sleep(0.3)
+    assert (folder / "metrics.json").is_file(), Path(resumed["log"]).read_text()[-2000:]
+    assert {e.path: e.status for e in scan(root, launcher.statuses())}[record["folder"]] == "finished"
+
+
+def test_the_page_refuses_typed_paths_outside_the_runs_folder(ui_runs_dir, tmp_path):
+    from mmpeft.ui.app import Workbench
+
+    bench = Workbench(ui_runs_dir)
+    head, report, plots, recipe, log = bench.show("../../etc")
+    assert "outside" in head and (report, plots, recipe, log) == ("", [], "", "")
+    table, plots = bench.compare(["lora-run", "grid/../../x"])
+    assert "outside" in table and plots == []
+    assert "finished" in bench.show("lora-run")[0]
+    with pytest.raises(OutsideError):
+        bench.load_recipe_text("../pyproject.toml", None)
+    upload = tmp_path / "mine.yaml"
+    upload.write_text("name: mine\n")
+    assert bench.load_recipe_text(None, str(upload)) == ("name: mine\n", "mine.yaml")
+    assert (ui_runs_dir / ".ui" / "uploads" / "mine.yaml").is_file()
+    assert "valid" not in bench.check("name: x\nmethod: nothing\n", "x.yaml", "")
+    assert not list((ui_runs_dir / ".ui" / "recipes").glob("*/x.yaml"))  # a check leaves no file behind
+
+
+def test_a_finished_continual_run_is_listed_with_its_average_accuracy(color_recipe, tmp_path):
+    import mmpeft
+
+    recipe = {**color_recipe, "tasks": [{"classes": ["red", "green"]}, {"name": "rest", "classes": ["blue"]}],
+              "regulariser": "naive", "train": {**color_recipe["train"], "epochs": 1},
+              "output": {"dir": str(tmp_path / "runs"), "name": "sequence"}}
+    metrics = mmpeft.continual(recipe)
+    entry = by_path(tmp_path / "runs")["sequence"]
+    assert (entry.kind, entry.status) == ("continual", "finished")
+    assert entry.accuracy == metrics["summary"]["average_accuracy"]
+    assert entry.seconds == pytest.approx(sum(t["seconds"] for t in metrics["train"]))
+    assert {p.name for p in details(tmp_path / "runs", "sequence").plots} >= {"accuracy_matrix.png"}
+
+
+def test_a_grid_folder_says_its_kind_in_its_first_line(ui_runs_dir, tmp_path):
+    root = tmp_path / "runs"
+    text = (ui_runs_dir / "grid" / "compare.yaml").read_text()
+    assert text.startswith("# mmpeft compare --resume ")
+    for command in ("fewshot", "search"):
+        shutil.copytree(ui_runs_dir / "grid", root / command)
+        (root / command / "compare.yaml").write_text(text.replace("# mmpeft compare", f"# mmpeft {command}", 1))
+    shutil.copytree(ui_runs_dir / "grid", root / "regs")
+    data = yaml.safe_load(text)
+    data["grid"] = {"regularisers": ["naive", {"name": "ewc", "label": "ewc-30"}], "seeds": [0]}
+    (root / "regs" / "compare.yaml").write_text(yaml.safe_dump(data))
+    entries = by_path(root)
+    assert {p: entries[p].kind for p in ("fewshot", "search", "regs")} == {
+        "fewshot": "fewshot", "search": "search", "regs": "regularisers"}
+    assert entries["regs"].method == "naive, ewc-30"
+
+
+def test_ui_command_binds_to_this_machine_unless_told(tmp_path):
+    from mmpeft.cli import build_parser
+
+    args = build_parser().parse_args(["ui"])
+    assert (args.runs_dir, args.host, args.port) == ("runs", "127.0.0.1", 7860)
+    args = build_parser().parse_args(["ui", str(tmp_path), "--host", "0.0.0.0", "--port", "8080"])
+    assert (args.runs_dir, args.host, args.port) == (str(tmp_path), "0.0.0.0", 8080)
+
+
+def test_try_it_predicts_on_the_runs_own_test_images_through_mmpeft_predict(ui_runs_dir):
+    import mmpeft
+    from mmpeft.ui.app import Workbench
+
+    if getattr(mmpeft, "predict", None) is None:
+        pytest.skip("mmpeft.predict is not in this version")
+    bench = Workbench(ui_runs_dir)
+    assert "lora-run" in bench.predict_sources()
+    update, note = bench.test_images("lora-run", limit=3)
+    files = [value for _, value in update["choices"]]
+    assert len(files) == 3 and note == "3 test images listed" and all(Path(f).is_file() for f in files)
+    table, note = bench.predict("lora-run", None, "", "", 2, picked=files)
+    direct = mmpeft.predict(str(ui_runs_dir / "lora-run"), files, top_k=2)
+    assert [row[0] for row in table] == [Path(f).name for f in files]
+    assert [row[1] for row in table] == [", ".join(f"{i['label']} {i['score']:.3f}" for i in r["labels"])
+                                         for r in direct]
+    assert bench.predict("../..", None, "", "", 2, picked=files)[1].startswith("**")  # outside: refused, said
+    assert "outside" in bench.test_images("../x")[1]
