@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mmpeft.specs import Recipe
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,45 +222,10 @@ def check(path: str, overrides: list[str]) -> str:
     """Validate any kind of recipe (run, compare/fewshot grid, continual) and return it resolved as YAML."""
     import yaml
 
-    from mmpeft.core.schema import to_plain
-    from mmpeft.runs.recipe import read_yaml
+    from mmpeft.validation import check_recipe
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"recipe file not found: {path}")
-    keys = read_yaml(Path(path))  # names the file in any YAML problem
-    text = Path(path).read_text(encoding="utf-8")
-    if "tasks" in keys and "grid" not in keys:
-        from mmpeft.sequences.tasks import load_continual_recipe
-
-        continual = load_continual_recipe(path, overrides)
-        plain = {**continual.recipe.to_dict(), "tasks": to_plain(continual.tasks),
-                 "regulariser": to_plain(continual.regulariser), "control": to_plain(continual.control)}
-        return yaml.safe_dump(plain, sort_keys=False)
-    if "grid" in keys:
-        from mmpeft.grids import load_compare_recipe, load_fewshot_recipe
-
-        fewshot = text.startswith("# mmpeft fewshot")  # a grid checks as the command its first line names
-        grid, recipe = (load_fewshot_recipe if fewshot else load_compare_recipe)(path, overrides)
-        plain = recipe.to_dict()
-        if grid.kind == "regularisers":  # the continual recipe's own regulariser is a placeholder: the grid names them
-            plain.pop("regulariser", None)
-        return yaml.safe_dump({**plain, "grid": to_plain(grid)}, sort_keys=False)
-    import mmpeft
-
-    recipe = mmpeft.load_recipe(path, overrides)
-    return recipe.to_yaml() + _check_conversation_rows(recipe)
-
-
-def _check_conversation_rows(recipe: Recipe) -> str:
-    """Conversation data (llava, sharegpt, messages, llamafactory): every row checked too, as `run` would."""
-    from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
-
-    if recipe.data.source not in CONVERSATION_SOURCES:
-        return ""
-    info = load_conversations(recipe.data, recipe.seed).info
-    counts = ", ".join(f"{split} {n}" for split, n in info["counts"].items())
-    return (f"# data: {counts} rows ({info['turns']['assistant']} assistant turns, {info['images']['total']} images); "
-            f"{info['skipped']} bad rows skipped\n")
+    checked = check_recipe(path, overrides)
+    return yaml.safe_dump(checked.resolved, sort_keys=False) + checked.notes
 
 
 # Writing outputs: a full disk, a read-only or not-a-folder destination is the user's to fix, not a bug.

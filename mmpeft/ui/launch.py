@@ -20,10 +20,12 @@ from pathlib import Path
 
 import yaml
 
+from mmpeft import validation
 from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError
 from mmpeft.runs.folder import METRICS_FILE
 from mmpeft.ui.catalog import UI_DIR, inside
+from mmpeft.validation import recipe_command
 
 RESUME_COMMANDS = {"run": "run", "cell": "run", "continual": "continual", "compare": "compare", "fewshot": "fewshot",
                    "regularisers": "compare"}
@@ -43,56 +45,20 @@ class Checked:
         return not self.problems
 
 
-def recipe_command(text: str) -> str:
-    """Which command runs a recipe: the dispatch of `mmpeft check` (mmpeft/cli.py)."""
-    keys = yaml.safe_load(text) or {}
-    keys = keys if isinstance(keys, dict) else {}
-    if "tasks" in keys and "grid" not in keys:
-        return "continual"
-    if "grid" in keys:
-        return "fewshot" if text.startswith("# mmpeft fewshot") else "compare"
-    return "run"
-
-
 def check_recipe(path: Path, overrides: list[str]) -> Checked:
-    """Validate with the loaders `mmpeft check` uses, collecting RecipeError's problems (each with its YAML path)."""
-    import mmpeft
-    from mmpeft.core.schema import to_plain
-
-    text = path.read_text()
+    """`mmpeft check`'s own validation (mmpeft.validation), its problems collected with their YAML paths."""
     try:
-        command = recipe_command(text)
-    except yaml.YAMLError as error:
-        return Checked("run", [f"not valid YAML: {error}"])
+        command = recipe_command(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, AttributeError) as error:
+        return Checked("run", [f"not valid YAML, or not a mapping: {error}"])
     try:
-        if command == "continual":
-            from mmpeft.sequences.tasks import load_continual_recipe
-
-            continual = load_continual_recipe(path, overrides)
-            recipe = continual.recipe
-            plain = {**recipe.to_dict(), "tasks": to_plain(continual.tasks)}
-        elif command in ("compare", "fewshot"):
-            from mmpeft.grids import load_compare_recipe, load_fewshot_recipe
-
-            grid, recipe = (load_fewshot_recipe if command == "fewshot" else load_compare_recipe)(path, overrides)
-            plain = {**recipe.to_dict(), "grid": to_plain(grid)}
-        else:
-            recipe = mmpeft.load_recipe(path, overrides)
-            plain = recipe.to_dict()
-            check_conversation_rows(recipe)
+        checked = validation.check_recipe(path, overrides)
     except RecipeError as error:
         return Checked(command, list(error.problems))
     except (ValueError, FileNotFoundError) as error:  # what `mmpeft check` reports as one line
         return Checked(command, [str(error)])
-    return Checked(command, [], yaml.safe_dump(plain, sort_keys=False), recipe.name, recipe.output.name)
-
-
-def check_conversation_rows(recipe) -> None:
-    """Conversation data is checked row by row, as `mmpeft check` and `mmpeft run` do (raises DataError)."""
-    from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
-
-    if recipe.data.source in CONVERSATION_SOURCES:
-        load_conversations(recipe.data, recipe.seed)
+    return Checked(checked.command, [], yaml.safe_dump(checked.resolved, sort_keys=False), checked.name,
+                   checked.output_name)
 
 
 class Launcher:
