@@ -48,7 +48,11 @@ def new_run_dir(recipe: Recipe) -> Path:
         if (run_dir / METRICS_FILE).exists():  # finished while this process waited for the claim
             release_run_dir(run_dir)
             raise FileExistsError(f"run folder {run_dir} already holds a finished run; choose another output.name")
-        write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
+        try:
+            write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
+        except BaseException:
+            release_run_dir(run_dir)  # a long-lived worker process must not keep a folder it never ran in
+            raise
     state.wait_for_everyone()
     return run_dir
 
