@@ -273,15 +273,6 @@ def write_grid_report(grid_dir: Path, setup, rows: Sequence[dict], zero_shot: di
     """
     recipe, grid = setup.recipe, setup.grid
     trained_shots = [k for k in grid.shots or () if k != 0]
-    data, train = recipe.data, recipe.train
-    counts = (info or {}).get("counts", {})
-    selection = (f"the epoch with the best validation {train.select_metric}" if data.split.val > 0 else
-                 "the last epoch (data.split.val is 0: no validation split)")
-    if train.early_stopping_patience is not None:
-        selection += f", stopping after {train.early_stopping_patience} epochs without improvement"
-    shots = (", ".join(map(str, trained_shots)) + " examples per class, sampled per seed and nested (a larger k "
-             "contains the smaller k's examples)") if trained_shots else (
-        f"{data.shots} per class" if data.shots else "all training examples")
     cells = sum(1 for r in rows if r.get("method_name") != "icl")
     lines = [f"# {setup.command.capitalize()}: {recipe.name}", "",
              f"{len(setup.methods)} methods x {len(grid.seeds)} seeds"
@@ -289,30 +280,7 @@ def write_grid_report(grid_dir: Path, setup, rows: Sequence[dict], zero_shot: di
              + (f", plus in-context prompting: {len(icl['strategies'])} strategies x {len(icl['shots'])} values of k "
                 f"x {len(grid.seeds)} seeds = {len(rows) - cells} rows" if icl else "") + ". "
              "Numbers are test accuracy (mean ± std over seeds) unless stated.", "", "## Protocol", "",
-             f"- Backbone: `{recipe.backbone.id}` ({recipe.backbone.dtype}"
-             + (", quantized" if recipe.backbone.quantization else "") + ").",
-             f"- Data: `{data.source}` ({(info or {}).get('where', data.path)}), "
-             f"{(info or {}).get('classes', '?')} classes; image shift `{'+'.join(data.shift) or 'none'}`"
-             + (f"; also tested under {', '.join(data.eval_shifts)}" if data.eval_shifts else "") + ".",
-             f"- Splits: stratified, validation {data.split.val:.0%} and test {data.split.test:.0%} of the images, "
-             f"drawn once with split seed {setup.split_seed} and shared by every cell"
-             + (f" ({', '.join(f'{k} {v}' for k, v in counts.items())} images)" if counts else "")
-             + ". The test split is used only for the final numbers; model selection uses "
-             f"{selection}.",
-             f"- Training examples: {shots}.",
-             f"- Seeds: {', '.join(map(str, grid.seeds))}; a seed sets the method's initialisation, the batch order"
-             " and the k-shot sample, not the split.",
-             f"- Budget, the same for every cell except the per-method changes in the table below: "
-             f"{train.epochs} epochs, batch {train.batch_size}, lr {train.lr:g}, "
-             f"weight decay {train.weight_decay:g}, warmup {train.warmup_ratio:g}, {train.optimizer}, "
-             f"mixed precision {train.mixed_precision}, augmentation "
-             + ("on" if _augmenting(data.augment) else "off") + ".",
-             f"- Feature cache: `{train.feature_cache}`; {sum(1 for r in rows if r.get('feature_cache'))} cells "
-             "reused image features of their frozen image tower. Train seconds exclude that one-off extraction.",
-             "- Memory: `weights_bytes` is the model's parameters and buffers after the method was applied; "
-             "`cuda_peak_bytes` is the CUDA allocator's peak during the cell (GPU only). Process RSS is not "
-             "reported: it is process-wide and never decreases, so it cannot be attributed to one cell.",
-             f"- {sharing_check(rows)}", *_icl_protocol(icl), "",
+             *protocol_lines(setup, rows, info, icl), "",
              "| label | method | settings from | settings | budget changes |",
              "|---|---|---|---|---|"]
     for entry in setup.methods:
@@ -335,6 +303,46 @@ def write_grid_report(grid_dir: Path, setup, rows: Sequence[dict], zero_shot: di
               + "`cells/<cell>/`: each cell's run folder (recipe, metrics.json, report, adapter); `compare.yaml`: the "
               f"resolved recipe (`mmpeft {setup.command} --resume {grid_dir}` continues or re-checks the grid).", ""]
     write_text(grid_dir / "report.md", "\n".join(lines))
+
+
+def protocol_lines(setup, rows: Sequence[dict], info: dict | None, icl: dict | None) -> list[str]:
+    """The report's protocol bullets: backbone, data, splits, examples, seeds, budget, caches, memory, sharing."""
+    recipe, grid = setup.recipe, setup.grid
+    trained_shots = [k for k in grid.shots or () if k != 0]
+    data, train = recipe.data, recipe.train
+    counts = (info or {}).get("counts", {})
+    selection = (f"the epoch with the best validation {train.select_metric}" if data.split.val > 0 else
+                 "the last epoch (data.split.val is 0: no validation split)")
+    if train.early_stopping_patience is not None:
+        selection += f", stopping after {train.early_stopping_patience} epochs without improvement"
+    shots = (", ".join(map(str, trained_shots)) + " examples per class, sampled per seed and nested (a larger k "
+             "contains the smaller k's examples)") if trained_shots else (
+        f"{data.shots} per class" if data.shots else "all training examples")
+    return [
+        f"- Backbone: `{recipe.backbone.id}` ({recipe.backbone.dtype}"
+        + (", quantized" if recipe.backbone.quantization else "") + ").",
+        f"- Data: `{data.source}` ({(info or {}).get('where', data.path)}), "
+        f"{(info or {}).get('classes', '?')} classes; image shift `{'+'.join(data.shift) or 'none'}`"
+        + (f"; also tested under {', '.join(data.eval_shifts)}" if data.eval_shifts else "") + ".",
+        f"- Splits: stratified, validation {data.split.val:.0%} and test {data.split.test:.0%} of the images, "
+        f"drawn once with split seed {setup.split_seed} and shared by every cell"
+        + (f" ({', '.join(f'{k} {v}' for k, v in counts.items())} images)" if counts else "")
+        + ". The test split is used only for the final numbers; model selection uses "
+        f"{selection}.",
+        f"- Training examples: {shots}.",
+        f"- Seeds: {', '.join(map(str, grid.seeds))}; a seed sets the method's initialisation, the batch order"
+        " and the k-shot sample, not the split.",
+        f"- Budget, the same for every cell except the per-method changes in the table below: "
+        f"{train.epochs} epochs, batch {train.batch_size}, lr {train.lr:g}, "
+        f"weight decay {train.weight_decay:g}, warmup {train.warmup_ratio:g}, {train.optimizer}, "
+        f"mixed precision {train.mixed_precision}, augmentation "
+        + ("on" if _augmenting(data.augment) else "off") + ".",
+        f"- Feature cache: `{train.feature_cache}`; {sum(1 for r in rows if r.get('feature_cache'))} cells "
+        "reused image features of their frozen image tower. Train seconds exclude that one-off extraction.",
+        "- Memory: `weights_bytes` is the model's parameters and buffers after the method was applied; "
+        "`cuda_peak_bytes` is the CUDA allocator's peak during the cell (GPU only). Process RSS is not "
+        "reported: it is process-wide and never decreases, so it cannot be attributed to one cell.",
+        f"- {sharing_check(rows)}", *_icl_protocol(icl)]
 
 
 def _icl_protocol(icl: dict | None) -> list[str]:
