@@ -115,6 +115,23 @@ def test_adapter_export_verifies_and_reloads(family_run, tmp_path):
     assert all(any(part in n for n in trained) for part in TOWER_MODULES[kind].values())
 
 
+def test_merged_export_verifies_and_loads_in_plain_transformers(family_run, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kind, run_dir = family_run
+    manifest = export(run_dir, tmp_path / "merged", how="merged")  # raises unless it scores as the trained model does
+    assert manifest["kind"] == "merged"
+    from transformers.utils import is_torchvision_available
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    saved = json.loads((tmp_path / "merged" / "processor_config.json").read_text())["processor_class"]
+    assert "ImageOnly" not in saved  # the stock class name, which plain transformers knows
+    if kind.startswith("qwen") and not is_torchvision_available():
+        return  # the stock Qwen processor insists on a video processor, which needs torchvision (absent here)
+    assert AutoProcessor.from_pretrained(tmp_path / "merged").image_processor is not None
+
+
 def test_in_context_rows_for_every_strategy(family_run, mixed_csv, tmp_path):
     kind, _ = family_run
     rows = run_icl_sweep(recipe(kind, mixed_csv, tmp_path, method="zero_shot"), shots=(0, 2), seeds=(0,),
