@@ -126,6 +126,22 @@ def kind_of(setup: Any) -> GridKind:
     return GRID_KINDS.get(setup.grid.kind)()
 
 
+def label_problems(where: str, label: str) -> list[str]:
+    """A grid entry's label names its cell folders: letters, digits, '.', '_' or '-' only."""
+    if LABEL_PATTERN.match(label):
+        return []
+    return [f"{where}: label {label!r} must be letters, digits, '.', '_' or '-' (it names folders)"]
+
+
+def resolved_yaml(data: dict, command: str, grid_dir: Path, spelt_out: str) -> str:
+    """The resolved grid recipe saved as GRID_RECIPE: `mmpeft <command> --resume <grid_dir>` reloads it."""
+    import yaml
+
+    data = {**data, "output": {"dir": str(grid_dir.parent), "name": grid_dir.name}}
+    head = f"# mmpeft {command} --resume {grid_dir}\n# resolved: every default filled in, {spelt_out} spelt out\n"
+    return head + yaml.safe_dump(data, sort_keys=False)
+
+
 def seed_problems(grid: GridSpec) -> list[str]:
     if not grid.seeds:
         return ["grid.seeds: list at least one seed"]

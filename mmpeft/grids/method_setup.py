@@ -22,7 +22,7 @@ from typing import Any
 
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError, build, did_you_mean, to_plain
-from mmpeft.grids.base import LABEL_PATTERN, GridSpec, pick_baseline, seed_problems
+from mmpeft.grids.base import GridSpec, label_problems, pick_baseline, seed_problems
 from mmpeft.runs.recipe import load_recipe, preset_candidates, read_yaml
 from mmpeft.specs import DataSpec, Recipe, TrainSpec
 
@@ -149,8 +149,7 @@ def resolve_methods(grid: GridSpec, recipe: Recipe | None, base_dir: Path, probl
             problems.append(f"{where}: unknown method {name!r}{did_you_mean(str(name), METHODS.names())}; "
                             f"valid: {', '.join(METHODS.names())}")
             continue
-        if not LABEL_PATTERN.match(label):
-            problems.append(f"{where}: label {label!r} must be letters, digits, '.', '_' or '-' (it names folders)")
+        problems += label_problems(where, label)
         config = build(METHODS.get(name).Config, mapping, where, problems)
         if config is None:
             continue

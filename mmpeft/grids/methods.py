@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError, to_plain
-from mmpeft.grids.base import GRID_KINDS, Cell, GridKind
+from mmpeft.grids.base import GRID_KINDS, Cell, GridKind, resolved_yaml
 from mmpeft.grids.loading import load_grid_spec
 from mmpeft.grids.method_setup import CompareSetup, load_methods_setup, shared_data, train_changes
 from mmpeft.report.grid_report import (
@@ -108,18 +108,12 @@ class MethodsKind(GridKind):
 
     def setup_yaml(self, setup: CompareSetup, grid_dir: Path) -> str:
         """The resolved compare recipe saved in the grid folder: `--resume` reloads it, methods fully spelt out."""
-        import yaml
-
         data = setup.recipe.to_dict()
         data.pop("method")
-        data["output"] = {"dir": str(grid_dir.parent), "name": grid_dir.name}
         grid = to_plain(setup.grid)
         grid["methods"] = [{"label": e.label, **to_plain(e.config), **({"train": e.train_changes} if e.train_changes
                                                                          else {})} for e in setup.methods]
-        data["grid"] = grid
-        head = (f"# mmpeft {setup.command} --resume {grid_dir}\n"
-                "# resolved: every default filled in, methods spelt out\n")
-        return head + yaml.safe_dump(data, sort_keys=False)
+        return resolved_yaml({**data, "grid": grid}, setup.command, grid_dir, "methods")
 
     def trained_recipes(self, setup: CompareSetup) -> list[tuple[str, Recipe]]:
         return [(entry.label, setup.recipe.replace(method=entry.config)) for entry in setup.methods]

@@ -21,10 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
 from mmpeft.core.schema import RecipeError, build, did_you_mean, to_plain
-from mmpeft.grids.base import GRID_KINDS, LABEL_PATTERN, Cell, GridKind, GridSpec, pick_baseline, seed_problems
+from mmpeft.grids.base import (
+    GRID_KINDS,
+    Cell,
+    GridKind,
+    GridSpec,
+    label_problems,
+    pick_baseline,
+    resolved_yaml,
+    seed_problems,
+)
 from mmpeft.grids.loading import load_grid_spec
 from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE
 from mmpeft.runs.recipe import resolve_presets
@@ -154,8 +161,7 @@ def resolve_regularisers(grid: GridSpec, recipe: ContinualRecipe | None, problem
                             f"valid: {', '.join(REGULARISERS.names())}")
             continue
         label = str(label or name)
-        if not LABEL_PATTERN.match(label):
-            problems.append(f"{where}: label {label!r} must be letters, digits, '.', '_' or '-' (it names folders)")
+        problems += label_problems(where, label)
         config = build(REGULARISERS.get(name).Config, mapping, where, problems)
         if config is None:
             continue
@@ -222,12 +228,9 @@ class RegularisersKind(GridKind):
         """The resolved compare recipe saved in the grid folder: `--resume` reloads it, regularisers spelt out."""
         data = setup.recipe.to_dict()
         data.pop("regulariser")
-        data["output"] = {"dir": str(grid_dir.parent), "name": grid_dir.name}
         grid = {key: value for key, value in to_plain(setup.grid).items() if key not in ("methods", *UNUSED_GRID_KEYS)}
         data["grid"] = {**grid, "regularisers": [{"label": e.label, **to_plain(e.config)} for e in setup.regularisers]}
-        head = (f"# mmpeft {setup.command} --resume {grid_dir}\n"
-                "# resolved: every default filled in, regularisers spelt out\n")
-        return head + yaml.safe_dump(data, sort_keys=False)
+        return resolved_yaml(data, setup.command, grid_dir, "regularisers")
 
     def begin(self, setup: RegulariserSetup, grid_dir: Path, context: dict) -> dict:
         logger.info("compare grid %s: %d cells (%d regularisers x %d seeds), method %s", grid_dir,
