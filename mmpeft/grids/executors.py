@@ -79,6 +79,9 @@ class Executor:
     def __exit__(self, *exc) -> None:
         return None
 
+    def start(self, cells: list[Cell]) -> None:
+        """Start workers for the unfinished `cells` now, so they load while the driver runs what comes first."""
+
     def run(self, cells: list[Cell], finished: Finished) -> None:
         progress = Progress(self.kind, len(cells))
         try:
@@ -149,6 +152,9 @@ class Worker:
 class ProcessExecutor(Executor):
     """A local pool of worker interpreters; a dead worker's cell is recorded as failed and the worker replaced."""
 
+    workers: list[Worker] | None = None  # started by start(), before the driver's own rows
+    probe: Path | None = None
+
     def slots(self, cells: int) -> list[dict[str, str]]:
         """The environment of each worker: its GPUs where there are GPUs, else only its thread count."""
         import torch
@@ -165,30 +171,37 @@ class ProcessExecutor(Executor):
         count = max(1, len(os.sched_getaffinity(0)) // int(self.grid.cpus_per_cell))
         return [threads] * min(count, limit)
 
+    def start(self, cells: list[Cell]) -> None:
+        todo = [cell for cell in cells if not (cell.dir / METRICS_FILE).is_file()]
+        if todo and self.workers is None:
+            self.probe = self.probe_file()
+            threads = self.grid.threads_per_cell
+            self.workers = [Worker(self.kind.name, threads, self.probe, env) for env in self.slots(len(todo))]
+
+    def __exit__(self, *exc) -> None:
+        for worker in self.workers or []:
+            worker.stop()
+        if self.probe is not None:
+            self.probe.unlink(missing_ok=True)
+        self.workers = self.probe = None
+
     def run_todo(self, cells: list[Cell], progress: Progress, finished: Finished) -> None:
         from multiprocessing.connection import wait
 
-        probe = self.probe_file()
-        threads = self.grid.threads_per_cell
-        workers = [Worker(self.kind.name, threads, probe, env) for env in self.slots(len(cells))]
-        pending = deque(cells)
-        try:
-            while pending or any(w.cell for w in workers):
-                for i, worker in enumerate(workers):
-                    if worker.dead and pending:  # replaced only while there is work for it
-                        workers[i] = Worker(self.kind.name, threads, probe, worker.env)
-                    elif worker.ready and worker.cell is None and pending:
-                        worker.cell = pending.popleft()
-                        worker.connection.send(worker.cell)
-                        progress.started()
-                live = [w for w in workers if not w.dead]
-                wait([w.connection for w in live])  # a message, or end of file from a worker that died
-                for worker in live:
-                    self._receive(worker, progress, finished)
-        finally:
-            for worker in workers:
-                worker.stop()
-            probe.unlink(missing_ok=True)
+        self.start(cells)
+        workers, pending = self.workers, deque(cells)
+        while pending or any(w.cell for w in workers):
+            for i, worker in enumerate(workers):
+                if worker.dead and pending:  # replaced only while there is work for it
+                    workers[i] = Worker(self.kind.name, self.grid.threads_per_cell, self.probe, worker.env)
+                elif worker.ready and worker.cell is None and pending:
+                    worker.cell = pending.popleft()
+                    worker.connection.send(worker.cell)
+                    progress.started()
+            live = [w for w in workers if not w.dead]
+            wait([w.connection for w in live])  # a message, or end of file from a worker that died
+            for worker in live:
+                self._receive(worker, progress, finished)
 
     def _receive(self, worker: Worker, progress: Progress, finished: Finished) -> None:
         """Handle what the worker sent: that it is ready, its cell's row, or (its socket closed) its death."""

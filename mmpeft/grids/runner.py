@@ -66,13 +66,16 @@ def run_grid(setup, grid_dir: Path) -> dict:
     cells = kind.plan_cells(setup, grid_dir)
     check_finished_cells(kind, cells)
     write_text(grid_dir / GRID_RECIPE, kind.setup_yaml(setup, grid_dir))
-    context = kind.begin(setup, grid_dir, context)
-    rows = run_cells(kind, setup, grid_dir, cells, context)
+    with make_executor(setup.grid, kind, grid_dir) as executor:
+        executor.start(cells)  # worker processes load while the driver runs the baselines
+        context = kind.begin(setup, grid_dir, context)
+        rows = run_cells(executor, kind, setup, grid_dir, cells, context)
     return kind.write_report(setup, grid_dir, cells, rows, context)
 
 
-def run_cells(kind: GridKind, setup, grid_dir: Path, cells: list[Cell], context: dict) -> list[dict]:
-    """Every cell through grid.executor; results.csv/json rewritten (in plan order) as each cell ends."""
+def run_cells(executor: Executor, kind: GridKind, setup, grid_dir: Path, cells: list[Cell],
+              context: dict) -> list[dict]:
+    """Every cell through the executor; results.csv/json rewritten (in plan order) as each cell ends."""
     before, columns = list(context.get("rows", [])), kind.columns(setup, context)
     done: dict[str, dict] = {}
 
@@ -80,8 +83,7 @@ def run_cells(kind: GridKind, setup, grid_dir: Path, cells: list[Cell], context:
         done[cell.name] = row
         write_rows(grid_dir, before, cells, done, columns)
 
-    with make_executor(setup.grid, kind, grid_dir) as executor:
-        executor.run(cells, finished)
+    executor.run(cells, finished)
     return write_rows(grid_dir, before, cells, done, columns)
 
 

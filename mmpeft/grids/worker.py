@@ -21,6 +21,8 @@ def worker_main(fd: int, kind_name: str, threads: int, probe: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    import peft  # noqa: F401  (with bitsandbytes and torch.compile's modules: ~2 s each cell's first method pays)
+
     import mmpeft.grids  # noqa: F401  (registers the kinds)
     from mmpeft.grids.base import GRID_KINDS
     from mmpeft.grids.cells import run_cell
