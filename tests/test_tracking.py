@@ -107,6 +107,54 @@ def test_a_run_that_fails_in_training_is_marked_failed(color_recipe, tmp_path, m
     assert exit_record.exit_code == 1
 
 
+@pytest.mark.skipif(not HAS_TRACKERS, reason="needs mlflow and wandb (pip install 'mmpeft[mlflow,wandb]')")
+def test_a_resumed_run_continues_its_tracker_runs(color_recipe, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mmpeft.train import Callback, Trainer
+
+    class Interrupt(Callback):  # a kill after 5 batches, once a mid-epoch checkpoint exists
+        left = 5
+
+        def transform_batch(self, batch):
+            Interrupt.left -= 1
+            if Interrupt.left < 0:
+                raise KeyboardInterrupt
+            return batch
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    store = tmp_path / "mlruns"
+    train = {**color_recipe["train"], "epochs": 2, "checkpoint_every_steps": 2, "log_with": ["mlflow", "wandb"],
+             "tracking_uri": str(store)}
+    recipe = {**color_recipe, "train": train, "eval": {"zero_shot": False}}
+    original_init = Trainer.__init__
+
+    def interrupted_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.callbacks = (Interrupt(),)
+
+    monkeypatch.setattr(Trainer, "__init__", interrupted_init)
+    with pytest.raises(KeyboardInterrupt):
+        mmpeft.run(recipe)
+    monkeypatch.setattr(Trainer, "__init__", original_init)
+    run_dir = tmp_path / "runs" / "run"
+    ids = json.loads((run_dir / "tracking" / "runs.json").read_text())
+    metrics = mmpeft.run(None, resume=run_dir)
+
+    mlflow.set_tracking_uri(store.resolve().as_uri())
+    runs = mlflow.search_runs(experiment_names=["colors"])
+    assert list(runs["run_id"]) == [ids["mlflow"]] and list(runs["status"]) == ["FINISHED"]  # one run, continued
+    steps = {m.step for m in MlflowClient().get_metric_history(ids["mlflow"], "train/loss")}
+    assert steps == set(range(1, metrics["train"]["steps"] + 1))  # before and after the interruption
+    assert runs.iloc[0]["metrics.test/accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    offline = sorted((run_dir / "tracking" / "wandb").glob("offline-run-*"))
+    # offline-run-<second>-<id>: one folder per start (one, if both started within the same second), one W&B run id
+    assert offline and all(path.name.endswith(f"-{ids['wandb']}") for path in offline)
+    assert json.loads((run_dir / "tracking" / "runs.json").read_text()) == ids
+
+
 def wandb_records(path) -> dict[str, list]:
     """The records of an offline W&B run file (LevelDB-log framing: 32 KiB blocks of 7-byte-headed chunks after a
     7-byte file header), parsed with wandb's own protobuf classes, by record type."""

@@ -2,17 +2,21 @@
 
 A run logs the recipe as parameters, train/val metrics per step and epoch, and at the end its test metrics and its
 report, plots and metrics.json as artifacts. Runs that share `train.tracking_experiment` (the cells of a grid) are
-one MLflow experiment and one W&B group; without it, the experiment is the recipe's name.
+one MLflow experiment and one W&B group; without it, the experiment is the recipe's name. A resumed run continues
+the tracker runs it started (their ids are kept in <run>/tracking/runs.json), rather than starting new ones.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from mmpeft.core.io import write_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -27,6 +31,7 @@ TRACKER_PACKAGES = {
     "mlflow": ("mlflow", "pip install 'mmpeft[mlflow]'"),
     "wandb": ("wandb", "pip install 'mmpeft[wandb]'"),
 }
+RUN_IDS_FILE = "runs.json"  # under <run>/tracking: each tracker's run id, so that a resumed run continues it
 ARTIFACT_SUFFIXES = (".md", ".png", ".json", ".yaml", ".csv", ".log")
 SUMMARY_SECTIONS = ("zero_shot", "test", "answers", "retrieval")
 SKIPPED_KEYS = ("per_class", "confusion_matrix", "examples")
@@ -65,6 +70,7 @@ def start_tracking(accelerator: Accelerator, spec: TrainSpec, run_dir: Path, con
     if not names:
         return
     experiment = spec.tracking_experiment or run_dir.name
+    earlier = earlier_run_ids(run_dir)
     init_kwargs: dict = {}
     if "mlflow" in names:
         import mlflow
@@ -74,9 +80,13 @@ def start_tracking(accelerator: Accelerator, spec: TrainSpec, run_dir: Path, con
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         init_kwargs["mlflow"] = {"run_name": run_dir.name}
+        if "mlflow" in earlier:
+            init_kwargs["mlflow"]["run_id"] = earlier["mlflow"]
     if "wandb" in names:
         (run_dir / "tracking").mkdir(parents=True, exist_ok=True)
         init_kwargs["wandb"] = {"name": run_dir.name, "dir": str(run_dir / "tracking"), "group": experiment}
+        if "wandb" in earlier:
+            init_kwargs["wandb"].update(id=earlier["wandb"], resume="allow")
     try:
         accelerator.init_trackers(experiment, config=config, init_kwargs=init_kwargs)
     except Exception as error:  # a tracker's own start-up error (no login, unreachable server, bad URI), in one line
@@ -84,7 +94,32 @@ def start_tracking(accelerator: Accelerator, spec: TrainSpec, run_dir: Path, con
                             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}. W&B without an "
                             "account or network: WANDB_MODE=offline; MLflow: check train.tracking_uri "
                             f"({spec.tracking_uri!r})") from error
-    logger.info("tracking with %s (experiment %s, run %s)", ", ".join(names), experiment, run_dir.name)
+    keep_run_ids(accelerator, run_dir)
+    logger.info("tracking with %s (experiment %s, run %s%s)", ", ".join(names), experiment, run_dir.name,
+                ", continued" if earlier else "")
+
+
+def earlier_run_ids(run_dir: Path) -> dict[str, str]:
+    """The tracker run ids this run folder started before (an interrupted run being resumed); {} for a new run."""
+    path = run_dir / "tracking" / RUN_IDS_FILE
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: new tracker runs, as before resume existed
+        return {}
+    return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
+
+
+def keep_run_ids(accelerator: Accelerator, run_dir: Path) -> None:
+    if not accelerator.is_main_process:
+        return
+    ids = {}
+    for tracker in accelerator.trackers:
+        if tracker.name == "mlflow":  # accelerate's MLflowTracker / WandBTracker, started just now
+            ids["mlflow"] = tracker.active_run.info.run_id
+        elif tracker.name == "wandb":
+            ids["wandb"] = tracker.run.id
+    if ids:
+        write_json(run_dir / "tracking" / RUN_IDS_FILE, ids)
 
 
 def tracker_arguments(spec: TrainSpec, run_dir: Path) -> dict:
