@@ -82,6 +82,10 @@ class Executor:
     def start(self, cells: list[Cell]) -> None:
         """Start workers for the unfinished `cells` now, so they load while the driver runs what comes first."""
 
+    @staticmethod
+    def unfinished(cells: list[Cell]) -> list[Cell]:
+        return [cell for cell in cells if not (cell.dir / METRICS_FILE).is_file()]
+
     def run(self, cells: list[Cell], finished: Finished) -> None:
         progress = Progress(self.kind, len(cells))
         try:
@@ -172,7 +176,7 @@ class ProcessExecutor(Executor):
         return [threads] * min(count, limit)
 
     def start(self, cells: list[Cell]) -> None:
-        todo = [cell for cell in cells if not (cell.dir / METRICS_FILE).is_file()]
+        todo = self.unfinished(cells)
         if todo and self.workers is None:
             self.probe = self.probe_file()
             threads = self.grid.threads_per_cell

@@ -27,6 +27,13 @@ def ray_cell(kind_name: str, threads: int, cell: Cell) -> dict:
     return run_cell(GRID_KINDS.get(kind_name)(), cell)
 
 
+def warm_up() -> None:
+    """Imports every cell pays for once per Ray worker (torch, transformers, peft): done while the driver works."""
+    import peft  # noqa: F401
+
+    import mmpeft.grids  # noqa: F401
+
+
 def sees(path: str) -> tuple[str, bool]:
     return socket.gethostname(), Path(path).is_file()
 
@@ -49,10 +56,22 @@ class RayExecutor(Executor):
         if self.started:
             ray.shutdown()
 
+    def start(self, cells: list[Cell]) -> None:
+        """One warm-up task per cell slot, so the workers that will run cells import while the driver works."""
+        import ray
+
+        gpus = self.gpus(ray)
+        slots = min(self.grid.max_parallel or self.capacity(ray, gpus), len(self.unfinished(cells)))
+        self.warming = [ray.remote(num_cpus=self.grid.cpus_per_cell, num_gpus=gpus, max_retries=0)(warm_up).remote()
+                        for _ in range(slots)]
+
+    def gpus(self, ray) -> float:
+        return self.grid.gpus_per_cell if ray.cluster_resources().get("GPU", 0) > 0 else 0
+
     def run_todo(self, cells: list[Cell], progress: Progress, finished: Finished) -> None:
         import ray
 
-        gpus = self.grid.gpus_per_cell if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = self.gpus(ray)
         task = ray.remote(num_cpus=self.grid.cpus_per_cell, num_gpus=gpus, max_retries=0)(ray_cell)
         self.check_shared(ray)
         limit = self.grid.max_parallel or self.capacity(ray, gpus)
