@@ -54,6 +54,14 @@ def test_the_order_is_a_function_of_seed_and_epoch(stream_shards):
     assert train_stream(train, held_out, seed=1, shuffle_buffer=8).keys() != first
 
 
+def test_a_longer_epoch_takes_another_pass_and_a_shorter_one_stops(stream_shards):
+    train, held_out = stream_shards
+    keys = train_stream(train, held_out, shuffle_buffer=8, samples_per_epoch=30).keys()
+    assert len(keys) == 30 and len(set(keys[:24])) == 24 and set(keys[24:]) <= set(keys[:24])
+    assert keys[:24] == train_stream(train, held_out, shuffle_buffer=8).keys()  # the first pass is the counted epoch
+    assert train_stream(train, held_out, shuffle_buffer=8, samples_per_epoch=10).keys() == keys[:10]
+
+
 def test_a_buffer_of_zero_keeps_the_shard_order(stream_shards):
     train, held_out = stream_shards
     keys = train_stream(train, held_out, shuffle_buffer=0).keys()
