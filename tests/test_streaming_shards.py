@@ -13,7 +13,7 @@ from test_captions import caption_recipe, captioned_images, write_shards
 import mmpeft
 from mmpeft.core.schema import RecipeError
 from mmpeft.data import DataError, load_data
-from mmpeft.data.stream_dataset import StreamDataset
+from mmpeft.data.stream_dataset import StreamDataset, StreamLoader
 from mmpeft.objectives.contrastive import Contrastive
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.train import Callback, Trainer
@@ -99,7 +99,7 @@ class Record(Callback):
 
 
 def test_an_interrupted_epoch_resumes_with_exactly_its_remaining_samples(stream_shards, tiny_clip_dir, tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, caplog):
     train, held_out = stream_shards
     recipe = caption_recipe(stream_data(train, held_out, shuffle_buffer=8), tiny_clip_dir, tmp_path, epochs=2,
                             batch_size=4, checkpoint_every_steps=1, num_workers=0)
@@ -130,12 +130,36 @@ def test_an_interrupted_epoch_resumes_with_exactly_its_remaining_samples(stream_
     monkeypatch.setattr(StreamDataset, "item", lambda self, *a: decoded.append(a[0]) or original_item(self, *a))
     after: list[list[str]] = []
     monkeypatch.setattr(Trainer, "__init__", init_with(Record(after)))
-    metrics = mmpeft.run(None, resume=run_dir)
+    checked = []
+    original_check = StreamLoader.check_resumed
+    monkeypatch.setattr(StreamLoader, "check_resumed",
+                        lambda self, key: checked.append(key) or original_check(self, key))
+    with caplog.at_level(logging.WARNING, logger="mmpeft"):
+        metrics = mmpeft.run(None, resume=run_dir)
+    assert checked == [epoch[11]] and "the shards changed" not in caplog.text  # it skipped to the recorded sample
     rest = [k for batch in after[:3] for k in batch]
     trained = [k for batch in before for k in batch]
     assert trained + rest == epoch and len(set(trained + rest)) == 24  # no repeats, nothing missing
     assert decoded[:12] == list(range(12, 24))  # the skipped 12 were never decoded
     assert metrics["train"]["steps"] == 12 and metrics["train"]["stream_position"]["samples"] == 24
+
+
+def test_a_resume_whose_recorded_sample_differs_says_the_shards_changed(stream_shards, caplog):
+    import torch
+
+    from mmpeft.data.dataset import ImageCollator
+    from mmpeft.data.stream_dataset import stream_loader
+
+    train, held_out = stream_shards
+    stream = train_stream(train, held_out, shuffle_buffer=8)
+    keys = stream.keys()
+    collate = ImageCollator(lambda images: torch.zeros(len(images)))
+    for recorded, warned in ((keys[7], False), ("train-0009.tar:sample00099", True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mmpeft"):
+            loader = stream_loader(stream, collate, 0, [[0] * 8] * 2, 0, {"epoch": 0, "samples": 8, "key": recorded})
+            assert [k for batch in loader for k in batch["image_keys"]] == keys[8:]
+        assert ("the shards changed since the checkpoint" in caplog.text) is warned
 
 
 def test_a_streamed_run_trains_contrastively_and_tests_on_the_held_out_shards(stream_shards, tiny_clip_dir,

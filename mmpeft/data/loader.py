@@ -136,12 +136,14 @@ class EpochLoader:
         self.generator = torch.Generator()
         self.loader: DataLoader | None = None
         self.stream: StreamLoader | None = None
+        self.resumed: dict | None = None
 
     def epoch(self, epoch: int, batches: list[list[int]]) -> DataLoader | StreamLoader:
         """The loader of an epoch's `batches`; a streamed dataset fills batches of the same sizes in stream order."""
         if isinstance(self.dataset, StreamDataset):
             self.stream = stream_loader(self.dataset, ImageCollator(self.model.preprocess), epoch, batches,
-                                        self.stream_workers())
+                                        self.stream_workers(), self.resumed)
+            self.resumed = None
             return self.stream
         self.batches.set(epoch, batches)
         self.generator.manual_seed(self.seed + epoch)
@@ -155,6 +157,10 @@ class EpochLoader:
         where a core is spare."""
         workers = current_settings().num_workers if self.num_workers == "auto" else self.num_workers
         return (1 if available_cores() > 1 else 0) if workers == "auto" else min(int(workers), 1)
+
+    def resume_at(self, position: dict | None) -> None:
+        """The stream position a checkpoint recorded: the resumed epoch checks it reached the same sample."""
+        self.resumed = position
 
     def position(self) -> dict | None:
         """Where a streamed epoch is (shard, offset in it, samples trained this epoch); None for indexed data."""

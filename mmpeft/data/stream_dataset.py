@@ -15,6 +15,7 @@ the shards again); evaluation sets are small and keep it.
 from __future__ import annotations
 
 import io
+import logging
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +31,8 @@ from mmpeft.data.images import to_rgb
 from mmpeft.data.shifts import apply_shifts, parse_shift
 from mmpeft.data.stream import StreamSource, epoch_samples, image_member, sample_name, shard_name
 from mmpeft.specs import AugmentSpec
+
+logger = logging.getLogger("mmpeft")
 
 PREFETCH_BATCHES = 4
 
@@ -75,11 +78,16 @@ class StreamDataset(IterableDataset):
         return [sample_name(sample) for _, sample, _ in self.positions(skip)]
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        stream = self.positions(self.skip)
+        """The planned batches; after a skip, the first item names the last sample skipped ("after"), so the
+        position a checkpoint recorded can be compared with where the regenerated stream is."""
+        stream = self.positions(max(self.skip - 1, 0))
+        after = sample_name(next(stream)[1]) if self.skip > 0 else None
         for size in self.sizes:
             batch = [self.item(position, sample, caption) for position, sample, caption in _take(stream, size)]
             if len(batch) < size:
                 raise DataError(f"stream {self.source.where!r} ended {size - len(batch)} samples early")
+            if after is not None:
+                batch[0]["after"], after = after, None
             yield batch
 
     def item(self, position: int, sample: dict[str, Any], caption: str) -> dict[str, Any]:
@@ -119,16 +127,17 @@ class StreamCollator:
         batch["image_keys"] = [item["key"] for item in items]
         last = items[-1]
         batch["stream_last"] = {"shard": last["shard"], "offset_in_shard": last["offset"], "key": last["key"],
-                                "position": last["index"]}
+                                "position": last["index"], "after": items[0].get("after")}
         return batch
 
 
 class StreamLoader:
     """An epoch's batches, iterated by the trainer; remembers the position reached (for the checkpoint)."""
 
-    def __init__(self, dataset: StreamDataset, loader: DataLoader, epoch: int, skip: int, batches: int):
+    def __init__(self, dataset: StreamDataset, loader: DataLoader, epoch: int, skip: int, batches: int,
+                 expected: dict[str, Any] | None = None):
         self.dataset, self.loader, self.epoch, self.batches = dataset, loader, epoch, batches
-        self.samples = skip
+        self.samples, self.expected = skip, expected
         self.last: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -138,7 +147,18 @@ class StreamLoader:
         for batch in self.loader:
             self.samples += len(batch["image_keys"])
             self.last = batch.pop("stream_last")
+            if self.expected is not None:
+                self.check_resumed(self.last["after"])
             yield batch
+
+    def check_resumed(self, after: str | None) -> None:
+        """A resumed epoch skipped to the checkpoint's sample count; the last sample skipped should be the one the
+        checkpoint recorded. If not, the shards changed since: say so (the run goes on from the count)."""
+        if after != self.expected["key"]:
+            logger.warning("stream: resumed epoch %d after %d samples at %s, but the checkpoint recorded %s there: "
+                           "the shards changed since the checkpoint, so this epoch does not continue exactly",
+                           self.epoch + 1, self.expected["samples"], after, self.expected["key"])
+        self.expected = None
 
     def position(self) -> dict[str, Any] | None:
         """{"epoch", "samples" (trained this epoch), "shard", "offset_in_shard", "key"} of the last batch given."""
@@ -149,7 +169,7 @@ class StreamLoader:
 
 
 def stream_loader(dataset: StreamDataset, collate: ImageCollator, epoch: int, batches: list[list[int]],
-                  workers: int) -> StreamLoader:
+                  workers: int, resumed: dict[str, Any] | None = None) -> StreamLoader:
     """The batches still to come in epoch `epoch` (the trainer gives the rest of the epoch: what is missing from
     the epoch's length was trained before a resume; a stream runs in one process, so no batch was dropped)."""
     sizes = [len(batch) for batch in batches]
@@ -159,4 +179,5 @@ def stream_loader(dataset: StreamDataset, collate: ImageCollator, epoch: int, ba
     kwargs: dict[str, Any] = {"prefetch_factor": PREFETCH_BATCHES} if workers > 0 else {}
     loader = DataLoader(dataset, batch_size=None, collate_fn=StreamCollator(collate), num_workers=min(workers, 1),
                         pin_memory=torch.cuda.is_available(), **kwargs)
-    return StreamLoader(dataset, loader, epoch, skip, len(batches))
+    expected = resumed if resumed and resumed["epoch"] == epoch and resumed["samples"] == skip > 0 else None
+    return StreamLoader(dataset, loader, epoch, skip, len(batches), expected)

@@ -359,6 +359,7 @@ class Trainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         self.progress = Progress(**progress)
+        self.loader.resume_at(self.progress.stream_position)  # a stream checks it skips to the recorded sample
         logger.info("resumed at epoch %d, batch %d (step %d)", self.progress.epoch + 1,
                     self.progress.batch_in_epoch, self.progress.global_step)
         return True
