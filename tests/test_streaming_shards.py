@@ -243,6 +243,8 @@ def test_pipe_urls_stream_through_webdataset(stream_shards):
     assert len(data.test) == 12 and data.test[0].text.startswith("a ")  # materialised from the pipe, in order
 
 
-def test_data_path_must_exist_for_local_shards(tmp_path):
+def test_missing_shards_are_clear_errors(tmp_path, stream_shards):
     with pytest.raises(DataError, match="2 of 2 shards do not exist"):
         train_stream(str(tmp_path / "none-{0000..0001}.tar"), str(tmp_path / "none-0000.tar"))
+    with pytest.raises(DataError, match=r"cannot read 'pipe:cat .*none-0000.tar' through webdataset: OSError"):
+        train_stream(f"pipe:cat {tmp_path / 'none-0000.tar'}", stream_shards[1])

@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -122,11 +123,16 @@ def webdataset_samples(urls: list[str] | tuple[str, ...], buffer: int = 0, seed:
     `__offset__`, its position within its shard, before the shuffle buffer (`buffer` samples, seeded) mixes them."""
     import webdataset as wds
 
-    pipeline = wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None,
-                              empty_check=False).map(_ShardOffsets())
+    pipeline = wds.WebDataset(list(urls), shardshuffle=False, workersplitter=None, empty_check=False
+                              ).map(_ShardOffsets())
     if buffer > 0:
         pipeline = pipeline.shuffle(buffer, initial=buffer, seed=seed)
-    yield from pipeline
+    try:
+        yield from pipeline
+    except (OSError, tarfile.TarError) as error:  # webdataset adds the url as the error's last argument
+        url = next((arg for arg in error.args if isinstance(arg, str) and arg in urls), "a shard")
+        detail = error.args[0] if error.args else error
+        raise DataError(f"cannot read {url!r} through webdataset: {type(error).__name__}: {detail}") from error
 
 
 class _ShardOffsets:
