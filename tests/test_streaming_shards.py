@@ -37,7 +37,7 @@ def stream_data(train: str, held_out: str, **data) -> dict:
 def train_stream(train: str, held_out: str, seed: int = 0, **data) -> StreamDataset:
     recipe = load_recipe({"method": "zero_shot", "seed": seed, "train": {"objective": "contrastive"},
                           "data": stream_data(train, held_out, **data)})
-    return load_data(recipe.data, seed).dataset("train", seed=seed)
+    return load_data(recipe.data, seed).dataset("train", augment=True, seed=seed, spec=recipe.data)
 
 
 def test_the_order_is_a_function_of_seed_and_epoch(stream_shards):
@@ -68,6 +68,21 @@ def test_a_buffer_of_zero_keeps_the_shard_order(stream_shards):
         assert len({key.split(":")[0] for key in block}) == 1 and block == sorted(block)
     orders = {tuple(train_stream(train, held_out, seed=seed, shuffle_buffer=0).keys()[::6]) for seed in range(4)}
     assert len(orders) > 1  # the shard order depends on the seed
+
+
+def test_augmentation_of_a_stream_depends_on_seed_epoch_and_position_only(stream_shards):
+    import numpy as np
+
+    train, held_out = stream_shards
+    stream = train_stream(train, held_out, shuffle_buffer=8, augment={"horizontal_flip": True, "color_jitter": 0.3})
+    assert stream.augment is not None
+    stream.plan([4], 2)
+    first = [np.asarray(item["image"]) for item in next(iter(stream))]
+    again = [np.asarray(item["image"]) for item in next(iter(stream))]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    plain = train_stream(train, held_out, shuffle_buffer=8)
+    plain.plan([4], 2)
+    assert not all(np.array_equal(a, np.asarray(item["image"])) for a, item in zip(first, next(iter(plain))))
 
 
 def test_one_reading_worker_gives_the_same_batches(stream_shards, tiny_clip_dir):
