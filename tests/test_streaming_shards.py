@@ -238,6 +238,8 @@ def test_bad_samples_are_skipped_with_a_warning_and_an_all_bad_stream_fails(tmp_
     with caplog.at_level(logging.WARNING, logger="mmpeft"):
         stream = train_stream(str(tmp_path / "mixed-0000.tar"), held_out, on_bad_rows="skip", shuffle_buffer=0)
         assert len(stream) == 2 and stream.keys() == ["mixed-0000.tar:ok", "mixed-0000.tar:ok2"]
+        assert stream.source.bad == 2
+    assert "2 of 4 samples of" in caplog.text
     assert "mixed-0000.tar:uncaptioned (no caption" in caplog.text
     assert "mixed-0000.tar:textonly (no image" in caplog.text
     with pytest.raises(DataError, match="no usable sample"):

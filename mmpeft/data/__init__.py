@@ -139,6 +139,7 @@ def _load_stream(spec: DataSpec, seed: int, shifts: tuple[str, ...]) -> DataSpli
     info = {"source": spec.source, "where": str(spec.path), "labelled": False, "classes": 0, "stream": True,
             "counts": {"train": source.length, "val": len(val), "test": len(test)},
             "train_length": "counted" if source.counted else "data.samples_per_epoch", "shards": len(source.urls),
+            "stream_bad_samples": source.bad,
             "shuffle_buffer": spec.shuffle_buffer, "shots": None, "subset": None, "seed": seed, "split_seed": seed,
             "fingerprints": {"train": "stream", "val": examples_fingerprint(val), "test": examples_fingerprint(test)},
             "shifts": list(shifts), "skipped": len(bad), "skipped_rows": [str(b) for b in bad[:MAX_LISTED_SKIPS]]}

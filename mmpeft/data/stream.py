@@ -48,6 +48,7 @@ class StreamSource:
     shuffle_buffer: int
     text_column: str
     where: str  # the pattern, for messages
+    bad: int | None = None  # bad samples of one pass, when counted
 
 
 def is_remote(url: str) -> bool:
@@ -79,23 +80,29 @@ def shard_name(url: str) -> str:
 def open_stream(spec: DataSpec) -> StreamSource:
     """The training stream of a recipe: its shards and its epoch length (counted once unless given)."""
     urls = shard_urls(str(spec.path))
-    length, counted = spec.samples_per_epoch, False
+    length, counted, bad = spec.samples_per_epoch, False, None
     if length is None:
-        length, counted = count_usable(urls, spec), True
+        (length, bad), counted = count_usable(urls, spec), True
     if length == 0:
         raise DataError(f"data.path: no usable sample (an image and a caption) in the {len(urls)} shards of "
                         f"{spec.path!r}")
-    return StreamSource(tuple(urls), length, counted, spec.shuffle_buffer, spec.text_column, str(spec.path))
+    if bad:
+        logger.warning("stream: %d of %d samples of %s are bad (no image member or no caption) and are skipped in "
+                       "every epoch, each with a warning naming it", bad, length + bad, spec.path)
+    return StreamSource(tuple(urls), length, counted, spec.shuffle_buffer, spec.text_column, str(spec.path), bad)
 
 
-def count_usable(urls: list[str], spec: DataSpec) -> int:
-    """Usable samples of one pass. Local shards reuse the indexed reader's header scan; URLs are read through
-    webdataset once, keys and text members only (a tqdm bar shows the shards)."""
-    if not any(is_remote(url) for url in urls):
-        return sum(1 for url in tqdm(urls, desc="counting samples", leave=False, disable=None)
-                   for row in read_shards(url, spec)[0] if row.problem is None and row.text is not None)
-    return sum(1 for url in tqdm(urls, desc="counting samples", leave=False, disable=None)
-               for sample in webdataset_samples([url]) if usable(sample, spec.text_column) is not None)
+def count_usable(urls: list[str], spec: DataSpec) -> tuple[int, int]:
+    """(usable, bad) samples of one pass. Local shards reuse the indexed reader's header scan; URLs are read through
+    webdataset once, keys and text members only (a tqdm bar shows the shards). No image is decoded."""
+    good = bad = 0
+    for url in tqdm(urls, desc="counting samples", leave=False, disable=None):
+        if is_remote(url):
+            found = [usable(sample, spec.text_column) is not None for sample in webdataset_samples([url])]
+        else:
+            found = [row.problem is None and row.text is not None for row in read_shards(url, spec)[0]]
+        good, bad = good + sum(found), bad + found.count(False)
+    return good, bad
 
 
 def held_out_rows(pattern: str, spec: DataSpec) -> list[Row]:
