@@ -107,6 +107,12 @@ class DataSpec:
     # docs/captions-and-shards.md. separator: column separator of csv/captions files (default "," / tab).
     separator: str | None = None
     eval_path: str | None = None  # captions/webdataset: a held-out table or shard pattern, the test split
+    # Streaming the training shards (source: webdataset) instead of indexing them: shards in an order shuffled by
+    # (seed, epoch), samples through a seeded shuffle buffer (0: shard order only); val comes from val_path.
+    stream: bool = False
+    shuffle_buffer: Annotated[int, Range(ge=0)] = 1000
+    samples_per_epoch: Positive | None = None  # default: counted once by a pass over the shards (no decoding)
+    val_path: str | None = None  # stream: held-out shards for validation (a stream has no random val share)
 
     def __post_init__(self) -> None:
         if self.image_cache is False:  # YAML 1.1 reads a bare `off` as false: that is what the user wrote
@@ -115,6 +121,12 @@ class DataSpec:
             raise ValueError(f"data.image_cache: {self.image_cache!r} is not one of 'auto', 'memory', 'disk', 'off'")
         if self.eval_path is not None and self.source not in ("captions", "webdataset"):
             raise ValueError(f"data.eval_path applies to data.source: captions or webdataset, not {self.source!r}")
+        if self.stream and self.source != "webdataset":
+            raise ValueError(f"data.stream: true streams WebDataset shards; data.source is {self.source!r}, not "
+                             "webdataset")
+        for key in ("samples_per_epoch", "val_path"):
+            if getattr(self, key) is not None and not self.stream:
+                raise ValueError(f"data.{key} applies to a streamed training split (data.stream: true) only")
         if self.separator is not None and (len(self.separator) != 1 or self.source not in ("csv", "captions")):
             raise ValueError(f"data.separator: {self.separator!r} must be one character, for data.source: csv or "
                              "captions")

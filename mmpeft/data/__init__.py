@@ -18,6 +18,8 @@ from mmpeft.data.labels import LabelSet
 from mmpeft.data.shifts import SHIFTS, apply_shifts, parse_shift, shift_label
 from mmpeft.data.sources import DatasetImage, Row, load_image
 from mmpeft.data.splits import examples_fingerprint, k_shot, split_examples
+from mmpeft.data.stream import StreamSource, held_out_rows, open_stream
+from mmpeft.data.stream_dataset import StreamDataset
 from mmpeft.data.validate import check_empty_classes, find_bad_rows, report_bad_rows
 from mmpeft.specs import DataSpec, SplitSpec
 
@@ -40,12 +42,16 @@ class DataSplits:
     labels: LabelSet
     info: dict[str, Any] = field(default_factory=dict)
     shifts: tuple[str, ...] = ()  # `data.shift` parsed: pass to every ImageDataset
+    stream: StreamSource | None = None  # data.stream: the training split is this stream (`train` stays empty)
 
     def dataset(self, split: str, augment: bool = False, seed: int = 0, spec: DataSpec | None = None,
-                ) -> ImageDataset:
-        """An ImageDataset of one split with `shifts` applied (and `spec.augment` when `augment` is true)."""
+                ) -> ImageDataset | StreamDataset:
+        """An ImageDataset of one split with `shifts` applied (and `spec.augment` when `augment` is true); a
+        streamed training split is a StreamDataset."""
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if split == "train" and self.stream is not None:
+            return StreamDataset(self.stream, self.shifts, spec.augment if augment and spec else None, seed)
         return ImageDataset(getattr(self, split), self.shifts, spec.augment if augment and spec else None, seed)
 
 
@@ -66,6 +72,8 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
         raise DataError(f"data.source: {spec.source} holds conversations, not labelled images; so far only "
                         "`mmpeft run` and `mmpeft check` read them (grids, continual sequences, export and plan "
                         "need labelled data)")
+    if spec.stream:
+        return _load_stream(spec, seed, shifts)
     raw = read_rows(spec)
     if not raw.rows:
         raise DataError(f"no rows found in {raw.where} (data.source: {spec.source})")
@@ -109,6 +117,34 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
         "skipped_rows": [str(b) for b in bad[:MAX_LISTED_SKIPS]],
     }
     return DataSplits(train, val, test, labels, info, shifts)
+
+
+def _load_stream(spec: DataSpec, seed: int, shifts: tuple[str, ...]) -> DataSplits:
+    """`data.stream`: the training split stays a stream (shards read in order, never indexed); val and test are the
+    held-out patterns `data.val_path` and `data.eval_path`, read in order and checked like any rows."""
+    source = open_stream(spec)
+    parts = {"test": held_out_rows(str(spec.eval_path), spec)}
+    if spec.val_path is not None:
+        parts["val"] = held_out_rows(spec.val_path, spec)
+    rows = [row for split in parts.values() for row in split]
+    good, bad = find_bad_rows(rows, None, spec.max_image_pixels, labelled=False)
+    where = " + ".join(p for p in (spec.eval_path, spec.val_path) if p)
+    report_bad_rows(bad, where, spec.on_bad_rows)
+    kept = {id(row) for row in good}
+    split = {name: [Example(row.image, -1, row.text) for row in part if id(row) in kept]
+             for name, part in parts.items()}
+    val, test = split.get("val", []), split["test"]
+    if not test:
+        raise DataError(f"data.eval_path: no usable sample in {spec.eval_path!r}")
+    info = {"source": spec.source, "where": str(spec.path), "labelled": False, "classes": 0, "stream": True,
+            "counts": {"train": source.length, "val": len(val), "test": len(test)},
+            "train_length": "counted" if source.counted else "data.samples_per_epoch", "shards": len(source.urls),
+            "stream_bad_samples": source.bad,
+            "shuffle_buffer": spec.shuffle_buffer, "shots": None, "subset": None, "seed": seed, "split_seed": seed,
+            "fingerprints": {"train": "stream", "val": examples_fingerprint(val), "test": examples_fingerprint(test)},
+            "shifts": list(shifts), "skipped": len(bad), "skipped_rows": [str(b) for b in bad[:MAX_LISTED_SKIPS]]}
+    labels = LabelSet.from_spec(spec, [], where=str(spec.path), min_classes=0)
+    return DataSplits([], val, test, labels, info, shifts, stream=source)
 
 
 def _split_held_out(examples: list[Example], held_out: list[bool], spec: DataSpec, seed: int, names: list[str],

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mmpeft.data.dataset import ImageCollator, ImageDataset
 from mmpeft.data.image_cache import IMAGE_CACHE, ImageCache, ImageFitter, choose_storage
+from mmpeft.data.stream_dataset import StreamDataset, StreamLoader, stream_loader
 
 logger = logging.getLogger("mmpeft")
 
@@ -134,8 +135,16 @@ class EpochLoader:
         self.batches = EpochBatches(with_epoch=getattr(dataset, "accepts_epoch_keys", False))
         self.generator = torch.Generator()
         self.loader: DataLoader | None = None
+        self.stream: StreamLoader | None = None
+        self.resumed: dict | None = None
 
-    def epoch(self, epoch: int, batches: list[list[int]]) -> DataLoader:
+    def epoch(self, epoch: int, batches: list[list[int]]) -> DataLoader | StreamLoader:
+        """The loader of an epoch's `batches`; a streamed dataset fills batches of the same sizes in stream order."""
+        if isinstance(self.dataset, StreamDataset):
+            self.stream = stream_loader(self.dataset, ImageCollator(self.model.preprocess), epoch, batches,
+                                        self.stream_workers(), self.resumed)
+            self.resumed = None
+            return self.stream
         self.batches.set(epoch, batches)
         self.generator.manual_seed(self.seed + epoch)
         if self.loader is None:
@@ -143,9 +152,23 @@ class EpochLoader:
                                       persistent=self.batches.with_epoch, num_workers=self.num_workers)
         return self.loader
 
+    def stream_workers(self) -> int:
+        """0 or 1 reading worker for a stream (more would split the shards and change the order): "auto" is 1
+        where a core is spare."""
+        workers = current_settings().num_workers if self.num_workers == "auto" else self.num_workers
+        return (1 if available_cores() > 1 else 0) if workers == "auto" else min(int(workers), 1)
+
+    def resume_at(self, position: dict | None) -> None:
+        """The stream position a checkpoint recorded: the resumed epoch checks it reached the same sample."""
+        self.resumed = position
+
+    def position(self) -> dict | None:
+        """Where a streamed epoch is (shard, offset in it, samples trained this epoch); None for indexed data."""
+        return self.stream.position() if self.stream is not None else None
+
     def close(self) -> None:
         """Stop persistent workers (they would otherwise live until the loader is garbage-collected)."""
-        self.loader = None
+        self.loader = self.stream = None
 
 
 def bind_images(dataset: Dataset, model: ImageModel, settings: LoaderSettings,

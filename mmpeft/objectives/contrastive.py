@@ -94,6 +94,8 @@ class Contrastive(Objective):
 
     def image_keys(self, batch: dict) -> list[object] | None:
         """Which examples share an image (several captions of one picture), when the dataset is known."""
+        if "image_keys" in batch:  # a streamed batch names its images itself (`shard:key`)
+            return list(batch["image_keys"])
         if self.dataset is None:
             return None
         refs = [self.dataset.examples[i].image for i in batch["index"].tolist()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
         problems += _check_shifts(recipe)
         problems += _check_generative(recipe)
         problems += _check_conversations(recipe)
+        problems += _check_stream(recipe)
         if method is not None:
             problems += METHODS.get(method.name).check(recipe)
     if problems:
@@ -120,6 +122,33 @@ def _check_conversations(recipe: Recipe) -> list[str]:
                         f"{recipe.train.objective!r}")
     if recipe.backbone.family == "dual_encoder":
         problems.append(f"backbone.family: data.source: {data.source} needs a generative backbone, not dual_encoder")
+    return problems
+
+
+def _check_stream(recipe: Recipe) -> list[str]:
+    """`data.stream`: what a stream cannot do, refused before any model loads (docs/captions-and-shards.md)."""
+    data = recipe.data
+    if not data.stream:
+        return []
+    problems = [f"data.{key}: a stream has no classes to sample or list (data.stream: true is caption data for "
+                "train.objective: contrastive)" for key in ("shots", "classes") if getattr(data, key) is not None]
+    if data.eval_path is None:
+        problems.append("data.eval_path: a streamed training split needs held-out shards for the test split (a "
+                        "random test share of a stream is not possible); set data.eval_path: <shard pattern>")
+    if data.split.val > 0 and data.val_path is None:
+        problems.append(f"data.split.val: {data.split.val} cannot be a random share of a stream; set data.val_path: "
+                        "<held-out shard pattern> for validation, or data.split.val: 0 for none")
+    if recipe.train.objective != "contrastive":
+        problems.append(f"train.objective: a streamed split is caption data and trains with 'contrastive', not "
+                        f"{recipe.train.objective!r}")
+    workers = recipe.train.num_workers
+    if workers != "auto" and workers > 1:
+        problems.append(f"train.num_workers: {workers} with data.stream: at most 1 reading worker (more would split "
+                        "the shards between workers and the sample order would depend on their count)")
+    processes = max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if processes > 1:
+        problems.append(f"data.stream: {processes} processes; a stream is read by one process (shards are not split "
+                        "between processes yet): run it in one process, or set data.stream: false")
     return problems
 
 

@@ -150,7 +150,10 @@ def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
     """Train; returns the summary, under FSDP the whole trained state (else None: `backbone` holds it), and the
     trainer, whose trackers stay open until `end_tracking`."""
     train_set = data.dataset("train", augment=True, seed=recipe.seed, spec=recipe.data)
-    if features is not None and train_set.augment is not None:
+    if features is not None and data.stream is not None:
+        logger.info("feature cache: off for training: the training split is streamed (val and test features stay "
+                    "cached)")
+    elif features is not None and train_set.augment is not None:
         logger.info("feature cache: off for training: data.augment changes the images every epoch "
                     "(val and test features stay cached)")
     elif features is not None:
@@ -179,6 +182,8 @@ def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
     summary = {"epochs_run": progress.epoch, "steps": progress.global_step, "seconds": round(seconds, 3),
                "samples_per_second": round(progress.samples_seen / seconds, 2) if seconds else None,
                "best_epoch": progress.best_epoch, "history": progress.history}
+    if data.stream is not None:
+        summary["stream_position"] = progress.stream_position  # at the last checkpoint: shard, offset, count
     return summary, trainer.final_state, trainer
 
 

@@ -71,6 +71,7 @@ class Progress:
     stale_epochs: int = 0
     history: list[dict] = field(default_factory=list)
     finished: bool = False
+    stream_position: dict | None = None  # a streamed training split: shard, offset in it, samples this epoch
 
 
 def make_accelerator(mixed_precision: str = "no", **kwargs) -> Accelerator:
@@ -336,6 +337,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Written beside, then swapped in: an interrupted save leaves the previous checkpoint intact."""
+        self.progress.stream_position = self.loader.position()  # None unless the training split is streamed
         trainable, optimizer = self.snapshot(), self.optimizer_state()  # collectives under FSDP: every process
         if self.accelerator.is_main_process:
             self._write_checkpoint(trainable, optimizer)
@@ -357,6 +359,7 @@ class Trainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         self.progress = Progress(**progress)
+        self.loader.resume_at(self.progress.stream_position)  # a stream checks it skips to the recorded sample
         logger.info("resumed at epoch %d, batch %d (step %d)", self.progress.epoch + 1,
                     self.progress.batch_in_epoch, self.progress.global_step)
         return True

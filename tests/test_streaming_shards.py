@@ -1,0 +1,267 @@
+"""Streamed WebDataset shards (`data.stream: true`): seeded order, shuffle buffer, resume at a shard + sample
+position without decoding the skipped samples, contrastive training, recipe errors, bad samples, `pipe:` URLs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+from test_captions import caption_recipe, captioned_images, write_shards
+
+import mmpeft
+from mmpeft.core.schema import RecipeError
+from mmpeft.data import DataError, load_data
+from mmpeft.data.stream_dataset import StreamDataset, StreamLoader
+from mmpeft.objectives.contrastive import Contrastive
+from mmpeft.runs.recipe import load_recipe
+from mmpeft.train import Callback, Trainer
+
+
+@pytest.fixture(scope="module")
+def stream_shards(tmp_path_factory) -> tuple[str, str]:
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    root = tmp_path_factory.mktemp("stream")
+    train = write_shards(root, "train", captioned_images(root / "img", 24, seed=0), root / "img", per_shard=6)
+    held_out = write_shards(root, "eval", captioned_images(root / "img", 12, seed=1), root / "img", per_shard=12,
+                            json_meta=True)
+    return train, held_out
+
+
+def stream_data(train: str, held_out: str, **data) -> dict:
+    return {"source": "webdataset", "path": train, "eval_path": held_out, "stream": True, "split": {"val": 0.0},
+            **data}
+
+
+def train_stream(train: str, held_out: str, seed: int = 0, **data) -> StreamDataset:
+    recipe = load_recipe({"method": "zero_shot", "seed": seed, "train": {"objective": "contrastive"},
+                          "data": stream_data(train, held_out, **data)})
+    return load_data(recipe.data, seed).dataset("train", augment=True, seed=seed, spec=recipe.data)
+
+
+def test_the_order_is_a_function_of_seed_and_epoch(stream_shards):
+    train, held_out = stream_shards
+    stream = train_stream(train, held_out, shuffle_buffer=8)
+    assert len(stream) == 24  # counted by the header scan
+    first = stream.keys()
+    assert first == stream.keys() and sorted(first) == sorted(train_stream(train, held_out, shuffle_buffer=8).keys())
+    assert len(set(first)) == 24
+    stream.set_epoch(1)
+    assert stream.keys() != first and sorted(stream.keys()) == sorted(first)
+    assert train_stream(train, held_out, seed=1, shuffle_buffer=8).keys() != first
+
+
+def test_a_longer_epoch_takes_another_pass_and_a_shorter_one_stops(stream_shards):
+    train, held_out = stream_shards
+    keys = train_stream(train, held_out, shuffle_buffer=8, samples_per_epoch=30).keys()
+    assert len(keys) == 30 and len(set(keys[:24])) == 24 and set(keys[24:]) <= set(keys[:24])
+    assert keys[:24] == train_stream(train, held_out, shuffle_buffer=8).keys()  # the first pass is the counted epoch
+    assert train_stream(train, held_out, shuffle_buffer=8, samples_per_epoch=10).keys() == keys[:10]
+
+
+def test_a_buffer_of_zero_keeps_the_shard_order(stream_shards):
+    train, held_out = stream_shards
+    keys = train_stream(train, held_out, shuffle_buffer=0).keys()
+    for start in range(0, 24, 6):  # each shard whole, its samples in the order written
+        block = keys[start:start + 6]
+        assert len({key.split(":")[0] for key in block}) == 1 and block == sorted(block)
+    orders = {tuple(train_stream(train, held_out, seed=seed, shuffle_buffer=0).keys()[::6]) for seed in range(4)}
+    assert len(orders) > 1  # the shard order depends on the seed
+
+
+def test_augmentation_of_a_stream_depends_on_seed_epoch_and_position_only(stream_shards):
+    import numpy as np
+
+    train, held_out = stream_shards
+    stream = train_stream(train, held_out, shuffle_buffer=8, augment={"horizontal_flip": True, "color_jitter": 0.3})
+    assert stream.augment is not None
+    stream.plan([4], 2)
+    first = [np.asarray(item["image"]) for item in next(iter(stream))]
+    again = [np.asarray(item["image"]) for item in next(iter(stream))]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    plain = train_stream(train, held_out, shuffle_buffer=8)
+    plain.plan([4], 2)
+    assert not all(np.array_equal(a, np.asarray(item["image"])) for a, item in zip(first, next(iter(plain))))
+
+
+def test_one_reading_worker_gives_the_same_batches(stream_shards, tiny_clip_dir):
+    from mmpeft.data.stream_dataset import stream_loader
+    from mmpeft.runs.build import load_base
+
+    train, held_out = stream_shards
+    stream = train_stream(train, held_out, shuffle_buffer=8)
+    backbone = load_base(load_recipe({"method": "zero_shot", "backbone": {"id": str(tiny_clip_dir)}}))
+    from mmpeft.data.dataset import ImageCollator
+
+    batches = [[0] * 5] * 4 + [[0] * 4]
+    seen = {workers: [key for batch in stream_loader(stream, ImageCollator(backbone.preprocess), 0, batches, workers)
+                      for key in batch["image_keys"]] for workers in (0, 1)}
+    assert seen[0] == seen[1] == stream.keys()
+
+
+class Record(Callback):
+    """Keeps every trained batch's keys; raises KeyboardInterrupt on batch `stop_at` (counted from 1)."""
+
+    def __init__(self, seen: list[list[str]], stop_at: int | None = None):
+        self.seen, self.stop_at = seen, stop_at
+
+    def transform_batch(self, batch: dict) -> dict:
+        if self.stop_at is not None and len(self.seen) + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        self.seen.append(list(batch["image_keys"]))
+        return batch
+
+
+def test_an_interrupted_epoch_resumes_with_exactly_its_remaining_samples(stream_shards, tiny_clip_dir, tmp_path,
+                                                                         monkeypatch, caplog):
+    train, held_out = stream_shards
+    recipe = caption_recipe(stream_data(train, held_out, shuffle_buffer=8), tiny_clip_dir, tmp_path, epochs=2,
+                            batch_size=4, checkpoint_every_steps=1, num_workers=0)
+    recipe["eval"]["zero_shot"] = False
+    before: list[list[str]] = []
+    original_init = Trainer.__init__
+
+    def init_with(callback):
+        def init(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            self.callbacks = (callback,)
+        return init
+
+    monkeypatch.setattr(Trainer, "__init__", init_with(Record(before, stop_at=4)))  # 3 of 6 batches trained
+    with pytest.raises(KeyboardInterrupt):
+        mmpeft.run(recipe)
+    run_dir = tmp_path / "run"
+    progress = json.loads((run_dir / "checkpoints" / "last" / "progress.json").read_text())
+    epoch = train_stream(train, held_out, shuffle_buffer=8).keys()  # one uninterrupted epoch 0
+    shard, key = epoch[11].split(":")
+    position = progress["stream_position"]
+    assert progress["batch_in_epoch"] == 3 and position["samples"] == 12 and position["epoch"] == 0
+    assert position["shard"] == shard and position["key"] == f"{shard}:{key}"
+    assert position["offset_in_shard"] == int(key.removeprefix("sample")) % 6  # ShardWriter: 6 a shard, in order
+
+    decoded = []
+    original_item = StreamDataset.item
+    monkeypatch.setattr(StreamDataset, "item", lambda self, *a: decoded.append(a[0]) or original_item(self, *a))
+    after: list[list[str]] = []
+    monkeypatch.setattr(Trainer, "__init__", init_with(Record(after)))
+    checked = []
+    original_check = StreamLoader.check_resumed
+    monkeypatch.setattr(StreamLoader, "check_resumed",
+                        lambda self, key: checked.append(key) or original_check(self, key))
+    with caplog.at_level(logging.WARNING, logger="mmpeft"):
+        metrics = mmpeft.run(None, resume=run_dir)
+    assert checked == [epoch[11]] and "the shards changed" not in caplog.text  # it skipped to the recorded sample
+    rest = [k for batch in after[:3] for k in batch]
+    trained = [k for batch in before for k in batch]
+    assert trained + rest == epoch and len(set(trained + rest)) == 24  # no repeats, nothing missing
+    assert decoded[:12] == list(range(12, 24))  # the skipped 12 were never decoded
+    assert metrics["train"]["steps"] == 12 and metrics["train"]["stream_position"]["samples"] == 24
+
+
+def test_a_resume_whose_recorded_sample_differs_says_the_shards_changed(stream_shards, caplog):
+    import torch
+
+    from mmpeft.data.dataset import ImageCollator
+    from mmpeft.data.stream_dataset import stream_loader
+
+    train, held_out = stream_shards
+    stream = train_stream(train, held_out, shuffle_buffer=8)
+    keys = stream.keys()
+    collate = ImageCollator(lambda images: torch.zeros(len(images)))
+    for recorded, warned in ((keys[7], False), ("train-0009.tar:sample00099", True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mmpeft"):
+            loader = stream_loader(stream, collate, 0, [[0] * 8] * 2, 0, {"epoch": 0, "samples": 8, "key": recorded})
+            assert [k for batch in loader for k in batch["image_keys"]] == keys[8:]
+        assert ("the shards changed since the checkpoint" in caplog.text) is warned
+
+
+def test_a_streamed_run_trains_contrastively_and_tests_on_the_held_out_shards(stream_shards, tiny_clip_dir,
+                                                                               tmp_path, monkeypatch):
+    train, held_out = stream_shards
+    losses = []
+    original = Contrastive.loss
+    monkeypatch.setattr(Contrastive, "loss", lambda self, batch: losses.append(original(self, batch)) or losses[-1])
+    metrics = mmpeft.run(caption_recipe(stream_data(train, held_out, val_path=held_out, split={"val": 0.2},
+                                                    shuffle_buffer=8, samples_per_epoch=16),
+                                        tiny_clip_dir, tmp_path, epochs=3, num_workers=0))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["data"]["counts"] == {"train": 16, "val": 12, "test": 12} and saved["data"]["stream"] is True
+    assert saved["train"]["steps"] == 6 and saved["retrieval"]["test"]["image_to_text"]["queries"] == 12
+    first, last = (sum(float(x.detach()) for x in part) / 2 for part in (losses[:2], losses[-2:]))
+    assert last < first
+    assert metrics["train"]["stream_position"]["samples"] == 16
+
+
+def test_stream_recipe_errors_name_the_key(stream_shards, tmp_path):
+    train, held_out = stream_shards
+    base = {"method": "lora", "train": {"objective": "contrastive"}, "data": stream_data(train, held_out)}
+    cases = {
+        "data.shots": {"data": {"shots": 2}},
+        "data.classes": {"data": {"classes": ["a", "b"]}},
+        "data.split.val: 0.15 cannot be a random share of a stream; set data.val_path": {"data": {"split": {}}},
+        "data.eval_path: a streamed training split needs held-out shards": {"data": {"eval_path": None}},
+        "data.shuffle_buffer: -1": {"data": {"shuffle_buffer": -1}},
+        "data.samples_per_epoch: 0": {"data": {"samples_per_epoch": 0}},
+        "data.source is 'captions'": {"data": {"source": "captions"}},
+        "train.objective: a streamed split": {"train": {"objective": "classification"}},
+        "train.num_workers: 2 with data.stream": {"train": {"objective": "contrastive", "num_workers": 2}},
+    }
+    for message, change in cases.items():
+        recipe = {**base, **{k: {**base[k], **v} for k, v in change.items()}}
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            load_recipe(recipe)
+    with pytest.raises(RecipeError, match="data.val_path applies to a streamed training split"):
+        load_recipe({**base, "data": {**base["data"], "stream": False, "val_path": held_out}})
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patched:
+        patched.setenv("LOCAL_WORLD_SIZE", "2")
+        with pytest.raises(RecipeError, match="data.stream: 2 processes"):
+            load_recipe(base)
+
+
+def test_bad_samples_are_skipped_with_a_warning_and_an_all_bad_stream_fails(tmp_path, caplog):
+    pytest.importorskip("webdataset")
+    import webdataset as wds
+
+    images = captioned_images(tmp_path / "img", 3)
+    png = [(tmp_path / "img" / name).read_bytes() for name, _, _ in images]
+    with wds.TarWriter(str(tmp_path / "mixed-0000.tar")) as sink:
+        sink.write({"__key__": "ok", "png": png[0], "txt": "a red image"})
+        sink.write({"__key__": "uncaptioned", "png": png[1]})
+        sink.write({"__key__": "textonly", "txt": "a blue image"})
+        sink.write({"__key__": "ok2", "png": png[2], "txt": "a green image"})
+    with wds.TarWriter(str(tmp_path / "bad-0000.tar")) as sink:
+        sink.write({"__key__": "textonly", "txt": "a blue image"})
+    held_out = str(tmp_path / "mixed-0000.tar")
+    with caplog.at_level(logging.WARNING, logger="mmpeft"):
+        stream = train_stream(str(tmp_path / "mixed-0000.tar"), held_out, on_bad_rows="skip", shuffle_buffer=0)
+        assert len(stream) == 2 and stream.keys() == ["mixed-0000.tar:ok", "mixed-0000.tar:ok2"]
+        assert stream.source.bad == 2
+    assert "2 of 4 samples of" in caplog.text
+    assert "mixed-0000.tar:uncaptioned (no caption" in caplog.text
+    assert "mixed-0000.tar:textonly (no image" in caplog.text
+    with pytest.raises(DataError, match="no usable sample"):
+        train_stream(str(tmp_path / "bad-0000.tar"), held_out, on_bad_rows="skip")
+    stream = train_stream(str(tmp_path / "bad-0000.tar"), held_out, on_bad_rows="skip", samples_per_epoch=4)
+    with pytest.raises(DataError, match="a whole epoch of the 1 shards .* yielded no usable sample"):
+        stream.keys()
+
+
+def test_pipe_urls_stream_through_webdataset(stream_shards):
+    train, held_out = stream_shards
+    piped = train_stream(f"pipe:cat {train}", f"pipe:cat {held_out}", shuffle_buffer=8)
+    assert len(piped) == 24 and piped.keys() == train_stream(train, held_out, shuffle_buffer=8).keys()
+    item = next(iter(piped))[0]
+    assert item["image"].size == (12, 12) and item["text"].startswith("a ")
+    data = load_data(load_recipe({"method": "zero_shot", "train": {"objective": "contrastive"},
+                                  "data": stream_data(f"pipe:cat {train}", f"pipe:cat {held_out}")}).data, 0)
+    assert len(data.test) == 12 and data.test[0].text.startswith("a ")  # materialised from the pipe, in order
+
+
+def test_missing_shards_are_clear_errors(tmp_path, stream_shards):
+    with pytest.raises(DataError, match="2 of 2 shards do not exist"):
+        train_stream(str(tmp_path / "none-{0000..0001}.tar"), str(tmp_path / "none-0000.tar"))
+    with pytest.raises(DataError, match=r"cannot read 'pipe:cat .*none-0000.tar' through webdataset: OSError"):
+        train_stream(f"pipe:cat {tmp_path / 'none-0000.tar'}", stream_shards[1])
