@@ -27,6 +27,7 @@ from mmpeft.specs import Positive, Seed, TrainSpec
 SPACE_KEYS = ("choices", "low", "high", "log", "step")
 METRICS = ("val_accuracy", "val_macro_f1")  # what each epoch's validation reports (mmpeft.train.Trainer)
 CONVERSATIONS = ("llava", "sharegpt", "messages", "llamafactory")
+MISSING_OPTUNA = "search: needs Optuna, which is not installed: pip install 'mmpeft[search]'"
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,14 @@ class SearchSetup:
         grid = {k: v for k, v in to_plain(self.compare.grid).items() if k != "methods"}
         search = {**to_plain(self.spec), "methods": [e.spelt() for e in self.entries], "sampler_seed": self.seed}
         return {**data, "grid": grid, "search": search}
+
+
+def optuna_installed() -> bool:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def is_space(value: Any) -> bool:
@@ -252,7 +261,7 @@ def load_search_setup(source: str | Path | dict, overrides: list[str] | dict | N
     if search_data is None:
         raise RecipeError(["search: required in a search recipe, e.g. search: {methods: [lora, bitfit], budget: "
                            "{epochs: 40}}"], label)
-    problems: list[str] = []
+    problems: list[str] = [] if optuna_installed() else [MISSING_OPTUNA]
     spec = build(SearchSpec, search_data, "search", problems)
     entries, indices = parse_entries(spec, base_dir, problems)
     grid = section_problems(data, problems)
