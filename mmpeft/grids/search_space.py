@@ -138,11 +138,11 @@ def is_space(value: Any) -> bool:
 
 def parse_param(where: str, name: str, key: str, value: dict, problems: list[str]) -> Param | None:
     """A `{choices: [...]}` or `{low:, high:, log:, step:}` mapping -> Param (None with problems)."""
-    found = len(problems)
-    for k in value:
-        if k not in SPACE_KEYS:
-            problems.append(f"{where}: unknown key {k!r}{did_you_mean(str(k), SPACE_KEYS)}; a searched value is "
-                            "{choices: [...]} or {low: ..., high: ...[, log: true][, step: ...]}")
+    unknown = [k for k in value if k not in SPACE_KEYS]
+    for k in unknown:
+        problems.append(f"{where}: unknown key {k!r}{did_you_mean(str(k), SPACE_KEYS)}; a searched value is "
+                        "{choices: [...]} or {low: ..., high: ...[, log: true][, step: ...]}")
+    found = len(problems)  # the other checks still run after unknown keys: every problem at once
     if "choices" in value:
         choices = value["choices"]
         if any(k in value for k in ("low", "high", "log", "step")):
@@ -153,7 +153,7 @@ def parse_param(where: str, name: str, key: str, value: dict, problems: list[str
             problems.append(f"{where}.choices: values must be numbers, strings, booleans or null, got {show(choices)}")
         elif len({repr(c) for c in choices}) != len(choices):
             problems.append(f"{where}.choices: {show(choices)} repeats a value")
-        return None if len(problems) > found else Param(name, key, choices=tuple(choices))
+        return None if unknown or len(problems) > found else Param(name, key, choices=tuple(choices))
     low, high, log, step = value.get("low"), value.get("high"), value.get("log", False), value.get("step")
     numbers = [("low", low), ("high", high)] + ([("step", step)] if step is not None else [])
     for k, v in numbers:
@@ -169,7 +169,7 @@ def parse_param(where: str, name: str, key: str, value: dict, problems: list[str
         problems.append(f"{where}: log: true needs low > 0, got {low}")
     if step is not None and (step <= 0 or log):
         problems.append(f"{where}.step: {step} must be > 0, and cannot be combined with log: true")
-    return None if len(problems) > found else Param(name, key, low=low, high=high, log=log, step=step)
+    return None if unknown or len(problems) > found else Param(name, key, low=low, high=high, log=log, step=step)
 
 
 def parse_entry(i: int, entry: Any, base_dir: Path, problems: list[str]) -> SearchEntry | None:
