@@ -99,6 +99,10 @@ def test_chosen_configurations_rerun_over_seeds_and_only_they_see_test(searched)
         metrics = json.loads((grid / row["dir"] / "metrics.json").read_text())
         assert set(metrics["test"]) == {"skipped"} and "zero_shot" not in metrics  # selection on validation only
         assert "accuracy" in metrics["val"]
+    assert (grid / "compare.yaml").read_text().startswith(f"# mmpeft search --resume {grid}")
+    from mmpeft.ui.catalog import classify
+
+    assert classify(grid.parent, grid).kind == "search"  # the web workbench lists it as a search
     report = (grid / "report.md").read_text()
     assert "## Search" in report and "search/leaderboard.md" in report and "search/pareto.png" in report
     chosen_trial = int(chosen[0].split("-")[0][1:])
@@ -195,6 +199,18 @@ def test_check_validates_a_search_recipe(color_folder, tiny_clip_dir, root, caps
     assert resolved["search"]["methods"][0]["r"] == {"choices": [2, 4]} and resolved["search"]["sampler_seed"] == 0
     assert main(["check", str(path), "search.reduction_factor=1"]) == 2
     assert "search.reduction_factor: 1 is out of range" in capsys.readouterr().err
+
+
+def test_demo_search_pins_the_demo_kernels(monkeypatch, root):
+    from mmpeft.cli import DEMO_NUMERICS, build_parser, pin_demo_numerics
+
+    shipped = Path(__file__).resolve().parent.parent / "recipes" / "search-methods.yaml"
+    (root / "pinned").mkdir(exist_ok=True)
+    (root / "pinned" / "search.yaml").write_text(shipped.read_text())
+    for argv in (["search", str(shipped)], ["search", "--resume", str(root / "pinned")]):
+        for name in DEMO_NUMERICS:
+            monkeypatch.delenv(name, raising=False)
+        assert pin_demo_numerics(build_parser().parse_known_args(argv)[0]), argv
 
 
 def test_shipped_search_recipe_loads():

@@ -89,6 +89,8 @@ def run_search(setup: SearchSetup, grid_dir: Path) -> dict:
     rows = leaderboard(setup, trials, grid_dir)
     used = budget_used(trials)
     chosen = chosen_entries(setup, trials)
+    if 0 < len(chosen) < setup.spec.top:
+        logger.warning("search: only %d complete trials for search.top %d", len(chosen), setup.spec.top)
     summary = {"trials": len(trials), "states": _states(rows), "budget": {"given": to_plain(setup.spec.budget),
                "used": {"epochs": used[0], "gpu_hours": round(used[1] / 3600, 4)}},
                "metric": setup.spec.metric, "chosen": [e["label"] for e in chosen]}
@@ -101,7 +103,7 @@ def run_search(setup: SearchSetup, grid_dir: Path) -> dict:
     data.pop("method")
     grid = {k: v for k, v in to_plain(setup.compare.grid).items() if k != "methods"}
     data["output"] = {"dir": str(grid_dir.parent), "name": grid_dir.name}
-    final = load_setup({**data, "grid": {**grid, "methods": chosen}}, None, "compare")
+    final = load_setup({**data, "grid": {**grid, "methods": chosen}}, None, "search")  # compare.yaml: `mmpeft search`
     result = run_grid(final, grid_dir)
     append_report(grid_dir, setup, summary, chosen)
     return {"dir": str(grid_dir), "trials": rows, "chosen": summary["chosen"], "budget": summary["budget"],
@@ -204,6 +206,9 @@ class TrialReporter(Callback):
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
         epoch, seconds = metrics["epoch"], time.perf_counter() - self.tic
+        if self.metric not in metrics:
+            raise ValueError(f"search.metric: {self.metric} was not reported: this trial has no labelled validation "
+                             "split")
         self.trial.report(metrics[self.metric], epoch)
         self.trial.set_user_attr("epochs", epoch)
         self.trial.set_user_attr("seconds", round(seconds, 3))
@@ -310,8 +315,8 @@ def leaderboard(setup: SearchSetup, trials, grid_dir: Path) -> list[dict]:
         steps = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
         final = t.value if t.value is not None else (steps[-1] if steps else None)
         rows.append({"trial": t.number, "method": t.params.get("method"),
-                     "params": ", ".join(f"{k.split('.', 1)[1]}={_fmt(v)}" for k, v in t.params.items()
-                                         if k != "method"),
+                     "params": ", ".join(f"{k[len(t.params['method']) + 1:]}={_fmt(v)}"
+                                         for k, v in t.params.items() if k != "method"),
                      "state": _state(t), "epochs": t.user_attrs.get("epochs", 0),
                      "best_val": max(steps) if steps else None, "final_val": final,
                      "trainable_params": t.user_attrs.get("trainable_params"),
