@@ -178,10 +178,6 @@ def test_search_section_problems_in_one_error(color_folder, tiny_clip_dir, root)
         assert expected in text, f"{expected!r} not in:\n{text}"
 
     good = search_recipe(color_folder, tiny_clip_dir, root, "checked")
-    good["grid"]["executor"] = "ray"
-    with pytest.raises(RecipeError, match="ray: a search with Ray Tune's ASHA scheduler is not supported yet"):
-        load_search_setup(good)
-    good["grid"].pop("executor")
     good["data"]["split"]["val"] = 0.0
     with pytest.raises(RecipeError, match="data.split.val: 0 leaves no validation split"):
         load_search_setup(good)
@@ -216,6 +212,44 @@ def test_demo_search_pins_the_demo_kernels(monkeypatch, root):
 def test_shipped_search_recipe_loads():
     setup = load_search_setup(Path(__file__).resolve().parent.parent / "recipes" / "search-methods.yaml")
     assert setup.spec.budget.epochs and len(setup.entries) >= 2 and setup.compare.recipe.data.split.val > 0
+
+
+def test_ray_tune_asha_search(color_folder, tiny_clip_dir, root):
+    """grid.executor: ray: Ray Tune's ASHA stops trials at rungs; the same outputs; --resume restores the experiment."""
+    pytest.importorskip("ray.tune")
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except Exception as error:  # noqa: BLE001  (no Ray here: the Optuna tests cover the rest)
+            pytest.skip(f"Ray cannot start on this machine: {error}")
+    try:
+        recipe = search_recipe(color_folder, tiny_clip_dir, root, "ray", trials=5, top=1)
+        recipe["grid"].update(executor="ray", max_parallel=1, seeds=[0])
+        result = mmpeft.search(recipe)
+        grid = root / "ray"
+        rows = trial_table(grid)
+        assert sum(int(r["epochs"]) for r in rows) == result["budget"]["used"]["epochs"] <= BUDGET
+        assert {r["state"] for r in rows} <= {"complete", "pruned", "stopped"}
+        assert any(r["state"] == "pruned" for r in rows) and any(r["state"] == "complete" for r in rows)
+        assert all(int(r["epochs"]) in RUNGS - {EPOCHS} for r in rows if r["state"] == "pruned")
+        for row in (r for r in rows if r["state"] == "complete"):  # a complete trial's folder is a whole run folder
+            metrics = json.loads((grid / row["dir"] / "metrics.json").read_text())
+            assert metrics["train"]["epochs_run"] == EPOCHS and set(metrics["test"]) == {"skipped"}
+        with open(grid / "results.csv") as handle:
+            assert [c["cell"] for c in csv.DictReader(handle)] == [f"{result['chosen'][0]}-seed0"]
+        again = mmpeft.search(None, resume=grid)  # restored: the same trials, the finished cell skipped
+        assert drawn(trial_table(grid)) == drawn(rows) and again["chosen"] == result["chosen"]
+        with pytest.raises(RecipeError, match="other settings .*trials"):  # Ray's experiment keeps its trial count
+            mmpeft.search(None, ["search.trials=9"], resume=grid)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @pytest.mark.parametrize("points, front", [

@@ -17,7 +17,6 @@ is marked failed when the search resumes, its epochs counted.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -25,9 +24,9 @@ from datetime import datetime
 from pathlib import Path
 
 from mmpeft.core.io import write_json, write_text
-from mmpeft.core.schema import RecipeError, build, to_plain
-from mmpeft.grids.base import differences, resolved_yaml
-from mmpeft.grids.search_space import MISSING_OPTUNA, SearchEntry, SearchSetup, load_search_setup
+from mmpeft.core.schema import RecipeError, to_plain
+from mmpeft.grids.base import resolved_yaml
+from mmpeft.grids.search_space import MISSING_OPTUNA, SearchEntry, SearchSetup, load_search_setup, trial_recipe
 from mmpeft.train import Callback
 
 logger = logging.getLogger("mmpeft")
@@ -82,16 +81,22 @@ def run_search(setup: SearchSetup, grid_dir: Path) -> dict:
     from mmpeft.grids.loading import load_setup
     from mmpeft.grids.runner import run_grid
 
-    study = open_study(setup, grid_dir)
-    write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))
-    run_trials(setup, study, grid_dir)
-    trials = study.get_trials(deepcopy=False)
-    rows = leaderboard(setup, trials, grid_dir)
-    used = budget_used(trials)
-    chosen = chosen_entries(setup, trials)
+    if setup.compare.grid.executor == "ray":  # Ray Tune's ASHA scheduler instead of Optuna
+        from mmpeft.grids.search_ray import ray_trials
+
+        write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))
+        records = ray_trials(setup, grid_dir)
+    else:
+        study = open_study(setup, grid_dir)
+        write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))
+        run_trials(setup, study, grid_dir)
+        records = study_records(study.get_trials(deepcopy=False))
+    rows = leaderboard(setup, records, grid_dir)
+    chosen = chosen_entries(setup, records)
     if 0 < len(chosen) < setup.spec.top:
         logger.warning("search: only %d complete trials for search.top %d", len(chosen), setup.spec.top)
-    summary = {"trials": len(trials), "states": _states(rows), "budget": {"given": to_plain(setup.spec.budget),
+    used = (sum(r["epochs"] for r in records), sum(r["seconds"] for r in records))
+    summary = {"trials": len(records), "states": _states(rows), "budget": {"given": to_plain(setup.spec.budget),
                "used": {"epochs": used[0], "gpu_hours": round(used[1] / 3600, 4)}},
                "metric": setup.spec.metric, "chosen": [e["label"] for e in chosen]}
     write_json(grid_dir / SEARCH_DIR / "summary.json", summary)
@@ -124,29 +129,16 @@ def open_study(setup: SearchSetup, grid_dir: Path):
                                                     reduction_factor=spec.reduction_factor, min_early_stopping_rate=0)
     study = optuna.create_study(storage=storage, sampler=sampler(setup, 0), pruner=pruner, study_name="search",
                                 direction="maximize", load_if_exists=True)
-    settings = json.loads(json.dumps(study_settings(setup)))
     saved = study.user_attrs.get("settings")
     if saved is None:
-        study.set_user_attr("settings", settings)
-    elif differences(saved, settings):
-        changed = differences(saved, settings)
-        raise RecipeError([f"search {grid_dir}: its trials were run with other settings ({'; '.join(changed[:4])})",
-                           f"a resumed search may change only search.{', search.'.join(CHANGEABLE)} and grid; use "
-                           "another output.name for a new search"])
+        study.set_user_attr("settings", setup.settings(CHANGEABLE))
+    else:
+        setup.refuse_changes(saved, grid_dir, CHANGEABLE)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         logger.warning("trial %d was left running (its driver stopped): marked failed, its %d epochs counted",
                        trial.number, trial.user_attrs.get("epochs", 0))
         study.tell(trial.number, state=TrialState.FAIL)
     return study
-
-
-def study_settings(setup: SearchSetup) -> dict:
-    """What the trials depend on: a study continues only with the same."""
-    recipe = setup.compare.recipe.to_dict()
-    for key in ("output", "method"):
-        recipe.pop(key, None)
-    search = {k: v for k, v in setup.resolved()["search"].items() if k not in CHANGEABLE}
-    return {"recipe": recipe, "search": search}
 
 
 def sampler(setup: SearchSetup, number: int):
@@ -238,11 +230,13 @@ def run_trial(setup: SearchSetup, study, grid_dir: Path, epochs_left: float, sec
     try:
         metrics = run(trial_recipe(setup, entry, values, grid_dir / "trials", name), callbacks=(reporter,))
     except Exception as error:  # the search goes on; the leaderboard keeps the error
+        trial.set_user_attr("seconds", round(time.perf_counter() - reporter.tic, 3))
         message = error_message(error)
         logger.error("trial %d (%s %s) failed: %s", trial.number, entry.label, shown, message)
         trial.set_user_attr("error", message)
         study.tell(trial, state=TrialState.FAIL)
         return f"[trial {trial.number}] {entry.label} {shown}: FAILED: {message}"
+    trial.set_user_attr("seconds", round(time.perf_counter() - reporter.tic, 3))  # the whole trial's wall clock
     trial.set_user_attr("trainable_params", metrics["params"]["trainable"])
     trial.set_user_attr("train_seconds", metrics["train"]["seconds"])
     last = metrics["train"]["history"][-1]
@@ -265,63 +259,42 @@ def draw(setup: SearchSetup, trial) -> tuple[SearchEntry, dict]:
     return entry, {p.key: p.suggest(trial) for p in entry.params}
 
 
-def trial_recipe(setup: SearchSetup, entry: SearchEntry, values: dict, folder: Path, name: str):
-    """The shared recipe with the trial's method and train changes, the grid's split, validation only."""
-    import dataclasses
-
-    from mmpeft.grids.method_setup import MethodEntry, shared_data, train_changes
-    from mmpeft.methods import METHODS
-    from mmpeft.specs import OutputSpec
-
-    mapping = entry.entry(entry.label, values)
-    changes = mapping.pop("train", {})
-    mapping.pop("label")
-    problems: list[str] = []
-    config = build(METHODS.get(mapping["name"]).Config, mapping, f"trial {name}", problems)
-    if problems:
-        raise RecipeError(problems)
-    recipe = setup.compare.recipe
-    typed = train_changes(recipe, MethodEntry(entry.label, config, "search", changes))
-    return recipe.replace(method=config, data=shared_data(setup.compare),
-                          train=dataclasses.replace(recipe.train, **typed),
-                          eval=dataclasses.replace(recipe.eval, zero_shot=False, test=False),
-                          output=OutputSpec(dir=str(folder), name=name))
+def study_records(trials) -> list[dict]:
+    """One record per Optuna trial, in the shape every search path gives (mmpeft.grids.search_ray too)."""
+    records = []
+    for t in trials:
+        label = t.params.get("method")
+        steps = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
+        records.append({"trial": t.number, "method": label, "state": _state(t), "steps": steps,
+                        "values": {k[len(label) + 1:]: v for k, v in t.params.items() if k != "method"},
+                        "epochs": t.user_attrs.get("epochs", 0), "seconds": t.user_attrs.get("seconds", 0.0),
+                        "final": t.value if t.value is not None else (steps[-1] if steps else None),
+                        "trainable_params": t.user_attrs.get("trainable_params"),
+                        "train_seconds": t.user_attrs.get("train_seconds"), "dir": t.user_attrs.get("dir"),
+                        "error": t.user_attrs.get("error")})
+    return records
 
 
-def chosen_entries(setup: SearchSetup, trials) -> list[dict]:
+def chosen_entries(setup: SearchSetup, records: list[dict]) -> list[dict]:
     """grid.methods entries of the `top` best complete trials by final validation score (ties: earlier first)."""
-    from optuna.trial import TrialState
-
     entries = {e.label: e for e in setup.entries}
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (-t.value, t.number))
-    chosen = []
-    for trial in done[:setup.spec.top]:
-        label = trial.params["method"]
-        values = {k[len(label) + 1:]: v for k, v in trial.params.items() if k != "method"}
-        chosen.append(entries[label].entry(f"t{trial.number}-{label}", values))
-    return chosen
+    done = sorted((r for r in records if r["state"] == "complete"), key=lambda r: (-r["final"], r["trial"]))
+    return [entries[r["method"]].entry(f"t{r['trial']}-{r['method']}", r["values"]) for r in done[:setup.spec.top]]
 
 
 def leaderboard_states(trials) -> list[dict]:
     return [{"state": _state(t)} for t in trials]
 
 
-def leaderboard(setup: SearchSetup, trials, grid_dir: Path) -> list[dict]:
+def leaderboard(setup: SearchSetup, records: list[dict], grid_dir: Path) -> list[dict]:
     """One row per trial: leaderboard.csv/md and pareto.png in <grid>/search/."""
     from mmpeft.report.search_report import mark_pareto, pareto_png, write_leaderboard
 
-    rows = []
-    for t in trials:
-        steps = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
-        final = t.value if t.value is not None else (steps[-1] if steps else None)
-        rows.append({"trial": t.number, "method": t.params.get("method"),
-                     "params": ", ".join(f"{k[len(t.params['method']) + 1:]}={_fmt(v)}"
-                                         for k, v in t.params.items() if k != "method"),
-                     "state": _state(t), "epochs": t.user_attrs.get("epochs", 0),
-                     "best_val": max(steps) if steps else None, "final_val": final,
-                     "trainable_params": t.user_attrs.get("trainable_params"),
-                     "train_seconds": t.user_attrs.get("train_seconds"), "dir": t.user_attrs.get("dir"),
-                     "error": t.user_attrs.get("error")})
+    rows = [{"trial": r["trial"], "method": r["method"], "params": ", ".join(f"{k}={_fmt(v)}"
+                                                                           for k, v in r["values"].items()),
+             "state": r["state"], "epochs": r["epochs"], "best_val": max(r["steps"]) if r["steps"] else None,
+             "final_val": r["final"], **{k: r[k] for k in ("trainable_params", "train_seconds", "dir", "error")}}
+            for r in records]
     mark_pareto(rows)
     write_leaderboard(grid_dir / SEARCH_DIR, rows, setup.spec.metric)
     pareto_png(grid_dir / SEARCH_DIR / "pareto.png", rows, setup.spec.metric,

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from mmpeft.core.schema import Range, RecipeError, build, did_you_mean, show, to_plain
-from mmpeft.grids.base import label_problems
+from mmpeft.grids.base import differences, label_problems
 from mmpeft.grids.loading import load_setup
 from mmpeft.grids.method_setup import CompareSetup, entry_mapping
 from mmpeft.runs.recipe import _set_path, parse_overrides, read_yaml
@@ -122,6 +123,42 @@ class SearchSetup:
         grid = {k: v for k, v in to_plain(self.compare.grid).items() if k != "methods"}
         search = {**to_plain(self.spec), "methods": [e.spelt() for e in self.entries], "sampler_seed": self.seed}
         return {**data, "grid": grid, "search": search}
+
+    def settings(self, changeable: tuple[str, ...]) -> dict:
+        """What the trials depend on (a resumed search keeps it): the shared recipe, the search section but for
+        the `changeable` keys."""
+        recipe = {k: v for k, v in self.compare.recipe.to_dict().items() if k not in ("output", "method")}
+        search = {k: v for k, v in self.resolved()["search"].items() if k not in changeable}
+        return json.loads(json.dumps({"recipe": recipe, "search": search}))
+
+    def refuse_changes(self, saved: dict, folder: Path, changeable: tuple[str, ...]) -> None:
+        """RecipeError when the settings saved with the trials differ from these (but for `changeable`)."""
+        changed = differences(saved, self.settings(changeable))
+        if changed:
+            raise RecipeError([f"search {folder}: its trials were run with other settings ({'; '.join(changed[:4])})",
+                               f"a resumed search may change only search.{', search.'.join(changeable)} and grid; "
+                               "use another output.name for a new search"])
+
+
+def trial_recipe(setup: SearchSetup, entry: SearchEntry, values: dict, folder: Path, name: str):
+    """The shared recipe with the trial's method and train changes, the grid's split, validation only."""
+    from mmpeft.grids.method_setup import MethodEntry, shared_data, train_changes
+    from mmpeft.methods import METHODS
+    from mmpeft.specs import OutputSpec
+
+    mapping = entry.entry(entry.label, values)
+    changes = mapping.pop("train", {})
+    mapping.pop("label")
+    problems: list[str] = []
+    config = build(METHODS.get(mapping["name"]).Config, mapping, f"trial {name}", problems)
+    if problems:
+        raise RecipeError(problems)
+    recipe = setup.compare.recipe
+    typed = train_changes(recipe, MethodEntry(entry.label, config, "search", changes))
+    return recipe.replace(method=config, data=shared_data(setup.compare),
+                          train=dataclasses.replace(recipe.train, **typed),
+                          eval=dataclasses.replace(recipe.eval, zero_shot=False, test=False),
+                          output=OutputSpec(dir=str(folder), name=name))
 
 
 def optuna_installed() -> bool:
@@ -318,11 +355,6 @@ def section_problems(data: dict, problems: list[str]) -> dict:
     if grid.get("kind", "methods") != "methods":
         problems.append(f"grid.kind: a search re-runs its best configurations as a methods grid, not {grid['kind']!r}")
         grid.pop("kind")
-    if grid.get("executor") == "ray":
-        problems.append("grid.executor: ray: a search with Ray Tune's ASHA scheduler is not supported yet; use "
-                        "sequential or processes (trials run one after another with Optuna; the chosen "
-                        "configurations' cells use grid.executor)")
-        grid.pop("executor")
     return grid
 
 
