@@ -12,7 +12,8 @@ search draws what an uninterrupted one would), reporting each epoch's validation
 SuccessiveHalvingPruner through a training callback; a pruned trial stops at its rung and keeps its folder. The
 budget counts the epochs (and wall-clock seconds) every trial ran, pruned and failed ones included; no trial starts
 with less than `min_epochs` left, and a running one stops when it is spent. A trial left running by a killed driver
-is marked failed when the search resumes, its epochs counted.
+is marked failed when the search resumes, its epochs counted. With `grid.executor: ray` the trials run under Ray
+Tune's ASHA scheduler instead (mmpeft.grids.search_ray); the rest is the same.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def search(recipe: str | Path | dict | None, overrides: list[str] | dict | None 
         grid_dir = Path(shared.output.dir) / (shared.output.name or f"{shared.name}-{datetime.now():%Y%m%d-%H%M%S}")
     import_optuna()
     (grid_dir / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
+    if not (grid_dir / SEARCH_RECIPE).is_file():  # at once: a search killed while starting can be resumed
+        write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))
     handler = logging.FileHandler(grid_dir / "search.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
