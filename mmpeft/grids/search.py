@@ -60,7 +60,8 @@ def search(recipe: str | Path | dict | None, overrides: list[str] | dict | None 
         setup = load_search_setup(recipe, overrides)
         shared = setup.compare.recipe
         grid_dir = Path(shared.output.dir) / (shared.output.name or f"{shared.name}-{datetime.now():%Y%m%d-%H%M%S}")
-    import_optuna()
+    if setup.compare.grid.executor != "ray":
+        import_optuna()
     (grid_dir / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
     if not (grid_dir / SEARCH_RECIPE).is_file():  # at once: a search killed while starting can be resumed
         write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))

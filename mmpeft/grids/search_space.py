@@ -298,7 +298,7 @@ def load_search_setup(source: str | Path | dict, overrides: list[str] | dict | N
     if search_data is None:
         raise RecipeError(["search: required in a search recipe, e.g. search: {methods: [lora, bitfit], budget: "
                            "{epochs: 40}}"], label)
-    problems: list[str] = [] if optuna_installed() else [MISSING_OPTUNA]
+    problems: list[str] = []
     spec = build(SearchSpec, search_data, "search", problems)
     entries, indices = parse_entries(spec, base_dir, problems)
     grid = section_problems(data, problems)
@@ -310,6 +310,9 @@ def load_search_setup(source: str | Path | dict, overrides: list[str] | dict | N
         problems += [_renamed(p, indices) for p in error.problems]
     if compare is not None and spec is not None:
         problems += setting_problems(spec, compare, entries, indices)
+    executor = compare.grid.executor if compare is not None else grid.get("executor")
+    if executor != "ray" and not optuna_installed():  # Ray Tune schedules a ray search itself
+        problems.insert(0, MISSING_OPTUNA)
     if problems or compare is None or spec is None:
         raise RecipeError(list(dict.fromkeys(problems)), label)
     seed = spec.sampler_seed if spec.sampler_seed is not None else compare.recipe.seed
