@@ -41,6 +41,15 @@ def fewshot(recipe, overrides=None, resume=None) -> dict:
     return _fewshot(recipe, overrides, resume=resume)
 
 
+def search(recipe, overrides=None, resume=None) -> dict:
+    """Successive-halving search over methods and their settings (a compare recipe plus `search:`, Optuna), then the
+    best configurations re-run over grid.seeds as a grid; returns trials, chosen, budget, grid. See
+    mmpeft.grids.search."""
+    from mmpeft.grids.search import search as _search
+
+    return _search(recipe, overrides, resume=resume)
+
+
 def continual(recipe, overrides=None, resume=None) -> dict:
     """Run (or resume) a task sequence with a regulariser; returns R and its summaries. See mmpeft.sequences."""
     from mmpeft.sequences.runner import continual as _continual
@@ -69,4 +78,5 @@ def predict(source, images, labels=None, top_k=5, question=None, out=None, batch
     return _predict(source, images, labels=labels, top_k=top_k, question=question, out=out, batch_size=batch_size)
 
 
-__all__ = ["__version__", "compare", "continual", "export", "fewshot", "load_recipe", "merge", "plan", "predict", "run"]
+__all__ = ["__version__", "compare", "continual", "export", "fewshot", "load_recipe", "merge", "plan", "predict", "run",
+           "search"]

@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         grid.add_argument("recipe", nargs="?", help="compare recipe YAML: a recipe plus a `grid:` section")
         grid.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grid.seeds=[0,1] train.epochs=3")
         grid.add_argument("--resume", metavar="GRID_DIR", help="continue a grid folder; finished cells are skipped")
+    found = commands.add_parser("search", help="successive-halving search over methods and settings (Optuna), the "
+                                "best re-run over the seeds as a grid: leaderboard, Pareto plot")
+    found.add_argument("recipe", nargs="?", help="search recipe YAML: a compare recipe plus a `search:` section")
+    found.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. search.trials=8 grid.seeds=[0]")
+    found.add_argument("--resume", metavar="GRID_DIR", help="continue a search folder: finished trials are kept")
     continual = commands.add_parser("continual", help="a task sequence with a regulariser: accuracy matrix, forgetting")
     continual.add_argument("recipe", nargs="?", help="continual recipe YAML: a recipe plus `tasks:` and `regulariser:`")
     continual.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. regulariser.strength=100")
@@ -107,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in RESUMABLE:
             print("interrupted", file=sys.stderr)
             return 130
-        again = args.command if args.command in ("compare", "fewshot", "continual") else "run"
-        folder = "grid" if again in ("compare", "fewshot") else "run"
+        again = args.command if args.command in ("compare", "fewshot", "continual", "search") else "run"
+        folder = "grid" if again in ("compare", "fewshot", "search") else "run"
         print(f"interrupted; continue with: mmpeft {again} --resume <{folder} folder>", file=sys.stderr)
         return 130
     except Exception as error:  # known user errors get one line; others keep their traceback with -v
@@ -164,7 +169,10 @@ def pin_demo_numerics(args: argparse.Namespace) -> bool:
         return False
     ids = [o.partition("=")[2] for o in getattr(args, "overrides", None) or [] if o.startswith("backbone.id=")]
     if not ids:
-        source = Path(args.resume) / "recipe.yaml" if getattr(args, "resume", None) else Path(args.recipe or "")
+        source = Path(args.recipe or "")
+        if getattr(args, "resume", None):  # the folder's saved recipe: a run's, a grid's or a search's
+            saved = [Path(args.resume) / n for n in ("recipe.yaml", "compare.yaml", "search.yaml")]
+            source = next((p for p in saved if p.is_file()), saved[0])
         try:
             text = source.read_text(encoding="utf-8")[:100_000] if source.is_file() else ""
         except (OSError, UnicodeDecodeError):
@@ -177,7 +185,8 @@ def pin_demo_numerics(args: argparse.Namespace) -> bool:
     return True
 
 
-RESUMABLE = {"run": "RUN_DIR", "compare": "GRID_DIR", "fewshot": "GRID_DIR", "continual": "RUN_DIR"}
+RESUMABLE = {"run": "RUN_DIR", "compare": "GRID_DIR", "fewshot": "GRID_DIR", "continual": "RUN_DIR",
+             "search": "GRID_DIR"}
 
 
 def dispatch(args: argparse.Namespace) -> int:

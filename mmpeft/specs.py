@@ -204,6 +204,8 @@ class TrainSpec:
 class EvalSpec:
     batch_size: Positive = 64
     zero_shot: bool = True  # evaluate the untouched backbone first, for comparison
+    # false: the test split is never evaluated (zero-shot included): validation only, as `mmpeft search` trials run
+    test: bool = True
     retrieval: bool | None = None  # image<->text recall on the test split; default: on for objective contrastive
     length_normalize: bool = False  # generative label scoring: mean instead of sum of the answer's token log-probs
     generate: bool = False  # generative: also generate free-form answers (exact and normalised match)

@@ -1,8 +1,9 @@
 """`mmpeft check`: any recipe (a run, a grid, a continual sequence) validated and resolved, without loading a model.
 
 The command line and the web UI both call `check_recipe`, so they cannot disagree. Which command runs a recipe is
-declared, never guessed from comments: a recipe with `grid:` runs as its `grid.kind`'s command (`compare` when the
-kind is left out; `mmpeft fewshot` for a fewshot grid), one with `tasks:` as `continual`, anything else as `run`.
+declared, never guessed from comments: a recipe with `search:` runs as `search`, one with `grid:` as its
+`grid.kind`'s command (`compare` when the kind is left out; `mmpeft fewshot` for a fewshot grid), one with `tasks:`
+as `continual`, anything else as `run`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from mmpeft.core.schema import to_plain
 from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
 from mmpeft.grids import GRID_KINDS, load_compare_recipe, load_fewshot_recipe
 from mmpeft.grids.base import COMMAND_KINDS
+from mmpeft.grids.search_space import load_search_setup
 from mmpeft.runs.recipe import load_recipe, read_yaml
 from mmpeft.sequences.tasks import load_continual_recipe
 
 
 @dataclass(frozen=True)
 class CheckedRecipe:
-    command: str  # what runs it: run | compare | fewshot | continual
+    command: str  # what runs it: run | compare | fewshot | continual | search
     resolved: dict  # the recipe with every default filled in
     name: str
     output_name: str | None
@@ -29,6 +31,8 @@ class CheckedRecipe:
 
 def recipe_command(data: dict) -> str:
     """The command that runs a recipe mapping (see the module docstring)."""
+    if "search" in data:
+        return "search"
     if "grid" in data:
         kind = data["grid"].get("kind") if isinstance(data["grid"], dict) else None
         if kind not in GRID_KINDS:
@@ -50,6 +54,9 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None) -> Checke
         resolved = {**recipe.to_dict(), "tasks": to_plain(continual.tasks),
                     "regulariser": to_plain(continual.regulariser), "control": to_plain(continual.control)}
         return CheckedRecipe(command, resolved, recipe.name, recipe.output.name)
+    if command == "search":
+        setup = load_search_setup(path, overrides)
+        return CheckedRecipe(command, setup.resolved(), setup.compare.recipe.name, setup.compare.recipe.output.name)
     if command != "run":
         grid, recipe = (load_fewshot_recipe if command == "fewshot" else load_compare_recipe)(path, overrides)
         resolved = recipe.to_dict()

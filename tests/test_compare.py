@@ -136,13 +136,13 @@ def test_failed_cell_is_recorded_and_rerun_skips_finished_cells(color_recipe, tm
     original = pipeline.execute
     calls: list[str] = []
 
-    def flaky(recipe, run_dir, resume=False):
+    def flaky(recipe, run_dir, resume=False, **options):
         calls.append(run_dir.name)
         if run_dir.name == "linear_probe-seed0":
             raise RuntimeError("boom: simulated failure")
         if run_dir.name == "linear_probe-seed1" and len(calls) == 4:
             raise KeyboardInterrupt  # the first attempt is interrupted here
-        return original(recipe, run_dir, resume)
+        return original(recipe, run_dir, resume, **options)
 
     monkeypatch.setattr(pipeline, "execute", flaky)
     with pytest.raises(KeyboardInterrupt):

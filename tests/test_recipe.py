@@ -98,10 +98,11 @@ def test_recipe_file_errors_name_the_file(tmp_path):
 def recipe_loaders() -> dict:
     """How each command loads its recipe; a command that adds recipe sections adds its loader here."""
     from mmpeft.grids import load_compare_recipe, load_fewshot_recipe
+    from mmpeft.grids.search_space import load_search_setup
     from mmpeft.sequences import load_continual_recipe
 
     return {"run": load_recipe, "compare": load_compare_recipe, "fewshot": load_fewshot_recipe,
-            "continual": load_continual_recipe}
+            "continual": load_continual_recipe, "search": load_search_setup}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

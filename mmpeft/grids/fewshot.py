@@ -29,6 +29,7 @@ from mmpeft.grids.methods import MethodsKind
 @GRID_KINDS.register("fewshot")
 class FewshotKind(MethodsKind):
     name: ClassVar[str] = "fewshot"
+    commands: ClassVar[tuple[str, ...]] = ("compare", "fewshot")
 
     def strategies(self, setup: CompareSetup, family: str) -> tuple[str, ...]:
         return icl_strategies(setup, family)

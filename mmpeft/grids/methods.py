@@ -44,6 +44,7 @@ ZERO_SHOT_FILE = "zero_shot.json"
 @GRID_KINDS.register("methods")
 class MethodsKind(GridKind):
     name: ClassVar[str] = "methods"
+    commands: ClassVar[tuple[str, ...]] = ("compare", "fewshot", "search")  # search: its chosen configurations
 
     def load_setup(self, data: dict, grid_data: Any, overrides: dict[str, Any], base_dir: Path, label: str | None,
                    command: str, problems: list[str]) -> CompareSetup:

@@ -15,7 +15,7 @@ def write_run_report(run_dir: Path, metrics: dict, names: list[str]) -> None:
     if "skipped" in test:  # caption-only data: retrieval is the whole evaluation
         lines = [f"# Run `{run_dir.name}`", "", f"Recipe `{metrics['recipe']}`, backbone `{metrics['backbone']}`, "
                  f"method `{metrics['method']}`, seed {metrics['seed']}.", "", f"{test['skipped'].capitalize()}."]
-        write_text(run_dir / "report.md", "\n".join(lines + retrieval_table(metrics) + [""]))
+        write_text(run_dir / "report.md", "\n".join(lines + retrieval_table(metrics) + training_lines(metrics) + [""]))
         return
     confusion_matrix_png(test["confusion_matrix"], names, run_dir / CONFUSION_PNG,
                          f"{metrics['method']} on test ({test['n']} images)")
@@ -34,14 +34,7 @@ def write_run_report(run_dir: Path, metrics: dict, names: list[str]) -> None:
         name = f"{label} [{shift}]" if shift else label
         lines.append(f"| {name} | {scores['accuracy']:.4f} | {scores['macro_f1']:.4f} |")
     lines += shift_table(metrics) + retrieval_table(metrics)
-    train = metrics.get("train")
-    if train:
-        lines += ["", f"Training: {train['epochs_run']} epochs, {train['steps']} steps, {train['seconds']:.1f} s "
-                  f"({train['samples_per_second']} samples/s); best val epoch: {train['best_epoch']}."]
-        history = [h for h in train["history"] if "val_accuracy" in h]
-        if history:
-            lines += ["", "| epoch | val accuracy | val macro-F1 |", "|---|---|---|"]
-            lines += [f"| {h['epoch']} | {h['val_accuracy']:.4f} | {h['val_macro_f1']:.4f} |" for h in history]
+    lines += training_lines(metrics)
     lines += ["", "## Per class (test)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for name in names:
         row = test["per_class"][name]
@@ -49,6 +42,20 @@ def write_run_report(run_dir: Path, metrics: dict, names: list[str]) -> None:
                      f"{int(row['support'])} |")
     lines += ["", f"![confusion matrix]({CONFUSION_PNG})", ""]
     write_text(run_dir / "report.md", "\n".join(lines))
+
+
+def training_lines(metrics: dict) -> list[str]:
+    """Epochs, steps and time of training, and the validation score of every epoch."""
+    train = metrics.get("train")
+    if not train:
+        return []
+    lines = ["", f"Training: {train['epochs_run']} epochs, {train['steps']} steps, {train['seconds']:.1f} s "
+             f"({train['samples_per_second']} samples/s); best val epoch: {train['best_epoch']}."]
+    history = [h for h in train["history"] if "val_accuracy" in h]
+    if history:
+        lines += ["", "| epoch | val accuracy | val macro-F1 |", "|---|---|---|"]
+        lines += [f"| {h['epoch']} | {h['val_accuracy']:.4f} | {h['val_macro_f1']:.4f} |" for h in history]
+    return lines
 
 
 def shift_table(metrics: dict) -> list[str]:

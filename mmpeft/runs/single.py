@@ -44,16 +44,20 @@ from mmpeft.runs.folder import (
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.runs.texts import check_text_lengths
 from mmpeft.specs import Recipe
-from mmpeft.train import Trainer
+from mmpeft.train import Callback, Trainer
 from mmpeft.train.tracking import end_tracking
 
 logger = logging.getLogger("mmpeft")
 NO_LABELS = "classification metrics not computed: caption-only data has no labels (see retrieval)"
+NOT_TESTED = "test split not evaluated (eval.test: false): this run is judged on validation only"
 
 
 def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
-        resume: str | Path | None = None) -> dict:
-    """Run a recipe end to end and return its metrics (also written to <run folder>/metrics.json)."""
+        resume: str | Path | None = None, callbacks: tuple[Callback, ...] = ()) -> dict:
+    """Run a recipe end to end and return its metrics (also written to <run folder>/metrics.json).
+
+    `callbacks` plug into the training loop (mmpeft.train.Callback), e.g. a search reporting each epoch's val score.
+    """
     conversations = None
     if resume is not None:
         run_dir = Path(resume)
@@ -72,14 +76,14 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None =
         with run_logging(run_dir), loader_settings(recipe.data.image_cache, recipe.train.num_workers):
             if recipe.data.source in CONVERSATION_SOURCES:  # multi-turn conversations: no labels, their own evaluation
                 return execute_conversations(recipe, run_dir, resume is not None, data=conversations)
-            return execute(recipe, run_dir, resume=resume is not None)
+            return execute(recipe, run_dir, resume=resume is not None, callbacks=callbacks)
     except Exception:
         if resume is None:
             discard_if_nothing_ran(run_dir)
         raise
 
 
-def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
+def execute(recipe: Recipe, run_dir: Path, resume: bool = False, callbacks: tuple[Callback, ...] = ()) -> dict:
     set_seed(recipe.seed, deterministic=False)
     data = load_data(recipe.data, recipe.seed)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
@@ -94,7 +98,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                      "seed": recipe.seed, "data": data.info}
     test_sets = evaluation_sets(recipe, data)
     features = bind_features(recipe, backbone)  # image features of the untouched image tower, computed once
-    if recipe.eval.zero_shot and method.name != "zero_shot":
+    if recipe.eval.zero_shot and recipe.eval.test and method.name != "zero_shot":
         metrics.update(evaluate_all(backbone, test_sets, data, recipe, "zero-shot", features))
     apply_method(backbone, recipe, data.labels)
     metrics["params"] = count_parameters(backbone)
@@ -103,10 +107,13 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     features = keep_after_apply(features, recipe, method, backbone)
     trainer = None  # its trackers stay open for the test metrics
     if method.trains:
-        metrics["train"], final_state, trainer = train(recipe, run_dir, backbone, data, resume, features)
+        metrics["train"], final_state, trainer = train(recipe, run_dir, backbone, data, resume, features, callbacks)
         if final_state is not None:  # FSDP left the trained model sharded: evaluate and save a whole one
             backbone = build(recipe, data.labels, final_state)
-    tested = evaluate_all(backbone, test_sets, data, recipe, "test", features)
+        metrics["val"] = {k[4:]: v for k, v in (metrics["train"]["history"] or [{}])[-1].items()
+                          if k.startswith("val_")}  # the last epoch's validation scores
+    tested = evaluate_all(backbone, test_sets, data, recipe, "test", features) if recipe.eval.test else {
+        "test": {"skipped": NOT_TESTED}}
     for key in ("answers", "retrieval"):
         if key in tested:
             tested[key] = {**metrics.get(key, {}), **tested[key]}
@@ -146,7 +153,8 @@ def evaluate_all(backbone: Backbone, test_sets: dict, data, recipe: Recipe, stag
 
 
 def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
-          features: FeatureBinding | None = None) -> tuple[dict, dict | None, Trainer]:
+          features: FeatureBinding | None = None, callbacks: tuple[Callback, ...] = (),
+          ) -> tuple[dict, dict | None, Trainer]:
     """Train; returns the summary, under FSDP the whole trained state (else None: `backbone` holds it), and the
     trainer, whose trackers stay open until `end_tracking`."""
     train_set = data.dataset("train", augment=True, seed=recipe.seed, spec=recipe.data)
@@ -172,7 +180,7 @@ def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
     spec = recipe.train if recipe.train.tracking_experiment else replace(recipe.train, tracking_experiment=recipe.name)
     trainer = Trainer(backbone, objective, train_set, spec, recipe.seed, run_dir,
                       evaluate_val=evaluate_val if val_set is not None and labelled else None,
-                      tracker_config=_flat(recipe), keep_tracking_open=True)
+                      callbacks=callbacks, tracker_config=_flat(recipe), keep_tracking_open=True)
     try:
         progress = trainer.fit(resume=resume)
     except BaseException:
