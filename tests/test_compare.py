@@ -163,6 +163,12 @@ def test_failed_cell_is_recorded_and_rerun_skips_finished_cells(color_recipe, tm
     assert "1 (1 failed)" in (grid / "summary.md").read_text()
     with pytest.raises(RecipeError, match="zero_shot-seed0 finished with other settings .*train.epochs: 1 -> 2"):
         mmpeft.compare(None, ["train.epochs=2"], resume=grid)  # never mix budgets in one table
+    saved = grid / "cells" / "zero_shot-seed0" / "recipe.yaml"  # as a version before eval.test existed saved it
+    saved.write_text(saved.read_text().replace("  test: true\n", ""))
+    assert "test:" not in yaml.safe_load(saved.read_text())["eval"]
+    calls.clear()
+    assert [r["status"] for r in mmpeft.compare(None, resume=grid)["rows"]] == ["ok", "failed", "ok", "ok"]
+    assert calls == ["linear_probe-seed0"]  # a key added since, at its default, is no change of settings
 
 
 def test_cached_and_uncached_runs_give_identical_metrics(color_recipe):

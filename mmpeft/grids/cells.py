@@ -10,6 +10,7 @@ in plan order, by the driver only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import traceback
@@ -49,7 +50,26 @@ def setting_differences(kind: GridKind, cell: Cell) -> list[str]:
     for key in kind.ignored_settings:
         old.pop(key, None)
         new.pop(key, None)
+    drop_added_defaults(old, new, cell.recipe)
     return differences(old, new)
+
+
+def drop_added_defaults(old: dict, new: dict, spec: object) -> None:
+    """A key a later mmpeft added (absent from a cell saved before it) at its default value changes nothing."""
+    if not dataclasses.is_dataclass(spec):
+        return
+    defaults = {f.name: f for f in dataclasses.fields(spec)}
+    for key in list(new):
+        if key not in old and key in defaults and getattr(spec, key) == field_default(defaults[key]):
+            new.pop(key)
+        elif isinstance(old.get(key), dict) and isinstance(new[key], dict):
+            drop_added_defaults(old[key], new[key], getattr(spec, key, None))
+
+
+def field_default(field: dataclasses.Field) -> object:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def run_cell(kind: GridKind, cell: Cell) -> dict:
