@@ -85,9 +85,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
     method = METHODS.get(recipe.method.name)()
     if not data.info.get("labelled", True) and method.trains and recipe.train.objective != "contrastive":
-        raise DataError(f"data: {data.info['where']} is caption-only (no {recipe.data.label_column!r} column), so "
-                        f"train.objective: {recipe.train.objective!r} has nothing to learn; use train.objective: "
-                        "contrastive, or add a label column")
+        raise DataError(unlabelled(data.info, recipe))
     backbone = load_base(recipe)
     check_text_lengths(backbone, data, recipe)
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
@@ -126,6 +124,20 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         end_tracking(trainer, metrics, run_dir)
     state.wait_for_everyone()
     return metrics
+
+
+def unlabelled(info: dict, recipe: Recipe) -> str:
+    """Why caption-only data cannot train with a label objective; for a stream, which pass found no label."""
+    objective = recipe.train.objective
+    if not info.get("stream"):
+        return (f"data: {info['where']} is caption-only (no {recipe.data.label_column!r} column), so train.objective: "
+                f"{objective!r} has nothing to learn; use train.objective: contrastive, or add a label column")
+    found = ("the counting pass found no sample with a label in the training shards" if info["train_length"] ==
+             "counted" else "the held-out shards (data.eval_path/val_path) carry no label, and data.samples_per_epoch "
+             "skipped the counting pass")
+    return (f"data.path: {info['where']} streams caption data: {found} (a .cls member, or a json with a "
+            f"{recipe.data.label_column!r} key), so train.objective: {objective!r} has nothing to learn; use "
+            "train.objective: contrastive, or label the shards")
 
 
 def evaluate_all(backbone: Backbone, test_sets: dict, data, recipe: Recipe, stage: str,
