@@ -371,3 +371,60 @@ def test_classification_on_unlabelled_shards_is_a_named_error(stream_shards, lab
         stream.keys()
     with pytest.raises(DataError, match="lack labels .* but the training shards .* do: give both labels, or neither"):
         labelled_stream(labelled_shards[0], train)  # held-out shards of captions only (.txt)
+
+
+def test_a_labelled_sample_without_a_label_is_skipped_counted_and_named(tmp_path, caplog):
+    pytest.importorskip("webdataset")
+    import webdataset as wds
+
+    images = captioned_images(tmp_path / "img", 4)
+    png = [(tmp_path / "img" / name).read_bytes() for name, _, _ in images]
+    with wds.TarWriter(str(tmp_path / "mixed-0000.tar")) as sink:
+        for key, image, extra in (("red", 0, {"cls": "red"}), ("unlabelled", 1, {"txt": "a green image"}),
+                                  ("blue", 2, {"cls": "blue"}), ("green", 3, {"cls": "green"})):
+            sink.write({"__key__": key, "png": png[image], **extra})
+    shard = str(tmp_path / "mixed-0000.tar")
+    with caplog.at_level(logging.WARNING, logger="mmpeft"):
+        data, stream = labelled_stream(shard, shard, on_bad_rows="skip", shuffle_buffer=0)
+        assert stream.keys() == ["mixed-0000.tar:red", "mixed-0000.tar:blue", "mixed-0000.tar:green"]
+    assert len(stream) == 3 and stream.source.bad == 1 and data.info["stream_bad_samples"] == 1
+    assert "1 of 4 samples of" in caplog.text and "no image member or no label" in caplog.text
+    assert "skipped bad sample mixed-0000.tar:unlabelled (no label (a .cls member" in caplog.text
+    assert data.labels.keys == ["blue", "green", "red"] and len(data.test) == 3  # the held-out row skipped too
+
+
+def test_labelled_pipe_urls_read_the_same_labels(labelled_shards):
+    train, held_out, _ = labelled_shards
+    local, stream = labelled_stream(train, held_out, shuffle_buffer=8)
+    piped, piped_stream = labelled_stream(f"pipe:cat {train}", f"pipe:cat {held_out}", shuffle_buffer=8)
+    assert piped.labels.keys == local.labels.keys and [e.label for e in piped.test] == [e.label for e in local.test]
+    for one in (stream, piped_stream):
+        one.plan([24], 0)
+    assert [(i["key"], i["label"]) for i in next(iter(piped_stream))] == [(i["key"], i["label"])
+                                                                         for i in next(iter(stream))]
+
+
+def test_a_resumed_labelled_stream_ends_as_an_uninterrupted_run(labelled_shards, tiny_clip_dir, tmp_path, monkeypatch):
+    train, held_out, val = labelled_shards
+    recipe = caption_recipe(labelled_data(train, held_out, val_path=val, shuffle_buffer=8), tiny_clip_dir, tmp_path,
+                            objective="classification", epochs=2, batch_size=4, checkpoint_every_steps=1,
+                            num_workers=0)
+    recipe["eval"]["zero_shot"] = False
+    whole = mmpeft.run({**recipe, "output": {"dir": str(tmp_path), "name": "whole"}})
+    original_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.callbacks = (Record([], stop_at=9),)  # batch 3 of epoch 2 (6 batches an epoch)
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    with pytest.raises(KeyboardInterrupt):
+        mmpeft.run(recipe)
+    monkeypatch.setattr(Trainer, "__init__", original_init)
+    progress = json.loads((tmp_path / "run" / "checkpoints" / "last" / "progress.json").read_text())
+    assert progress["stream_position"]["epoch"] == 1 and progress["stream_position"]["samples"] == 8
+    resumed = mmpeft.run(None, resume=tmp_path / "run")
+    assert resumed["train"]["history"] == whole["train"]["history"]
+    assert resumed["train"]["best_epoch"] == whole["train"]["best_epoch"]
+    assert resumed["test"]["accuracy"] == whole["test"]["accuracy"]
+    assert resumed["test"]["confusion_matrix"] == whole["test"]["confusion_matrix"]
