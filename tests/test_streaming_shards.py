@@ -192,6 +192,9 @@ def test_a_streamed_run_trains_contrastively_and_tests_on_the_held_out_shards(st
     first, last = (sum(float(x.detach()) for x in part) / 2 for part in (losses[:2], losses[-2:]))
     assert last < first
     assert metrics["train"]["stream_position"]["samples"] == 16
+    history = metrics["train"]["history"]  # caption-only val: the best epoch is the best val image->text R@1
+    assert all(0 <= e["val_retrieval"] <= 1 and "val_retrieval_text_to_image" in e for e in history)
+    assert metrics["train"]["best_epoch"] == max(history, key=lambda e: e["val_retrieval"])["epoch"]
 
 
 def test_stream_recipe_errors_name_the_key(stream_shards, tmp_path):
