@@ -348,8 +348,19 @@ def test_labels_from_data_classes_the_counting_pass_and_the_held_out_shards_agre
     assert reordered.labels.keys == ["red", "green", "blue"]  # data.classes fixes the order as written
 
 
-def test_a_training_label_outside_the_label_set_is_a_named_error(labelled_shards):
+def test_a_training_label_outside_the_label_set_is_a_named_error(labelled_shards, tmp_path):
+    import webdataset as wds
+
     train, held_out, _ = labelled_shards
+    with wds.TarWriter(str(tmp_path / "two-0000.tar")) as sink:  # held-out shards without the class 'blue'
+        for i, (name, _, colour) in enumerate(captioned_images(tmp_path / "img", 6, seed=3)):
+            if colour != "blue":
+                sink.write({"__key__": f"s{i}", "png": (tmp_path / "img" / name).read_bytes(), "cls": colour})
+    data, stream = labelled_stream(train, str(tmp_path / "two-0000.tar"), samples_per_epoch=24)
+    assert data.labels.keys == ["green", "red"] and data.info["labels_from"].startswith("the held-out shards")
+    with pytest.raises(DataError, match=r"has the label 'blue', which is not in the label set from the held-out "
+                                        r"shards \(data.eval_path/val_path\) \(2 classes: green, red\); list every"):
+        stream.keys()
     with pytest.raises(DataError, match=r"stream sample train-000\d.tar:sample\d+ has the label 'red', which is not "
                                         r"in data.classes .*list every class of the training shards in data.classes"):
         labelled_stream(train, held_out, classes=["blue", "green"])
@@ -372,6 +383,8 @@ def test_classification_on_unlabelled_shards_is_a_named_error(stream_shards, lab
     with pytest.raises(DataError, match=r"is read as labelled .* a whole epoch of its 4 shards \(24 samples\) "
                                         r"yielded no sample with an image and a label"):
         stream.keys()
+    with pytest.raises(DataError, match="data.classes: the shards of .* carry no labels"):
+        train_stream(train, held_out, classes=["a", "b"])
     with pytest.raises(DataError, match="lack labels .* but the training shards .* do: give both labels, or neither"):
         labelled_stream(labelled_shards[0], train)  # held-out shards of captions only (.txt)
 
