@@ -95,7 +95,11 @@ def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
 
 
 def _check_generative(recipe: Recipe) -> list[str]:
-    """Generative-only settings on a backbone declared a dual encoder (family auto is checked when it loads)."""
+    """Settings of the other family: generative-only ones on a backbone declared a dual encoder, retrieval selection
+    on one declared generative (family auto is checked when it loads)."""
+    if recipe.backbone.family == "generative" and recipe.train.select_metric == "retrieval":
+        return ["train.select_metric: 'retrieval' ranks images against texts with a dual encoder, but "
+                "backbone.family is 'generative'; use accuracy, macro_f1 or loss"]
     if recipe.backbone.family != "dual_encoder":
         return []
     problems = []
