@@ -87,7 +87,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
     method = METHODS.get(recipe.method.name)()
     if not data.info.get("labelled", True) and method.trains and recipe.train.objective != "contrastive":
-        raise DataError(unlabelled(data.info, recipe))
+        raise DataError(unlabelled_message(data.info, recipe))
     backbone = load_base(recipe)
     check_text_lengths(backbone, data, recipe)
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
@@ -128,7 +128,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     return metrics
 
 
-def unlabelled(info: dict, recipe: Recipe) -> str:
+def unlabelled_message(info: dict, recipe: Recipe) -> str:
     """Why caption-only data cannot train with a label objective; for a stream, which pass found no label."""
     objective = recipe.train.objective
     if not info.get("stream"):
