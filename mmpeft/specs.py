@@ -176,7 +176,9 @@ class TrainSpec:
     grad_accum_steps: Positive = 1
     max_grad_norm: Annotated[float, Range(gt=0)] | None = 1.0  # null: no clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    select_metric: Literal["accuracy", "macro_f1", "loss"] = "accuracy"
+    # the val score that keeps the best epoch; "retrieval": image->text R@1 on val, what caption-only data (no
+    # classes to score) always selects by
+    select_metric: Literal["accuracy", "macro_f1", "loss", "retrieval"] = "accuracy"
     early_stopping_patience: Positive | None = None  # epochs without val improvement
     checkpoint_every_steps: Positive | None = None  # also at every epoch end
     # trackers (tensorboard, mlflow, wandb; one name is a list of one): recipe, train/val and test metrics, report

@@ -86,6 +86,16 @@ def test_caption_table_trains_contrastively_and_reports_retrieval_only(caption_t
     assert "Classification metrics not computed" in report and "## Retrieval" in report
 
 
+def test_a_caption_table_with_a_val_share_selects_the_best_epoch_by_val_retrieval(caption_tables, tiny_clip_dir,
+                                                                                   tmp_path):
+    train, held_out = caption_tables
+    metrics = mmpeft.run(caption_recipe({"source": "captions", "path": str(train), "eval_path": str(held_out),
+                                         "split": {"val": 0.25}}, tiny_clip_dir, tmp_path, epochs=2))
+    history = metrics["train"]["history"]
+    assert len(history) == 2 and all("val_retrieval" in e and "val_accuracy" not in e for e in history)
+    assert metrics["train"]["best_epoch"] == max(history, key=lambda e: e["val_retrieval"])["epoch"]
+
+
 def test_a_label_column_stays_optional_and_gives_classification_metrics(tmp_path, tiny_clip_dir):
     rows = captioned_images(tmp_path / "images", 24)
     table = write_table(tmp_path / "images" / "labelled.csv", rows, separator=",", labels=True)

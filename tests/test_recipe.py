@@ -137,3 +137,9 @@ def test_mmpeft_check_accepts_every_shipped_recipe(path: Path, capsys):
 
     assert main(["check", str(path)]) == 0
     assert "backbone:" in capsys.readouterr().out
+
+
+def test_select_metric_loss_is_only_for_conversation_data():
+    with pytest.raises(RecipeError, match=r"train.select_metric: 'loss' is the val assistant-token loss of "
+                                          r"conversation data .*data.source: digits selects by accuracy"):
+        load_recipe({"method": "lora", "train": {"select_metric": "loss"}})

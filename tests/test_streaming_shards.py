@@ -8,7 +8,7 @@ import logging
 import re
 
 import pytest
-from test_captions import caption_recipe, captioned_images, write_shards
+from test_captions import SHADES, caption_recipe, captioned_images, write_shards
 
 import mmpeft
 from mmpeft.core.schema import RecipeError
@@ -192,20 +192,22 @@ def test_a_streamed_run_trains_contrastively_and_tests_on_the_held_out_shards(st
     first, last = (sum(float(x.detach()) for x in part) / 2 for part in (losses[:2], losses[-2:]))
     assert last < first
     assert metrics["train"]["stream_position"]["samples"] == 16
+    history = metrics["train"]["history"]  # caption-only val: the best epoch is the best val image->text R@1
+    assert all(0 <= e["val_retrieval"] <= 1 and "val_retrieval_text_to_image" in e for e in history)
+    assert metrics["train"]["best_epoch"] == max(history, key=lambda e: e["val_retrieval"])["epoch"]
 
 
 def test_stream_recipe_errors_name_the_key(stream_shards, tmp_path):
     train, held_out = stream_shards
     base = {"method": "lora", "train": {"objective": "contrastive"}, "data": stream_data(train, held_out)}
     cases = {
-        "data.shots": {"data": {"shots": 2}},
-        "data.classes": {"data": {"classes": ["a", "b"]}},
+        "data.shots: a stream cannot be sampled k per class": {"data": {"shots": 2}},
         "data.split.val: 0.15 cannot be a random share of a stream; set data.val_path": {"data": {"split": {}}},
         "data.eval_path: a streamed training split needs held-out shards": {"data": {"eval_path": None}},
         "data.shuffle_buffer: -1": {"data": {"shuffle_buffer": -1}},
         "data.samples_per_epoch: 0": {"data": {"samples_per_epoch": 0}},
         "data.source is 'captions'": {"data": {"source": "captions"}},
-        "train.objective: a streamed split": {"train": {"objective": "classification"}},
+        "train.objective: a streamed split trains with 'classification'": {"train": {"objective": "generative"}},
         "train.num_workers: 2 with data.stream": {"train": {"objective": "contrastive", "num_workers": 2}},
     }
     for message, change in cases.items():
@@ -263,5 +265,182 @@ def test_pipe_urls_stream_through_webdataset(stream_shards):
 def test_missing_shards_are_clear_errors(tmp_path, stream_shards):
     with pytest.raises(DataError, match="2 of 2 shards do not exist"):
         train_stream(str(tmp_path / "none-{0000..0001}.tar"), str(tmp_path / "none-0000.tar"))
-    with pytest.raises(DataError, match=r"cannot read 'pipe:cat .*none-0000.tar' through webdataset: OSError"):
+    # the failing pipe shows as its exit status (OSError) or, when tar reads first, as an empty file (ReadError)
+    with pytest.raises(DataError, match=r"cannot read 'pipe:cat .*none-0000.tar' through webdataset: (OSError|Read)"):
         train_stream(f"pipe:cat {tmp_path / 'none-0000.tar'}", stream_shards[1])
+
+
+# --- labelled streams (classification) ----------------------------------------------------------------------------
+
+
+def write_labelled(root, prefix: str, rows, images, per_shard: int, json_label: bool = False) -> str:
+    """ImageNet-style shards: `key.png` + `key.cls` (or a json with a `colour` label and a caption)."""
+    import webdataset as wds
+
+    with wds.ShardWriter(str(root / f"{prefix}-%04d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i, (name, caption, colour) in enumerate(rows):
+            sample = {"__key__": f"sample{i:05d}", "png": (images / name).read_bytes()}
+            if json_label:
+                sample["json"] = json.dumps({"caption": caption, "colour": colour}).encode()
+            else:
+                sample["cls"] = colour
+            sink.write(sample)
+    return str(root / f"{prefix}-{{0000..{-(-len(rows) // per_shard) - 1:04d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def labelled_shards(tmp_path_factory) -> tuple[str, str, str]:
+    """(train: .cls, eval: json labels in 'colour', val: .cls) of the red/green/blue images."""
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    root = tmp_path_factory.mktemp("labelled")
+    images = root / "img"
+    train = write_labelled(root, "train", captioned_images(images, 24, seed=0), images, per_shard=6)
+    held_out = write_labelled(root, "eval", captioned_images(images, 12, seed=1), images, 12, json_label=True)
+    val = write_labelled(root, "val", captioned_images(images, 6, seed=2), images, per_shard=6)
+    return train, held_out, val
+
+
+def labelled_data(train: str, held_out: str, **data) -> dict:
+    return stream_data(train, held_out, label_column="colour", **data)
+
+
+def labelled_stream(train: str, held_out: str, **data):
+    recipe = load_recipe({"method": "zero_shot", "data": labelled_data(train, held_out, **data)})
+    loaded = load_data(recipe.data, 0)
+    return loaded, loaded.dataset("train", seed=0, spec=recipe.data)
+
+
+def test_a_labelled_stream_trains_with_classification_and_selects_the_best_epoch(labelled_shards, tiny_clip_dir,
+                                                                                 tmp_path):
+    train, held_out, val = labelled_shards
+    recipe = caption_recipe(labelled_data(train, held_out, val_path=val, shuffle_buffer=8,
+                                          templates=["a photo of a {label} image."]),
+                            tiny_clip_dir, tmp_path, objective="classification", epochs=3, num_workers=0)
+    metrics = mmpeft.run(recipe)
+    data = metrics["data"]
+    assert data["labelled"] is True and data["classes"] == 3 and data["labels_from"] == "the counting pass"
+    assert data["counts"] == {"train": 24, "val": 6, "test": 12}
+    assert metrics["zero_shot"]["n"] == 12 and metrics["test"]["n"] == 12 and "accuracy" in metrics["test"]
+    history = metrics["train"]["history"]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3] and all("val_accuracy" in e for e in history)
+    best = max(history, key=lambda e: e["val_accuracy"])  # the first of the best, as the trainer keeps it
+    assert metrics["train"]["best_epoch"] == best["epoch"]
+    assert metrics["train"]["steps"] == 9 and metrics["train"]["stream_position"]["samples"] == 24
+
+
+def test_labels_from_data_classes_the_counting_pass_and_the_held_out_shards_agree(labelled_shards):
+    train, held_out, _ = labelled_shards
+    counted, stream = labelled_stream(train, held_out, shuffle_buffer=8)
+    assert counted.labels.keys == ["blue", "green", "red"]  # naturally sorted, as the indexed reader sorts them
+    listed, listed_stream = labelled_stream(train, held_out, shuffle_buffer=8, classes=["blue", "green", "red"])
+    held, _ = labelled_stream(train, held_out, shuffle_buffer=8, samples_per_epoch=24)
+    assert listed.labels.keys == held.labels.keys == counted.labels.keys
+    assert listed.info["labels_from"] == "data.classes" and held.info["labels_from"].startswith("the held-out shards")
+    stream.plan([24], 0)
+    items = next(iter(stream))
+    listed_stream.plan([24], 0)
+    assert [(i["key"], i["label"]) for i in items] == [(i["key"], i["label"]) for i in next(iter(listed_stream))]
+    names = counted.labels.keys
+    colours = {f"train-{i // 6:04d}.tar:sample{i:05d}": list(SHADES)[i % 3] for i in range(24)}
+    assert all(names[item["label"]] == colours[item["key"]] for item in items)
+    assert [e.label for e in counted.test] == [names.index(c) for c in ("red", "green", "blue") * 4]
+    reordered, _ = labelled_stream(train, held_out, classes=["red", "green", "blue"])
+    assert reordered.labels.keys == ["red", "green", "blue"]  # data.classes fixes the order as written
+
+
+def test_a_training_label_outside_the_label_set_is_a_named_error(labelled_shards, tmp_path):
+    import webdataset as wds
+
+    train, held_out, _ = labelled_shards
+    with wds.TarWriter(str(tmp_path / "two-0000.tar")) as sink:  # held-out shards without the class 'blue'
+        for i, (name, _, colour) in enumerate(captioned_images(tmp_path / "img", 6, seed=3)):
+            if colour != "blue":
+                sink.write({"__key__": f"s{i}", "png": (tmp_path / "img" / name).read_bytes(), "cls": colour})
+    data, stream = labelled_stream(train, str(tmp_path / "two-0000.tar"), samples_per_epoch=24)
+    assert data.labels.keys == ["green", "red"] and data.info["labels_from"].startswith("the held-out shards")
+    with pytest.raises(DataError, match=r"has the label 'blue', which is not in the label set from the held-out "
+                                        r"shards \(data.eval_path/val_path\) \(2 classes: green, red\); list every"):
+        stream.keys()
+    with pytest.raises(DataError, match=r"stream sample train-000\d.tar:sample\d+ has the label 'red', which is not "
+                                        r"in data.classes .*list every class of the training shards in data.classes"):
+        labelled_stream(train, held_out, classes=["blue", "green"])
+    _, stream = labelled_stream(train, held_out, classes=["blue", "green"], samples_per_epoch=24, on_bad_rows="skip")
+    with pytest.raises(DataError, match=r"stream sample train-000\d.tar:sample\d+ has the label 'red', which is not "
+                                        r"in the label set from data.classes \(2 classes: blue, green\)"):
+        stream.keys()
+
+
+def test_classification_on_unlabelled_shards_is_a_named_error(stream_shards, labelled_shards, tiny_clip_dir, tmp_path):
+    train, held_out = stream_shards
+    recipe = caption_recipe(stream_data(train, held_out), tiny_clip_dir, tmp_path, objective="classification")
+    with pytest.raises(DataError, match="streams caption data: the counting pass found no sample with a label"):
+        mmpeft.run(recipe)
+    recipe["data"]["samples_per_epoch"] = 24
+    with pytest.raises(DataError, match="the held-out shards .* carry no label, and data.samples_per_epoch skipped"):
+        mmpeft.run(recipe)
+    _, labelled_eval, _ = labelled_shards  # labelled held-out shards, caption-only training shards: the first epoch
+    _, stream = labelled_stream(train, labelled_eval, samples_per_epoch=24)
+    with pytest.raises(DataError, match=r"is read as labelled .* a whole epoch of its 4 shards \(24 samples\) "
+                                        r"yielded no sample with an image and a label"):
+        stream.keys()
+    with pytest.raises(DataError, match="data.classes: the shards of .* carry no labels"):
+        train_stream(train, held_out, classes=["a", "b"])
+    with pytest.raises(DataError, match="lack labels .* but the training shards .* do: give both labels, or neither"):
+        labelled_stream(labelled_shards[0], train)  # held-out shards of captions only (.txt)
+
+
+def test_a_labelled_sample_without_a_label_is_skipped_counted_and_named(tmp_path, caplog):
+    pytest.importorskip("webdataset")
+    import webdataset as wds
+
+    images = captioned_images(tmp_path / "img", 4)
+    png = [(tmp_path / "img" / name).read_bytes() for name, _, _ in images]
+    with wds.TarWriter(str(tmp_path / "mixed-0000.tar")) as sink:
+        for key, image, extra in (("red", 0, {"cls": "red"}), ("unlabelled", 1, {"txt": "a green image"}),
+                                  ("blue", 2, {"cls": "blue"}), ("green", 3, {"cls": "green"})):
+            sink.write({"__key__": key, "png": png[image], **extra})
+    shard = str(tmp_path / "mixed-0000.tar")
+    with caplog.at_level(logging.WARNING, logger="mmpeft"):
+        data, stream = labelled_stream(shard, shard, on_bad_rows="skip", shuffle_buffer=0)
+        assert stream.keys() == ["mixed-0000.tar:red", "mixed-0000.tar:blue", "mixed-0000.tar:green"]
+    assert len(stream) == 3 and stream.source.bad == 1 and data.info["stream_bad_samples"] == 1
+    assert "1 of 4 samples of" in caplog.text and "no image member or no label" in caplog.text
+    assert "skipped bad sample mixed-0000.tar:unlabelled (no label (a .cls member" in caplog.text
+    assert data.labels.keys == ["blue", "green", "red"] and len(data.test) == 3  # the held-out row skipped too
+
+
+def test_labelled_pipe_urls_read_the_same_labels(labelled_shards):
+    train, held_out, _ = labelled_shards
+    local, stream = labelled_stream(train, held_out, shuffle_buffer=8)
+    piped, piped_stream = labelled_stream(f"pipe:cat {train}", f"pipe:cat {held_out}", shuffle_buffer=8)
+    assert piped.labels.keys == local.labels.keys and [e.label for e in piped.test] == [e.label for e in local.test]
+    for one in (stream, piped_stream):
+        one.plan([24], 0)
+    assert [(i["key"], i["label"]) for i in next(iter(piped_stream))] == [(i["key"], i["label"])
+                                                                         for i in next(iter(stream))]
+
+
+def test_a_resumed_labelled_stream_ends_as_an_uninterrupted_run(labelled_shards, tiny_clip_dir, tmp_path, monkeypatch):
+    train, held_out, val = labelled_shards
+    recipe = caption_recipe(labelled_data(train, held_out, val_path=val, shuffle_buffer=8), tiny_clip_dir, tmp_path,
+                            objective="classification", epochs=2, batch_size=4, checkpoint_every_steps=1,
+                            num_workers=0)
+    recipe["eval"]["zero_shot"] = False
+    whole = mmpeft.run({**recipe, "output": {"dir": str(tmp_path), "name": "whole"}})
+    original_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.callbacks = (Record([], stop_at=9),)  # batch 3 of epoch 2 (6 batches an epoch)
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    with pytest.raises(KeyboardInterrupt):
+        mmpeft.run(recipe)
+    monkeypatch.setattr(Trainer, "__init__", original_init)
+    progress = json.loads((tmp_path / "run" / "checkpoints" / "last" / "progress.json").read_text())
+    assert progress["stream_position"]["epoch"] == 1 and progress["stream_position"]["samples"] == 8
+    resumed = mmpeft.run(None, resume=tmp_path / "run")
+    assert resumed["train"]["history"] == whole["train"]["history"]
+    assert resumed["train"]["best_epoch"] == whole["train"]["best_epoch"]
+    assert resumed["test"]["accuracy"] == whole["test"]["accuracy"]
+    assert resumed["test"]["confusion_matrix"] == whole["test"]["confusion_matrix"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmpeft.data import sources
+from mmpeft.data import sources, stream
 from mmpeft.data.augment import check_augment
 from mmpeft.data.captions import read_caption_source
 from mmpeft.data.conversation_data import CONVERSATION_SOURCES
@@ -18,7 +18,7 @@ from mmpeft.data.labels import LabelSet
 from mmpeft.data.shifts import SHIFTS, apply_shifts, parse_shift, shift_label
 from mmpeft.data.sources import DatasetImage, Row, load_image
 from mmpeft.data.splits import examples_fingerprint, k_shot, split_examples
-from mmpeft.data.stream import StreamSource, held_out_rows, open_stream
+from mmpeft.data.stream import StreamCount, StreamSource
 from mmpeft.data.stream_dataset import StreamDataset
 from mmpeft.data.validate import check_empty_classes, find_bad_rows, report_bad_rows
 from mmpeft.specs import DataSpec, SplitSpec
@@ -121,30 +121,70 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
 
 def _load_stream(spec: DataSpec, seed: int, shifts: tuple[str, ...]) -> DataSplits:
     """`data.stream`: the training split stays a stream (shards read in order, never indexed); val and test are the
-    held-out patterns `data.val_path` and `data.eval_path`, read in order and checked like any rows."""
-    source = open_stream(spec)
-    parts = {"test": held_out_rows(str(spec.eval_path), spec)}
+    held-out patterns `data.val_path` and `data.eval_path`, read in order and checked like any rows. The shards
+    are labelled when the counting pass finds labels in them (or, with data.samples_per_epoch, when the held-out
+    shards carry labels); the label set is data.classes, else every label found, naturally sorted."""
+    urls = stream.shard_urls(str(spec.path))
+    count = stream.count_samples(urls, spec) if spec.samples_per_epoch is None else None
+    parts = {"test": stream.held_out_rows(str(spec.eval_path), spec)}
     if spec.val_path is not None:
-        parts["val"] = held_out_rows(spec.val_path, spec)
+        parts["val"] = stream.held_out_rows(spec.val_path, spec)
     rows = [row for split in parts.values() for row in split]
-    good, bad = find_bad_rows(rows, None, spec.max_image_pixels, labelled=False)
+    labelled = bool(count.labels) if count is not None else any(row.label is not None for row in rows)
     where = " + ".join(p for p in (spec.eval_path, spec.val_path) if p)
+    labels, origin = _stream_labels(spec, count, rows, labelled, where)
+    source = stream.open_stream(spec, urls, count, tuple(labels.keys) if labelled else None, origin)
+    if not labelled:
+        parts = {name: stream.uncaptioned(part, spec) for name, part in parts.items()}
+    good, bad = find_bad_rows([row for part in parts.values() for row in part], labels.keys if labelled else None,
+                              spec.max_image_pixels, labelled=labelled)
     report_bad_rows(bad, where, spec.on_bad_rows)
     kept = {id(row) for row in good}
-    split = {name: [Example(row.image, -1, row.text) for row in part if id(row) in kept]
-             for name, part in parts.items()}
+    split = {name: [Example(row.image, labels.index(row.label) if labelled else -1, row.text)
+                    for row in part if id(row) in kept] for name, part in parts.items()}
     val, test = split.get("val", []), split["test"]
     if not test:
         raise DataError(f"data.eval_path: no usable sample in {spec.eval_path!r}")
-    info = {"source": spec.source, "where": str(spec.path), "labelled": False, "classes": 0, "stream": True,
+    info = {"source": spec.source, "where": str(spec.path), "labelled": labelled, "classes": len(labels),
+            "stream": True, "labels_from": origin if labelled else None,
             "counts": {"train": source.length, "val": len(val), "test": len(test)},
             "train_length": "counted" if source.counted else "data.samples_per_epoch", "shards": len(source.urls),
             "stream_bad_samples": source.bad,
             "shuffle_buffer": spec.shuffle_buffer, "shots": None, "subset": None, "seed": seed, "split_seed": seed,
             "fingerprints": {"train": "stream", "val": examples_fingerprint(val), "test": examples_fingerprint(test)},
             "shifts": list(shifts), "skipped": len(bad), "skipped_rows": [str(b) for b in bad[:MAX_LISTED_SKIPS]]}
-    labels = LabelSet.from_spec(spec, [], where=str(spec.path), min_classes=0)
     return DataSplits([], val, test, labels, info, shifts, stream=source)
+
+
+def _stream_labels(spec: DataSpec, count: StreamCount | None, rows: list[Row], labelled: bool, where: str,
+                   ) -> tuple[LabelSet, str]:
+    """The label set of a stream and where it came from: data.classes; else the labels of the counting pass and
+    the held-out shards; else (data.samples_per_epoch: no pass) the held-out shards' labels only, a training label
+    outside them being an error at the sample that carries it. Held-out and training shards are both labelled, or
+    neither."""
+    held_out = any(row.label is not None for row in rows)
+    if held_out != labelled:
+        raise DataError(f"data.eval_path/val_path {where!r} {'have' if held_out else 'lack'} labels (a .cls member or "
+                        f"a json {spec.label_column!r} key) but the training shards {spec.path!r} "
+                        f"{'do not' if held_out else 'do'}: give both labels, or neither")
+    if not labelled:
+        if spec.classes is not None:
+            raise DataError(f"data.classes: the shards of {spec.path!r} carry no labels (caption data), so there are "
+                            "no classes to list")
+        return LabelSet.from_spec(spec, [], where=str(spec.path), min_classes=0), ""
+    found = [row.label for row in rows if row.label is not None and row.problem is None]
+    origin = "the held-out shards (data.eval_path/val_path)" if count is None else "the counting pass"
+    if spec.classes is not None:
+        origin = "data.classes"
+        training = count.labels.items() if count is not None else ()
+        outside = [(label, name) for label, name in training if label not in spec.classes]
+        if outside:
+            label, name = outside[0]
+            raise DataError(f"stream sample {name} has the label {label!r}, which is not in data.classes "
+                            f"({len(outside)} training labels are not); list every class of the training shards in "
+                            "data.classes to fix it")
+    labels = LabelSet.from_spec(spec, found + list(count.labels if count else ()), where=str(spec.path), min_classes=2)
+    return labels, origin
 
 
 def _split_held_out(examples: list[Example], held_out: list[bool], spec: DataSpec, seed: int, names: list[str],

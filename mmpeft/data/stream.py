@@ -6,8 +6,10 @@ shards are slow on network file systems. An epoch reads every shard once, front 
 the same samples in the same order, every time. Here are the raw stages (shard list, raw samples, usable check,
 counting); mmpeft.data.stream_dataset turns the stream into training items.
 
-A sample is usable when it has an image member and a caption (a `txt`, or a json caption); the check reads the
-small text members only, never an image, so counting an epoch and skipping to a resume position decode nothing.
+A sample of caption data is usable when it has an image member and a caption (a `txt`, or a json caption); of a
+labelled stream (`StreamSource.classes` set), when it has an image member and a label (a `cls`, or the json's
+`data.label_column`), the indexed reader's rule. The check reads the small members only, never an image, so
+counting an epoch and skipping to a resume position decode nothing. A label outside the label set is an error.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import random
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,31 @@ class StreamSource:
     text_column: str
     where: str  # the pattern, for messages
     bad: int | None = None  # bad samples of one pass, when counted
+    classes: tuple[str, ...] | None = None  # a labelled stream's class keys in label order; None: caption data
+    label_column: str = "label"
+    classes_from: str = "data.classes"  # where the label set came from, for the out-of-set error
+
+    @cached_property
+    def class_index(self) -> dict[str, int]:
+        return {key: i for i, key in enumerate(self.classes or ())}
+
+
+@dataclass
+class StreamCount:
+    """One pass over the training shards (small members only): how many samples have an image with a caption,
+    with a label, and every raw label with the first sample carrying it (`shard:key`)."""
+
+    samples: int = 0
+    captioned: int = 0
+    labelled: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, image: bool, caption: str | None, label: str | None) -> None:
+        self.samples += 1
+        self.captioned += image and caption is not None
+        self.labelled += image and label is not None
+        if image and label is not None:
+            self.labels.setdefault(label, name)
 
 
 def is_remote(url: str) -> bool:
@@ -77,51 +105,63 @@ def shard_name(url: str) -> str:
     return url.rstrip("/").split("/")[-1].split()[-1] if url.strip() else url
 
 
-def open_stream(spec: DataSpec) -> StreamSource:
-    """The training stream of a recipe: its shards and its epoch length (counted once unless given)."""
-    urls = shard_urls(str(spec.path))
-    length, counted, bad = spec.samples_per_epoch, False, None
-    if length is None:
-        (length, bad), counted = count_usable(urls, spec), True
+def open_stream(spec: DataSpec, urls: list[str], count: StreamCount | None,
+                classes: tuple[str, ...] | None, classes_from: str = "data.classes") -> StreamSource:
+    """The training stream of a recipe: its shards, its epoch length (`count`ed once unless given) and, for a
+    labelled stream, its class keys in label order."""
+    length, bad = spec.samples_per_epoch, None
+    if count is not None:
+        length = count.labelled if classes is not None else count.captioned
+        bad = count.samples - length
+    wanted = "an image and a label" if classes is not None else "an image and a caption"
     if length == 0:
-        raise DataError(f"data.path: no usable sample (an image and a caption) in the {len(urls)} shards of "
-                        f"{spec.path!r}")
+        raise DataError(f"data.path: no usable sample ({wanted}) in the {len(urls)} shards of {spec.path!r}")
     if bad:
-        logger.warning("stream: %d of %d samples of %s are bad (no image member or no caption) and are skipped in "
-                       "every epoch, each with a warning naming it", bad, length + bad, spec.path)
-    return StreamSource(tuple(urls), length, counted, spec.shuffle_buffer, spec.text_column, str(spec.path), bad)
+        logger.warning("stream: %d of %d samples of %s are bad (no image member or no %s) and are skipped in "
+                       "every epoch, each with a warning naming it", bad, length + bad, spec.path,
+                       "label" if classes is not None else "caption")
+    return StreamSource(tuple(urls), length, count is not None, spec.shuffle_buffer, spec.text_column,
+                        str(spec.path), bad, classes, spec.label_column, classes_from)
 
 
-def count_usable(urls: list[str], spec: DataSpec) -> tuple[int, int]:
-    """(usable, bad) samples of one pass. Local shards reuse the indexed reader's header scan; URLs are read through
-    webdataset once, keys and text members only (a tqdm bar shows the shards). No image is decoded."""
-    good = bad = 0
+def count_samples(urls: list[str], spec: DataSpec) -> StreamCount:
+    """One pass over the shards. Local shards reuse the indexed reader's header scan; URLs are read through
+    webdataset once, keys and small members only (a tqdm bar shows the shards). No image is decoded."""
+    count = StreamCount()
     for url in tqdm(urls, desc="counting samples", leave=False, disable=None):
         if is_remote(url):
-            found = [usable(sample, spec.text_column) is not None for sample in webdataset_samples([url])]
+            for sample in webdataset_samples([url]):
+                count.add(sample_name(sample), image_member(sample) is not None, caption_of(sample, spec.text_column),
+                          label_of(sample, spec.label_column))
         else:
-            found = [row.problem is None and row.text is not None for row in read_shards(url, spec)[0]]
-        good, bad = good + sum(found), bad + found.count(False)
-    return good, bad
+            for row in read_shards(url, spec)[0]:
+                count.add(row.source, row.problem is None, row.text, row.label if row.problem is None else None)
+    return count
 
 
 def held_out_rows(pattern: str, spec: DataSpec) -> list[Row]:
-    """Rows of an evaluation pattern, in shard order, unshuffled. Local shards are indexed in place (images read by
-    seek when used); shards behind URLs are read once through webdataset and their images decoded into memory
-    (evaluation sets are small). A bad sample is a bad row named `shard:key`, reported with the others."""
+    """Rows of an evaluation pattern, in shard order, unshuffled, with their captions and labels as read (the
+    caller marks what its kind of data lacks: `uncaptioned`, or find_bad_rows for labels). Local shards are indexed
+    in place (images read by seek when used); shards behind URLs are read once through webdataset and their images
+    decoded into memory (evaluation sets are small). A bad sample is a bad row named `shard:key`."""
     urls = shard_urls(pattern)
     if not any(is_remote(url) for url in urls):
-        return [row if row.text is not None or row.problem is not None else
-                replace(row, problem=no_caption(spec.text_column)) for row in read_shards(pattern, spec)[0]]
+        return read_shards(pattern, spec)[0]
     rows = []
     for sample in tqdm(webdataset_samples(urls), desc=f"reading {pattern}", leave=False, disable=None):
-        caption = usable(sample, spec.text_column)
-        if caption is None:
+        caption, label = caption_of(sample, spec.text_column), label_of(sample, spec.label_column)
+        if image_member(sample) is None or (caption is None and label is None):
             rows.append(Row("", None, None, sample_name(sample), problem(sample, spec.text_column)))
             continue
         with Image.open(io.BytesIO(sample[image_member(sample)])) as opened:
-            rows.append(Row(to_rgb(opened), None, caption, sample_name(sample)))
+            rows.append(Row(to_rgb(opened), label, caption, sample_name(sample)))
     return rows
+
+
+def uncaptioned(rows: list[Row], spec: DataSpec) -> list[Row]:
+    """Caption data: a held-out row without a caption is a bad row (a label alone does not make it usable)."""
+    return [row if row.text is not None or row.problem is not None else
+            Row(row.image, row.label, None, row.source, no_caption(spec.text_column)) for row in rows]
 
 
 def webdataset_samples(urls: list[str] | tuple[str, ...], buffer: int = 0, seed: str | None = None,
@@ -155,26 +195,40 @@ class _ShardOffsets:
         return sample
 
 
-def epoch_samples(source: StreamSource, seed: int, epoch: int) -> Iterator[tuple[dict[str, Any], str]]:
-    """(raw sample, caption) of every usable sample of an epoch, endlessly: pass after pass over the shards, each
-    pass's shard order and buffer seeded by (seed, epoch, pass). Bad samples are counted and skipped with a warning
-    naming `shard:key`; a pass without one usable sample is an error (it would loop forever)."""
+UNLABELLED_LIMIT = 100  # a labelled stream whose first this many samples have no label is refused there
+
+
+def epoch_samples(source: StreamSource, seed: int, epoch: int) -> Iterator[tuple[dict[str, Any], str | None, int]]:
+    """(raw sample, caption, class int or -1) of every usable sample of an epoch, endlessly: pass after pass over
+    the shards, each pass's shard order and buffer seeded by (seed, epoch, pass). Bad samples are counted and
+    skipped with a warning naming `shard:key`; a pass without one usable sample is an error (it would loop
+    forever), and so are the first UNLABELLED_LIMIT samples of a labelled stream without any label."""
     for number in range(1 << 30):
         order = list(source.urls)
         random.Random(f"mmpeft-stream-shards:{seed}:{epoch}:{number}").shuffle(order)
         good = bad = 0
         for sample in webdataset_samples(order, source.shuffle_buffer, f"mmpeft-stream-buffer:{seed}:{epoch}:{number}"):
-            caption = usable(sample, source.text_column)
-            if caption is None:
+            fields = usable(sample, source)
+            if fields is None:
                 bad += 1
-                logger.warning("stream: skipped bad sample %s (%s)", sample_name(sample),
-                               problem(sample, source.text_column))
+                logger.warning("stream: skipped bad sample %s (%s)", sample_name(sample), problem(sample, source))
+                if good == 0 and bad >= UNLABELLED_LIMIT and source.classes is not None:
+                    raise DataError(no_labels(source, f"its first {bad} samples"))
                 continue
             good += 1
-            yield sample, caption
+            yield sample, *fields
         if good == 0:
+            if source.classes is not None:
+                raise DataError(no_labels(source, f"a whole epoch of its {len(order)} shards ({bad} samples)"))
             raise DataError(f"data.path: a whole epoch of the {len(order)} shards of {source.where!r} yielded no "
                             f"usable sample ({bad} bad: each needs an image member and a caption)")
+
+
+def no_labels(source: StreamSource, what: str) -> str:
+    return (f"data.path: {source.where!r} is read as labelled (train.objective: classification needs a label per "
+            f"sample), but {what} yielded no sample with an image and a label (a .cls member, or a json with a "
+            f"{source.label_column!r} key): label the shards, or train caption data with train.objective: "
+            "contrastive")
 
 
 def sample_name(sample: dict[str, Any]) -> str:
@@ -185,11 +239,41 @@ def image_member(sample: dict[str, Any]) -> str | None:
     return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
 
-def usable(sample: dict[str, Any], text_column: str) -> str | None:
-    """The caption of a usable sample (an image member and a caption), else None; no image is decoded."""
+def usable(sample: dict[str, Any], source: StreamSource) -> tuple[str | None, int] | None:
+    """(caption, class int) of a usable sample, else None; no image is decoded. Caption data needs a caption
+    (class -1); a labelled stream needs a label (the caption stays optional), and a label outside the label set is
+    an error naming the sample."""
     if image_member(sample) is None:
         return None
-    return caption_of(sample, text_column)
+    caption = caption_of(sample, source.text_column)
+    if source.classes is None:
+        return None if caption is None else (caption, -1)
+    label = label_of(sample, source.label_column)
+    if label is None:
+        return None
+    if label not in source.class_index:
+        raise DataError(outside_classes(sample_name(sample), label, source))
+    return caption, source.class_index[label]
+
+
+def outside_classes(name: str, label: str, source: StreamSource) -> str:
+    shown = ", ".join(source.classes[:20]) + (", ..." if len(source.classes) > 20 else "")
+    return (f"stream sample {name} has the label {label!r}, which is not in the label set from "
+            f"{source.classes_from} ({len(source.classes)} classes: {shown}); list every class of the training shards "
+            "in data.classes to fix it")
+
+
+def label_of(sample: dict[str, Any], label_column: str) -> str | None:
+    """`cls`, else the json's `data.label_column` field (as the indexed reader reads labels)."""
+    label = _text(sample.get("cls"))
+    if label or "json" not in sample:
+        return label or None
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError:
+        return None
+    value = meta.get(label_column) if isinstance(meta, dict) else None
+    return None if value in (None, "") else str(value)
 
 
 def caption_of(sample: dict[str, Any], text_column: str) -> str | None:
@@ -209,11 +293,16 @@ def caption_of(sample: dict[str, Any], text_column: str) -> str | None:
     return None
 
 
-def problem(sample: dict[str, Any], text_column: str) -> str:
+def problem(sample: dict[str, Any], source: StreamSource | str) -> str:
+    """Why a sample is bad; `source` is the stream, or the text column of caption data."""
     if image_member(sample) is None:
         members = ", ".join(f".{k}" for k in sample if not k.startswith("__"))
         return f"no image member (one of .{', .'.join(IMAGE_EXTENSIONS)}; found {members or 'none'})"
-    return no_caption(text_column)
+    if isinstance(source, str):
+        return no_caption(source)
+    if source.classes is not None:
+        return f"no label (a .cls member, or a json with a {source.label_column!r} key)"
+    return no_caption(source.text_column)
 
 
 def no_caption(text_column: str) -> str:

@@ -38,8 +38,9 @@ PREFETCH_BATCHES = 4
 
 
 class StreamDataset(IterableDataset):
-    """Items of one epoch's stream in planned batches: {"image", "label": -1, "index": stream position, "text",
-    "key": "shard:key", "shard", "offset"} (caption-only data: no class)."""
+    """Items of one epoch's stream in planned batches: {"image", "label", "index": stream position, ["text"],
+    "key": "shard:key", "shard", "offset"}; label -1 for caption data (no class), the class int of a labelled
+    stream (its caption, if any, stays the item's text)."""
 
     accepts_epoch_keys = False
 
@@ -64,18 +65,19 @@ class StreamDataset(IterableDataset):
             raise ValueError(f"stream plan of {sum(sizes)} samples after {skip} exceeds the epoch's {len(self)}")
         self.sizes, self.skip = list(sizes), skip
 
-    def positions(self, skip: int = 0) -> Iterator[tuple[int, dict[str, Any], str]]:
-        """(stream position, raw sample, caption) from position `skip` to the end of the epoch, nothing decoded."""
+    def positions(self, skip: int = 0) -> Iterator[tuple[int, dict[str, Any], str | None, int]]:
+        """(stream position, raw sample, caption, class) from position `skip` to the end of the epoch, nothing
+        decoded."""
         stream = epoch_samples(self.source, self.seed, self.epoch)
-        for position, (sample, caption) in enumerate(stream):
+        for position, (sample, caption, label) in enumerate(stream):
             if position >= len(self):
                 return
             if position >= skip:
-                yield position, sample, caption
+                yield position, sample, caption, label
 
     def keys(self, skip: int = 0) -> list[str]:
         """`shard:key` of every sample of the epoch from `skip` on, in order (for tests and checks)."""
-        return [sample_name(sample) for _, sample, _ in self.positions(skip)]
+        return [sample_name(fields[1]) for fields in self.positions(skip)]
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         """The planned batches; after a skip, the first item names the last sample skipped ("after"), so the
@@ -83,14 +85,14 @@ class StreamDataset(IterableDataset):
         stream = self.positions(max(self.skip - 1, 0))
         after = sample_name(next(stream)[1]) if self.skip > 0 else None
         for size in self.sizes:
-            batch = [self.item(position, sample, caption) for position, sample, caption in _take(stream, size)]
+            batch = [self.item(*fields) for fields in _take(stream, size)]
             if len(batch) < size:
                 raise DataError(f"stream {self.source.where!r} ended {size - len(batch)} samples early")
             if after is not None:
                 batch[0]["after"], after = after, None
             yield batch
 
-    def item(self, position: int, sample: dict[str, Any], caption: str) -> dict[str, Any]:
+    def item(self, position: int, sample: dict[str, Any], caption: str | None, label: int = -1) -> dict[str, Any]:
         """Decode the one image member used (other members are never decoded)."""
         name = sample_name(sample)
         try:
@@ -103,8 +105,9 @@ class StreamDataset(IterableDataset):
         if self.augment is not None:
             rng = random.Random(f"mmpeft-augment:{self.seed}:{self.epoch}:{position}")
             image = augment(image, self.augment, rng)
-        return {"image": image, "label": -1, "index": position, "text": caption, "key": name,
+        item = {"image": image, "label": label, "index": position, "key": name,
                 "shard": shard_name(str(sample.get("__url__"))), "offset": int(sample["__offset__"])}
+        return item if caption is None else {**item, "text": caption}
 
 
 def _take(stream: Iterator, count: int) -> Iterator:

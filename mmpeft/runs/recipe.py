@@ -95,7 +95,11 @@ def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
 
 
 def _check_generative(recipe: Recipe) -> list[str]:
-    """Generative-only settings on a backbone declared a dual encoder (family auto is checked when it loads)."""
+    """Settings of the other family: generative-only ones on a backbone declared a dual encoder, retrieval selection
+    on one declared generative (family auto is checked when it loads)."""
+    if recipe.backbone.family == "generative" and recipe.train.select_metric == "retrieval":
+        return ["train.select_metric: 'retrieval' ranks images against texts with a dual encoder, but "
+                "backbone.family is 'generative'; use accuracy, macro_f1 or loss"]
     if recipe.backbone.family != "dual_encoder":
         return []
     problems = []
@@ -114,6 +118,10 @@ def _check_conversations(recipe: Recipe) -> list[str]:
     data = recipe.data
     problems = conversation_spec_problems(data)
     if data.source not in CONVERSATION_SOURCES:
+        if recipe.train.select_metric == "loss":  # only conversations have a val loss to rank epochs by
+            problems.append(f"train.select_metric: 'loss' is the val assistant-token loss of conversation data "
+                            f"(data.source: {', '.join(CONVERSATION_SOURCES)}); data.source: {data.source} selects "
+                            "by accuracy or macro_f1 (retrieval for caption data)")
         return problems
     if data.path and not Path(data.path).exists():
         problems.append(f"data.path: {data.source} file {data.path!r} does not exist")
@@ -130,17 +138,19 @@ def _check_stream(recipe: Recipe) -> list[str]:
     data = recipe.data
     if not data.stream:
         return []
-    problems = [f"data.{key}: a stream has no classes to sample or list (data.stream: true is caption data for "
-                "train.objective: contrastive)" for key in ("shots", "classes") if getattr(data, key) is not None]
+    problems = []
+    if data.shots is not None:
+        problems.append("data.shots: a stream cannot be sampled k per class (it is read in order, never indexed); "
+                        "index the shards (data.stream: false) for k-shot training")
     if data.eval_path is None:
         problems.append("data.eval_path: a streamed training split needs held-out shards for the test split (a "
                         "random test share of a stream is not possible); set data.eval_path: <shard pattern>")
     if data.split.val > 0 and data.val_path is None:
         problems.append(f"data.split.val: {data.split.val} cannot be a random share of a stream; set data.val_path: "
                         "<held-out shard pattern> for validation, or data.split.val: 0 for none")
-    if recipe.train.objective != "contrastive":
-        problems.append(f"train.objective: a streamed split is caption data and trains with 'contrastive', not "
-                        f"{recipe.train.objective!r}")
+    if recipe.train.objective not in ("contrastive", "classification"):
+        problems.append(f"train.objective: a streamed split trains with 'classification' (labelled shards) or "
+                        f"'contrastive' (caption shards), not {recipe.train.objective!r}")
     workers = recipe.train.num_workers
     if workers != "auto" and workers > 1:
         problems.append(f"train.num_workers: {workers} with data.stream: at most 1 reading worker (more would split "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mmpeft.data import DataError, load_data
 from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
 from mmpeft.data.loader import loader_settings
 from mmpeft.evaluation import classification_metrics, predict
+from mmpeft.evaluation.retrieval import evaluate_retrieval
 from mmpeft.features import FeatureBinding, bind_features, keep_after_apply
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives import make_objective
@@ -43,7 +45,7 @@ from mmpeft.runs.folder import (
 )
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.runs.texts import check_text_lengths
-from mmpeft.specs import Recipe
+from mmpeft.specs import Recipe, TrainSpec
 from mmpeft.train import Callback, Trainer
 from mmpeft.train.tracking import end_tracking
 
@@ -89,9 +91,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False, callbacks: tupl
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
     method = METHODS.get(recipe.method.name)()
     if not data.info.get("labelled", True) and method.trains and recipe.train.objective != "contrastive":
-        raise DataError(f"data: {data.info['where']} is caption-only (no {recipe.data.label_column!r} column), so "
-                        f"train.objective: {recipe.train.objective!r} has nothing to learn; use train.objective: "
-                        "contrastive, or add a label column")
+        raise DataError(unlabelled_message(data.info, recipe))
     backbone = load_base(recipe)
     check_text_lengths(backbone, data, recipe)
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
@@ -135,6 +135,20 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False, callbacks: tupl
     return metrics
 
 
+def unlabelled_message(info: dict, recipe: Recipe) -> str:
+    """Why caption-only data cannot train with a label objective; for a stream, which pass found no label."""
+    objective = recipe.train.objective
+    if not info.get("stream"):
+        return (f"data: {info['where']} is caption-only (no {recipe.data.label_column!r} column), so train.objective: "
+                f"{objective!r} has nothing to learn; use train.objective: contrastive, or add a label column")
+    found = ("the counting pass found no sample with a label in the training shards" if info["train_length"] ==
+             "counted" else "the held-out shards (data.eval_path/val_path) carry no label, and data.samples_per_epoch "
+             "skipped the counting pass")
+    return (f"data.path: {info['where']} streams caption data: {found} (a .cls member, or a json with a "
+            f"{recipe.data.label_column!r} key), so train.objective: {objective!r} has nothing to learn; use "
+            "train.objective: contrastive, or label the shards")
+
+
 def evaluate_all(backbone: Backbone, test_sets: dict, data, recipe: Recipe, stage: str,
                  features: FeatureBinding | None) -> dict:
     """{"zero_shot" or "test": label scores, "answers"/"retrieval": {stage: ...} where the recipe asks for them}."""
@@ -167,19 +181,14 @@ def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
     elif features is not None:
         train_set = features.wrap(train_set, "train")
     objective = make_objective(recipe.train.objective, backbone, data.labels, train_set)
-    val_set = data.dataset("val") if data.val else None
-    if val_set is not None and features is not None:
-        val_set = features.wrap(val_set, "val")
-
-    def evaluate_val() -> dict:
-        truth, predicted = predict(backbone, val_set, data.labels, recipe.eval.batch_size, desc="val")
-        scores = classification_metrics(truth, predicted, data.labels.names)
-        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
-
     labelled = data.info.get("labelled", True)
     spec = recipe.train if recipe.train.tracking_experiment else replace(recipe.train, tracking_experiment=recipe.name)
+    if not labelled and data.val and spec.select_metric != "retrieval":
+        logger.info("train.select_metric: %s needs classes; caption-only data selects the best epoch by val "
+                    "image->text R@1 (retrieval)", spec.select_metric)
+        spec = replace(spec, select_metric="retrieval")
     trainer = Trainer(backbone, objective, train_set, spec, recipe.seed, run_dir,
-                      evaluate_val=evaluate_val if val_set is not None and labelled else None,
+                      evaluate_val=val_scores(backbone, data, recipe, spec, features) if data.val else None,
                       callbacks=callbacks, tracker_config=_flat(recipe), keep_tracking_open=True)
     try:
         progress = trainer.fit(resume=resume)
@@ -193,6 +202,29 @@ def train(recipe: Recipe, run_dir: Path, backbone: Backbone, data, resume: bool,
     if data.stream is not None:
         summary["stream_position"] = progress.stream_position  # at the last checkpoint: shard, offset, count
     return summary, trainer.final_state, trainer
+
+
+def val_scores(backbone: Backbone, data, recipe: Recipe, spec: TrainSpec,
+               features: FeatureBinding | None) -> Callable[[], dict]:
+    """The trainer's per-epoch validation: accuracy and macro-F1 of labelled data, plus (caption-only data, or
+    train.select_metric: retrieval) "retrieval", the val image->text R@1, and "retrieval_text_to_image"."""
+    labelled = data.info.get("labelled", True)
+    val_set = data.dataset("val")
+    scored = features.wrap(val_set, "val") if features is not None and labelled else val_set
+
+    def evaluate_val() -> dict:
+        scores: dict = {}
+        if labelled:
+            truth, predicted = predict(backbone, scored, data.labels, recipe.eval.batch_size, desc="val")
+            found = classification_metrics(truth, predicted, data.labels.names)
+            scores.update(accuracy=found["accuracy"], macro_f1=found["macro_f1"])
+        if spec.select_metric == "retrieval":
+            ranked = evaluate_retrieval(backbone, val_set, data.labels, recipe.eval.batch_size, desc="val retrieval")
+            scores.update(retrieval=ranked["image_to_text"]["R@1"],
+                          retrieval_text_to_image=ranked["text_to_image"]["R@1"])
+        return scores
+
+    return evaluate_val
 
 
 def memory_footprint(backbone: Backbone) -> dict:
