@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,16 @@ def _umask() -> int:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_csv(path: str | Path, rows: Iterable[dict], columns: Sequence[str]) -> None:
+    """`rows` as CSV with `columns` (others ignored, None as empty), written atomically like write_text."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    write_text(path, buffer.getvalue())
 
 
 def write_json(path: str | Path, data: Any) -> None:

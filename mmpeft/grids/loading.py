@@ -20,6 +20,20 @@ from mmpeft.runs.recipe import _set_path, parse_overrides, read_yaml
 
 def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = None, command: str = "compare") -> Any:
     """Parse, split off `grid:`, pick the kind (declared, else the command's) and let it validate the rest."""
+    data, grid_data, rest, base_dir, label = read_with_section(source, overrides, "grid")
+    problems: list[str] = []
+    kind = grid_kind(data, grid_data, command, problems)
+    if kind is None:
+        raise RecipeError(problems, label)
+    if grid_data is not None:
+        grid_data = {**grid_data, "kind": kind} if isinstance(grid_data, dict) else grid_data
+    return GRID_KINDS.get(kind)().load_setup(data, grid_data, rest, base_dir, label, command, problems)
+
+
+def read_with_section(source: str | Path | dict, overrides: list[str] | dict | None, section: str
+                      ) -> tuple[dict, Any, dict[str, Any], Path, str | None]:
+    """(the recipe without `section`, that section with its overrides applied, the other overrides, the folder
+    relative paths start from, the file's name for messages)."""
     label, base_dir = None, Path.cwd()
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -29,22 +43,16 @@ def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = N
         data.setdefault("name", path.stem)
     else:
         data = copy.deepcopy(source)
-    grid_data = data.pop("grid", None)
+    part = data.pop(section, None)
     rest: dict[str, Any] = {}
     for key, value in parse_overrides(overrides).items():
-        if key == "grid" or key.startswith("grid."):
-            holder = {"grid": grid_data if isinstance(grid_data, dict) else {}}
+        if key == section or key.startswith(f"{section}."):
+            holder = {section: part if isinstance(part, dict) else {}}
             _set_path(holder, key, value)
-            grid_data = holder["grid"]
+            part = holder[section]
         else:
             rest[key] = value
-    problems: list[str] = []
-    kind = grid_kind(data, grid_data, command, problems)
-    if kind is None:
-        raise RecipeError(problems, label)
-    if grid_data is not None:
-        grid_data = {**grid_data, "kind": kind} if isinstance(grid_data, dict) else grid_data
-    return GRID_KINDS.get(kind)().load_setup(data, grid_data, rest, base_dir, label, command, problems)
+    return data, part, rest, base_dir, label
 
 
 def grid_kind(data: dict, grid_data: Any, command: str, problems: list[str]) -> str | None:

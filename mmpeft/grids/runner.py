@@ -17,6 +17,7 @@ from mmpeft.grids.base import GRID_RECIPE, Cell, GridKind, GridSpec, kind_of
 from mmpeft.grids.cells import check_finished_cells, write_rows
 from mmpeft.grids.executors import Executor, ProcessExecutor, SequentialExecutor
 from mmpeft.grids.loading import load_setup
+from mmpeft.runs.folder import log_to
 
 logger = logging.getLogger("mmpeft")
 
@@ -38,19 +39,12 @@ def compare(recipe: str | Path | dict | None, overrides: list[str] | dict | None
         name = shared.output.name or f"{setup.recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
         grid_dir = Path(shared.output.dir) / name
     grid_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(grid_dir / "compare.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
-    try:
-        return run_grid(setup, grid_dir)
-    except KeyboardInterrupt:
-        logger.warning("interrupted; continue with: mmpeft %s --resume %s", command, grid_dir)
-        raise
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
+    with log_to(grid_dir / "compare.log"):
+        try:
+            return run_grid(setup, grid_dir)
+        except KeyboardInterrupt:
+            logger.warning("interrupted; continue with: mmpeft %s --resume %s", command, grid_dir)
+            raise
 
 
 def fewshot(recipe: str | Path | dict | None, overrides: list[str] | dict | None = None,

@@ -28,6 +28,7 @@ from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError, to_plain
 from mmpeft.grids.base import resolved_yaml
 from mmpeft.grids.search_space import MISSING_OPTUNA, SearchEntry, SearchSetup, load_search_setup, trial_recipe
+from mmpeft.runs.folder import log_to
 from mmpeft.train import Callback
 
 logger = logging.getLogger("mmpeft")
@@ -65,19 +66,12 @@ def search(recipe: str | Path | dict | None, overrides: list[str] | dict | None 
     (grid_dir / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
     if not (grid_dir / SEARCH_RECIPE).is_file():  # at once: a search killed while starting can be resumed
         write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))
-    handler = logging.FileHandler(grid_dir / "search.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
-    try:
-        return run_search(setup, grid_dir)
-    except KeyboardInterrupt:
-        logger.warning("interrupted; continue with: mmpeft search --resume %s", grid_dir)
-        raise
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
+    with log_to(grid_dir / "search.log"):
+        try:
+            return run_search(setup, grid_dir)
+        except KeyboardInterrupt:
+            logger.warning("interrupted; continue with: mmpeft search --resume %s", grid_dir)
+            raise
 
 
 def run_search(setup: SearchSetup, grid_dir: Path) -> dict:

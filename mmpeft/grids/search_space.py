@@ -20,9 +20,8 @@ from typing import Annotated, Any
 
 from mmpeft.core.schema import Range, RecipeError, build, did_you_mean, show, to_plain
 from mmpeft.grids.base import differences, label_problems
-from mmpeft.grids.loading import load_setup
+from mmpeft.grids.loading import load_setup, read_with_section
 from mmpeft.grids.method_setup import CompareSetup, entry_mapping
-from mmpeft.runs.recipe import _set_path, parse_overrides, read_yaml
 from mmpeft.specs import Positive, Seed, TrainSpec
 
 SPACE_KEYS = ("choices", "low", "high", "log", "step")
@@ -268,33 +267,9 @@ def check_train_candidates(where: str, entry: SearchEntry, shared: TrainSpec, pr
             build(TrainSpec, {**base, **firsts, param.key[6:]: candidate}, f"{where}.train", problems)
 
 
-def read_search_recipe(source: str | Path | dict, overrides: list[str] | dict | None
-                       ) -> tuple[dict, Any, dict, Path, str | None]:
-    """(recipe mapping without `search:`, the search mapping, other overrides, base folder, source label)."""
-    label, base_dir = None, Path.cwd()
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError([f"recipe file not found: {path}"])
-        data, label, base_dir = read_yaml(path), str(path), path.resolve().parent
-        data.setdefault("name", path.stem)
-    else:
-        data = copy.deepcopy(source)
-    search = data.pop("search", None)
-    rest = {}
-    for key, value in parse_overrides(overrides).items():
-        if key == "search" or key.startswith("search."):
-            holder = {"search": search if isinstance(search, dict) else {}}
-            _set_path(holder, key, value)
-            search = holder["search"]
-        else:
-            rest[key] = value
-    return data, search, rest, base_dir, label
-
-
 def load_search_setup(source: str | Path | dict, overrides: list[str] | dict | None = None) -> SearchSetup:
     """A search recipe -> SearchSetup; every problem of the search section and of the rest in one RecipeError."""
-    data, search_data, rest, base_dir, label = read_search_recipe(source, overrides)
+    data, search_data, rest, base_dir, label = read_with_section(source, overrides, "search")
     if search_data is None:
         raise RecipeError(["search: required in a search recipe, e.g. search: {methods: [lora, bitfit], budget: "
                            "{epochs: 40}}"], label)

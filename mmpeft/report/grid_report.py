@@ -5,15 +5,13 @@ The summary aggregates the cells of each (k, method) over seeds; "best" marks co
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mmpeft.core.io import write_json, write_text
+from mmpeft.core.io import write_csv, write_json, write_text
 from mmpeft.report.grid_plots import Point, efficiency_png, shots_png, time_png
 from mmpeft.report.stats import ALPHA, paired_test, summarize
 
@@ -54,12 +52,7 @@ def write_results(grid_dir: Path, rows: Sequence[dict], described: dict[str, str
     `described`: the columns in order with what each holds (a regularisers grid has its own); others follow.
     """
     columns = list(described) + sorted({k for row in rows for k in row if k not in described})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    write_text(grid_dir / "results.csv", buffer.getvalue())
+    write_csv(grid_dir / "results.csv", rows, columns)
     write_json(grid_dir / "results.json", {"columns": described, "rows": _clean(list(rows))})
 
 

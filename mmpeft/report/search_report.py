@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmpeft.core.io import write_text
+from mmpeft.core.io import write_csv, write_text
 
 LEADERBOARD_COLUMNS = {
     "trial": "Optuna's trial number (its folder: trials/<number>-<method>)",
@@ -52,12 +50,7 @@ def mark_pareto(rows: list[dict]) -> None:
 def write_leaderboard(folder: Path, rows: list[dict], metric: str) -> None:
     """leaderboard.csv (every column) and leaderboard.md (best first) in `folder`."""
     columns = list(LEADERBOARD_COLUMNS)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    write_text(folder / "leaderboard.csv", buffer.getvalue())
+    write_csv(folder / "leaderboard.csv", rows, columns)
     order = sorted(rows, key=lambda r: (r["state"] != "complete", -(r.get("final_val") or -math.inf), r["trial"]))
     lines = [f"# Search leaderboard ({metric}, validation only)", "",
              "| " + " | ".join(columns[:-2]) + " |", "|" + "---|" * (len(columns) - 2)]

@@ -8,6 +8,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,6 +116,21 @@ def discard_if_nothing_ran(run_dir: Path, command: str = "run") -> bool:
     logger.error("the run folder %s keeps what ran before the error (train.log says more); continue it with "
                  "`mmpeft %s --resume %s` or remove it", run_dir, command, run_dir)
     return False
+
+
+@contextmanager
+def log_to(path: Path) -> Iterator[None]:
+    """mmpeft's log also into `path` (a grid's or a search's own log, appended to on resume) while the block runs."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 class run_logging:
