@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from mmpeft.core.io import atomic_path, cache_dir
+from mmpeft.core.io import atomic_path, cache_dir, caches_shared
 from mmpeft.data.dataset import Example, ImageDataset
 from mmpeft.data.image_cache import INDEX_SEEDED_SHIFTS
 from mmpeft.data.loader import make_loader
@@ -254,7 +254,8 @@ def bind_features(recipe: Recipe, backbone) -> FeatureBinding | None:
         logger.info("feature cache: off: backbone %r has no files that identify its weights (init: %s)",
                     recipe.backbone.id, recipe.backbone.init)
         return None
-    return FeatureBinding(backbone, fingerprint, recipe.eval.batch_size, disk=setting == "disk")
+    disk = setting == "disk" or caches_shared()  # a grid worker shares its features with the other workers
+    return FeatureBinding(backbone, fingerprint, recipe.eval.batch_size, disk=disk)
 
 
 def keep_after_apply(binding: FeatureBinding | None, recipe: Recipe, method, backbone) -> FeatureBinding | None:

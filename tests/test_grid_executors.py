@@ -66,9 +66,11 @@ def local_ray():
 
 @pytest.mark.parametrize(("executor", "resume_with"), [("processes", "processes"), ("ray", "sequential")])
 def test_executors_give_sequential_metrics_record_a_failure_and_resume_only_it(
-        sequential_grid, color_folder, tiny_clip_dir, tmp_path, request, executor, resume_with):
+        sequential_grid, color_folder, tiny_clip_dir, tmp_path, request, monkeypatch, executor, resume_with):
     if executor == "ray":
         request.getfixturevalue("local_ray")
+    else:  # a cache folder of its own: what the workers share is seen there
+        monkeypatch.setenv("MMPEFT_CACHE", str(tmp_path / "cache"))
     grid = tmp_path / executor
     (grid / "cells" / BLOCKED / "recipe.yaml").mkdir(parents=True)  # writing the cell's recipe.yaml will raise
     first = mmpeft.compare(executor_grid(color_folder, tiny_clip_dir, tmp_path, executor))
@@ -87,6 +89,10 @@ def test_executors_give_sequential_metrics_record_a_failure_and_resume_only_it(
     assert [r["status"] for r in again["rows"]] == ["ok"] * 4
     assert {cell: (grid / "cells" / cell / "metrics.json").stat().st_mtime_ns for cell in finished} == finished
     assert cell_numbers(grid, BLOCKED) == cell_numbers(sequential_grid, BLOCKED)
+    if executor == "processes":  # the resumed cell's fresh worker read the features the first workers computed
+        features = json.loads((grid / "cells" / BLOCKED / "metrics.json").read_text())["feature_cache"]
+        assert features["disk"] and features["computed"] == 0 and features["reused"] > 0
+        assert any((tmp_path / "cache" / "images").rglob("*.npy"))  # decoded images shared too
     assert not (grid / "cells" / BLOCKED / "error.txt").exists()
     saved = json.loads((grid / "results.json").read_text())["rows"]
     assert [r["accuracy"] for r in saved] == [r["accuracy"] for r in again["rows"]]

@@ -43,6 +43,15 @@ def disk_full(where: str | Path, kept: str = "nothing half-written was left") ->
                                      "and run the command again")
 
 
+SHARED_CACHES_ENV = "MMPEFT_SHARED_CACHES"  # "1" in grid workers: per-process caches go to the cache folder
+
+
+def caches_shared() -> bool:
+    """True in a grid's worker processes: image features and decoded images that one process would keep in memory
+    are written to the cache folder too, so the other workers on the machine reuse them instead of recomputing."""
+    return os.environ.get(SHARED_CACHES_ENV) == "1"
+
+
 def cache_dir(*parts: str) -> Path:
     """`$MMPEFT_CACHE` (default ~/.cache/mmpeft) joined with `parts`, created on demand."""
     root = Path(os.environ.get("MMPEFT_CACHE", Path.home() / ".cache" / "mmpeft")).expanduser()

@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from mmpeft.core.io import atomic_path, cache_dir
+from mmpeft.core.io import atomic_path, cache_dir, caches_shared
 from mmpeft.data.errors import DataError
 from mmpeft.data.sources import DatasetImage, ImageRef, ShardImage
 
@@ -185,12 +185,15 @@ def choose_storage(mode: str, fit_key: str, missing: int, bytes_per_image: int, 
     if mode == "off" or missing == 0:
         return None
     needed = missing * bytes_per_image
-    if mode == "memory" or (mode == "auto" and cache.memory_bytes + needed <= memory_limit_bytes()):
+    fits_memory = cache.memory_bytes + needed <= memory_limit_bytes()
+    if mode == "memory" or (mode == "auto" and fits_memory and not caches_shared()):  # grid workers share the disk
         return "memory"
     root = cache.root(fit_key)
     free = shutil.disk_usage(cache_dir()).free
     if needed * DISK_HEADROOM <= free:
-        if mode == "auto":
+        if mode == "auto" and fits_memory:
+            logger.info("image cache: %d images on disk in %s, shared with the grid's other workers", missing, root)
+        elif mode == "auto":
             logger.info("image cache: %d images (%.0f MB) exceed the memory limit (MMPEFT_IMAGE_CACHE_MB=%d): "
                         "cached on disk in %s", missing, needed / 2 ** 20, memory_limit_bytes() // 2 ** 20, root)
         return "disk"

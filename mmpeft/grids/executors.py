@@ -12,6 +12,9 @@ summary and report. A cell that raises, or whose worker dies, becomes a failed r
 - ray: one Ray task per cell with num_cpus=cpus_per_cell and num_gpus=gpus_per_cell (fractions allowed) where the
   cluster has GPUs; `ray.init()` starts a local Ray unless grid.ray_address names one (`auto` joins a running
   cluster). Workers must see the grid folder: on several nodes it must be on shared storage (checked at start).
+
+Workers of both pools share image features and decoded images through the cache folder of their machine
+(MMPEFT_SHARED_CACHES, mmpeft.core.io.caches_shared): what one worker computed, the others read, not recompute.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from mmpeft.core.io import SHARED_CACHES_ENV
 from mmpeft.grids.base import Cell, GridKind, GridSpec
 from mmpeft.grids.cells import failed_row, run_cell
 from mmpeft.runs.folder import METRICS_FILE
@@ -163,7 +167,7 @@ class ProcessExecutor(Executor):
         """The environment of each worker: its GPUs where there are GPUs, else only its thread count."""
         import torch
 
-        threads = {"OMP_NUM_THREADS": str(self.grid.threads_per_cell)}
+        threads = {"OMP_NUM_THREADS": str(self.grid.threads_per_cell), SHARED_CACHES_ENV: "1"}
         limit = min(self.grid.max_parallel or cells, cells)
         if torch.cuda.is_available():
             per = int(self.grid.gpus_per_cell)

@@ -7,8 +7,7 @@
 
 The zero-shot baselines are computed once, by the driver, on the split every cell shares. Run in one process
 (grid.executor: sequential), the image features of a frozen image tower are computed once for the whole grid
-(mmpeft.features); with other executors each worker process keeps its own (`train.feature_cache: disk` shares them
-through the cache folder).
+(mmpeft.features); with the other executors the workers of one machine share them through its cache folder.
 """
 
 from __future__ import annotations

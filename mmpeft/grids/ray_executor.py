@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 
+from mmpeft.core.io import SHARED_CACHES_ENV
 from mmpeft.grids.base import GRID_KINDS, Cell
 from mmpeft.grids.cells import error_message, failed_row, run_cell
 from mmpeft.grids.executors import Executor, Finished, Progress
@@ -22,6 +23,7 @@ def ray_cell(kind_name: str, threads: int, cell: Cell) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    os.environ[SHARED_CACHES_ENV] = "1"  # features and decoded images shared with the other workers of this node
     import mmpeft.grids  # noqa: F401  (registers the kinds)
 
     return run_cell(GRID_KINDS.get(kind_name)(), cell)
