@@ -148,6 +148,11 @@ def test_disk_cache_is_read_back_by_a_fresh_process_cache(clip, photos, own_cach
         again = next(iter(make_loader(ImageDataset(photos), clip, batch_size=6, cache=fresh)))
     assert fresh.stats.disk_hits >= 6 and fresh.stats.fitted == 0
     assert torch.equal(first["pixel_values"], again["pixel_values"])
+    disk_hits = fresh.stats.disk_hits  # read from disk once, then kept in memory (within its limit)
+    with loader_settings("disk"):
+        third = next(iter(make_loader(ImageDataset(photos), clip, batch_size=6, cache=fresh)))
+    assert fresh.stats.disk_hits == disk_hits and fresh.stats.memory_hits >= 6
+    assert torch.equal(first["pixel_values"], third["pixel_values"])
 
 
 def test_a_disk_cache_that_would_not_fit_is_refused_up_front(clip, photos, own_cache_dir, monkeypatch, caplog):

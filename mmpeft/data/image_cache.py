@@ -115,44 +115,56 @@ class ImageCache:
         self.stats = CacheStats()
 
     def get(self, fit_key: str, location: str, version: str, disk: bool) -> np.ndarray | None:
-        """The cached pixels, or None; an entry of another version of the same file is dropped as stale."""
-        entry = self.memory.get(f"{fit_key}|{location}")
-        if entry is not None:
-            if entry[0] == version:
-                self.stats.memory_hits += 1
-                return entry[1]
-            self._drop_memory(f"{fit_key}|{location}")
-        if not disk:
-            return None
-        folder = self.entry_dir(fit_key, location)
-        path = folder / f"{_hash(version)}.npy"
-        if path.is_file():
-            try:
-                pixels = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as error:  # a damaged file costs a re-decode, never a wrong image
-                logger.warning("image cache: ignoring unreadable %s (%s)", path, error)
-                path.unlink(missing_ok=True)
-                return None
-            self.stats.disk_hits += 1
-            return pixels
-        if folder.is_dir():  # another version of this file was cached: it is stale now
-            for old in folder.glob("*.npy"):
-                old.unlink(missing_ok=True)
-                self.stats.stale += 1
-        return None
-
-    def put(self, fit_key: str, location: str, version: str, pixels: np.ndarray, disk: bool) -> None:
+        """The cached pixels, or None; an entry of another version of the same file is dropped as stale (counted
+        once, whether memory, disk or both held it). A disk entry read once is kept in memory within its limit."""
         key = f"{fit_key}|{location}"
-        if disk:
+        entry = self.memory.get(key)
+        stale = entry is not None and entry[0] != version
+        if entry is not None and not stale:
+            self.stats.memory_hits += 1
+            return entry[1]
+        if stale:
+            self._drop_memory(key, stale=False)
+        pixels = self._read_disk(fit_key, location, version) if disk else None
+        if pixels is None and disk:
+            folder = self.entry_dir(fit_key, location)
+            for old in folder.glob("*.npy") if folder.is_dir() else ():  # another version of this file: stale now
+                old.unlink(missing_ok=True)
+                stale = True
+        self.stats.stale += stale
+        return pixels
+
+    def _read_disk(self, fit_key: str, location: str, version: str) -> np.ndarray | None:
+        path = self.entry_dir(fit_key, location) / f"{_hash(version)}.npy"
+        if not path.is_file():
+            return None
+        try:
+            pixels = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as error:  # a damaged file costs a re-decode, never a wrong image
+            logger.warning("image cache: ignoring unreadable %s (%s)", path, error)
+            path.unlink(missing_ok=True)
+            return None
+        self.stats.disk_hits += 1
+        if self.memory_bytes + pixels.nbytes <= memory_limit_bytes():  # read once: later epochs from memory
+            pixels = np.array(pixels)
+            self._keep(f"{fit_key}|{location}", version, pixels)
+        return pixels
+
+    def put(self, fit_key: str, location: str, version: str, pixels: np.ndarray, storage: str) -> None:
+        """Keep `pixels` in memory, on disk, or both ("shared": on disk for other processes, in memory for this one)."""
+        if storage in ("disk", "shared"):
             folder = self.entry_dir(fit_key, location)
             with atomic_path(folder / f"{_hash(version)}.npy") as tmp, open(tmp, "wb") as handle:
                 np.save(handle, np.ascontiguousarray(pixels))
             self.stats.stored_disk += 1
-            return
+        if storage in ("memory", "shared"):
+            self._keep(f"{fit_key}|{location}", version, pixels)
+            self.stats.stored_memory += 1
+
+    def _keep(self, key: str, version: str, pixels: np.ndarray) -> None:
         self._drop_memory(key, stale=False)
         self.memory[key] = (version, pixels)
         self.memory_bytes += pixels.nbytes
-        self.stats.stored_memory += 1
 
     def _drop_memory(self, key: str, stale: bool = True) -> None:
         entry = self.memory.pop(key, None)
@@ -177,7 +189,8 @@ def _process_cache() -> ImageCache:
 
 
 def choose_storage(mode: str, fit_key: str, missing: int, bytes_per_image: int, cache: ImageCache) -> str | None:
-    """Where `missing` new images of about `bytes_per_image` go: "memory", "disk", or None (not cached).
+    """Where `missing` new images of about `bytes_per_image` go: "memory", "disk", "shared" (both: a grid worker
+    keeps them for itself and for the other workers of its machine), or None (not cached).
 
     A disk cache that would not fit is refused before anything is written: an error for `data.image_cache: disk`,
     a warning (images decoded every time) for auto.
@@ -186,14 +199,16 @@ def choose_storage(mode: str, fit_key: str, missing: int, bytes_per_image: int, 
         return None
     needed = missing * bytes_per_image
     fits_memory = cache.memory_bytes + needed <= memory_limit_bytes()
-    if mode == "memory" or (mode == "auto" and fits_memory and not caches_shared()):  # grid workers share the disk
+    if mode == "memory" or (mode == "auto" and fits_memory and not caches_shared()):
         return "memory"
     root = cache.root(fit_key)
     free = shutil.disk_usage(cache_dir()).free
     if needed * DISK_HEADROOM <= free:
-        if mode == "auto" and fits_memory:
-            logger.info("image cache: %d images on disk in %s, shared with the grid's other workers", missing, root)
-        elif mode == "auto":
+        if mode == "auto" and fits_memory:  # a grid worker: in memory, and on disk for the machine's other workers
+            logger.info("image cache: %d images also on disk in %s, shared with the grid's other workers", missing,
+                        root)
+            return "shared"
+        if mode == "auto":
             logger.info("image cache: %d images (%.0f MB) exceed the memory limit (MMPEFT_IMAGE_CACHE_MB=%d): "
                         "cached on disk in %s", missing, needed / 2 ** 20, memory_limit_bytes() // 2 ** 20, root)
         return "disk"

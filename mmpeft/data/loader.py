@@ -28,6 +28,7 @@ logger = logging.getLogger("mmpeft")
 
 MAX_AUTO_WORKERS = 4  # "auto" never starts more than this many workers per process
 PREFETCH_BATCHES = 4  # batches each worker keeps ready
+CPUS_ENV = "MMPEFT_CPUS"  # cores a grid cell may use (grid.cpus_per_cell), set in its worker's environment
 FILL_WORKERS_FROM = 32  # images to cache before decoding them in worker processes pays for starting them
 FILL_BATCH = 16
 
@@ -66,9 +67,12 @@ def current_settings() -> LoaderSettings:
 
 
 def available_cores() -> int:
-    """Cores this process may use, shared among the processes of a multi-process run."""
+    """Cores this process may use: shared among the processes of a multi-process run; a grid cell's CPU slots in a
+    grid worker (CPUS_ENV, set by the grid executors)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    cores = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    granted = os.environ.get(CPUS_ENV)
+    return min(cores, max(1, int(float(granted)))) if granted else cores
 
 
 def auto_workers(ready: bool) -> int:
@@ -198,21 +202,23 @@ def fill_cache(dataset: ImageDataset, indices: Sequence[int], settings: LoaderSe
         return False
     workers = 0
     if len(missing) >= FILL_WORKERS_FROM:
-        workers = settings.num_workers if settings.num_workers != "auto" else min(MAX_AUTO_WORKERS, available_cores())
+        cores = available_cores()  # one core: decoding here beats starting a worker to do it
+        auto = 0 if cores == 1 else min(MAX_AUTO_WORKERS, cores)
+        workers = settings.num_workers if settings.num_workers != "auto" else auto
     loader = DataLoader(_FitItems(dataset, missing[1:]), batch_size=FILL_BATCH, num_workers=workers,
                         collate_fn=list, generator=torch.Generator().manual_seed(0))
-    _store(dataset, missing[0], first, storage == "disk")
+    _store(dataset, missing[0], first, storage)
     for batch in tqdm(loader, desc=f"caching {len(missing)} images", leave=False,
                       disable=None if len(missing) >= FILL_WORKERS_FROM else True):
         for index, pixels in batch:
-            _store(dataset, index, pixels, storage == "disk")
+            _store(dataset, index, pixels, storage)
     return True
 
 
-def _store(dataset: ImageDataset, index: int, pixels: np.ndarray, disk: bool) -> None:
+def _store(dataset: ImageDataset, index: int, pixels: np.ndarray, storage: str) -> None:
     images = dataset.images
     location, version = images.entry(dataset.examples[index], index, dataset.shifts)
-    images.cache.put(images.key, location, version, pixels, disk)
+    images.cache.put(images.key, location, version, pixels, storage)
     images.cache.stats.fitted += 1
 
 

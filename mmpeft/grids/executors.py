@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mmpeft.core.io import SHARED_CACHES_ENV
+from mmpeft.data.loader import CPUS_ENV
 from mmpeft.grids.base import Cell, GridKind, GridSpec
 from mmpeft.grids.cells import failed_row, run_cell
 from mmpeft.runs.folder import METRICS_FILE
@@ -167,7 +168,8 @@ class ProcessExecutor(Executor):
         """The environment of each worker: its GPUs where there are GPUs, else only its thread count."""
         import torch
 
-        threads = {"OMP_NUM_THREADS": str(self.grid.threads_per_cell), SHARED_CACHES_ENV: "1"}
+        threads = {"OMP_NUM_THREADS": str(self.grid.threads_per_cell), SHARED_CACHES_ENV: "1",
+                   CPUS_ENV: str(self.grid.cpus_per_cell)}
         limit = min(self.grid.max_parallel or cells, cells)
         if torch.cuda.is_available():
             per = int(self.grid.gpus_per_cell)

@@ -13,17 +13,19 @@ import socket
 from pathlib import Path
 
 from mmpeft.core.io import SHARED_CACHES_ENV
+from mmpeft.data.loader import CPUS_ENV
 from mmpeft.grids.base import GRID_KINDS, Cell
 from mmpeft.grids.cells import error_message, failed_row, run_cell
 from mmpeft.grids.executors import Executor, Finished, Progress
 
 
-def ray_cell(kind_name: str, threads: int, cell: Cell) -> dict:
-    """A cell in a Ray worker: the same run_cell as every executor, with the grid's thread count."""
+def ray_cell(kind_name: str, threads: int, cpus: float, cell: Cell) -> dict:
+    """A cell in a Ray worker: the same run_cell as every executor, with the grid's thread and CPU counts."""
     import torch
 
     torch.set_num_threads(threads)
     os.environ[SHARED_CACHES_ENV] = "1"  # features and decoded images shared with the other workers of this node
+    os.environ[CPUS_ENV] = str(cpus)  # what its data loading may use
     import mmpeft.grids  # noqa: F401  (registers the kinds)
 
     return run_cell(GRID_KINDS.get(kind_name)(), cell)
@@ -81,7 +83,7 @@ class RayExecutor(Executor):
         while pending or running:
             while pending and len(running) < limit:
                 cell = pending.pop(0)
-                running[task.remote(self.kind.name, self.grid.threads_per_cell, cell)] = cell
+                running[task.remote(self.kind.name, self.grid.threads_per_cell, self.grid.cpus_per_cell, cell)] = cell
                 progress.started()
             (ref,), _ = ray.wait(list(running), num_returns=1)
             cell = running.pop(ref)
