@@ -76,6 +76,8 @@ def test_fitted_pixels_preprocess_exactly_as_the_processor(clip, tmp_path):
         expected = backbone.preprocess(photos)
         assert torch.equal(backbone.preprocess_fitted(fitted), expected)
         assert torch.equal(backbone.preprocess_fitted(fitted), expected)  # the lookup table after its check
+        backbone._finish_table = False  # as after a failed check: the processor finishes every batch
+        assert torch.equal(backbone.preprocess_fitted(fitted), expected)
         base = backbone.fit_image(photos[0], room=True)  # room to crop: larger than the input, aspect kept
         assert min(base.shape[:2]) > min(fitted[0].shape[:2]) and base.shape[1] > base.shape[0]
 
