@@ -214,6 +214,20 @@ def test_shipped_search_recipe_loads():
     assert setup.spec.budget.epochs and len(setup.entries) >= 2 and setup.compare.recipe.data.split.val > 0
 
 
+def test_plan_sizes_each_method_at_its_hungriest_settings(color_folder, tiny_clip_dir, root):
+    recipe = search_recipe(color_folder, tiny_clip_dir, root, "planned")
+    recipe["search"]["methods"].append({"name": "bottleneck", "reduction_factor": {"choices": [2, 16]}})
+    plans = {p["label"].split()[0]: p for p in mmpeft.plan(recipe, gpu_memory="24GiB")}
+    assert list(plans) == ["lora", "bitfit", "bottleneck"] and "of 4 extremes" in plans["lora"]["label"]
+
+    def trainable(method: dict) -> int:
+        base = {k: v for k, v in recipe.items() if k not in ("grid", "search")}
+        return mmpeft.plan({**base, "method": method}, gpu_memory="24GiB")[0]["trainable_params"]
+
+    assert plans["lora"]["trainable_params"] == trainable({"name": "lora", "r": 4, "alpha": 8})  # the larger r
+    assert plans["bottleneck"]["trainable_params"] == trainable({"name": "bottleneck", "reduction_factor": 2})
+
+
 def test_ray_tune_asha_search(color_folder, tiny_clip_dir, root):
     """grid.executor: ray: Ray Tune's ASHA stops trials at rungs; the same outputs; --resume restores the experiment."""
     pytest.importorskip("ray.tune")

@@ -165,7 +165,7 @@ class ProcessExecutor(Executor):
     probe: Path | None = None
 
     def slots(self, cells: int) -> list[dict[str, str]]:
-        """The environment of each worker: its threads, CPU slots and shared caches, and its GPUs where there are any."""
+        """Each worker's environment: its threads, CPU slots and shared caches, and its GPUs where there are any."""
         import torch
 
         threads = {"OMP_NUM_THREADS": str(self.grid.threads_per_cell), SHARED_CACHES_ENV: "1",

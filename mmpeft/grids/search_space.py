@@ -367,3 +367,26 @@ def _renamed(problem: str, indices: list[int]) -> str:
 
     return re.sub(r"grid\.methods\[(\d+)\]", lambda m: f"search.methods[{indices[int(m.group(1))]}]"
                   if int(m.group(1)) < len(indices) else m.group(0), problem)
+
+
+def extreme_recipes(setup: SearchSetup) -> list[tuple[str, list[Any]]]:
+    """(label, recipes) per searched method: a trial recipe at every combination of each searched key's lowest and
+    highest candidate (a larger `r` takes more memory, a larger `reduction_factor` less): among them is the most
+    memory one of its trials can take, what `mmpeft plan` sizes for a search recipe."""
+    import itertools
+
+    found = []
+    for entry in setup.entries:
+        extremes = [list(dict.fromkeys(_extremes(p))) for p in entry.params]
+        recipes = [trial_recipe(setup, entry, dict(zip([p.key for p in entry.params], combination)),
+                                Path(setup.compare.recipe.output.dir), entry.label)
+                   for combination in itertools.product(*extremes)]
+        found.append((entry.label, recipes))
+    return found
+
+
+def _extremes(param: Param) -> list:
+    candidates = param.candidates()
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in candidates):
+        return [min(candidates), max(candidates)]
+    return candidates  # names (e.g. towers): each of them

@@ -55,7 +55,24 @@ def plan(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None 
     """
     budget = parse_memory(gpu_memory) if gpu_memory is not None else _device_memory()
     device = "cuda" if gpu_memory is not None or torch.cuda.is_available() else "cpu"  # where the run would train
+    from mmpeft.specs import Recipe
+
+    if not isinstance(recipe, Recipe) and _has_section(recipe, "search"):
+        return search_plans(recipe, overrides, budget, device)
     return [plan_recipe(one, label, budget, device) for label, one in plan_targets(recipe, overrides)]
+
+
+def search_plans(recipe: str | Path | dict, overrides: list[str] | dict | None, budget: int | None,
+                 device: Device) -> list[dict]:
+    """Per method of a search space, the plan of its hungriest trial (the extremes of every searched key)."""
+    from mmpeft.grids.search_space import extreme_recipes, load_search_setup
+
+    plans = []
+    for label, recipes in extreme_recipes(load_search_setup(recipe, overrides)):
+        planned = [plan_recipe(one, f"{label} (most memory of {len(recipes)} extremes)", budget, device)
+                   for one in recipes]
+        plans.append(max(planned, key=lambda p: p["bytes"]["total"]))
+    return plans
 
 
 def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
@@ -64,7 +81,7 @@ def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict
     from mmpeft.runs.recipe import load_recipe
     from mmpeft.specs import Recipe
 
-    if isinstance(source, Recipe) or not _has_grid(source):
+    if isinstance(source, Recipe) or not _has_section(source, "grid"):
         loaded = load_recipe(source, overrides)
         return [(loaded.method.name, loaded)]
     from mmpeft.grids import load_setup
@@ -166,15 +183,15 @@ def _quantization(spec: Any, bits: int) -> Any:
     return dataclasses.replace(spec, bits=bits) if spec is not None else QuantizationSpec(bits=bits)
 
 
-def _has_grid(source: Any) -> bool:
+def _has_section(source: Any, section: str) -> bool:
     if isinstance(source, dict):
-        return "grid" in source
+        return section in source
     path = Path(source)
     if not path.is_file():
         return False
     from mmpeft.runs.recipe import read_yaml
 
-    return "grid" in read_yaml(path)  # a RecipeError names the file
+    return section in read_yaml(path)  # a RecipeError names the file
 
 
 def _device_memory() -> int | None:
