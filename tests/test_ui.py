@@ -18,6 +18,7 @@ pytest.importorskip("gradio", reason="mmpeft ui needs gradio: pip install 'mmpef
 
 from mmpeft.cli import check as cli_check  # noqa: E402
 from mmpeft.core.io import PROJECT_ROOT  # noqa: E402
+from mmpeft.ui import launch  # noqa: E402
 from mmpeft.ui.catalog import OutsideError, details, inside, scan  # noqa: E402
 from mmpeft.ui.compare import comparison_rows, markdown_table  # noqa: E402
 from mmpeft.ui.launch import Launcher, check_recipe  # noqa: E402
@@ -39,6 +40,24 @@ def test_scan_classifies_runs_grids_and_cells_with_their_numbers(ui_runs_dir):
              for c in ("linear_probe-seed0", "bitfit-seed0")]
     assert grid.accuracy == max(cells)  # the best method's mean over its (one) seed
     assert entries["grid/cells/bitfit-seed0"].kind == "cell"
+
+
+def test_a_search_in_its_trials_lists_them_with_it_and_resumes_as_a_search(ui_runs_dir, tmp_path):
+    root = tmp_path / "runs"
+    search = root / "search-colors"
+    shutil.copytree(ui_runs_dir / "lora-run", search / "trials" / "000-lora")  # a finished trial
+    recipe = yaml.safe_load((ui_runs_dir / "lora-run" / "recipe.yaml").read_text())
+    recipe.pop("method")
+    recipe["search"] = {"methods": [{"name": "lora", "r": {"choices": [2, 4]}}, "bitfit"], "budget": {"epochs": 9}}
+    (search / "search.yaml").write_text("# mmpeft search --resume runs/search-colors\n" + yaml.safe_dump(recipe))
+    entries = {e.path: e for e in scan(root)}
+    assert set(entries) == {"search-colors", "search-colors/trials/000-lora"}  # not a stray plain run
+    assert (entries["search-colors"].kind, entries["search-colors"].method) == ("search", "lora, bitfit")
+    assert entries["search-colors"].status == "interrupted"  # no live log: `mmpeft search --resume` continues it
+    trial = entries["search-colors/trials/000-lora"]
+    assert (trial.kind, trial.status) == ("trial", "finished")
+    assert details(root, "search-colors").recipe.startswith("# mmpeft search")
+    assert launch.RESUME_COMMANDS["search"] == "search"
 
 
 def test_unfinished_folders_read_as_running_interrupted_or_failed(ui_runs_dir, tmp_path):

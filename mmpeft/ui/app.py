@@ -119,7 +119,7 @@ class Workbench:
                 for r in self.launcher.launches()]
 
     def predict_sources(self) -> list[str]:
-        finished = [e.path for e in self.entries() if e.status == "finished" and e.kind in ("run", "cell")]
+        finished = [e.path for e in self.entries() if e.status == "finished" and e.kind in ("run", "cell", "trial")]
         exports = [p.parent.relative_to(self.runs_dir).as_posix() for p in self.runs_dir.glob(f"**/{MANIFEST}")]
         return finished + exports
 

@@ -5,6 +5,8 @@ The one reader of run folders for the web app (and testable without it). Shapes,
   continual  recipe.yaml with `tasks:` (+ state/ between tasks; metrics.json, report.md, *.png once finished)
   grid       compare.yaml (+ compare.log, cells/<cell>/ run folders, results.csv/json; summary.json, summary.md,
              report.md and *.png once finished); its first line names the command (compare, fewshot, search)
+  search     search.yaml (+ search.log, trials/<n>-<method>/ run folders, search/leaderboard.*); once its trials
+             are done, the grid of the chosen configurations in the same folder (compare.yaml, cells/)
 Status: finished (metrics.json, or a grid's summary.json), failed (a grid cell's error.txt, or a UI launch that
 ended with an error), running (a live UI launch, or a log written to in the last RUNNING_SECONDS), interrupted
 (anything else that stopped early: `--resume` continues it).
@@ -22,6 +24,7 @@ import yaml
 
 from mmpeft.grids.base import GRID_RECIPE
 from mmpeft.grids.cells import ERROR_FILE
+from mmpeft.grids.search import SEARCH_RECIPE
 from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE
 from mmpeft.sequences.runner import STATE_DIR
 
@@ -39,7 +42,7 @@ class OutsideError(ValueError):
 @dataclass
 class Entry:
     path: str  # relative to RUNS_DIR: what the table shows and what the UI passes back
-    kind: str  # run, cell, continual, compare, fewshot, regularisers, search
+    kind: str  # run, cell, trial, continual, compare, fewshot, regularisers, search
     recipe: str = ""
     backbone: str = ""
     method: str = ""
@@ -82,13 +85,21 @@ def _walk(root: Path, folder: Path, depth: int, entries: list[Entry], launches: 
         entry = classify(root, child, launches)
         if entry is not None:
             entries.append(entry)
-            if entry.kind not in ("run", "continual") and (child / "cells").is_dir():
-                for cell in sorted(p for p in (child / "cells").iterdir() if p.is_dir()):
-                    found = classify(root, cell, launches, cell=True)
-                    if found is not None:
-                        entries.append(found)
+            if entry.kind not in ("run", "continual"):
+                entries += _members(root, child, launches)
         elif depth + 1 < MAX_DEPTH:
             _walk(root, child, depth + 1, entries, launches)
+
+
+def _members(root: Path, folder: Path, launches: dict[str, str]) -> list[Entry]:
+    """A grid's cells and a search's trials, listed with it."""
+    found = []
+    for members in (folder / "cells", folder / "trials"):
+        for member in sorted(p for p in members.iterdir() if p.is_dir()) if members.is_dir() else ():
+            entry = classify(root, member, launches, cell=True)
+            if entry is not None:
+                found.append(entry)
+    return found
 
 
 def classify(root: Path, folder: Path, launches: dict[str, str] | None = None, cell: bool = False) -> Entry | None:
@@ -97,6 +108,8 @@ def classify(root: Path, folder: Path, launches: dict[str, str] | None = None, c
     launched = (launches or {}).get(relative)
     if (folder / GRID_RECIPE).is_file():
         return _grid_entry(folder, relative, launched)
+    if (folder / SEARCH_RECIPE).is_file():  # a search still in its trials
+        return _search_entry(folder, relative, launched)
     if (folder / RECIPE_FILE).is_file():
         return _run_entry(folder, relative, launched, cell)
     return None
@@ -106,7 +119,8 @@ def _run_entry(folder: Path, relative: str, launched: str | None, cell: bool) ->
     recipe = _read_yaml(folder / RECIPE_FILE)
     continual = "tasks" in recipe
     method = recipe.get("method") or {}
-    entry = Entry(relative, "continual" if continual else ("cell" if cell else "run"), str(recipe.get("name", "")),
+    kind = "continual" if continual else (("trial" if folder.parent.name == "trials" else "cell") if cell else "run")
+    entry = Entry(relative, kind, str(recipe.get("name", "")),
                   str((recipe.get("backbone") or {}).get("id", "")),
                   str(method.get("name", "")) if isinstance(method, dict) else str(method))
     metrics = _read_json(folder / METRICS_FILE)
@@ -150,6 +164,17 @@ def _grid_entry(folder: Path, relative: str, launched: str | None) -> Entry:
         entry.seconds = sum(float(r.get("train_seconds") or 0) for r in rows) or None
     else:
         entry.status = _unfinished_status(folder, folder / "compare.log", launched, resumable=True)
+    entry.modified = _modified(folder)
+    return entry
+
+
+def _search_entry(folder: Path, relative: str, launched: str | None) -> Entry:
+    recipe = _read_yaml(folder / SEARCH_RECIPE)
+    methods = (recipe.get("search") or {}).get("methods") or []
+    labels = [m.get("label", m.get("name", m.get("preset", ""))) if isinstance(m, dict) else str(m) for m in methods]
+    entry = Entry(relative, "search", str(recipe.get("name", "")), str((recipe.get("backbone") or {}).get("id", "")),
+                  ", ".join(labels))
+    entry.status = _unfinished_status(folder, folder / "search.log", launched, resumable=True)
     entry.modified = _modified(folder)
     return entry
 
@@ -205,15 +230,17 @@ def details(root: str | Path, relative: str, launches: dict[str, str] | None = N
     """Everything the report view shows for one folder of `root` (refusing folders outside it)."""
     root_path = Path(os.path.realpath(root))
     folder = inside(root_path, relative)
-    entry = classify(root_path, folder, launches, cell=folder.parent.name == "cells")
+    entry = classify(root_path, folder, launches, cell=folder.parent.name in ("cells", "trials"))
     if entry is None:
         raise FileNotFoundError(f"{relative!r} is not a run, grid or continual folder (no {RECIPE_FILE} or "
                                 f"{GRID_RECIPE} in {folder})")
     report_file = next((folder / n for n in ("report.md", "summary.md") if (folder / n).is_file()), None)
     report = strip_images(report_file.read_text()) if report_file else "*No report yet: the run has not finished.*"
     plots = sorted(folder.glob("*.png")) + sorted(folder.glob("icl/*.png"))
-    recipe_file = folder / (GRID_RECIPE if entry.kind not in ("run", "cell", "continual") else RECIPE_FILE)
-    log_file = next((p for p in (folder / "train.log", folder / "compare.log") if p.is_file()), None)
+    recipe_file = folder / {"run": RECIPE_FILE, "cell": RECIPE_FILE, "trial": RECIPE_FILE, "continual": RECIPE_FILE,
+                            "search": SEARCH_RECIPE}.get(entry.kind, GRID_RECIPE)
+    log_file = next((p for p in (folder / "train.log", folder / "compare.log", folder / "search.log")
+                     if p.is_file()), None)
     if log_file is None and launch_log is not None and launch_log.is_file():
         log_file = launch_log
     return Details(entry, report, plots, recipe_file.read_text(), tail(log_file, log_lines) if log_file else "",

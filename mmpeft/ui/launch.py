@@ -28,7 +28,7 @@ from mmpeft.ui.catalog import UI_DIR, inside
 from mmpeft.validation import recipe_command
 
 RESUME_COMMANDS = {"run": "run", "cell": "run", "continual": "continual", "compare": "compare", "fewshot": "fewshot",
-                   "regularisers": "compare"}
+                   "regularisers": "compare", "search": "search"}
 
 
 @dataclass
