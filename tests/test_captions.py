@@ -129,8 +129,10 @@ def test_caption_table_errors_name_the_fix(tmp_path, tiny_clip_dir):
 # --- WebDataset shards ------------------------------------------------------------------------------------------
 
 
-def write_shards(root: Path, prefix: str, rows, images: Path, per_shard: int, json_meta: bool = False) -> str:
-    """Shards as webdataset's ShardWriter writes them: `key.png` + `key.txt` (or `key.json`) per sample."""
+def write_shards(root: Path, prefix: str, rows, images: Path, per_shard: int, json_meta: bool = False,
+                 member: str = "txt") -> str:
+    """Shards as webdataset's ShardWriter writes them: `key.png` + `key.txt` (the caption; `member="cls"`: the colour
+    as the label, ImageNet-style), or `key.json` holding both, per sample."""
     import webdataset as wds
 
     with wds.ShardWriter(str(root / f"{prefix}-%04d.tar"), maxcount=per_shard, verbose=0) as sink:
@@ -139,7 +141,7 @@ def write_shards(root: Path, prefix: str, rows, images: Path, per_shard: int, js
             if json_meta:
                 sample["json"] = json.dumps({"caption": caption, "colour": colour}).encode()
             else:
-                sample["txt"] = caption
+                sample[member] = colour if member == "cls" else caption
             sink.write(sample)
     count = -(-len(rows) // per_shard)
     return str(root / f"{prefix}-{{0000..{count - 1:04d}}}.tar")

@@ -8,7 +8,7 @@ import logging
 import re
 
 import pytest
-from test_captions import SHADES, caption_recipe, captioned_images, write_shards
+from test_captions import SHADES, caption_recipe, captioned_images, shards, write_shards  # noqa: F401
 
 import mmpeft
 from mmpeft.core.schema import RecipeError
@@ -20,13 +20,9 @@ from mmpeft.train import Callback, Trainer
 
 
 @pytest.fixture(scope="module")
-def stream_shards(tmp_path_factory) -> tuple[str, str]:
-    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
-    root = tmp_path_factory.mktemp("stream")
-    train = write_shards(root, "train", captioned_images(root / "img", 24, seed=0), root / "img", per_shard=6)
-    held_out = write_shards(root, "eval", captioned_images(root / "img", 12, seed=1), root / "img", per_shard=12,
-                            json_meta=True)
-    return train, held_out
+def stream_shards(request) -> tuple[str, str]:
+    """test_captions' shards (24 training samples in 4 shards, 12 held out with json members), streamed here."""
+    return request.getfixturevalue("shards")
 
 
 def stream_data(train: str, held_out: str, **data) -> dict:
@@ -273,30 +269,15 @@ def test_missing_shards_are_clear_errors(tmp_path, stream_shards):
 # --- labelled streams (classification) ----------------------------------------------------------------------------
 
 
-def write_labelled(root, prefix: str, rows, images, per_shard: int, json_label: bool = False) -> str:
-    """ImageNet-style shards: `key.png` + `key.cls` (or a json with a `colour` label and a caption)."""
-    import webdataset as wds
-
-    with wds.ShardWriter(str(root / f"{prefix}-%04d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i, (name, caption, colour) in enumerate(rows):
-            sample = {"__key__": f"sample{i:05d}", "png": (images / name).read_bytes()}
-            if json_label:
-                sample["json"] = json.dumps({"caption": caption, "colour": colour}).encode()
-            else:
-                sample["cls"] = colour
-            sink.write(sample)
-    return str(root / f"{prefix}-{{0000..{-(-len(rows) // per_shard) - 1:04d}}}.tar")
-
-
 @pytest.fixture(scope="module")
 def labelled_shards(tmp_path_factory) -> tuple[str, str, str]:
     """(train: .cls, eval: json labels in 'colour', val: .cls) of the red/green/blue images."""
     pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
     root = tmp_path_factory.mktemp("labelled")
     images = root / "img"
-    train = write_labelled(root, "train", captioned_images(images, 24, seed=0), images, per_shard=6)
-    held_out = write_labelled(root, "eval", captioned_images(images, 12, seed=1), images, 12, json_label=True)
-    val = write_labelled(root, "val", captioned_images(images, 6, seed=2), images, per_shard=6)
+    train = write_shards(root, "train", captioned_images(images, 24, seed=0), images, per_shard=6, member="cls")
+    held_out = write_shards(root, "eval", captioned_images(images, 12, seed=1), images, 12, json_meta=True)
+    val = write_shards(root, "val", captioned_images(images, 6, seed=2), images, per_shard=6, member="cls")
     return train, held_out, val
 
 

@@ -266,31 +266,33 @@ def outside_classes(name: str, label: str, source: StreamSource) -> str:
 def label_of(sample: dict[str, Any], label_column: str) -> str | None:
     """`cls`, else the json's `data.label_column` field (as the indexed reader reads labels)."""
     label = _text(sample.get("cls"))
-    if label or "json" not in sample:
-        return label or None
-    try:
-        meta = json.loads(sample["json"])
-    except ValueError:
-        return None
-    value = meta.get(label_column) if isinstance(meta, dict) else None
+    if label:
+        return label
+    value = json_meta(sample).get(label_column)
     return None if value in (None, "") else str(value)
 
 
 def caption_of(sample: dict[str, Any], text_column: str) -> str | None:
     """`txt`, else the json's `data.text_column` or `caption` field."""
     text = _text(sample.get("txt"))
-    if text or "json" not in sample:
-        return text or None
-    try:
-        meta = json.loads(sample["json"])
-    except ValueError:
-        return None
-    if not isinstance(meta, dict):
-        return None
+    if text:
+        return text
+    meta = json_meta(sample)
     for name in (text_column, "caption"):
         if meta.get(name) not in (None, ""):
             return str(meta[name]).strip() or None
     return None
+
+
+def json_meta(sample: dict[str, Any]) -> dict:
+    """The sample's json member as an object, parsed once per sample ({} when absent, invalid or not an object)."""
+    if "__json__" not in sample:
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except ValueError:
+            meta = {}
+        sample["__json__"] = meta if isinstance(meta, dict) else {}
+    return sample["__json__"]
 
 
 def problem(sample: dict[str, Any], source: StreamSource | str) -> str:
