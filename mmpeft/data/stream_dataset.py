@@ -18,6 +18,7 @@ import io
 import logging
 import random
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import torch
@@ -85,7 +86,7 @@ class StreamDataset(IterableDataset):
         stream = self.positions(max(self.skip - 1, 0))
         after = sample_name(next(stream)[1]) if self.skip > 0 else None
         for size in self.sizes:
-            batch = [self.item(*fields) for fields in _take(stream, size)]
+            batch = [self.item(*fields) for fields in islice(stream, size)]
             if len(batch) < size:
                 raise DataError(f"stream {self.source.where!r} ended {size - len(batch)} samples early")
             if after is not None:
@@ -108,14 +109,6 @@ class StreamDataset(IterableDataset):
         item = {"image": image, "label": label, "index": position, "key": name,
                 "shard": shard_name(str(sample.get("__url__"))), "offset": int(sample["__offset__"])}
         return item if caption is None else {**item, "text": caption}
-
-
-def _take(stream: Iterator, count: int) -> Iterator:
-    for _ in range(count):
-        try:
-            yield next(stream)
-        except StopIteration:
-            return
 
 
 class StreamCollator:

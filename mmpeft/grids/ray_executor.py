@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mmpeft.core.io import SHARED_CACHES_ENV
 from mmpeft.data.loader import CPUS_ENV
-from mmpeft.grids.base import GRID_KINDS, Cell
+from mmpeft.grids.base import GRID_KINDS, Cell, GridSpec
 from mmpeft.grids.cells import error_message, failed_row, run_cell
 from mmpeft.grids.executors import Executor, Finished, Progress
 
@@ -38,44 +40,55 @@ def warm_up() -> None:
     import mmpeft.grids  # noqa: F401
 
 
+@contextmanager
+def ray_session(grid: GridSpec) -> Iterator[None]:
+    """Ray for a grid or a search: the running one if this process already called ray.init (left running), else a
+    local one (no dashboard) or the cluster grid.ray_address names, shut down at the end."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        if grid.ray_address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
+        ray.init(address=grid.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def cell_gpus(ray, grid: GridSpec) -> float:
+    """GPUs a cell or trial asks for: grid.gpus_per_cell where the cluster has GPUs, else none."""
+    return grid.gpus_per_cell if ray.cluster_resources().get("GPU", 0) > 0 else 0
+
+
 def sees(path: str) -> tuple[str, bool]:
     return socket.gethostname(), Path(path).is_file()
 
 
 class RayExecutor(Executor):
     def __enter__(self) -> RayExecutor:
-        import ray
-
-        self.started = not ray.is_initialized()
-        if self.started:
-            if self.grid.ray_address is None:
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
-            ray.init(address=self.grid.ray_address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+        self.session = ray_session(self.grid)
+        self.session.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        import ray
-
-        if self.started:
-            ray.shutdown()
+        self.session.__exit__(*exc)
 
     def start(self, cells: list[Cell]) -> None:
         """One warm-up task per cell slot, so the workers that will run cells import while the driver works."""
         import ray
 
-        gpus = self.gpus(ray)
+        gpus = cell_gpus(ray, self.grid)
         slots = min(self.grid.max_parallel or self.capacity(ray, gpus), len(self.unfinished(cells)))
         self.warming = [ray.remote(num_cpus=self.grid.cpus_per_cell, num_gpus=gpus, max_retries=0)(warm_up).remote()
                         for _ in range(slots)]
 
-    def gpus(self, ray) -> float:
-        return self.grid.gpus_per_cell if ray.cluster_resources().get("GPU", 0) > 0 else 0
-
     def run_todo(self, cells: list[Cell], progress: Progress, finished: Finished) -> None:
         import ray
 
-        gpus = self.gpus(ray)
+        gpus = cell_gpus(ray, self.grid)
         task = ray.remote(num_cpus=self.grid.cpus_per_cell, num_gpus=gpus, max_retries=0)(ray_cell)
         self.check_shared(ray)
         limit = self.grid.max_parallel or self.capacity(ray, gpus)

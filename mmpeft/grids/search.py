@@ -21,13 +21,21 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
 from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError, to_plain
 from mmpeft.grids.base import resolved_yaml
-from mmpeft.grids.search_space import MISSING_OPTUNA, SearchEntry, SearchSetup, load_search_setup, trial_recipe
+from mmpeft.grids.search_space import (
+    MISSING_OPTUNA,
+    SearchEntry,
+    SearchSetup,
+    load_search_setup,
+    trial_recipe,
+    val_score,
+)
 from mmpeft.runs.folder import log_to
 from mmpeft.train import Callback
 
@@ -196,10 +204,7 @@ class TrialReporter(Callback):
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
         epoch, seconds = metrics["epoch"], time.perf_counter() - self.tic
-        if self.metric not in metrics:
-            raise ValueError(f"search.metric: {self.metric} was not reported: this trial has no labelled validation "
-                             "split")
-        self.trial.report(metrics[self.metric], epoch)
+        self.trial.report(val_score(metrics, self.metric), epoch)
         self.trial.set_user_attr("epochs", epoch)
         self.trial.set_user_attr("seconds", round(seconds, 3))
         if epoch >= trainer.spec.epochs:
@@ -328,10 +333,7 @@ def _state(trial) -> str:
 
 
 def _states(rows: list[dict]) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for row in rows:
-        found[row["state"]] = found.get(row["state"], 0) + 1
-    return found
+    return dict(Counter(row["state"] for row in rows))
 
 
 def _budget_text(setup: SearchSetup, trials) -> str:

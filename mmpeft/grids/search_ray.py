@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from mmpeft.core.io import write_json
-from mmpeft.grids.search_space import SearchSetup, trial_recipe
+from mmpeft.grids.ray_executor import cell_gpus, ray_session
+from mmpeft.grids.search_space import SearchSetup, trial_recipe, val_score
 from mmpeft.train import Callback
 
 logger = logging.getLogger("mmpeft")
@@ -77,10 +77,8 @@ class TuneReporter(Callback):
         self.trainable = count_parameters(trainer.backbone)["trainable"]
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
-        if self.metric not in metrics:
-            raise ValueError(f"search.metric: {self.metric} was not reported: this trial has no labelled validation "
-                             "split")
-        self.last = {"epoch": metrics["epoch"], self.metric: metrics[self.metric], "trainable_params": self.trainable,
+        self.last = {"epoch": metrics["epoch"], self.metric: val_score(metrics, self.metric),
+                     "trainable_params": self.trainable,
                      "train_seconds": round(trainer.progress.train_seconds, 3),
                      "seconds": round(time.perf_counter() - self.tic, 3), "dir": self.folder}
         if metrics["epoch"] < trainer.spec.epochs:  # the last epoch is reported once the run folder is complete:
@@ -151,23 +149,12 @@ def ray_trials(setup: SearchSetup, grid_dir: Path) -> list[dict]:
     """Run (or continue) the trials on Ray; one record per trial that ran, as mmpeft.grids.search.study_records."""
     import ray
 
-    grid_dir = grid_dir.resolve()
-    started = not ray.is_initialized()
-    if started:
-        if setup.compare.grid.ray_address is None:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
-        ray.init(address=setup.compare.grid.ray_address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    try:
-        grid = setup.compare.grid
-        gpus = grid.gpus_per_cell if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    grid_dir, grid = grid_dir.resolve(), setup.compare.grid
+    with ray_session(grid):
         trainable = tune.with_resources(tune.with_parameters(ray_trial, setup=setup, folder=str(grid_dir / "trials")),
-                                        {"cpu": grid.cpus_per_cell, "gpu": gpus})
+                                        {"cpu": grid.cpus_per_cell, "gpu": cell_gpus(ray, grid)})
         results = make_tuner(setup, grid_dir, trainable).fit()
         return records(setup, results, grid_dir)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def records(setup: SearchSetup, results, grid_dir: Path) -> list[dict]:

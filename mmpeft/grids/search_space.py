@@ -139,6 +139,13 @@ class SearchSetup:
                                "use another output.name for a new search"])
 
 
+def val_score(metrics: dict, metric: str) -> float:
+    """A trial epoch's score for the scheduler; a run without a labelled validation split has none to give."""
+    if metric not in metrics:
+        raise ValueError(f"search.metric: {metric} was not reported: this trial has no labelled validation split")
+    return metrics[metric]
+
+
 def trial_recipe(setup: SearchSetup, entry: SearchEntry, values: dict, folder: Path, name: str):
     """The shared recipe with the trial's method and train changes, the grid's split, validation only."""
     from mmpeft.grids.method_setup import MethodEntry, shared_data, train_changes
