@@ -185,3 +185,16 @@ def test_regulariser_ranges(override, expected):
 
     with pytest.raises(RecipeError, match=re.escape(expected)):
         load_continual_recipe("recipes/continual-ewc.yaml", [override])
+
+
+def test_overrides_index_into_lists_and_name_a_bad_index():
+    two = {**BASE, "data": {"templates": ["a {label}.", "the {label}."]}}
+    recipe = load_recipe(two, ["data.templates.1=b {label}."])
+    assert recipe.data.templates == ("a {label}.", "b {label}.")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe({**BASE, "data": {"templates": ["a {label}."] * 300}}, ["data.templates.7x=c {label}."])
+    message = str(caught.value)
+    assert "override data.templates.7x: '7x' is not an index of data.templates (it has 300 items: 0 to 299)" in message
+    assert len(message) < 300  # the 300 templates are not printed
+    with pytest.raises(RecipeError, match=r"override train.epochs.x: train.epochs is not a section \(it is 5\)"):
+        load_recipe(BASE, ["train.epochs=5", "train.epochs.x=1"])

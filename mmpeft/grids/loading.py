@@ -15,7 +15,7 @@ from typing import Any
 
 from mmpeft.core.schema import RecipeError, build, did_you_mean
 from mmpeft.grids.base import COMMAND_KINDS, EXECUTORS, GRID_KINDS, Cell, GridSpec, kind_of
-from mmpeft.runs.recipe import _set_path, parse_overrides, read_yaml
+from mmpeft.runs.recipe import parse_overrides, read_yaml, set_override
 
 
 def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = None, command: str = "compare") -> Any:
@@ -48,7 +48,7 @@ def read_with_section(source: str | Path | dict, overrides: list[str] | dict | N
     for key, value in parse_overrides(overrides).items():
         if key == section or key.startswith(f"{section}."):
             holder = {section: part if isinstance(part, dict) else {}}
-            _set_path(holder, key, value)
+            set_override(holder, key, value)
             part = holder[section]
         else:
             rest[key] = value

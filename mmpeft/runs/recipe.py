@@ -35,7 +35,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict 
         data = copy.deepcopy(source)
     data = resolve_presets(data, base_dir)
     for key, value in parse_overrides(overrides).items():
-        _set_path(data, key, value)
+        set_override(data, key, value)
     data = resolve_presets(data, base_dir)  # an override may name a preset
     return validate(data, base_dir, label)
 
@@ -228,19 +228,35 @@ def parse_overrides(overrides: list[str] | dict | None) -> dict[str, Any]:
     return parsed
 
 
-def _set_path(data: dict, dotted: str, value: Any) -> None:
+def set_override(data: dict, dotted: str, value: Any,
+                 expand_name: typing.Callable[[str, str], dict] | None = None) -> None:
+    """`train.epochs=3`; a number indexes into a list (`grid.methods.1.r=16`, `tasks.1.shift=[rot90]`); a section
+    written as a name (`method: lora-r8`) is first made its mapping by `expand_name(key, name)` (presets by default)."""
+    expand_name = expand_name or _expand_method
     keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        child = node.get(key)
-        if isinstance(child, str) and key == "method":
-            child = node[key] = resolve_presets({"method": child}, Path.cwd())["method"]
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise RecipeError([f"override {dotted}: {key!r} is not a section (it is {child!r})"])
-        node = child
-    node[keys[-1]] = value
+    node: Any = data
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth])
+        index: Any = key
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError([f"override {dotted}: {key!r} is not an index of {where} (it has {len(node)} "
+                                   f"items: 0 to {len(node) - 1})"])
+            index = int(key)
+        elif not isinstance(node, dict):
+            raise RecipeError([f"override {dotted}: {where} is not a section (it is {show(node)})"])
+        if depth == len(keys) - 1:
+            node[index] = value
+            return
+        child = node[index] if isinstance(node, list) else node.get(index)
+        if isinstance(child, str):
+            child = expand_name(key, child)
+        node[index] = {} if child is None else child
+        node = node[index]
+
+
+def _expand_method(key: str, name: str) -> Any:
+    return resolve_presets({"method": name}, Path.cwd())["method"] if key == "method" else name
 
 
 MAX_ALIAS_NODES = 10_000  # values an alias may repeat, in all: a recipe repeats a few; an alias bomb, billions

@@ -19,7 +19,7 @@ from typing import Any
 from mmpeft.core.schema import RecipeError, build, did_you_mean, to_plain
 from mmpeft.data.shifts import parse_shift
 from mmpeft.methods import METHODS
-from mmpeft.runs.recipe import load_recipe, parse_overrides, read_yaml, resolve_presets
+from mmpeft.runs.recipe import load_recipe, parse_overrides, read_yaml, resolve_presets, set_override
 from mmpeft.sequences.regularisers import REGULARISERS
 from mmpeft.sequences.spec import ContinualRecipe, Task
 from mmpeft.specs import DataSpec, Recipe
@@ -61,7 +61,10 @@ def load_continual_recipe(source: str | Path | dict | ContinualRecipe,
     base_overrides: dict[str, Any] = {}
     for key, value in parse_overrides(overrides).items():
         if key.split(".")[0] in CONTINUAL_KEYS:
-            _set_path(continual, key, value, problems)
+            try:
+                set_override(continual, key, value, _expand_regulariser)
+            except RecipeError as error:
+                problems.extend(error.problems)
         else:
             base_overrides[key] = value
     recipe = None
@@ -193,26 +196,6 @@ def _deep_merge(base: dict, changes: dict) -> dict:
     return merged
 
 
-def _set_path(data: dict, dotted: str, value: Any, problems: list[str]) -> None:
-    """`regulariser.strength=10`, `tasks.1.shift=[rot90]`: a number indexes into a list."""
-    keys = dotted.split(".")
-    node: Any = data
-    for depth, key in enumerate(keys):
-        where = ".".join(keys[:depth])
-        index: Any = key
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                problems.append(f"override {dotted}: {key!r} is not an index of {where} (it has {len(node)} items)")
-                return
-            index = int(key)
-        elif not isinstance(node, dict):
-            problems.append(f"override {dotted}: {where} is not a section (it is {node!r})")
-            return
-        if depth == len(keys) - 1:
-            node[index] = value
-            return
-        child = node[index] if isinstance(node, list) else node.get(index)
-        if isinstance(child, str) and key == "regulariser":
-            child = {"name": child}  # `regulariser: ewc` written as a name, then a setting overridden
-        node[index] = {} if child is None else child
-        node = node[index]
+def _expand_regulariser(key: str, name: str) -> Any:
+    """`regulariser: ewc` written as a name, then a setting overridden."""
+    return {"name": name} if key == "regulariser" else name
