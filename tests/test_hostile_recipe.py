@@ -187,7 +187,7 @@ def test_regulariser_ranges(override, expected):
         load_continual_recipe("recipes/continual-ewc.yaml", [override])
 
 
-def test_overrides_index_into_lists_and_name_a_bad_index():
+def test_overrides_index_into_lists_and_name_a_bad_index(capsys):
     two = {**BASE, "data": {"templates": ["a {label}.", "the {label}."]}}
     recipe = load_recipe(two, ["data.templates.1=b {label}."])
     assert recipe.data.templates == ("a {label}.", "b {label}.")
@@ -198,3 +198,5 @@ def test_overrides_index_into_lists_and_name_a_bad_index():
     assert len(message) < 300  # the 300 templates are not printed
     with pytest.raises(RecipeError, match=r"override train.epochs.x: train.epochs is not a section \(it is 5\)"):
         load_recipe(BASE, ["train.epochs=5", "train.epochs.x=1"])
+    assert main(["check", "recipes/compare-methods.yaml", "grid.methods.1.r=16"]) == 0  # entry 1 is `lora`
+    assert "- name: lora\n    r: 16\n  - dora" in capsys.readouterr().out

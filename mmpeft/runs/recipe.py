@@ -229,9 +229,10 @@ def parse_overrides(overrides: list[str] | dict | None) -> dict[str, Any]:
 
 
 def set_override(data: dict, dotted: str, value: Any,
-                 expand_name: typing.Callable[[str, str], dict] | None = None) -> None:
+                 expand_name: typing.Callable[[list[str], str], Any] | None = None) -> None:
     """`train.epochs=3`; a number indexes into a list (`grid.methods.1.r=16`, `tasks.1.shift=[rot90]`); a section
-    written as a name (`method: lora-r8`) is first made its mapping by `expand_name(key, name)` (presets by default)."""
+    written as a name (`method: lora-r8`) is first made its mapping by `expand_name(path, name)` (presets by
+    default)."""
     expand_name = expand_name or _expand_method
     keys = dotted.split(".")
     node: Any = data
@@ -250,13 +251,15 @@ def set_override(data: dict, dotted: str, value: Any,
             return
         child = node[index] if isinstance(node, list) else node.get(index)
         if isinstance(child, str):
-            child = expand_name(key, child)
+            child = expand_name(keys[:depth + 1], child)
         node[index] = {} if child is None else child
         node = node[index]
 
 
-def _expand_method(key: str, name: str) -> Any:
-    return resolve_presets({"method": name}, Path.cwd())["method"] if key == "method" else name
+def _expand_method(path: list[str], name: str) -> Any:
+    """`method: lora-r8` and a grid's `methods: [lora, ...]` entries are presets or method names."""
+    is_method = path[-1] == "method" or (len(path) > 1 and path[-2] == "methods" and path[-1].isdigit())
+    return resolve_presets({"method": name}, Path.cwd())["method"] if is_method else name
 
 
 MAX_ALIAS_NODES = 10_000  # values an alias may repeat, in all: a recipe repeats a few; an alias bomb, billions

@@ -196,6 +196,6 @@ def _deep_merge(base: dict, changes: dict) -> dict:
     return merged
 
 
-def _expand_regulariser(key: str, name: str) -> Any:
+def _expand_regulariser(path: list[str], name: str) -> Any:
     """`regulariser: ewc` written as a name, then a setting overridden."""
-    return {"name": name} if key == "regulariser" else name
+    return {"name": name} if path[-1] == "regulariser" else name
