@@ -200,3 +200,11 @@ def test_overrides_index_into_lists_and_name_a_bad_index(capsys):
         load_recipe(BASE, ["train.epochs=5", "train.epochs.x=1"])
     assert main(["check", "recipes/compare-methods.yaml", "grid.methods.1.r=16"]) == 0  # entry 1 is `lora`
     assert "- name: lora\n    r: 16\n  - dora" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tasks", ["3", "{a: 1}", "null"])
+def test_continual_tasks_that_are_not_a_list(tasks):
+    from mmpeft.sequences.tasks import load_continual_recipe
+
+    with pytest.raises(RecipeError, match="tasks: required, a list of at least one task"):
+        load_continual_recipe("recipes/continual-ewc.yaml", [f"tasks={tasks}"])

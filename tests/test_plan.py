@@ -186,3 +186,27 @@ def test_hub_id_with_only_its_config_cached(tiny_clip_dir, color_folder, tmp_pat
     assert any("no tokenizer" in note for note in planned["notes"])
     with pytest.raises(PlanError, match="cached: someorg/clip-small"):
         plan(recipe_data("someorg/other", color_folder))
+
+
+@pytest.mark.parametrize(("regulariser", "tasks", "copies"), [
+    ("naive", 2, 0), ("l2sp", 2, 1), ("ewc", 2, 2), ("ewc", 3, 4), ("online_ewc", 3, 2),
+    ("adapter_per_task", 3, 3), ("replay", 2, 0),
+])
+def test_continual_plan_adds_what_the_regulariser_holds(regulariser, tasks, copies, capsys):
+    three = '[{classes: ["0","1","2"]}, {classes: ["3","4","5"]}, {classes: ["6","7","8","9"]}]'
+    overrides = [f"regulariser={regulariser}"] + ([f"tasks={three}"] if tasks == 3 else [])
+    planned = plan("recipes/continual-ewc.yaml", overrides)
+    alone = plan("recipes/continual-ewc.yaml", ["regulariser=naive"])[0]["bytes"]
+    assert [p["label"] for p in planned] == [f"lora + {regulariser}"]
+    held = planned[0]["bytes"]
+    assert held["gradients"] > 0 and held["regulariser"] == copies * held["gradients"]
+    assert held["peak"] - alone["peak"] == held["regulariser"]
+    assert main(["plan", "recipes/continual-ewc.yaml", *overrides]) == 0
+    assert ("regulariser state" in capsys.readouterr().out) == (copies > 0)
+
+
+def test_regulariser_grid_plans_each_regulariser():
+    plans = plan("recipes/compare-regularisers.yaml")
+    labels = [p["label"] for p in plans]
+    assert labels == ["lora + naive", "lora + ewc", "lora + lwf", "lora + replay"]
+    assert plans[1]["bytes"]["regulariser"] == 2 * plans[1]["bytes"]["gradients"]

@@ -98,7 +98,7 @@ class GridKind(ABC):
 
     @abstractmethod
     def trained_recipes(self, setup: Any) -> list[tuple[str, Any]]:
-        """(label, Recipe) per distinct training setup: what the planner sizes."""
+        """(label, Recipe or ContinualRecipe) per distinct training setup: what the planner sizes."""
 
     def check(self, setup: Any) -> dict:
         """Checks that need more than the recipe (the backbone's family, ...), before anything is written; returns

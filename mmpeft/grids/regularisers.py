@@ -250,8 +250,10 @@ class RegularisersKind(GridKind):
         return {"dir": str(grid_dir), "rows": rows, "summary": summary_json(groups)}
 
     def trained_recipes(self, setup: RegulariserSetup) -> list[tuple[str, Any]]:
-        """One method, trained under every regulariser."""
-        return [(setup.recipe.recipe.method.name, setup.recipe.recipe)]
+        """One method, trained under every regulariser: one sequence per entry (their held state differs)."""
+        method = setup.recipe.recipe.method.name
+        return [(f"{method} + {entry.label}", setup.recipe.replace(regulariser=entry.config))
+                for entry in setup.regularisers]
 
 
 def first_metrics(cells: list[Cell], rows: list[dict]) -> dict | None:

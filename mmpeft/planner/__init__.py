@@ -41,6 +41,7 @@ from mmpeft.planner.units import format_bytes, parse_memory
 
 if TYPE_CHECKING:
     from mmpeft.data import LabelSet
+    from mmpeft.sequences import ContinualRecipe
     from mmpeft.specs import DataSpec, Recipe
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,12 +77,19 @@ def search_plans(recipe: str | Path | dict, overrides: list[str] | dict | None, 
 
 
 def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
-                 ) -> list[tuple[str, Recipe]]:
-    """(label, recipe) per method: the recipe's own, or each entry of a compare recipe's `grid.methods`."""
+                 ) -> list[tuple[str, Recipe | ContinualRecipe]]:
+    """(label, recipe) per method: the recipe's own, or each entry of a compare recipe's `grid.methods` (a
+    continual recipe, or a regulariser grid's entries, as sequences)."""
     from mmpeft.runs.recipe import load_recipe
+    from mmpeft.sequences import load_continual_recipe
     from mmpeft.specs import Recipe
 
-    if isinstance(source, Recipe) or not _has_section(source, "grid"):
+    if isinstance(source, Recipe):
+        return [(source.method.name, source)]
+    if not _has_section(source, "grid"):
+        if _has_section(source, "tasks"):
+            sequence = load_continual_recipe(source, overrides)
+            return [(f"{sequence.recipe.method.name} + {sequence.regulariser.name}", sequence)]
         loaded = load_recipe(source, overrides)
         return [(loaded.method.name, loaded)]
     from mmpeft.grids import load_setup
@@ -91,10 +99,17 @@ def plan_targets(source: str | Path | dict | Recipe, overrides: list[str] | dict
     return kind_of(setup).trained_recipes(setup)
 
 
-def plan_recipe(recipe: Recipe, label: str | None = None, budget: int | None = None, device: Device = "cuda") -> dict:
-    """The plan of one validated recipe as a plain dict (`device`: whose allocator and optimizer the step runs on)."""
+def plan_recipe(recipe: Recipe | ContinualRecipe, label: str | None = None, budget: int | None = None,
+                device: Device = "cuda") -> dict:
+    """The plan of one validated recipe as a plain dict (`device`: whose allocator and optimizer the step runs on);
+    a sequence's plan is its last task's step, with the regulariser's copies of the trainable parameters."""
     from mmpeft.methods import METHODS
+    from mmpeft.sequences import ContinualRecipe
 
+    copies, held = 0, ""
+    if isinstance(recipe, ContinualRecipe):
+        copies, held = regulariser_state(recipe)
+        recipe = recipe.recipe
     method = METHODS.get(recipe.method.name)
     meta = build_meta_backbone(recipe, plan_labels(recipe.data))
     train, quant = recipe.train, recipe.backbone.quantization
@@ -106,7 +121,7 @@ def plan_recipe(recipe: Recipe, label: str | None = None, budget: int | None = N
     for bits in (4, 8):
         weights[bits] = weight_bytes(meta, _quantization(quant, bits), method.trains)
     figures = Figures(weights, trainable_sizes(meta.backbone) if method.trains else [],
-                      Activations(shape.batch, *traces), shape.channels * shape.image_size ** 2 * 4, device)
+                      Activations(shape.batch, *traces), shape.channels * shape.image_size ** 2 * 4, device, copies)
     settings = Settings(train.batch_size, train.gradient_checkpointing, quant.bits if quant else None, train.optimizer)
     current = estimate(figures, settings)
     counts = count_parameters(meta.backbone)  # the same count a run reports
@@ -120,7 +135,7 @@ def plan_recipe(recipe: Recipe, label: str | None = None, budget: int | None = N
         "text_rows": shape.text_rows, "text_length": shape.text_length, "objective": train.objective,
         "gradient_checkpointing": settings.checkpointing, "optimizer": train.optimizer,
         "mixed_precision": train.mixed_precision, "device": device,
-        "bytes": dataclasses.asdict(current),
+        "bytes": dataclasses.asdict(current), "regulariser_state": held,
         "activations_by_checkpointing": {False: figures.activations.kept(settings.batch, False),
                                          True: figures.activations.kept(settings.batch, True)},
         "budget": budget, "fits": None if budget is None else current.total <= budget,
@@ -132,6 +147,15 @@ def plan_recipe(recipe: Recipe, label: str | None = None, budget: int | None = N
         if not result["fits"]:
             result["suggestions"] = suggestions(figures, settings, budget, method.quantized_bits)
     return result
+
+
+def regulariser_state(sequence: ContinualRecipe) -> tuple[int, str]:
+    """Copies of the trainable parameters the sequence's regulariser holds at its last task, and what they are."""
+    from mmpeft.sequences.regularisers import REGULARISERS
+
+    config = sequence.regulariser
+    copies, what = REGULARISERS.get(config.name).state_copies(config, len(sequence.tasks))
+    return copies, f"{config.name}: {what}, {copies} x the trainable parameters"
 
 
 def plan_labels(spec: DataSpec) -> LabelSet:

@@ -57,6 +57,7 @@ class Figures:
     activations: Activations
     input_per_sample: int  # bytes of one example's pixels
     device: Device = "cuda"
+    state_copies: int = 0  # copies of the trainable parameters held beside the model (a regulariser's anchors)
 
     def gradients(self) -> int:
         return sum(n * size for n, size in self.trainable)
@@ -115,6 +116,7 @@ class Estimate:
     activations: int
     workspace: int
     step_buffers: int
+    regulariser: int
     peak: int
     reserve: int
     total: int
@@ -129,9 +131,11 @@ def estimate(figures: Figures, settings: Settings) -> Estimate:
     gradients, buffers = figures.gradients(), figures.step_buffers(settings.optimizer)
     optimizer = figures.optimizer(settings.optimizer)
     weights = figures.weights[settings.bits]
-    peak = weights + optimizer + max(activations + workspace, gradients + buffers)
+    regulariser = figures.state_copies * gradients
+    peak = weights + optimizer + regulariser + max(activations + workspace, gradients + buffers)
     reserve = CUDA_CONTEXT + round(ALLOCATOR_SLACK * peak) if figures.device == "cuda" else 0
-    return Estimate(weights, gradients, optimizer, activations, workspace, buffers, peak, reserve, peak + reserve)
+    return Estimate(weights, gradients, optimizer, activations, workspace, buffers, regulariser, peak, reserve,
+                    peak + reserve)
 
 
 def largest_batch(figures: Figures, settings: Settings, budget: int, limit: int = 1 << 20) -> int:

@@ -42,8 +42,11 @@ def render_one(p: dict) -> str:
          f"{'without' if p['gradient_checkpointing'] else 'with'} gradient checkpointing)"),
         ("workspace", b["workspace"], "the input batch and backward's gradient buffers"),
         ("step buffers", b["step_buffers"], f"optimizer.step() temporaries ({step})"),
-        ("peak", b["peak"], "weights + optimizer + max(activations + workspace, gradients + step buffers)"),
     ]
+    if b["regulariser"]:
+        rows.append(("regulariser state", b["regulariser"], p["regulariser_state"]))
+    rows.append(("peak", b["peak"], "weights + optimizer + " + ("regulariser state + " if b["regulariser"] else "")
+                 + "max(activations + workspace, gradients + step buffers)"))
     if b["reserve"]:
         rows.append(("runtime reserve", b["reserve"], f"CUDA context {format_bytes(CUDA_CONTEXT)} + "
                      f"{ALLOCATOR_SLACK:.0%} allocator slack (rule of thumb)"))

@@ -99,7 +99,7 @@ def _build_continual(recipe: Recipe | None, continual: dict, problems: list[str]
     if continual.get("control") is not None:
         control = _build_task(continual["control"], "control", base_data, problems, default_name="control")
     regulariser = _build_regulariser(continual.get("regulariser", DEFAULT_REGULARISER), problems)
-    if recipe is None or regulariser is None or len(tasks) != len(tasks_data or ()):
+    if recipe is None or regulariser is None or not isinstance(tasks_data, list) or len(tasks) != len(tasks_data):
         return None
     result = ContinualRecipe(recipe, tuple(tasks), regulariser, control)
     problems += _check_sequence(result)

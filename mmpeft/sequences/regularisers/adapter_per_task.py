@@ -19,6 +19,7 @@ import torch
 
 from mmpeft.sequences.regularisers.base import (
     Regulariser,
+    RegulariserConfig,
     TaskContext,
     copy_into,
     prefixed,
@@ -36,6 +37,10 @@ class AdapterPerTask(Regulariser):
         super().__init__(config, seed)
         self.initial: dict[str, torch.Tensor] | None = None
         self.per_task: dict[int, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def state_copies(cls, config: RegulariserConfig, tasks: int) -> tuple[int, str]:
+        return tasks, f"the initial adapter and one per earlier task ({tasks - 1})"
 
     def begin_task(self, task: TaskContext) -> None:
         super().begin_task(task)

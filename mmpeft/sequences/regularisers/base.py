@@ -77,6 +77,12 @@ class Regulariser(Callback):
         """Problems with this regulariser in this recipe, found before any model loads."""
         return []
 
+    @classmethod
+    def state_copies(cls, config: RegulariserConfig, tasks: int) -> tuple[int, str]:
+        """Copies of the trainable parameters it holds while the last of `tasks` trains, and what they are (for
+        `mmpeft plan`)."""
+        return 0, ""
+
     # --- task boundaries (called by the continual runner) -------------------------------------------------------
     def begin_task(self, task: TaskContext) -> None:
         self.context = task

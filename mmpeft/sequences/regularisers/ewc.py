@@ -113,6 +113,10 @@ class EWC(Regulariser):
         super().__init__(config, seed)
         self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []  # (F_t, theta*_t)
 
+    @classmethod
+    def state_copies(cls, config: EWCConfig, tasks: int) -> tuple[int, str]:
+        return 2 * (tasks - 1), f"a Fisher and an anchor per earlier task ({tasks - 1})"
+
     def begin_task(self, task: TaskContext) -> None:
         super().begin_task(task)
         self.terms = [(to_device(f, self.params), to_device(a, self.params)) for f, a in self.terms]

@@ -42,6 +42,10 @@ class L2SP(Regulariser):
         super().__init__(config, seed)
         self.anchor: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def state_copies(cls, config: L2SPConfig, tasks: int) -> tuple[int, str]:
+        return 1, "the starting point (anchor)"
+
     def begin_task(self, task: TaskContext) -> None:
         super().begin_task(task)
         if self.anchor is None:  # the first task: the starting point is the model as it is now

@@ -75,6 +75,10 @@ class LwF(Regulariser):
                     f"images, but data.augment is on for task(s) {', '.join(augmented)}; use targets: swap"]
         return []
 
+    @classmethod
+    def state_copies(cls, config: LwFConfig, tasks: int) -> tuple[int, str]:
+        return (1, "the previous task's parameters (targets: swap)") if config.targets == "swap" else (0, "")
+
     def begin_task(self, task: TaskContext) -> None:
         super().begin_task(task)
         self.old_classes = task.previous_classes

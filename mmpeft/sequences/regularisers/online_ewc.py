@@ -43,6 +43,10 @@ class OnlineEWC(Regulariser):
         self.fisher: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def state_copies(cls, config: OnlineEWCConfig, tasks: int) -> tuple[int, str]:
+        return (2, "the running Fisher and the last anchor") if tasks > 1 else (0, "")
+
     def begin_task(self, task: TaskContext) -> None:
         super().begin_task(task)
         if self.fisher is not None and self.anchor is not None:
