@@ -99,6 +99,13 @@ class DataSpec:
     prompt_column: str = "prompt"
     answer_template: str = "{label}"
     name: str | None = None  # data.source: llamafactory: the entry of dataset_info.json (data.path)
+    # The image budget of generative backbones (docs/generative.md): the pixel range a dynamic-resolution processor
+    # (Qwen2-VL, Qwen2.5-VL) resizes into, and a cap on every image's longest edge (and on the edge Idefics3/SmolVLM
+    # split at) for the others; conversations' tokens past max_length are cut, never image tokens.
+    max_pixels: Positive | None = None
+    min_pixels: Positive | None = None
+    max_image_edge: Positive | None = None
+    max_length: Positive | None = None
     # Decoded images, fitted to the backbone's processor, kept across epochs, evaluations, seeds, grid cells and
     # sequence tasks: "auto" (memory up to MMPEFT_IMAGE_CACHE_MB, then memory-mapped files under
     # $MMPEFT_CACHE/images), "memory", "disk", or "off" (decode every time; YAML's bare `off`, read as false, works).
@@ -162,6 +169,7 @@ def _template_problem(template: str) -> str | None:
     return None
 
 
+GENERATIVE_DATA_KEYS = ("max_pixels", "min_pixels", "max_image_edge", "max_length")  # generative backbones only
 Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 

@@ -31,17 +31,36 @@ class ConversationInputs:
         text = self.render(messages)
         full = self.encode_one(text, images)
         ids = full["input_ids"][0]
-        limit = self.context_length
-        if limit is not None and len(ids) > limit:
+        context, cap = self.context_length, self.task.max_length
+        if cap is None and context is not None and len(ids) > context:
             raise BackboneError(f"a conversation of {len(ids)} tokens exceeds the context length of "
-                                f"{self.name_or_path!r} ({limit}); shorten it or split it into several rows")
+                                f"{self.name_or_path!r} ({context}); shorten it, split it into several rows, or "
+                                "set data.max_length to cut its end")
         labels = torch.full_like(ids, IGNORE_INDEX)
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
                 start = self._prefix_tokens(messages[:i], images, text, ids, add_generation_prompt=True)
                 end = self._prefix_tokens(messages[:i + 1], images, text, ids)
                 labels[start:end] = ids[start:end]
-        return {**full, "labels": labels[None]}
+        encoded = {**full, "labels": labels[None]}
+        length = min(value for value in (cap, context) if value is not None) if cap is not None else None
+        return self._cut(encoded, length) if length is not None and len(ids) > length else encoded
+
+    def _cut(self, encoded: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+        """The conversation's first `length` tokens (its end is cut, as other trainers' cutoff does), unless that
+        would cut an image's tokens or leave no assistant token: then the row cannot fit."""
+        ids = encoded["input_ids"][0]
+        config = self.base_model.config
+        image_token = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+        where = (ids == image_token).nonzero() if image_token is not None else ids[:0]
+        if len(where) and int(where[-1]) >= length:
+            raise BackboneError(f"{len(ids)} tokens, its image tokens end at token {int(where[-1]) + 1}: past "
+                                f"data.max_length {length}, and image tokens are never cut (raise data.max_length, "
+                                "or lower the image budget: data.max_image_edge / data.max_pixels)")
+        if not (encoded["labels"][0, :length] != IGNORE_INDEX).any():
+            raise BackboneError(f"{len(ids)} tokens, and no assistant token within data.max_length {length}: "
+                                "nothing would be left to train on")
+        return {key: value[:, :length] if key in SEQUENCE_KEYS else value for key, value in encoded.items()}
 
     def _prefix_tokens(self, messages: list[dict], images: list[Image.Image], full_text: str, full_ids: torch.Tensor,
                        add_generation_prompt: bool = False) -> int:

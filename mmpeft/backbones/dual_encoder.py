@@ -14,12 +14,13 @@ from torch import nn
 
 from mmpeft.backbones.base import BACKBONES, Backbone, BackboneError
 from mmpeft.backbones.loading import load_pretrained
+from mmpeft.specs import GENERATIVE_DATA_KEYS
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from mmpeft.data import LabelSet
-    from mmpeft.specs import BackboneSpec
+    from mmpeft.specs import BackboneSpec, Recipe
 
 # Module-name patterns per tower; they match with or without a peft wrapper in front.
 TOWER_PATTERNS = {
@@ -57,6 +58,13 @@ class DualEncoder(Backbone):
     @property
     def image_processor(self):
         return getattr(self.processor, "image_processor", self.processor)
+
+    def configure(self, recipe: Recipe) -> None:
+        """Refuse the generative-only data keys rather than ignore them (backbone.family: auto finds out here)."""
+        given = [f"data.{key}" for key in GENERATIVE_DATA_KEYS if getattr(recipe.data, key) is not None]
+        if given:
+            raise BackboneError(f"{', '.join(given)}: the image budget and max_length apply to generative backbones; "
+                                f"{self.name_or_path!r} is a dual encoder (it resizes every image to its input size)")
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]

@@ -20,6 +20,7 @@ from torch import nn
 from mmpeft.backbones.base import BACKBONES, Backbone, BackboneError
 from mmpeft.backbones.conversations import IGNORE_INDEX, SEQUENCE_KEYS, ConversationInputs
 from mmpeft.backbones.encoded_cache import EncodedCache, encoded_key
+from mmpeft.backbones.image_budget import ImageBudget
 from mmpeft.backbones.image_only import register as register_image_only_processors
 from mmpeft.backbones.loading import load_pretrained
 from mmpeft.backbones.scoring import score_answers
@@ -61,6 +62,14 @@ class GenerativeTask:
     answer_template: str = "{label}"
     length_normalize: bool = False
     max_new_tokens: int = 16
+    max_pixels: int | None = None  # the image budget (ImageBudget) and a conversation's token limit
+    min_pixels: int | None = None
+    max_image_edge: int | None = None
+    max_length: int | None = None
+
+    @property
+    def budget(self) -> ImageBudget:
+        return ImageBudget(self.max_pixels, self.min_pixels, self.max_image_edge)
 
 
 @BACKBONES.register("generative")
@@ -90,17 +99,23 @@ class GenerativeBackbone(ConversationInputs, Backbone):
         self.task = GenerativeTask()
         self._answer_ids: dict[str, list[int]] = {}
         self.encoded = EncodedCache()  # processor outputs per (prompt, images): not re-run every epoch
+        self.stock_image_size = getattr(self.image_processor, "size", None)  # what a budget starts from
 
     def configure(self, recipe: Recipe) -> None:
         """Take the question, answer template and scoring/generation settings from the recipe."""
-        self.task = GenerativeTask(recipe.data.question, recipe.data.answer_template, recipe.eval.length_normalize,
-                                   recipe.eval.max_new_tokens)
+        data = recipe.data
+        self.apply_task_settings(dataclasses.asdict(GenerativeTask(
+            data.question, data.answer_template, recipe.eval.length_normalize, recipe.eval.max_new_tokens,
+            data.max_pixels, data.min_pixels, data.max_image_edge, data.max_length)))
 
     def task_settings(self) -> dict:
         return dataclasses.asdict(self.task)
 
     def apply_task_settings(self, settings: dict) -> None:
         self.task = GenerativeTask(**settings)
+        if self.stock_image_size is not None:
+            self.image_processor.size = self.stock_image_size
+        self.task.budget.apply(self.image_processor, self.name_or_path)
 
     # --- parts --------------------------------------------------------------------------------------------------
     @property
@@ -193,11 +208,14 @@ class GenerativeBackbone(ConversationInputs, Backbone):
         bos = self.tokenizer.bos_token
         special = not (bos and text.startswith(bos))
 
+        budget = self.task.budget
+
         def run_processor() -> dict[str, torch.Tensor]:
-            return dict(self.processor(text=[text], images=list(images) or None, return_tensors="pt",
+            fitted = [budget.fit(image) for image in images]
+            return dict(self.processor(text=[text], images=fitted or None, return_tensors="pt",
                                        add_special_tokens=special))
 
-        return self.encoded.get_or_make(encoded_key(text, list(images), str(special)), run_processor)
+        return self.encoded.get_or_make(encoded_key(text, list(images), f"{special}:{budget.key}"), run_processor)
 
     def with_answer(self, encoded: dict[str, torch.Tensor], answer: list[int]) -> dict[str, torch.Tensor]:
         """Append answer tokens; `labels` are IGNORE_INDEX on every prompt token and the answer ids after it."""

@@ -24,8 +24,8 @@ from mmpeft.data.sources import DatasetImage, Row, ShardImage
 logger = logging.getLogger("mmpeft")
 SHOWN = 5  # bad rows quoted in a message
 KIND_NAMES = {"read": "unusable as read", "missing": "image not found", "corrupt": "unreadable image",
-              "large": "image too large", "label": "bad label"}
-Kind = Literal["read", "missing", "corrupt", "large", "label"]
+              "large": "image too large", "label": "bad label", "length": "too long to fit"}
+Kind = Literal["read", "missing", "corrupt", "large", "label", "length"]
 ImageProblem = tuple[Kind, str] | None  # (kind, detail) of an image, None when it is usable
 
 

@@ -13,17 +13,21 @@ import shutil
 from pathlib import Path
 
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
-from mmpeft.backbones import Backbone
+from mmpeft.backbones import Backbone, BackboneError
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json, write_text
+from mmpeft.data import DataError, load_image
 from mmpeft.data.conversation_data import ConversationSplits, load_conversations
+from mmpeft.data.conversations import chat_messages
+from mmpeft.data.validate import BadRow, report_bad_rows
 from mmpeft.evaluation.conversations import assistant_loss, last_turn_answers
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives.generative import ConversationLoss
 from mmpeft.runs.build import apply_method, build, load_base
 from mmpeft.runs.folder import METRICS_FILE, save_adapter
-from mmpeft.specs import Recipe
+from mmpeft.specs import DataSpec, Recipe
 from mmpeft.train import Trainer
 
 logger = logging.getLogger("mmpeft")
@@ -38,6 +42,7 @@ def execute_conversations(recipe: Recipe, run_dir: Path, resume: bool = False,
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info["counts"].items()))
     backbone = load_base(recipe)
     backbone.require("generative", f"data.source: {recipe.data.source} (conversations)")
+    data = drop_rows_that_cannot_fit(backbone, data, recipe.data)
     method = METHODS.get(recipe.method.name)()
     metrics: dict = {"recipe": recipe.name, "backbone": recipe.backbone.id, "method": recipe.method.name,
                      "seed": recipe.seed, "data": data.info}
@@ -59,6 +64,33 @@ def execute_conversations(recipe: Recipe, run_dir: Path, resume: bool = False,
         logger.info("run folder: %s", run_dir)
     state.wait_for_everyone()
     return metrics
+
+
+def drop_rows_that_cannot_fit(backbone: Backbone, data: ConversationSplits, spec: DataSpec) -> ConversationSplits:
+    """Every row through the processor once, before anything trains (its encoding is cached for the first epoch):
+    a row whose images or first answer lie past data.max_length, or that is longer than the model's context without
+    data.max_length, is a bad row (an error, or skipped under data.on_bad_rows: skip)."""
+    kept: dict[str, list] = {}
+    bad: list[BadRow] = []
+    for split in ("train", "val", "test"):
+        kept[split] = []
+        for row in tqdm(getattr(data, split), desc=f"token lengths ({split})", leave=False, disable=None):
+            try:
+                backbone.encode_conversation(chat_messages(row.turns), [load_image(ref) for ref in row.images])
+                kept[split].append(row)
+            except BackboneError as error:
+                bad.append(BadRow(row.source, "length", str(error)))
+    where = data.info["where"]
+    report_bad_rows(bad, where, spec.on_bad_rows)
+    if not bad:
+        return data
+    if not kept["train"] or not kept["test"] or (data.val and not kept["val"]):
+        raise DataError(f"no rows of a split fit in {where}: {len(bad)} rows are too long (see above); raise "
+                        "data.max_length or lower the image budget")
+    info = {**data.info, "counts": {split: len(rows) for split, rows in kept.items()},
+            "skipped": data.info["skipped"] + len(bad),
+            "skipped_rows": (data.info["skipped_rows"] + [str(b) for b in bad])[:100]}
+    return dataclasses.replace(data, **kept, info=info)
 
 
 def evaluate_conversations(backbone: Backbone, data: ConversationSplits, recipe: Recipe, stage: str) -> dict:

@@ -12,7 +12,7 @@ import yaml
 
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError, build, did_you_mean, show
-from mmpeft.specs import Recipe
+from mmpeft.specs import GENERATIVE_DATA_KEYS, Recipe
 from mmpeft.train.tracking import missing_tracker_problems
 
 
@@ -102,7 +102,9 @@ def _check_generative(recipe: Recipe) -> list[str]:
                 "backbone.family is 'generative'; use accuracy, macro_f1 or loss"]
     if recipe.backbone.family != "dual_encoder":
         return []
-    problems = []
+    problems = [f"data.{key}: the image budget and max_length apply to generative backbones, but backbone.family is "
+                "'dual_encoder' (it resizes every image to its fixed input size)"
+                for key in GENERATIVE_DATA_KEYS if getattr(recipe.data, key) is not None]
     if recipe.train.objective == "generative":
         problems.append("train.objective: 'generative' trains answers of image-text-to-text models, but "
                         "backbone.family is 'dual_encoder'; use classification or contrastive")
@@ -118,6 +120,9 @@ def _check_conversations(recipe: Recipe) -> list[str]:
     data = recipe.data
     problems = conversation_spec_problems(data)
     if data.source not in CONVERSATION_SOURCES:
+        if data.max_length is not None:
+            problems.append(f"data.max_length: cuts conversations (data.source: {', '.join(CONVERSATION_SOURCES)}); "
+                            f"data.source: {data.source} asks one question per image and answers with a label")
         if recipe.train.select_metric == "loss":  # only conversations have a val loss to rank epochs by
             problems.append(f"train.select_metric: 'loss' is the val assistant-token loss of conversation data "
                             f"(data.source: {', '.join(CONVERSATION_SOURCES)}); data.source: {data.source} selects "
