@@ -85,3 +85,21 @@ def test_8bit_optimizer_without_cuda_says_so(color_recipe):
 def test_global_batches_split_evenly_between_processes():
     assert [shard(list(range(10)), rank, 3) for rank in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert shard([5, 6], 0, 1) == [5, 6]
+
+
+def test_two_processes_train_conversations_that_mix_text_only_and_image_rows(tmp_path):
+    """A batch of text-only rows skips the image tower and projector: without DDP's unused-parameter search the
+    processes wait for each other's projector gradients ("Expected to have finished reduction")."""
+    recipe = str(mmpeft.core.io.PROJECT_ROOT / "recipes" / "llava-instruct.yaml")
+    common = ["train.epochs=1", "eval.generate=false", "eval.zero_shot=false", f"output.dir={tmp_path}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mmpeft", "run",
+               recipe, *common, "train.batch_size=1", "output.name=two"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    one = mmpeft.run(recipe, [*common, "train.batch_size=2", "output.name=one"])
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["train"]["steps"] == one["train"]["steps"]
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < TOLERANCE
+    assert two["test"]["loss"] == pytest.approx(one["test"]["loss"], abs=1e-4)

@@ -40,6 +40,9 @@ class Backbone(torch.nn.Module, ABC):
     TOWER_PATTERNS: ClassVar[dict[str, str]]
     DEFAULT_TOWERS: ClassVar[tuple[str, ...]]
     caches_image_features: ClassVar[bool] = False  # images are scored through image-only features (cacheable)
+    # some steps leave trainable parameters without a gradient (a batch of text-only rows skips the image tower and
+    # projector; LLaVA reads the vision tower's second-to-last layer): DDP must look for unused parameters
+    leaves_parameters_unused: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module, processor, name_or_path: str):
         super().__init__()

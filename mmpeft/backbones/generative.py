@@ -77,6 +77,7 @@ class GenerativeBackbone(ConversationInputs, Backbone):
     """Wraps an image-text-to-text model; methods may replace `.model` (peft). `head` is always None here."""
 
     family = "generative"
+    leaves_parameters_unused = True
     TOWER_PATTERNS = TOWER_PATTERNS
     DEFAULT_TOWERS = DEFAULT_TOWERS
 

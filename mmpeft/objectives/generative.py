@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mmpeft.backbones.conversations import IGNORE_INDEX
+from mmpeft.core.distributed import process_state, sum_over_processes
 from mmpeft.data.conversations import chat_messages
 from mmpeft.objectives.base import OBJECTIVES, Objective
 
@@ -41,7 +43,7 @@ class AnswerLoss(Objective):
         return backbone.encode(texts, [[image] for image in batch["pixel_values"]], answers)
 
     def loss(self, batch: dict) -> torch.Tensor:
-        return self.backbone.model(**self.inputs(batch)).loss
+        return token_mean_loss(self.backbone, self.inputs(batch))
 
     def logits(self, batch: dict) -> torch.Tensor:
         """Class scores (answer log-likelihoods), as the classification objective's logits."""
@@ -65,4 +67,13 @@ class ConversationLoss(Objective):
         return self.backbone.encode_conversations(pairs)
 
     def loss(self, batch: dict) -> torch.Tensor:
-        return self.backbone.model(**self.inputs(batch)).loss
+        return token_mean_loss(self.backbone, self.inputs(batch))
+
+
+def token_mean_loss(backbone: GenerativeBackbone, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy per target token of the whole global batch: each process divides its sum by the target tokens
+    of all processes, times their number (which DDP's gradient average divides out), so two processes train as one
+    with twice the batch; a per-process mean would weight each process's tokens by how few it has."""
+    targets = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+    tokens = sum_over_processes(targets).clamp(min=1)
+    return backbone.model(**inputs, num_items_in_batch=tokens).loss * process_state().num_processes

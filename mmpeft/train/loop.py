@@ -21,6 +21,7 @@ from mmpeft.train.tracking import epoch_metrics, finish_tracking, start_tracking
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from mmpeft.backbones import Backbone
     from mmpeft.data import ImageDataset
     from mmpeft.objectives import Objective
     from mmpeft.specs import TrainSpec
@@ -85,6 +86,16 @@ def make_accelerator(mixed_precision: str = "no", **kwargs) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
 
 
+def ddp_arguments(backbone: Backbone) -> dict:
+    """DDP looks for parameters a step left without a gradient where the family can leave some (else every
+    process waits for gradients that one of them never computes)."""
+    if not backbone.leaves_parameters_unused:
+        return {}
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
+
+
 def shard_fully(module: torch.nn.Module) -> set[torch.nn.Parameter]:
     """FSDP2 (torch's fully_shard): one unit per encoder/decoder layer plus the root; works on CUDA and on gloo.
 
@@ -139,12 +150,13 @@ class LossModule(torch.nn.Module):
 
 
 class Trainer:
-    def __init__(self, backbone, objective: Objective, train_set: ImageDataset, spec: TrainSpec, seed: int,
+    def __init__(self, backbone: Backbone, objective: Objective, train_set: ImageDataset, spec: TrainSpec, seed: int,
                  run_dir: Path, evaluate_val: Callable[[], dict] | None = None, callbacks: tuple[Callback, ...] = (),
                  tracker_config: dict | None = None, keep_tracking_open: bool = False):
         self.backbone, self.objective, self.train_set, self.spec, self.seed = backbone, objective, train_set, spec, seed
         self.run_dir, self.evaluate_val, self.callbacks = Path(run_dir), evaluate_val, callbacks
-        self.accelerator = make_accelerator(spec.mixed_precision, **tracker_arguments(spec, self.run_dir))
+        self.accelerator = make_accelerator(spec.mixed_precision, **tracker_arguments(spec, self.run_dir),
+                                            **ddp_arguments(backbone))
         self.tracking, self.keep_tracking_open = bool(spec.log_with), keep_tracking_open  # open: the caller ends it
         start_tracking(self.accelerator, spec, self.run_dir, tracker_config)  # a no-op without train.log_with
         backbone.to(self.accelerator.device)
