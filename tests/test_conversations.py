@@ -17,6 +17,7 @@ from conversation_data import (
     write_messages_dataset,
     write_messages_jsonl,
 )
+from PIL import Image
 
 import mmpeft
 from mmpeft.backbones import load_backbone
@@ -272,7 +273,15 @@ def test_lora_on_multi_turn_conversations_lowers_held_out_assistant_loss(tmp_pat
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     folder = tmp_path / "runs" / "run"
     assert json.loads((folder / "metrics.json").read_text())["test"]["loss"] == pytest.approx(after["loss"])
-    assert (folder / "adapter").is_dir() and "assistant-token loss" in (folder / "report.md").read_text()
+    report = (folder / "report.md").read_text()
+    assert (folder / "adapter").is_dir() and "assistant-token loss" in report and "token-F1" in report
+    assert 0 <= after["answers"]["token_f1"] <= 1 and after["answers"]["token_f1"] >= after["answers"]["exact_match"]
+    samples = [line for line in report.splitlines() if line.startswith("| ![row") or line.startswith("| (text")]
+    first = after["answers"]["examples"][0]
+    assert len(samples) == len(after["answers"]["examples"]) and first["reference"] in samples[0]
+    assert before["answers"]["examples"][0]["prediction"] in samples[0] and first["question"] in samples[0]
+    thumbnails = sorted((folder / "samples").glob("*.png"))
+    assert thumbnails and all(max(Image.open(p).size) <= 96 for p in thumbnails)
 
 
 SHIPPED = ["llava-instruct.yaml", "llamafactory-sharegpt.yaml", "messages-jsonl.yaml"]

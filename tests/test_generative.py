@@ -221,6 +221,11 @@ def test_answer_normalisation():
     assert normalize_answer("The red, square!") == "red square"
     scores = answer_metrics(["Seven.", "two", "a cat"], ["7", "two", "dog"])
     assert scores["exact_match"] == pytest.approx(1 / 3) and scores["normalized_match"] == pytest.approx(2 / 3)
+    assert scores["token_f1"] == pytest.approx(2 / 3)  # "a cat" vs "dog": no shared word
+    partial = answer_metrics(["a red square on the left"], ["red square"], questions=["What is it?"])
+    assert partial["normalized_match"] == 0 and partial["token_f1"] == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert partial["examples"] == [{"prediction": "a red square on the left", "reference": "red square",
+                                    "question": "What is it?"}]
 
 
 def test_qlora_4bit_step_on_cpu():

@@ -1,13 +1,16 @@
-"""Free-form answers from generative backbones: greedy generation, scored by exact and normalised match (VQA-style).
+"""Free-form answers from generative backbones: greedy generation, scored by exact match, normalised match
+(VQA-style) and token-F1 (SQuAD-style).
 
-Why both: exact match is strict and easy to explain; the normalised match forgives what a reader would (case,
-punctuation, articles, "7" vs "seven"), as the VQA evaluation does, so a model that says "Seven." is not wrong.
+Why three: exact match is strict and easy to explain; the normalised match forgives what a reader would (case,
+punctuation, articles, "7" vs "seven"), as the VQA evaluation does, so a model that says "Seven." is not wrong;
+token-F1 gives partial credit to long answers that share most of their words with the reference.
 """
 
 from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,16 +38,33 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
-def answer_metrics(predictions: list[str], references: list[str]) -> dict:
-    """{"exact_match", "normalized_match", "n", "examples"}: exact compares stripped strings."""
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the normalised words the two share (counted with repeats); 1.0 when both are empty."""
+    predicted, wanted = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not predicted or not wanted:
+        return float(predicted == wanted)
+    common = sum((Counter(predicted) & Counter(wanted)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(wanted)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_metrics(predictions: list[str], references: list[str], questions: list[str] | None = None) -> dict:
+    """{"exact_match", "normalized_match", "token_f1", "n", "examples"}: exact compares stripped strings; the
+    first examples keep their question when `questions` are given."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     n = len(references)
     exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
     normal = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
-    return {"exact_match": exact / n if n else float("nan"), "normalized_match": normal / n if n else float("nan"),
-            "n": n, "examples": [{"prediction": p, "reference": r}
-                                 for p, r in list(zip(predictions, references))[:EXAMPLES_KEPT]]}
+    f1 = sum(token_f1(p, r) for p, r in zip(predictions, references))
+    examples = [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:EXAMPLES_KEPT]]
+    for example, question in zip(examples, questions or ()):
+        example["question"] = question
+    nan = float("nan")
+    return {"exact_match": exact / n if n else nan, "normalized_match": normal / n if n else nan,
+            "token_f1": f1 / n if n else nan, "n": n, "examples": examples}
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmpeft.backbones.generative import IGNORE_INDEX
-from mmpeft.data.conversations import chat_messages, last_answer
+from mmpeft.data.conversations import IMAGE_PLACEHOLDER, chat_messages, last_answer
 from mmpeft.evaluation.answers import answer_metrics
 from mmpeft.objectives.generative import ConversationLoss
 
@@ -57,16 +57,17 @@ def last_turn_answers(backbone: GenerativeBackbone, dataset: ConversationDataset
     backbone.require("generative", "eval.generate (free-form answers)")
     was_training = backbone.training
     backbone.eval()
-    predictions, references = [], []
+    predictions, references, questions = [], [], []
     for batch in tqdm(_batches(dataset, batch_size), desc=desc, leave=False, disable=None):
         texts = []
         for turns in batch["turns"]:
             asked, answer = last_answer(turns)
             texts.append(backbone.render(chat_messages(asked), add_generation_prompt=True))
             references.append(answer)
+            questions.append(asked[-1].text.replace(IMAGE_PLACEHOLDER, "").strip())
         predictions += _generate(backbone, texts, batch["images"], max_new_tokens)
     backbone.train(was_training)
-    return answer_metrics(predictions, references)
+    return answer_metrics(predictions, references, questions)
 
 
 def _generate(backbone: GenerativeBackbone, texts: list[str], images: list[list], max_new_tokens: int,

@@ -20,7 +20,7 @@ from mmpeft.core.distributed import process_state
 from mmpeft.core.io import write_json, write_text
 from mmpeft.data import DataError, load_image
 from mmpeft.data.conversation_data import ConversationSplits, load_conversations
-from mmpeft.data.conversations import chat_messages
+from mmpeft.data.conversations import Conversation, chat_messages
 from mmpeft.data.validate import BadRow, report_bad_rows
 from mmpeft.evaluation.conversations import assistant_loss, last_turn_answers
 from mmpeft.methods import METHODS, count_parameters
@@ -32,6 +32,7 @@ from mmpeft.train import Trainer
 
 logger = logging.getLogger("mmpeft")
 REPORT_FILE = "report.md"
+SAMPLE_SIDE = 96  # thumbnail pixels in report.md's samples table
 
 
 def execute_conversations(recipe: Recipe, run_dir: Path, resume: bool = False,
@@ -58,7 +59,7 @@ def execute_conversations(recipe: Recipe, run_dir: Path, resume: bool = False,
     state = process_state()
     if state.is_main_process:
         save_adapter(method, backbone, recipe, run_dir)
-        write_text(run_dir / REPORT_FILE, conversation_report(run_dir, metrics))
+        write_text(run_dir / REPORT_FILE, conversation_report(run_dir, metrics, data.test))
         write_json(run_dir / METRICS_FILE, metrics)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         logger.info("run folder: %s", run_dir)
@@ -102,7 +103,7 @@ def evaluate_conversations(backbone: Backbone, data: ConversationSplits, recipe:
         result["answers"] = last_turn_answers(backbone, test, recipe.eval.batch_size, recipe.eval.max_new_tokens,
                                               desc=f"{stage} answers")
         line += (f"  last answer exact match {result['answers']['exact_match']:.3f}  normalised "
-                 f"{result['answers']['normalized_match']:.3f}")
+                 f"{result['answers']['normalized_match']:.3f}  token-F1 {result['answers']['token_f1']:.3f}")
     if process_state().is_main_process:
         print(line, flush=True)
     return result
@@ -131,17 +132,47 @@ def train_conversations(recipe: Recipe, run_dir: Path, backbone: Backbone, data:
     return summary, trainer.final_state
 
 
-def conversation_report(run_dir: Path, metrics: dict) -> str:
-    """report.md: the data, the held-out assistant-token loss before and after training, generated answers."""
+def conversation_report(run_dir: Path, metrics: dict, test_rows: list[Conversation] = ()) -> str:
+    """report.md: the data, the held-out assistant-token loss before and after training, generated answers, and
+    (with eval.generate) a table of the first test rows: thumbnail, question, reference, answer before and after."""
     data = metrics["data"]
     lines = [f"# Run `{run_dir.name}`", "", f"Recipe `{metrics['recipe']}`, backbone `{metrics['backbone']}`, method "
              f"`{metrics['method']}`, seed {metrics['seed']}; data.source `{data['source']}` ({data['where']}): "
              + ", ".join(f"{k} {v}" for k, v in data["counts"].items()) + " rows.", "",
-             "| evaluation | assistant-token loss | perplexity | exact match | normalised match |",
-             "|---|---|---|---|---|"]
+             "| evaluation | assistant-token loss | perplexity | exact match | normalised match | token-F1 |",
+             "|---|---|---|---|---|---|"]
     for label, scores in (("zero-shot", metrics.get("zero_shot")), ("after training", metrics["test"])):
         if scores is not None:
             answers = scores.get("answers")
-            matches = f"{answers['exact_match']:.3f} | {answers['normalized_match']:.3f}" if answers else "- | -"
+            matches = (f"{answers['exact_match']:.3f} | {answers['normalized_match']:.3f} | "
+                       f"{answers.get('token_f1', float('nan')):.3f}") if answers else "- | - | -"
             lines.append(f"| {label} | {scores['loss']:.4f} | {scores['perplexity']:.2f} | {matches} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + sample_table(run_dir, metrics, test_rows)) + "\n"
+
+
+def sample_table(run_dir: Path, metrics: dict, test_rows: list[Conversation]) -> list[str]:
+    """The first generated test answers beside their row's first image (a thumbnail under samples/)."""
+    after = metrics["test"].get("answers")
+    if not after or not test_rows:
+        return []
+    before = (metrics.get("zero_shot") or {}).get("answers") or {"examples": []}
+    lines = ["", "## Samples (last assistant turn of the first test rows)", "",
+             "| image | question | reference | before training | after training |", "|---|---|---|---|---|"]
+    for i, example in enumerate(after["examples"]):
+        thumbnail = "(text only)"
+        if i < len(test_rows) and test_rows[i].images:
+            image = load_image(test_rows[i].images[0])
+            image.thumbnail((SAMPLE_SIDE, SAMPLE_SIDE))
+            (run_dir / "samples").mkdir(exist_ok=True)
+            image.save(run_dir / "samples" / f"{i}.png")
+            thumbnail = f"![row {i}](samples/{i}.png)"
+        earlier = before["examples"][i]["prediction"] if i < len(before["examples"]) else "-"
+        cells = [example.get("question", ""), example["reference"], earlier, example["prediction"]]
+        lines.append(f"| {thumbnail} | " + " | ".join(_cell(text) for text in cells) + " |")
+    return lines
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: one line, pipes escaped, cut to 120 characters."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -64,7 +64,7 @@ def evaluate_answer_set(backbone: Backbone, sets: dict[str, ImageDataset], data,
                               desc=f"{desc} answers")
     if process_state().is_main_process:
         print(f"{desc:>10}: answers exact match {result['exact_match']:.3f}  normalised match "
-              f"{result['normalized_match']:.3f}", flush=True)
+              f"{result['normalized_match']:.3f}  token-F1 {result['token_f1']:.3f}", flush=True)
     return result
 
 
