@@ -43,8 +43,10 @@ class ConversationInputs:
                 end = self._prefix_tokens(messages[:i + 1], images, text, ids)
                 labels[start:end] = ids[start:end]
         encoded = {**full, "labels": labels[None]}
-        length = min(value for value in (cap, context) if value is not None) if cap is not None else None
-        return self._cut(encoded, length) if length is not None and len(ids) > length else encoded
+        if cap is None:
+            return encoded
+        length = cap if context is None else min(cap, context)
+        return self._cut(encoded, length) if len(ids) > length else encoded
 
     def _cut(self, encoded: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
         """The conversation's first `length` tokens (its end is cut, as other trainers' cutoff does), unless that
