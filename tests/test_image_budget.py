@@ -14,6 +14,7 @@ from PIL import Image
 import mmpeft
 from mmpeft.backbones import BackboneError, load_backbone
 from mmpeft.backbones.generative import IGNORE_INDEX
+from mmpeft.cli import main
 from mmpeft.core.schema import RecipeError
 from mmpeft.data import DataError
 from mmpeft.data.conversations import Turn, chat_messages
@@ -67,8 +68,13 @@ def test_budget_is_part_of_the_task_an_export_carries_and_resets_between_recipes
     ("qwen2vl", ["data.min_pixels=9000"], r"than the maximum \(4096 pixels, the processor's\)"),
 ])
 def test_budgets_a_processor_cannot_take_are_refused(kind, overrides, expected):
-    with pytest.raises(BackboneError, match=expected):
-        configured(kind, overrides)
+    path = str(tiny_backbone(kind))
+    with pytest.raises(RecipeError, match=expected):  # found when the recipe is checked: no weights loaded
+        load_recipe({**GENERATIVE, "backbone": {"id": path}}, overrides)
+    backbone = load_backbone(BackboneSpec(id=path))
+    settings = {**backbone.task_settings(), **{o.split("=")[0][5:]: int(o.split("=")[1]) for o in overrides}}
+    with pytest.raises(BackboneError, match=expected):  # and by the backbone itself (an export's task settings)
+        backbone.apply_task_settings(settings)
 
 
 def test_budget_keys_on_a_dual_encoder_and_max_length_on_label_data_are_recipe_errors(capsys):
@@ -130,3 +136,10 @@ def test_rows_whose_images_lie_past_max_length_are_bad_rows_before_training(tmp_
     metrics = run_recipe(tmp_path, path, "data.max_length=56", "data.on_bad_rows=skip", "output.name=skipped")
     assert metrics["data"]["skipped"] == 1 and "image tokens are never cut" in metrics["data"]["skipped_rows"][0]
     assert sum(metrics["data"]["counts"].values()) == len(json.loads(path.read_text())) - 1
+
+
+def test_mmpeft_check_tries_the_budget_on_the_folders_image_processor(capsys):
+    llava, qwen = tiny_backbone("llava"), tiny_backbone("qwen2vl")
+    assert main(["check", "recipes/generative-lora.yaml", f"backbone.id={llava}", "data.max_pixels=2000"]) == 2
+    assert "data.max_pixels / data.min_pixels: LlavaImageProcessorPil" in capsys.readouterr().err
+    assert main(["check", "recipes/generative-lora.yaml", f"backbone.id={qwen}", "data.max_pixels=2000"]) == 0

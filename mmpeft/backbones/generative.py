@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from mmpeft.data import LabelSet
-    from mmpeft.specs import BackboneSpec, Recipe
+    from mmpeft.specs import BackboneSpec, DataSpec, Recipe
 
 register_image_only_processors()  # before any AutoProcessor call, or a Qwen2-VL folder loads as a bare tokenizer
 
@@ -334,6 +334,25 @@ class GenerativeBackbone(ConversationInputs, Backbone):
         except (OSError, ValueError, KeyError):
             return []
         return lora_tower_problems(model, towers)
+
+    @classmethod
+    def recipe_budget_problems(cls, spec: BackboneSpec, data: DataSpec) -> list[str]:
+        """The image budget tried on the folder's image processor (a small file) before any weight loads; nothing to
+        say when it cannot be read here (the load reports it)."""
+        from transformers import AutoImageProcessor
+
+        if spec.id.startswith("mmpeft-demo/"):
+            return []
+        try:
+            processor = AutoImageProcessor.from_pretrained(spec.id, revision=spec.revision,
+                                                           trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError, KeyError):
+            return []
+        try:
+            ImageBudget(data.max_pixels, data.min_pixels, data.max_image_edge).apply(processor, spec.id)
+        except BackboneError as error:
+            return [str(error)]
+        return []
 
 
 def lora_tower_problems(model: nn.Module, towers: tuple[str, ...]) -> list[str]:

@@ -101,7 +101,7 @@ def _check_generative(recipe: Recipe) -> list[str]:
         return ["train.select_metric: 'retrieval' ranks images against texts with a dual encoder, but "
                 "backbone.family is 'generative'; use accuracy, macro_f1 or loss"]
     if recipe.backbone.family != "dual_encoder":
-        return []
+        return _budget_problems(recipe)
     problems = [f"data.{key}: the image budget and max_length apply to generative backbones, but backbone.family is "
                 "'dual_encoder' (it resizes every image to its fixed input size)"
                 for key in GENERATIVE_DATA_KEYS if getattr(recipe.data, key) is not None]
@@ -111,6 +111,16 @@ def _check_generative(recipe: Recipe) -> list[str]:
     if recipe.eval.generate:
         problems.append("eval.generate: free-form answers need backbone.family: generative (or auto)")
     return problems
+
+
+def _budget_problems(recipe: Recipe) -> list[str]:
+    """An image budget the backbone's processor cannot take (pixel bounds on a fixed-size one), found by `check`."""
+    data = recipe.data
+    if data.max_pixels is None and data.min_pixels is None:
+        return []
+    from mmpeft.backbones.generative import GenerativeBackbone
+
+    return GenerativeBackbone.recipe_budget_problems(recipe.backbone, data)
 
 
 def _check_conversations(recipe: Recipe) -> list[str]:
