@@ -110,7 +110,8 @@ class GenerativeBackbone(ConversationInputs, Backbone):
             data.max_pixels, data.min_pixels, data.max_image_edge, data.max_length)))
 
     def task_settings(self) -> dict:
-        return dataclasses.asdict(self.task)
+        """The task as an export carries it (budget keys only when set)."""
+        return {key: value for key, value in dataclasses.asdict(self.task).items() if value is not None}
 
     def apply_task_settings(self, settings: dict) -> None:
         self.task = GenerativeTask(**settings)
