@@ -126,6 +126,27 @@ def test_caption_table_errors_name_the_fix(tmp_path, tiny_clip_dir):
                                   tiny_clip_dir, tmp_path, objective="classification"))
 
 
+def test_a_wrong_separator_a_foreign_encoding_and_a_held_out_training_table_are_named(tmp_path):
+    rows = captioned_images(tmp_path, 6)
+    semicolons = tmp_path / "semi.csv"
+    semicolons.write_text(write_table(tmp_path / "t.csv", rows, separator=",").read_text().replace(",", ";"))
+    with pytest.raises(DataError) as caught:
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(semicolons),
+                                                                "separator": ","}}).data, 0)
+    assert str(caught.value) == (f"data.separator: {semicolons} has a single column 'filepath;title' with "
+                                 "data.separator ','; set data.separator to the character between its columns")
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes(write_table(tmp_path / "u.tsv", rows).read_bytes() + f"{rows[0][0]}\tcafé\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.tsv: line 8 is not UTF-8 text \(byte 0xe9 at column 14"):
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(latin)}}).data, 0)
+    table = write_table(tmp_path / "train.tsv", rows)
+    with pytest.raises(DataError) as caught:  # the same file by another path: the test split would be trained on
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(table),
+                                                                "eval_path": f"{tmp_path}/./train.tsv"}}).data, 0)
+    assert str(caught.value).startswith(f"data.eval_path: '{tmp_path}/./train.tsv' and data.path '{table}' share 1 "
+                                        "file(s)") and "give data.eval_path files of its own" in str(caught.value)
+
+
 # --- WebDataset shards ------------------------------------------------------------------------------------------
 
 
@@ -198,6 +219,39 @@ def test_shard_problems_are_bad_rows_or_clear_errors(tmp_path):
                                                            "path": str(tmp_path / "bad-{0000..0002}.tar")}}).data
     with pytest.raises(DataError, match="2 of 3 shards .* do not exist"):
         load_data(missing, 0)
+
+
+@pytest.mark.parametrize(("pattern", "message"), [
+    ("bad-{0000..0001.tar", "'{}/bad-{{0000..0001.tar': unbalanced braces; a shard range is written like "
+                            "train-{{0000..0009}}.tar"),
+    ("bad-{0000..}.tar", "do not exist (first: '{}/bad-{{0000..}}.tar'); its braces did not expand"),
+    ("nope-*.tar", "do not exist (first: '{}/nope-*.tar'); the glob matches no file"),
+], ids=["unbalanced", "open-range", "empty-glob"])
+def test_shard_patterns_that_name_no_shard_say_why(tmp_path, pattern, message):
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset", "path": str(tmp_path / pattern)}}).data
+    with pytest.raises(DataError) as caught:
+        load_data(spec, 0)
+    assert message.format(tmp_path) in str(caught.value)
+
+
+def test_shards_held_out_from_themselves_are_refused_and_odd_captions_read(tmp_path):
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    import webdataset as wds
+
+    rows = captioned_images(tmp_path / "img", 6)
+    train = write_shards(tmp_path, "train", rows, tmp_path / "img", per_shard=3)
+    spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset", "path": train,
+                                                        "eval_path": str(tmp_path / "train-0001.tar")}}).data
+    with pytest.raises(DataError, match=r"data.eval_path: .* and data.path .* share 1 file\(s\) \(first: "):
+        load_data(spec, 0)
+    with wds.TarWriter(str(tmp_path / "latin-0000.tar")) as sink:  # a latin-1 caption: read as the stream reads it
+        for i, (name, caption, _) in enumerate(rows):
+            text = "café".encode("latin-1") if i == 0 else caption.encode()
+            sink.write({"__key__": f"s{i}", "png": (tmp_path / "img" / name).read_bytes(), "txt": text})
+    data = load_data(load_recipe({"method": "zero_shot", "data": {
+        "source": "webdataset", "path": str(tmp_path / "latin-0000.tar"), "split": {"val": 0.0, "test": 0.5}}}).data, 0)
+    assert "caf\ufffd" in [e.text for e in data.train + data.test]
 
 
 def test_a_caption_table_converts_to_shards_that_read_back(tmp_path):

@@ -132,6 +132,11 @@ BAD_LLAVA = [
                                    {"from": "human", "value": "And?"}]},
      "must end with an assistant turn"),
     ({"id": "h", "conversation": []}, "no 'conversations' key"),
+    ({"id": "i", "conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "x"}]},
+     "conversations[0].from: expected a role name, got ['human']; LLaVA-Instruct roles: human, gpt, system"),
+    ({"id": "j", "image": "images/red-0.png", "conversations": [{"from": "human", "value": "Hi"},
+                                                                {"from": "gpt", "value": "<image>x"}]},
+     "conversations[1]: an <image> placeholder in an assistant turn"),
 ]
 
 
@@ -176,6 +181,40 @@ def test_jsonl_lines_and_messages_parts_are_checked(tmp_path):
     assert "3 bad rows" in error and "line 2: not valid JSON" in error
     assert "line 3: messages[0].content[0]: expected {'type': 'image'}" in error
     assert "line 4: messages[1]: role 'tool' (tool results) is not supported" in error
+
+
+def test_messages_with_images_inside_their_parts_or_tool_calls_name_the_fix(tmp_path):
+    user = {"role": "user", "content": [{"type": "image", "image": "images/a.png"}, {"type": "text", "text": "C?"}]}
+    answer = {"role": "assistant", "content": "red"}
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [
+        {"messages": [user, answer]},  # Qwen's inline image, no images column: it would be silently dropped
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}, answer]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "function", "content": "{}"}, answer]},
+    ]) + "\n")
+    error = bad_row_error("messages", path)
+    assert "line 1: messages[0].content[0]: the image named inside the part ('images/a.png') is not read; list the " \
+           "row's image paths in 'images' and write the part as {'type': 'image'}" in error, error
+    assert "line 2: messages[0].content[0]: an image_url part ({'url': 'a.png'}) is not read" in error, error
+    assert "line 3: messages[1]: role 'function' (tool calls) is not supported yet" in error, error
+
+
+def test_conversation_files_that_are_not_utf8_or_name_a_bad_file_are_named_errors(tmp_path):
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes(json.dumps([{"conversations": []}]).encode("utf-16"))
+    assert bad_row_error("llava", utf16).startswith(f"{utf16}: line 1 is not UTF-8 text (byte 0xff at column 1")
+    (tmp_path / "d.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"},
+                                                                    {"from": "gpt", "value": "x"}]}] * 4))
+    info = tmp_path / "dataset_info.json"
+    entries = {"ok": {"file_name": "d.json", "formatting": "sharegpt"},
+               "number": {"file_name": 5, "formatting": "sharegpt"},
+               "missing": {"file_name": "nope.json", "formatting": "sharegpt"}}
+    info.write_bytes(b"\xef\xbb\xbf" + json.dumps(entries).encode())  # Notepad's byte-order mark is fine
+    assert sum(load_conversations(spec("llamafactory", info, name="ok"), seed=0).info["counts"].values()) == 4
+    assert "file_name: expected the data file's path, got 5" in bad_row_error("llamafactory", info, name="number")
+    assert bad_row_error("llamafactory", info, name="missing") == (
+        f"{info} entry 'missing': file_name 'nope.json' does not exist (looked for {tmp_path / 'nope.json'}; it is "
+        "relative to the folder of dataset_info.json)")
 
 
 def test_dataset_info_entry_problems_all_at_once(tmp_path):

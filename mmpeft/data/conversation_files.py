@@ -15,7 +15,7 @@ from typing import Any
 
 from mmpeft.data.conversations import Conversation, ConversationFormat, DatasetImageAt, parse_record
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import ImageRef
+from mmpeft.data.sources import ImageRef, _not_utf8
 
 Parse = Callable[[Any, str, list[ImageRef]], Conversation]
 
@@ -29,7 +29,7 @@ def read_records(path: Path, hf_split: str = "train") -> list[tuple[str, Any]]:
         return _dataset_records(path, hf_split)
     if not path.is_file():
         raise DataError(f"data.path: conversation file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as error:
@@ -50,6 +50,14 @@ def read_records(path: Path, hf_split: str = "train") -> list[tuple[str, Any]]:
         except json.JSONDecodeError as error:
             rows.append((f"line {number}", _NotJson(error.msg)))
     return rows
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a byte-order mark allowed); any other encoding is a DataError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpeft.core.schema import did_you_mean
+from mmpeft.data.conversation_files import read_text
 from mmpeft.data.conversations import TOOL_ROLES, Conversation, ConversationFormat, Turn, content_text
 from mmpeft.data.errors import DataError
 
@@ -56,7 +57,7 @@ def read_entry(info_path: Path, name: str | None) -> LlamaFactoryEntry:
     """The entry `name` of a dataset_info.json; every problem with it is reported in one DataError."""
     where = f"{info_path}"
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = json.loads(read_text(info_path))
     except FileNotFoundError:
         raise DataError(f"data.path: {where} does not exist") from None
     except json.JSONDecodeError as error:
@@ -78,7 +79,11 @@ def read_entry(info_path: Path, name: str | None) -> LlamaFactoryEntry:
     columns = dict(ALPACA_DEFAULTS) if formatting == "alpaca" else {"messages": "conversations"}
     columns.update(entry.get("columns") or {})
     tags = {**TAG_DEFAULTS, **(entry.get("tags") or {})}
-    return LlamaFactoryEntry(name, info_path.parent / entry["file_name"], formatting, columns, tags,
+    file = info_path.parent / entry["file_name"]
+    if not file.exists():
+        raise DataError(f"{where} entry {name!r}: file_name {entry['file_name']!r} does not exist (looked for "
+                        f"{file}; it is relative to the folder of dataset_info.json)")
+    return LlamaFactoryEntry(name, file, formatting, columns, tags,
                              entry.get("split", "train"))
 
 
@@ -100,6 +105,8 @@ def _entry_problems(entry: dict, where: str) -> list[str]:
                         "file_name at the local file")
     elif "file_name" not in entry:
         problems.append("no 'file_name': name the data file (relative to the folder of dataset_info.json)")
+    elif not isinstance(entry["file_name"], str) or not entry["file_name"].strip():
+        problems.append(f"file_name: expected the data file's path, got {entry['file_name']!r:.60}")
     if entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
         problems.append(f"formatting: {entry['formatting']!r} is not read; mmpeft reads alpaca and sharegpt")
     if entry.get("ranking"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -27,17 +28,52 @@ TEXT_EXTENSIONS = ("txt", "json")
 def expand_shards(pattern: str) -> list[str]:
     """`train-{0000..0009}.tar` (webdataset's brace syntax) or a glob -> existing shard files, in order."""
     try:
-        import braceexpand
+        import braceexpand  # noqa: F401
         import webdataset  # noqa: F401  (the optional extra that brings braceexpand)
     except ImportError:
         raise DataError("data.source: webdataset needs the webdataset package: pip install 'mmpeft[webdataset]'"
                         ) from None
-    names = [name for part in braceexpand.braceexpand(pattern) for name in (sorted(glob.glob(part)) or [part])]
+    names = [name for part in expand_braces(pattern) for name in (sorted(glob.glob(part)) or [part])]
     missing = [name for name in names if not Path(name).is_file()]
     if missing:
         raise DataError(f"data.path: {len(missing)} of {len(names)} shards of {pattern!r} do not exist (first: "
-                        f"{missing[0]!r})")
+                        f"{missing[0]!r}){missing_hint(missing[0])}")
     return names
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's brace expansion of a shard pattern; unbalanced braces are a DataError naming the pattern."""
+    import braceexpand
+
+    try:
+        return list(braceexpand.braceexpand(pattern))
+    except braceexpand.UnbalancedBracesError:
+        raise DataError(f"{pattern!r}: unbalanced braces; a shard range is written like train-{{0000..0009}}.tar"
+                        ) from None
+
+
+def missing_hint(name: str) -> str:
+    """Why a shard name that does not exist may be wrong: braces left unexpanded, or a glob matching nothing."""
+    if "{" in name or "}" in name:
+        return "; its braces did not expand: a shard range is written like train-{0000..0009}.tar"
+    if any(char in name for char in "*?["):
+        return "; the glob matches no file"
+    return ""
+
+
+def shared_files(first: tuple[str, str, list[str]], second: tuple[str, str, list[str]]) -> str | None:
+    """What is wrong when two parts of the data, each (recipe key, pattern, files), name the same file (under any
+    path): the held-out `second` would score data that `first` trains or selects on."""
+    def real(name: str) -> str:
+        return os.path.realpath(name) if os.path.exists(name) else name
+
+    seen = {real(name) for name in first[2]}
+    shared = [name for name in second[2] if real(name) in seen]
+    if not shared:
+        return None
+    use = "trains" if first[0] == "data.path" else "selects"
+    return (f"{second[0]}: {second[1]!r} and {first[0]} {first[1]!r} share {len(shared)} file(s) (first: "
+            f"{shared[0]!r}), so its scores would count data the run {use} on; give {second[0]} files of its own")
 
 
 def read_shards(pattern: str, spec: DataSpec) -> tuple[list[Row], bool]:
@@ -67,10 +103,10 @@ def read_shards(pattern: str, spec: DataSpec) -> tuple[list[Row], bool]:
 def _text_of(tar: tarfile.TarFile, parts: dict[str, tarfile.TarInfo], spec: DataSpec) -> tuple[str | None, ...]:
     """(caption, label, problem) of one sample: `txt` is the caption; a `json` may hold caption and label."""
     caption = label = None
-    if "txt" in parts:
-        caption = tar.extractfile(parts["txt"]).read().decode("utf-8").strip() or None
+    if "txt" in parts:  # undecodable bytes replaced, as the streaming reader reads them
+        caption = tar.extractfile(parts["txt"]).read().decode("utf-8", "replace").strip() or None
     if "cls" in parts:
-        label = tar.extractfile(parts["cls"]).read().decode("utf-8").strip() or None
+        label = tar.extractfile(parts["cls"]).read().decode("utf-8", "replace").strip() or None
     if "json" in parts:
         try:
             meta = json.loads(tar.extractfile(parts["json"]).read())
