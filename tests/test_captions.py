@@ -269,3 +269,32 @@ def test_a_caption_table_converts_to_shards_that_read_back(tmp_path):
     every = data.dataset("train")
     texts = sorted(every[i]["text"] for i in range(len(every))) + sorted(e.text for e in data.test)
     assert sorted(texts) == sorted(caption for _, caption, _ in rows)
+
+
+def test_writing_shards_refuses_a_bad_pattern_or_table_and_leaves_no_half_written_shards(tmp_path, capsys,
+                                                                                           monkeypatch):
+    wds = pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package")
+    from mmpeft.data.write_shards import main
+
+    table = write_table(tmp_path / "t.tsv", captioned_images(tmp_path, 7))
+    header_only = tmp_path / "h.tsv"
+    header_only.write_text("filepath\ttitle\n")
+    for args, message in (([table, "out/x.tar"], "'out/x.tar': the output pattern needs one printf field"),
+                          ([table, "out/x-%04d.tar", "--per-shard", "0"], "--per-shard: 0; a shard holds at least 1"),
+                          ([header_only, "out/x-%04d.tar"], "h.tsv: no rows below the header")):
+        with pytest.raises(SystemExit) as code:
+            main([str(arg) for arg in args])
+        assert code.value.code == 2 and message in capsys.readouterr().err
+    calls = []
+    original = wds.ShardWriter.write
+
+    def write_until_the_disk_fills(self, sample):
+        calls.append(sample["__key__"])
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return original(self, sample)
+
+    monkeypatch.setattr(wds.ShardWriter, "write", write_until_the_disk_fills)
+    with pytest.raises(OSError):
+        main([str(table), str(tmp_path / "out" / "part-%04d.tar"), "--per-shard", "3"])
+    assert list((tmp_path / "out").iterdir()) == []
