@@ -221,13 +221,16 @@ def test_dataset_info_entry_problems_all_at_once(tmp_path):
     (tmp_path / "d.json").write_text("[]")
     info = {"mine": {"file_name": "d.json", "formating": "sharegpt", "columns": {"mesages": "conversations"},
                      "tags": {"role_tag": "from", "user": "human"}},
-            "remote": {"hf_hub_url": "someone/data"}}
+            "remote": {"hf_hub_url": "someone/data"},
+            "sampled": {"file_name": "d.json", "formatting": "sharegpt", "num_samples": 2}}
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     error = bad_row_error("llamafactory", tmp_path / "dataset_info.json", name="mine")
     assert "3 problem(s)" in error and "unknown key 'formating' (did you mean 'formatting'?)" in error
     assert "columns: unknown key 'mesages' (did you mean 'messages'?)" in error and "tags: unknown key 'user'" in error
     assert "cannot be read offline" in bad_row_error("llamafactory", tmp_path / "dataset_info.json", name="remote")
     assert "no entry 'mien'" in bad_row_error("llamafactory", tmp_path / "dataset_info.json", name="mien")
+    assert "num_samples: 2 (LLaMA-Factory's random sample of the rows) is not applied; remove it" in bad_row_error(
+        "llamafactory", tmp_path / "dataset_info.json", name="sampled")  # not silently every row
 
 
 def test_recipe_refuses_keys_that_cannot_apply(colors):

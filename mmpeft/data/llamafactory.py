@@ -109,6 +109,9 @@ def _entry_problems(entry: dict, where: str) -> list[str]:
         problems.append(f"file_name: expected the data file's path, got {entry['file_name']!r:.60}")
     if entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
         problems.append(f"formatting: {entry['formatting']!r} is not read; mmpeft reads alpaca and sharegpt")
+    if entry.get("num_samples") is not None:
+        problems.append(f"num_samples: {entry['num_samples']!r} (LLaMA-Factory's random sample of the rows) is not "
+                        "applied; remove it to train on every row, or cut the file to the rows you want")
     if entry.get("ranking"):
         problems.append("ranking: true (preference data) is not supported; supervised conversations only")
     for column, what in UNSUPPORTED_COLUMNS.items():
