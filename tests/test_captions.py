@@ -139,6 +139,10 @@ def test_a_wrong_separator_a_foreign_encoding_and_a_held_out_training_table_are_
     latin.write_bytes(write_table(tmp_path / "u.tsv", rows).read_bytes() + f"{rows[0][0]}\tcafé\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin.tsv: line 8 is not UTF-8 text \(byte 0xe9 at column 14"):
         load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(latin)}}).data, 0)
+    twice = tmp_path / "twice.tsv"  # a second `title` column would silently caption every row from the last one
+    twice.write_text("filepath\ttitle\ttitle\n" + "".join(f"{name}\t{caption}\tx\n" for name, caption, _ in rows))
+    with pytest.raises(DataError, match=r"twice.tsv: the header names column 'title' 2 times \(columns: filepath, "):
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(twice)}}).data, 0)
     table = write_table(tmp_path / "train.tsv", rows)
     with pytest.raises(DataError) as caught:  # the same file by another path: the test split would be trained on
         load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(table),

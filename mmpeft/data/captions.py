@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import RawData, Row, _image_root, _make_row, _not_utf8
+from mmpeft.data.sources import RawData, Row, _image_root, _make_row, _not_utf8, duplicated_columns
 from mmpeft.specs import DataSpec
 
 # open_clip's own column names (--csv-img-key filepath --csv-caption-key title), used when the recipe leaves
@@ -80,6 +80,7 @@ def table_columns(file: Path, columns: list[str], spec: DataSpec) -> DataSpec:
             raise DataError(f"data.{key}: no column {name!r} in {file} (columns: {', '.join(columns)}); open_clip "
                             f"tables name it {open_clip!r}")
         chosen[key] = name
+    duplicated_columns(file, columns, [*chosen.values(), spec.label_column])
     return dataclasses.replace(spec, **chosen)
 
 
