@@ -83,6 +83,23 @@ def test_every_format_reads_the_same_conversations(colors):
     assert read["messages-hf"].train[1].images[0].open().size == (8, 8)  # stored in the table, read when used
 
 
+def test_a_saved_table_with_one_image_column_reads_its_text_only_rows(tmp_path, colors):
+    """LLaVA rows saved with `datasets` (an `image` Image column): a text-only row keeps None there, not an image."""
+    import datasets
+
+    root, _ = colors
+    ask = [{"from": "human", "value": "<image>Colour?"}, {"from": "gpt", "value": "red"}]
+    chat = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"}]
+    table = {"image": [str(root / "images/red-0.png"), None] * 4, "conversations": [ask, chat] * 4}
+    features = datasets.Features({"image": datasets.Image(), "conversations": datasets.List(
+        {"from": datasets.Value("string"), "value": datasets.Value("string")})})
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(tmp_path / "saved"))
+    read = load_conversations(spec("llava", tmp_path / "saved"), seed=0)
+    assert read.info["images"] == {"total": 4, "max_per_row": 1, "text_only_rows": 4} and read.info["skipped"] == 0
+    with_image = next(c for c in read.train if c.images)
+    assert with_image.images[0].open().size == (8, 8)
+
+
 def test_llamafactory_mllm_layout_and_alpaca(tmp_path, colors):
     """LLaMA-Factory's own mllm_demo layout (messages/role/content tags) and an alpaca entry with history."""
     root, _ = colors

@@ -103,9 +103,11 @@ def _image_counts(table: Any, column: str) -> list[_StoredImages]:
     feature = table.features[column]
     undecoded = datasets.Image(decode=False)
     view = table.select_columns([column])
-    if isinstance(feature, datasets.Image):
+    if isinstance(feature, datasets.Image):  # one image a row, or none (a text-only row keeps None there)
         view = view.cast_column(column, undecoded)
-        return [_StoredImages(view, column, i, None) for i in range(len(view))]
+        present = [valid for batch in view.with_format("arrow").iter(batch_size=10_000)
+                   for valid in batch.column(column).is_valid().to_pylist()]
+        return [_StoredImages(view, column, i, None if has else 0) for i, has in enumerate(present)]
     view = view.cast_column(column, datasets.List(undecoded))
     lengths = [len(value or ()) for value in view[:][column]]
     return [_StoredImages(view, column, i, n) for i, n in enumerate(lengths)]
@@ -113,7 +115,7 @@ def _image_counts(table: Any, column: str) -> list[_StoredImages]:
 
 @dataclasses.dataclass(frozen=True)
 class _StoredImages:
-    """The images of one row of a `datasets` table: one (count None) or a list of `count`."""
+    """The images of one row of a `datasets` table: one (count None) or a list of `count` (0: none)."""
 
     table: Any
     column: str
