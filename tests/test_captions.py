@@ -230,13 +230,15 @@ def test_shard_problems_are_bad_rows_or_clear_errors(tmp_path):
                             "train-{{0000..0009}}.tar"),
     ("bad-{0000..}.tar", "do not exist (first: '{}/bad-{{0000..}}.tar'); its braces did not expand"),
     ("nope-*.tar", "do not exist (first: '{}/nope-*.tar'); the glob matches no file"),
-], ids=["unbalanced", "open-range", "empty-glob"])
+    ("", "do not exist (first: '{}'); it is a folder: name its shards, e.g. '{}/*.tar'"),
+], ids=["unbalanced", "open-range", "empty-glob", "folder"])
 def test_shard_patterns_that_name_no_shard_say_why(tmp_path, pattern, message):
     pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
-    spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset", "path": str(tmp_path / pattern)}}).data
+    path = str(tmp_path / pattern) if pattern else str(tmp_path)
+    spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset", "path": path}}).data
     with pytest.raises(DataError) as caught:
         load_data(spec, 0)
-    assert message.format(tmp_path) in str(caught.value)
+    assert message.format(tmp_path, tmp_path) in str(caught.value)
 
 
 def test_shards_held_out_from_themselves_are_refused_and_odd_captions_read(tmp_path):

@@ -53,7 +53,9 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def missing_hint(name: str) -> str:
-    """Why a shard name that does not exist may be wrong: braces left unexpanded, or a glob matching nothing."""
+    """Why a shard name that is not a file may be wrong: a folder, braces left unexpanded, a glob matching nothing."""
+    if Path(name).is_dir():
+        return f"; it is a folder: name its shards, e.g. {str(Path(name) / '*.tar')!r}"
     if "{" in name or "}" in name:
         return "; its braces did not expand: a shard range is written like train-{0000..0009}.tar"
     if any(char in name for char in "*?["):
