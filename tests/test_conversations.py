@@ -234,6 +234,17 @@ def test_conversation_files_that_are_not_utf8_or_name_a_bad_file_are_named_error
         "relative to the folder of dataset_info.json)")
 
 
+def test_a_system_prompt_or_alpaca_input_that_is_not_text_is_a_bad_row(tmp_path):
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "x"}]
+    (tmp_path / "s.json").write_text(json.dumps([{"conversations": turns, "system": ["Be brief."]}] * 4))
+    assert "row 0: 'system': expected the system prompt as a string, got list" in bad_row_error(
+        "sharegpt", tmp_path / "s.json")  # was: trained without it, silently
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Sum?", "input": 3, "output": "3"}] * 4))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.json"}}))
+    assert "row 0: 'input': expected a string, got int" in bad_row_error(
+        "llamafactory", tmp_path / "dataset_info.json", name="a")
+
+
 def test_dataset_info_entry_problems_all_at_once(tmp_path):
     (tmp_path / "d.json").write_text("[]")
     info = {"mine": {"file_name": "d.json", "formating": "sharegpt", "columns": {"mesages": "conversations"},

@@ -104,6 +104,8 @@ def parse_record(record: Any, source: str, fmt: ConversationFormat, images: list
     system = record.get(fmt.system_key) if fmt.system_key else None
     if isinstance(system, str) and system.strip():
         turns.append(Turn("system", system, fmt.system_key))
+    elif system is not None and not isinstance(system, str):  # not silently trained without it
+        problems.append(f"{fmt.system_key!r}: expected the system prompt as a string, got {type(system).__name__}")
     for number, message in enumerate(messages):
         turn = _parse_turn(message, f"{key}[{number}]", fmt, problems)
         if turn is not None:

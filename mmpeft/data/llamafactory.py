@@ -129,6 +129,8 @@ def alpaca_conversation(record: Any, source: str, images: list, entry: LlamaFact
     system = record.get(columns["system"]) if "system" in columns else None
     if isinstance(system, str) and system.strip():
         turns.append(Turn("system", system, columns["system"]))
+    elif system is not None and not isinstance(system, str):
+        problems.append(f"{columns['system']!r}: expected the system prompt as a string, got {type(system).__name__}")
     history = record.get(columns["history"]) if "history" in columns else None
     for i, pair in enumerate(history or []):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
@@ -138,6 +140,9 @@ def alpaca_conversation(record: Any, source: str, images: list, entry: LlamaFact
                   Turn("assistant", pair[1], f"{columns['history']}[{i}][1]")]
     prompt = content_text(record.get(columns["prompt"], ""), columns["prompt"], problems) or ""
     query = record.get(columns["query"]) or ""
+    if not isinstance(query, str):
+        problems.append(f"{columns['query']!r}: expected a string, got {type(query).__name__}")
+        query = ""
     response = record.get(columns["response"])
     if not isinstance(response, str):
         problems.append(f"no {columns['response']!r} string (the answer to learn)")
