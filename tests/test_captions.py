@@ -258,6 +258,13 @@ def test_shards_held_out_from_themselves_are_refused_and_odd_captions_read(tmp_p
     data = load_data(load_recipe({"method": "zero_shot", "data": {
         "source": "webdataset", "path": str(tmp_path / "latin-0000.tar"), "split": {"val": 0.0, "test": 0.5}}}).data, 0)
     assert "caf\ufffd" in [e.text for e in data.train + data.test]
+    with wds.TarWriter(str(tmp_path / "many-0000.tar")) as sink:  # several captions in one json: not one caption
+        for i, (name, caption, _) in enumerate(rows):
+            meta = {"caption": [caption, "another"] if i == 0 else caption}
+            sink.write({"__key__": f"s{i}", "png": (tmp_path / "img" / name).read_bytes(), "json": json.dumps(meta)})
+    with pytest.raises(DataError, match=r"many-0000.tar:s0: json 'caption' is a list, not one caption or label"):
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "webdataset",
+                                                               "path": str(tmp_path / "many-0000.tar")}}).data, 0)
 
 
 def test_a_caption_table_converts_to_shards_that_read_back(tmp_path):

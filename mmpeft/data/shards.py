@@ -116,14 +116,24 @@ def _text_of(tar: tarfile.TarFile, parts: dict[str, tarfile.TarInfo], spec: Data
             return None, None, f"json member is not valid JSON ({error})"
         if not isinstance(meta, dict):
             return None, None, f"json member is a {type(meta).__name__}, not an object"
-        caption = caption or _field(meta, spec.text_column, "caption")
-        label = label or _field(meta, spec.label_column)
+        try:
+            caption = caption or _field(meta, spec.text_column, "caption")
+            label = label or _field(meta, spec.label_column)
+        except _NotText as error:
+            return None, None, str(error)
     return caption, label, None
 
 
+class _NotText(ValueError):
+    """A json field that would be a caption or label but holds a list or an object (several captions, say)."""
+
+
 def _field(meta: dict, *names: str) -> str | None:
+    """The first of `names` the json has, as text; a list or object there is not one caption or label."""
     for name in names:
         value = meta.get(name)
+        if isinstance(value, (list, dict)):
+            raise _NotText(f"json {name!r} is a {type(value).__name__}, not one caption or label per sample")
         if value not in (None, ""):
             return str(value)
     return None

@@ -285,7 +285,7 @@ def label_of(sample: dict[str, Any], label_column: str) -> str | None:
     if label:
         return label
     value = json_meta(sample).get(label_column)
-    return None if value in (None, "") else str(value)
+    return None if value in (None, "") or isinstance(value, (list, dict)) else str(value)  # as the indexed reader
 
 
 def caption_of(sample: dict[str, Any], text_column: str) -> str | None:
@@ -295,6 +295,8 @@ def caption_of(sample: dict[str, Any], text_column: str) -> str | None:
         return text
     meta = json_meta(sample)
     for name in (text_column, "caption"):
+        if isinstance(meta.get(name), (list, dict)):  # several captions are not one: unusable, as indexed
+            return None
         if meta.get(name) not in (None, ""):
             return str(meta[name]).strip() or None
     return None
