@@ -245,6 +245,11 @@ def test_bad_samples_are_skipped_with_a_warning_and_an_all_bad_stream_fails(tmp_
     assert "mixed-0000.tar:textonly (no image" in caplog.text
     with pytest.raises(DataError, match="no usable sample"):
         train_stream(str(tmp_path / "bad-0000.tar"), held_out, on_bad_rows="skip")
+    with wds.TarWriter(str(tmp_path / "list-0000.tar")) as sink:  # several captions in a json: not one caption
+        sink.write({"__key__": "many", "png": png[1], "json": json.dumps({"caption": ["a", "b"]})})
+        sink.write({"__key__": "one", "png": png[2], "json": json.dumps({"caption": "a green image"})})
+    listed = train_stream(str(tmp_path / "list-0000.tar"), held_out, on_bad_rows="skip", shuffle_buffer=0)
+    assert listed.keys() == ["list-0000.tar:one"] and listed.source.bad == 1
     stream = train_stream(str(tmp_path / "bad-0000.tar"), held_out, on_bad_rows="skip", samples_per_epoch=4)
     with pytest.raises(DataError, match="a whole epoch of the 1 shards .* yielded no usable sample"):
         stream.keys()
