@@ -143,6 +143,9 @@ BAD_LLAVA = [
     ({"id": "e", "image": "../outside.png", "conversations": [{"from": "human", "value": "<image>Hi"},
                                                               {"from": "gpt", "value": "x"}]},
      "image path '../outside.png' escapes the image root"),
+    ({"id": "e1", "image": "/elsewhere/coco/1.jpg", "conversations": [{"from": "human", "value": "<image>Hi"},
+                                                                      {"from": "gpt", "value": "x"}]},
+     "image path '/elsewhere/coco/1.jpg' escapes the image root"),  # the message says: set data.image_root
     ({"id": "f", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  "}]},
      "conversations[1]: empty assistant turn"),
     ({"id": "g", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "x"},
@@ -166,6 +169,8 @@ def test_each_bad_row_names_its_problem_and_row(colors, tmp_path, record, messag
     path.write_text(json.dumps(good[:3] + [record] + good[3:]))
     error = bad_row_error("llava", path)
     assert "1 bad row in" in error and "row 3: " in error and message in error, error
+    if "escapes the image root" in message:
+        assert "; set data.image_root to a folder that holds the images" in error, error
 
 
 def test_bad_rows_reported_together_and_nothing_written(colors, tmp_path):

@@ -170,7 +170,8 @@ def row_images(value: Any, root: str, key: str | None) -> tuple[list[ImageRef], 
             continue
         resolved = os.path.abspath(os.path.join(root, item.strip()))
         if os.path.commonpath([resolved, root]) != root:
-            problems.append(f"{key!r}[{i}]: image path {item!r} escapes the image root {root}")
+            problems.append(f"{key!r}[{i}]: image path {item!r} escapes the image root {root}; set data.image_root "
+                            "to a folder that holds the images")
             continue
         refs.append(resolved)
     return refs, problems
