@@ -213,12 +213,16 @@ def test_shard_problems_are_bad_rows_or_clear_errors(tmp_path):
         sink.write({"__key__": "ok", "png": (tmp_path / "img" / images[0][0]).read_bytes(), "txt": "a red image"})
         sink.write({"__key__": "uncaptioned", "png": (tmp_path / "img" / images[1][0]).read_bytes()})
         sink.write({"__key__": "textonly", "txt": "a blue image"})
+        sink.write({"__key__": "otherkey", "png": (tmp_path / "img" / images[2][0]).read_bytes(),
+                    "json": json.dumps({"alt_text": "a green image"})})
     spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset",
                                                         "path": str(tmp_path / "bad-0000.tar")}}).data
     with pytest.raises(DataError) as caught:
         load_data(spec, 0)
     assert "bad-0000.tar:uncaptioned: no caption" in str(caught.value)
     assert "bad-0000.tar:textonly: no image member" in str(caught.value)
+    assert ("bad-0000.tar:otherkey: no caption (no .txt member, and the json has no 'caption' or 'text' key; its keys: "
+            "alt_text)") in str(caught.value)
     missing = load_recipe({"method": "zero_shot", "data": {"source": "webdataset",
                                                            "path": str(tmp_path / "bad-{0000..0002}.tar")}}).data
     with pytest.raises(DataError, match="2 of 3 shards .* do not exist"):

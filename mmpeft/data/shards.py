@@ -121,6 +121,9 @@ def _text_of(tar: tarfile.TarFile, parts: dict[str, tarfile.TarInfo], spec: Data
             label = label or _field(meta, spec.label_column)
         except _NotText as error:
             return None, None, str(error)
+        if caption is None and label is None:
+            return None, None, (f"no caption (no .txt member, and the json has no 'caption' or {spec.text_column!r} "
+                                f"key; its keys: {', '.join(map(str, meta)) or 'none'})")
     return caption, label, None
 
 
