@@ -147,8 +147,9 @@ def test_a_wrong_separator_a_foreign_encoding_and_a_held_out_training_table_are_
     with pytest.raises(DataError) as caught:  # the same file by another path: the test split would be trained on
         load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(table),
                                                                 "eval_path": f"{tmp_path}/./train.tsv"}}).data, 0)
-    assert str(caught.value).startswith(f"data.eval_path: '{tmp_path}/./train.tsv' and data.path '{table}' share 1 "
-                                        "file(s)") and "give data.eval_path files of its own" in str(caught.value)
+    assert str(caught.value) == (f"data.eval_path: '{tmp_path}/./train.tsv' and data.path '{table}' share 1 file(s) "
+                                 f"(first: '{tmp_path}/./train.tsv'): their samples would be trained on and scored "
+                                 "as held out; give data.eval_path files of its own")
 
 
 # --- WebDataset shards ------------------------------------------------------------------------------------------

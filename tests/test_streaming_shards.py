@@ -290,7 +290,7 @@ def test_held_out_shards_that_are_training_shards_are_refused(stream_shards, cap
                           "data": stream_data(train, held_out, val_path=held_out, split={"val": 0.1})})
     with caplog.at_level(logging.WARNING, logger="mmpeft"):
         load_data(recipe.data, 0)  # validation on the test shards: allowed, but the best epoch is picked on them
-    assert "data.val_path: " in caplog.text and "count data the run selects on" in caplog.text
+    assert "data.val_path: " in caplog.text and "the best epoch would be picked on test data" in caplog.text
 
 
 # --- labelled streams (classification) ----------------------------------------------------------------------------

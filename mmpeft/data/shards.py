@@ -65,7 +65,8 @@ def missing_hint(name: str) -> str:
 
 def shared_files(first: tuple[str, str, list[str]], second: tuple[str, str, list[str]]) -> str | None:
     """What is wrong when two parts of the data, each (recipe key, pattern, files), name the same file (under any
-    path): the held-out `second` would score data that `first` trains or selects on."""
+    path): the held-out `second` would score data that `first` trains on (or, `first` the test split, validation
+    would select on test data)."""
     def real(name: str) -> str:
         return os.path.realpath(name) if os.path.exists(name) else name
 
@@ -73,9 +74,10 @@ def shared_files(first: tuple[str, str, list[str]], second: tuple[str, str, list
     shared = [name for name in second[2] if real(name) in seen]
     if not shared:
         return None
-    use = "trains" if first[0] == "data.path" else "selects"
+    why = ("their samples would be trained on and scored as held out" if first[0] == "data.path" else
+           "the best epoch would be picked on test data")
     return (f"{second[0]}: {second[1]!r} and {first[0]} {first[1]!r} share {len(shared)} file(s) (first: "
-            f"{shared[0]!r}), so its scores would count data the run {use} on; give {second[0]} files of its own")
+            f"{shared[0]!r}): {why}; give {second[0]} files of its own")
 
 
 def read_shards(pattern: str, spec: DataSpec) -> tuple[list[Row], bool]:
