@@ -235,8 +235,8 @@ def test_conversation_files_that_are_not_utf8_or_name_a_bad_file_are_named_error
     assert sum(load_conversations(spec("llamafactory", info, name="ok"), seed=0).info["counts"].values()) == 4
     assert "file_name: expected the data file's path, got 5" in bad_row_error("llamafactory", info, name="number")
     assert bad_row_error("llamafactory", info, name="missing") == (
-        f"{info} entry 'missing': file_name 'nope.json' does not exist (looked for {tmp_path / 'nope.json'}; it is "
-        "relative to the folder of dataset_info.json)")
+        f"1 problem(s) in {info} entry 'missing': file_name: 'nope.json' does not exist (looked for "
+        f"{tmp_path / 'nope.json'}; it is relative to the folder of dataset_info.json)")
 
 
 def test_a_system_prompt_or_alpaca_input_that_is_not_text_is_a_bad_row(tmp_path):

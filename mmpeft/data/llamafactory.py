@@ -73,17 +73,17 @@ def read_entry(info_path: Path, name: str | None) -> LlamaFactoryEntry:
     if not isinstance(entry, dict):
         raise DataError(f"{where}: entry {name!r} must be an object, got {type(entry).__name__}")
     problems = _entry_problems(entry, f"{where} entry {name!r}")
+    file_name = entry.get("file_name")
+    if isinstance(file_name, str) and file_name.strip() and not (info_path.parent / file_name).exists():
+        problems.append(f"file_name: {file_name!r} does not exist (looked for {info_path.parent / file_name}; it is "
+                        "relative to the folder of dataset_info.json)")
     if problems:
         raise DataError(f"{len(problems)} problem(s) in {where} entry {name!r}: " + "; ".join(problems))
     formatting = entry.get("formatting", "alpaca")
     columns = dict(ALPACA_DEFAULTS) if formatting == "alpaca" else {"messages": "conversations"}
     columns.update(entry.get("columns") or {})
     tags = {**TAG_DEFAULTS, **(entry.get("tags") or {})}
-    file = info_path.parent / entry["file_name"]
-    if not file.exists():
-        raise DataError(f"{where} entry {name!r}: file_name {entry['file_name']!r} does not exist (looked for "
-                        f"{file}; it is relative to the folder of dataset_info.json)")
-    return LlamaFactoryEntry(name, file, formatting, columns, tags,
+    return LlamaFactoryEntry(name, info_path.parent / file_name, formatting, columns, tags,
                              entry.get("split", "train"))
 
 
