@@ -140,6 +140,9 @@ BAD_LLAVA = [
     ({"id": "d", "image": "images/nope.png", "conversations": [{"from": "human", "value": "<image>Hi"},
                                                                {"from": "gpt", "value": "x"}]},
      "'nope.png' not found under"),
+    ({"id": "d2", "image": "images\\red-0.png", "conversations": [{"from": "human", "value": "<image>Hi"},
+                                                                  {"from": "gpt", "value": "x"}]},
+     "'images\\\\red-0.png' not found under"),  # then: write paths with /
     ({"id": "e", "image": "../outside.png", "conversations": [{"from": "human", "value": "<image>Hi"},
                                                               {"from": "gpt", "value": "x"}]},
      "image path '../outside.png' escapes the image root"),
@@ -169,6 +172,8 @@ def test_each_bad_row_names_its_problem_and_row(colors, tmp_path, record, messag
     path.write_text(json.dumps(good[:3] + [record] + good[3:]))
     error = bad_row_error("llava", path)
     assert "1 bad row in" in error and "row 3: " in error and message in error, error
+    if "\\" in message:
+        assert "; it is written with backslashes: write paths with / (images/cat.png)" in error, error
     if "escapes the image root" in message:
         assert "; set data.image_root to a folder that holds the images" in error, error
 

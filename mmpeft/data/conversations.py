@@ -16,7 +16,7 @@ from PIL import Image
 
 from mmpeft.core.schema import did_you_mean
 from mmpeft.data.sources import DatasetImage, ImageRef
-from mmpeft.data.validate import BadRow, check_image
+from mmpeft.data.validate import BadRow, backslash_hint, check_image
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -257,7 +257,7 @@ def _check(image: ImageRef, max_pixels: int | None) -> str | None:
     if isinstance(image, str):
         if not os.path.isfile(image):
             folder, name = os.path.split(image)
-            return f"{name!r} not found under {folder}"
+            return f"{name!r} not found under {folder}{backslash_hint(name)}"
         problem = check_image(lambda: Image.open(image), max_pixels)
     elif isinstance(image, DatasetImage):
         problem = check_image(image.open, max_pixels)
