@@ -126,6 +126,32 @@ def test_caption_table_errors_name_the_fix(tmp_path, tiny_clip_dir):
                                   tiny_clip_dir, tmp_path, objective="classification"))
 
 
+def test_a_wrong_separator_a_foreign_encoding_and_a_held_out_training_table_are_named(tmp_path):
+    rows = captioned_images(tmp_path, 6)
+    semicolons = tmp_path / "semi.csv"
+    semicolons.write_text(write_table(tmp_path / "t.csv", rows, separator=",").read_text().replace(",", ";"))
+    with pytest.raises(DataError) as caught:
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(semicolons),
+                                                                "separator": ","}}).data, 0)
+    assert str(caught.value) == (f"data.separator: {semicolons} has a single column 'filepath;title' with "
+                                 "data.separator ','; set data.separator to the character between its columns")
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes(write_table(tmp_path / "u.tsv", rows).read_bytes() + f"{rows[0][0]}\tcafé\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.tsv: line 8 is not UTF-8 text \(byte 0xe9 at column 14"):
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(latin)}}).data, 0)
+    twice = tmp_path / "twice.tsv"  # a second `title` column would silently caption every row from the last one
+    twice.write_text("filepath\ttitle\ttitle\n" + "".join(f"{name}\t{caption}\tx\n" for name, caption, _ in rows))
+    with pytest.raises(DataError, match=r"twice.tsv: the header names column 'title' 2 times \(columns: filepath, "):
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(twice)}}).data, 0)
+    table = write_table(tmp_path / "train.tsv", rows)
+    with pytest.raises(DataError) as caught:  # the same file by another path: the test split would be trained on
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(table),
+                                                                "eval_path": f"{tmp_path}/./train.tsv"}}).data, 0)
+    assert str(caught.value) == (f"data.eval_path: '{tmp_path}/./train.tsv' and data.path '{table}' share 1 file(s) "
+                                 f"(first: '{tmp_path}/./train.tsv'): their samples would be trained on and scored "
+                                 "as held out; give data.eval_path files of its own")
+
+
 # --- WebDataset shards ------------------------------------------------------------------------------------------
 
 
@@ -188,16 +214,62 @@ def test_shard_problems_are_bad_rows_or_clear_errors(tmp_path):
         sink.write({"__key__": "ok", "png": (tmp_path / "img" / images[0][0]).read_bytes(), "txt": "a red image"})
         sink.write({"__key__": "uncaptioned", "png": (tmp_path / "img" / images[1][0]).read_bytes()})
         sink.write({"__key__": "textonly", "txt": "a blue image"})
+        sink.write({"__key__": "otherkey", "png": (tmp_path / "img" / images[2][0]).read_bytes(),
+                    "json": json.dumps({"alt_text": "a green image"})})
     spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset",
                                                         "path": str(tmp_path / "bad-0000.tar")}}).data
     with pytest.raises(DataError) as caught:
         load_data(spec, 0)
     assert "bad-0000.tar:uncaptioned: no caption" in str(caught.value)
     assert "bad-0000.tar:textonly: no image member" in str(caught.value)
+    assert ("bad-0000.tar:otherkey: no caption (no .txt member, and the json has no 'caption' or 'text' key; its keys: "
+            "alt_text)") in str(caught.value)
     missing = load_recipe({"method": "zero_shot", "data": {"source": "webdataset",
                                                            "path": str(tmp_path / "bad-{0000..0002}.tar")}}).data
     with pytest.raises(DataError, match="2 of 3 shards .* do not exist"):
         load_data(missing, 0)
+
+
+@pytest.mark.parametrize(("pattern", "message"), [
+    ("bad-{0000..0001.tar", "'{}/bad-{{0000..0001.tar': unbalanced braces; a shard range is written like "
+                            "train-{{0000..0009}}.tar"),
+    ("bad-{0000..}.tar", "do not exist (first: '{}/bad-{{0000..}}.tar'); its braces did not expand"),
+    ("nope-*.tar", "do not exist (first: '{}/nope-*.tar'); the glob matches no file"),
+    ("", "do not exist (first: '{}'); it is a folder: name its shards, e.g. '{}/*.tar'"),
+], ids=["unbalanced", "open-range", "empty-glob", "folder"])
+def test_shard_patterns_that_name_no_shard_say_why(tmp_path, pattern, message):
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    path = str(tmp_path / pattern) if pattern else str(tmp_path)
+    spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset", "path": path}}).data
+    with pytest.raises(DataError) as caught:
+        load_data(spec, 0)
+    assert message.format(tmp_path, tmp_path) in str(caught.value)
+
+
+def test_shards_held_out_from_themselves_are_refused_and_odd_captions_read(tmp_path):
+    pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package (mmpeft[webdataset])")
+    import webdataset as wds
+
+    rows = captioned_images(tmp_path / "img", 6)
+    train = write_shards(tmp_path, "train", rows, tmp_path / "img", per_shard=3)
+    spec = load_recipe({"method": "zero_shot", "data": {"source": "webdataset", "path": train,
+                                                        "eval_path": str(tmp_path / "train-0001.tar")}}).data
+    with pytest.raises(DataError, match=r"data.eval_path: .* and data.path .* share 1 file\(s\) \(first: "):
+        load_data(spec, 0)
+    with wds.TarWriter(str(tmp_path / "latin-0000.tar")) as sink:  # a latin-1 caption: read as the stream reads it
+        for i, (name, caption, _) in enumerate(rows):
+            text = "café".encode("latin-1") if i == 0 else caption.encode()
+            sink.write({"__key__": f"s{i}", "png": (tmp_path / "img" / name).read_bytes(), "txt": text})
+    data = load_data(load_recipe({"method": "zero_shot", "data": {
+        "source": "webdataset", "path": str(tmp_path / "latin-0000.tar"), "split": {"val": 0.0, "test": 0.5}}}).data, 0)
+    assert "caf\ufffd" in [e.text for e in data.train + data.test]
+    with wds.TarWriter(str(tmp_path / "many-0000.tar")) as sink:  # several captions in one json: not one caption
+        for i, (name, caption, _) in enumerate(rows):
+            meta = {"caption": [caption, "another"] if i == 0 else caption}
+            sink.write({"__key__": f"s{i}", "png": (tmp_path / "img" / name).read_bytes(), "json": json.dumps(meta)})
+    with pytest.raises(DataError, match=r"many-0000.tar:s0: json 'caption' is a list, not one caption or label"):
+        load_data(load_recipe({"method": "zero_shot", "data": {"source": "webdataset",
+                                                               "path": str(tmp_path / "many-0000.tar")}}).data, 0)
 
 
 def test_a_caption_table_converts_to_shards_that_read_back(tmp_path):
@@ -215,3 +287,32 @@ def test_a_caption_table_converts_to_shards_that_read_back(tmp_path):
     every = data.dataset("train")
     texts = sorted(every[i]["text"] for i in range(len(every))) + sorted(e.text for e in data.test)
     assert sorted(texts) == sorted(caption for _, caption, _ in rows)
+
+
+def test_writing_shards_refuses_a_bad_pattern_or_table_and_leaves_no_half_written_shards(tmp_path, capsys,
+                                                                                           monkeypatch):
+    wds = pytest.importorskip("webdataset", reason="WebDataset shards need the webdataset package")
+    from mmpeft.data.write_shards import main
+
+    table = write_table(tmp_path / "t.tsv", captioned_images(tmp_path, 7))
+    header_only = tmp_path / "h.tsv"
+    header_only.write_text("filepath\ttitle\n")
+    for args, message in (([table, "out/x.tar"], "'out/x.tar': the output pattern needs one printf field"),
+                          ([table, "out/x-%04d.tar", "--per-shard", "0"], "--per-shard: 0; a shard holds at least 1"),
+                          ([header_only, "out/x-%04d.tar"], "h.tsv: no rows below the header")):
+        with pytest.raises(SystemExit) as code:
+            main([str(arg) for arg in args])
+        assert code.value.code == 2 and message in capsys.readouterr().err
+    calls = []
+    original = wds.ShardWriter.write
+
+    def write_until_the_disk_fills(self, sample):
+        calls.append(sample["__key__"])
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return original(self, sample)
+
+    monkeypatch.setattr(wds.ShardWriter, "write", write_until_the_disk_fills)
+    with pytest.raises(OSError):
+        main([str(table), str(tmp_path / "out" / "part-%04d.tar"), "--per-shard", "3"])
+    assert list((tmp_path / "out").iterdir()) == []

@@ -84,6 +84,23 @@ def test_every_format_reads_the_same_conversations(colors):
     assert read["messages-hf"].train[1].images[0].open().size == (8, 8)  # stored in the table, read when used
 
 
+def test_a_saved_table_with_one_image_column_reads_its_text_only_rows(tmp_path, colors):
+    """LLaVA rows saved with `datasets` (an `image` Image column): a text-only row keeps None there, not an image."""
+    import datasets
+
+    root, _ = colors
+    ask = [{"from": "human", "value": "<image>Colour?"}, {"from": "gpt", "value": "red"}]
+    chat = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"}]
+    table = {"image": [str(root / "images/red-0.png"), None] * 4, "conversations": [ask, chat] * 4}
+    features = datasets.Features({"image": datasets.Image(), "conversations": datasets.List(
+        {"from": datasets.Value("string"), "value": datasets.Value("string")})})
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(tmp_path / "saved"))
+    read = load_conversations(spec("llava", tmp_path / "saved"), seed=0)
+    assert read.info["images"] == {"total": 4, "max_per_row": 1, "text_only_rows": 4} and read.info["skipped"] == 0
+    with_image = next(c for c in read.train if c.images)
+    assert with_image.images[0].open().size == (8, 8)
+
+
 def test_llamafactory_mllm_layout_and_alpaca(tmp_path, colors):
     """LLaMA-Factory's own mllm_demo layout (messages/role/content tags) and an alpaca entry with history."""
     root, _ = colors
@@ -124,15 +141,26 @@ BAD_LLAVA = [
     ({"id": "d", "image": "images/nope.png", "conversations": [{"from": "human", "value": "<image>Hi"},
                                                                {"from": "gpt", "value": "x"}]},
      "'nope.png' not found under"),
+    ({"id": "d2", "image": "images\\red-0.png", "conversations": [{"from": "human", "value": "<image>Hi"},
+                                                                  {"from": "gpt", "value": "x"}]},
+     "'images\\\\red-0.png' not found under"),  # then: write paths with /
     ({"id": "e", "image": "../outside.png", "conversations": [{"from": "human", "value": "<image>Hi"},
                                                               {"from": "gpt", "value": "x"}]},
      "image path '../outside.png' escapes the image root"),
+    ({"id": "e1", "image": "/elsewhere/coco/1.jpg", "conversations": [{"from": "human", "value": "<image>Hi"},
+                                                                      {"from": "gpt", "value": "x"}]},
+     "image path '/elsewhere/coco/1.jpg' escapes the image root"),  # the message says: set data.image_root
     ({"id": "f", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  "}]},
      "conversations[1]: empty assistant turn"),
     ({"id": "g", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "x"},
                                    {"from": "human", "value": "And?"}]},
      "must end with an assistant turn"),
     ({"id": "h", "conversation": []}, "no 'conversations' key"),
+    ({"id": "i", "conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "x"}]},
+     "conversations[0].from: expected a role name, got ['human']; LLaVA-Instruct roles: human, gpt, system"),
+    ({"id": "j", "image": "images/red-0.png", "conversations": [{"from": "human", "value": "Hi"},
+                                                                {"from": "gpt", "value": "<image>x"}]},
+     "conversations[1]: an <image> placeholder in an assistant turn"),
 ]
 
 
@@ -145,6 +173,10 @@ def test_each_bad_row_names_its_problem_and_row(colors, tmp_path, record, messag
     path.write_text(json.dumps(good[:3] + [record] + good[3:]))
     error = bad_row_error("llava", path)
     assert "1 bad row in" in error and "row 3: " in error and message in error, error
+    if "\\" in message:
+        assert "; it is written with backslashes: write paths with / (images/cat.png)" in error, error
+    if "escapes the image root" in message:
+        assert "; set data.image_root to a folder that holds the images" in error, error
 
 
 def test_bad_rows_reported_together_and_nothing_written(colors, tmp_path):
@@ -179,17 +211,65 @@ def test_jsonl_lines_and_messages_parts_are_checked(tmp_path):
     assert "line 4: messages[1]: role 'tool' (tool results) is not supported" in error
 
 
+def test_messages_with_images_inside_their_parts_or_tool_calls_name_the_fix(tmp_path):
+    user = {"role": "user", "content": [{"type": "image", "image": "images/a.png"}, {"type": "text", "text": "C?"}]}
+    answer = {"role": "assistant", "content": "red"}
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [
+        {"messages": [user, answer]},  # Qwen's inline image, no images column: it would be silently dropped
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}, answer]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "function", "content": "{}"}, answer]},
+    ]) + "\n")
+    error = bad_row_error("messages", path)
+    assert "line 1: messages[0].content[0]: the image named inside the part ('images/a.png') is not read; list the " \
+           "row's image paths in 'images' and write the part as {'type': 'image'}" in error, error
+    assert "line 2: messages[0].content[0]: an image_url part ({'url': 'a.png'}) is not read" in error, error
+    assert "line 3: messages[1]: role 'function' (tool calls) is not supported yet" in error, error
+
+
+def test_conversation_files_that_are_not_utf8_or_name_a_bad_file_are_named_errors(tmp_path):
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes(json.dumps([{"conversations": []}]).encode("utf-16"))
+    assert bad_row_error("llava", utf16).startswith(f"{utf16}: line 1 is not UTF-8 text (byte 0xff at column 1")
+    (tmp_path / "d.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"},
+                                                                    {"from": "gpt", "value": "x"}]}] * 4))
+    info = tmp_path / "dataset_info.json"
+    entries = {"ok": {"file_name": "d.json", "formatting": "sharegpt"},
+               "number": {"file_name": 5, "formatting": "sharegpt"},
+               "missing": {"file_name": "nope.json", "formatting": "sharegpt"}}
+    info.write_bytes(b"\xef\xbb\xbf" + json.dumps(entries).encode())  # Notepad's byte-order mark is fine
+    assert sum(load_conversations(spec("llamafactory", info, name="ok"), seed=0).info["counts"].values()) == 4
+    assert "file_name: expected the data file's path, got 5" in bad_row_error("llamafactory", info, name="number")
+    assert bad_row_error("llamafactory", info, name="missing") == (
+        f"1 problem(s) in {info} entry 'missing': file_name: 'nope.json' does not exist (looked for "
+        f"{tmp_path / 'nope.json'}; it is relative to the folder of dataset_info.json)")
+
+
+def test_a_system_prompt_or_alpaca_input_that_is_not_text_is_a_bad_row(tmp_path):
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "x"}]
+    (tmp_path / "s.json").write_text(json.dumps([{"conversations": turns, "system": ["Be brief."]}] * 4))
+    assert "row 0: 'system': expected the system prompt as a string, got list" in bad_row_error(
+        "sharegpt", tmp_path / "s.json")  # was: trained without it, silently
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Sum?", "input": 3, "output": "3"}] * 4))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.json"}}))
+    assert "row 0: 'input': expected a string, got int" in bad_row_error(
+        "llamafactory", tmp_path / "dataset_info.json", name="a")
+
+
 def test_dataset_info_entry_problems_all_at_once(tmp_path):
     (tmp_path / "d.json").write_text("[]")
     info = {"mine": {"file_name": "d.json", "formating": "sharegpt", "columns": {"mesages": "conversations"},
                      "tags": {"role_tag": "from", "user": "human"}},
-            "remote": {"hf_hub_url": "someone/data"}}
+            "remote": {"hf_hub_url": "someone/data"},
+            "sampled": {"file_name": "d.json", "formatting": "sharegpt", "num_samples": 2}}
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     error = bad_row_error("llamafactory", tmp_path / "dataset_info.json", name="mine")
     assert "3 problem(s)" in error and "unknown key 'formating' (did you mean 'formatting'?)" in error
     assert "columns: unknown key 'mesages' (did you mean 'messages'?)" in error and "tags: unknown key 'user'" in error
     assert "cannot be read offline" in bad_row_error("llamafactory", tmp_path / "dataset_info.json", name="remote")
     assert "no entry 'mien'" in bad_row_error("llamafactory", tmp_path / "dataset_info.json", name="mien")
+    assert "num_samples: 2 (LLaMA-Factory's random sample of the rows) is not applied; remove it" in bad_row_error(
+        "llamafactory", tmp_path / "dataset_info.json", name="sampled")  # not silently every row
 
 
 def test_recipe_refuses_keys_that_cannot_apply(colors):

@@ -366,11 +366,38 @@ def one_class_captions(tmp: Path) -> tuple[DataSpec, Outcome]:
     return DataSpec(source="csv", path=str(root / "rows.csv"), split=SPLIT), Outcome(kept=GOOD, classes=["photo"])
 
 
+def label_column_twice(tmp: Path) -> tuple[DataSpec, Outcome]:
+    """Two `label` columns: csv.DictReader would silently keep the last one for every row."""
+    csv, root = write_rows(tmp, [], header="image,label,label")
+    return DataSpec(source="csv", path=str(csv)), Outcome(error=(
+        f"{csv}: the header names column 'label' 2 times (columns: image, label, label), so which one to read is "
+        "ambiguous; rename all but one"))
+
+
+def url_image_column(tmp: Path) -> tuple[DataSpec, Outcome]:
+    """img2dataset's input (a table of URLs) given as the training table: not a missing file under ./https:/."""
+    csv, root = write_rows(tmp, ["https://example.com/cat.jpg,cat"])
+    return DataSpec(source="csv", path=str(csv)), Outcome(error=(
+        f"1 bad row in {csv}: line 6: image 'https://example.com/cat.jpg' is a URL; image paths name local files: "
+        "download the images first (img2dataset writes them as files or shards). Fix them or set data.on_bad_rows: "
+        "skip"))
+
+
+def windows_path(tmp: Path) -> tuple[DataSpec, Outcome]:
+    """A table written on Windows: `sub\\cat.png` is no file here; the error says to write /."""
+    csv, root = write_rows(tmp, ["sub\\4.png,cat"])
+    write_png(root / "sub" / "4.png", value=4)
+    return DataSpec(source="csv", path=str(csv)), Outcome(error=(
+        f"1 bad row in {csv}: line 6: image 'sub\\\\4.png' not found under {root}; it is written with backslashes: "
+        "write paths with / (images/cat.png). Fix them or set data.on_bad_rows: skip"))
+
+
 DATA_CASES = [pytest.param(build, id=build.__name__) for build in (
     symlink_to_file, symlink_to_folder, symlink_to_etc_passwd_skipped, symlink_inside_root,
     truncated_jpeg, truncated_jpeg_skipped, truncated_jpeg_in_datasets_table,
     bomb, bomb_skipped, bomb_in_folder_source, small_cap, no_cap,
     latin1_csv, latin1_jsonl, jsonl_with_bom, one_class_folder, one_class_left_after_skipping, one_class_captions,
+    label_column_twice, url_image_column, windows_path,
 )]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 
 import pytest
 from test_captions import SHADES, caption_recipe, captioned_images, shards, write_shards  # noqa: F401
@@ -232,7 +233,9 @@ def test_bad_samples_are_skipped_with_a_warning_and_an_all_bad_stream_fails(tmp_
         sink.write({"__key__": "ok2", "png": png[2], "txt": "a green image"})
     with wds.TarWriter(str(tmp_path / "bad-0000.tar")) as sink:
         sink.write({"__key__": "textonly", "txt": "a blue image"})
-    held_out = str(tmp_path / "mixed-0000.tar")
+    with wds.TarWriter(str(tmp_path / "held-0000.tar")) as sink:  # held out: not a training shard
+        sink.write({"__key__": "ok", "png": png[0], "txt": "a red image"})
+    held_out = str(tmp_path / "held-0000.tar")
     with caplog.at_level(logging.WARNING, logger="mmpeft"):
         stream = train_stream(str(tmp_path / "mixed-0000.tar"), held_out, on_bad_rows="skip", shuffle_buffer=0)
         assert len(stream) == 2 and stream.keys() == ["mixed-0000.tar:ok", "mixed-0000.tar:ok2"]
@@ -242,6 +245,11 @@ def test_bad_samples_are_skipped_with_a_warning_and_an_all_bad_stream_fails(tmp_
     assert "mixed-0000.tar:textonly (no image" in caplog.text
     with pytest.raises(DataError, match="no usable sample"):
         train_stream(str(tmp_path / "bad-0000.tar"), held_out, on_bad_rows="skip")
+    with wds.TarWriter(str(tmp_path / "list-0000.tar")) as sink:  # several captions in a json: not one caption
+        sink.write({"__key__": "many", "png": png[1], "json": json.dumps({"caption": ["a", "b"]})})
+        sink.write({"__key__": "one", "png": png[2], "json": json.dumps({"caption": "a green image"})})
+    listed = train_stream(str(tmp_path / "list-0000.tar"), held_out, on_bad_rows="skip", shuffle_buffer=0)
+    assert listed.keys() == ["list-0000.tar:one"] and listed.source.bad == 1
     stream = train_stream(str(tmp_path / "bad-0000.tar"), held_out, on_bad_rows="skip", samples_per_epoch=4)
     with pytest.raises(DataError, match="a whole epoch of the 1 shards .* yielded no usable sample"):
         stream.keys()
@@ -264,6 +272,25 @@ def test_missing_shards_are_clear_errors(tmp_path, stream_shards):
     # the failing pipe shows as its exit status (OSError) or, when tar reads first, as an empty file (ReadError)
     with pytest.raises(DataError, match=r"cannot read 'pipe:cat .*none-0000.tar' through webdataset: (OSError|Read)"):
         train_stream(f"pipe:cat {tmp_path / 'none-0000.tar'}", stream_shards[1])
+    with pytest.raises(DataError, match=r"1 of 1 shards do not exist .*; its braces did not expand"):
+        train_stream(str(tmp_path / "none-{0000..}.tar"), stream_shards[1])
+
+
+def test_held_out_shards_that_are_training_shards_are_refused(stream_shards, caplog):
+    train, held_out = stream_shards  # a shard both trained on and scored would not be held out
+    cases = [("data.val_path", {"val_path": train.replace("{0000..0003}", "0002")}, "data.path"),
+             ("data.eval_path", {"eval_path": train}, "data.path")]
+    for key, data, other in cases:
+        split = {"val": 0.1 if "val_path" in data else 0.0}
+        recipe = load_recipe({"method": "zero_shot", "train": {"objective": "contrastive"},
+                              "data": {**stream_data(train, held_out, split=split), **data}})
+        with pytest.raises(DataError, match=rf"^{key}: .* and {other} .* share \d file\(s\) .*give {key} files"):
+            load_data(recipe.data, 0)
+    recipe = load_recipe({"method": "zero_shot", "train": {"objective": "contrastive"},
+                          "data": stream_data(train, held_out, val_path=held_out, split={"val": 0.1})})
+    with caplog.at_level(logging.WARNING, logger="mmpeft"):
+        load_data(recipe.data, 0)  # validation on the test shards: allowed, but the best epoch is picked on them
+    assert "data.val_path: " in caplog.text and "the best epoch would be picked on test data" in caplog.text
 
 
 # --- labelled streams (classification) ----------------------------------------------------------------------------
@@ -381,8 +408,9 @@ def test_a_labelled_sample_without_a_label_is_skipped_counted_and_named(tmp_path
                                   ("blue", 2, {"cls": "blue"}), ("green", 3, {"cls": "green"})):
             sink.write({"__key__": key, "png": png[image], **extra})
     shard = str(tmp_path / "mixed-0000.tar")
+    held_out = shutil.copy(shard, tmp_path / "held-0000.tar")  # the same samples, held out in a shard of their own
     with caplog.at_level(logging.WARNING, logger="mmpeft"):
-        data, stream = labelled_stream(shard, shard, on_bad_rows="skip", shuffle_buffer=0)
+        data, stream = labelled_stream(shard, str(held_out), on_bad_rows="skip", shuffle_buffer=0)
         assert stream.keys() == ["mixed-0000.tar:red", "mixed-0000.tar:blue", "mixed-0000.tar:green"]
     assert len(stream) == 3 and stream.source.bad == 1 and data.info["stream_bad_samples"] == 1
     assert "1 of 4 samples of" in caplog.text and "no image member or no label" in caplog.text

@@ -125,6 +125,7 @@ def _load_stream(spec: DataSpec, seed: int, shifts: tuple[str, ...]) -> DataSpli
     are labelled when the counting pass finds labels in them (or, with data.samples_per_epoch, when the held-out
     shards carry labels); the label set is data.classes, else every label found, naturally sorted."""
     urls = stream.shard_urls(str(spec.path))
+    stream.check_held_out_apart(spec, urls)
     count = stream.count_samples(urls, spec) if spec.samples_per_epoch is None else None
     parts = {"test": stream.held_out_rows(str(spec.eval_path), spec)}
     if spec.val_path is not None:

@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import RawData, Row, _image_root, _make_row
+from mmpeft.data.sources import RawData, Row, _image_root, _make_row, _not_utf8, duplicated_columns
 from mmpeft.specs import DataSpec
 
 # open_clip's own column names (--csv-img-key filepath --csv-caption-key title), used when the recipe leaves
@@ -25,6 +25,8 @@ OPEN_CLIP_COLUMNS = {"image_column": "filepath", "text_column": "title"}
 def read_caption_source(spec: DataSpec) -> RawData:
     """Rows of `data.path` and, with `data.eval_path`, the held-out rows; labelled only if every part has labels."""
     read = read_caption_table if spec.source == "captions" else _read_shards
+    if spec.eval_path is not None:
+        _check_held_out_apart(spec)
     rows, labelled = read(str(spec.path), spec)
     held_out = None
     if spec.eval_path is not None:
@@ -43,17 +45,20 @@ def read_caption_table(path: str, spec: DataSpec) -> tuple[list[Row], bool]:
     a caption is a bad row unless it has a label. Returns the rows and whether the table has a label column."""
     file = Path(path)
     root = _image_root(file, spec)
-    with open(file, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter=spec.separator or "\t")
-        columns = list(reader.fieldnames or [])
-        spec = table_columns(file, columns, spec)
-        labelled = spec.label_column in columns
-        rows = []
-        for record in reader:
-            row = _make_row(record, f"line {reader.line_num}", root, spec)
-            if row.text is None and row.problem is None and row.label is None:
-                row = dataclasses.replace(row, problem=f"empty caption column {spec.text_column!r}")
-            rows.append(row)
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=spec.separator or "\t")
+            columns = list(reader.fieldnames or [])
+            spec = table_columns(file, columns, spec)
+            labelled = spec.label_column in columns
+            rows = []
+            for record in reader:
+                row = _make_row(record, f"line {reader.line_num}", root, spec)
+                if row.text is None and row.problem is None and row.label is None:
+                    row = dataclasses.replace(row, problem=f"empty caption column {spec.text_column!r}")
+                rows.append(row)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(file, error) from None
     return rows, labelled
 
 
@@ -62,6 +67,9 @@ def table_columns(file: Path, columns: list[str], spec: DataSpec) -> DataSpec:
     if len(columns) <= 1 and spec.separator is None:
         raise DataError(f"data.path: {file} has a single column {columns[0] if columns else ''!r} with the default "
                         "tab separator; for a comma-separated file set data.separator: ','")
+    if len(columns) <= 1:
+        raise DataError(f"data.separator: {file} has a single column {columns[0] if columns else ''!r} with "
+                        f"data.separator {spec.separator!r}; set data.separator to the character between its columns")
     defaults = DataSpec.__dataclass_fields__
     chosen = {}
     for key, open_clip in OPEN_CLIP_COLUMNS.items():
@@ -72,7 +80,21 @@ def table_columns(file: Path, columns: list[str], spec: DataSpec) -> DataSpec:
             raise DataError(f"data.{key}: no column {name!r} in {file} (columns: {', '.join(columns)}); open_clip "
                             f"tables name it {open_clip!r}")
         chosen[key] = name
+    duplicated_columns(file, columns, [*chosen.values(), spec.label_column])
     return dataclasses.replace(spec, **chosen)
+
+
+def _check_held_out_apart(spec: DataSpec) -> None:
+    """data.eval_path must not name the table or a shard of data.path: its rows would be trained on and tested."""
+    from mmpeft.data.shards import expand_shards, shared_files
+
+    def files(pattern: str) -> list[str]:
+        return [pattern] if spec.source == "captions" else expand_shards(pattern)
+
+    problem = shared_files(("data.path", str(spec.path), files(str(spec.path))),
+                           ("data.eval_path", spec.eval_path, files(spec.eval_path)))
+    if problem:
+        raise DataError(problem)
 
 
 def _read_shards(pattern: str, spec: DataSpec) -> tuple[list[Row], bool]:

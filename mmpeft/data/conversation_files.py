@@ -15,7 +15,7 @@ from typing import Any
 
 from mmpeft.data.conversations import Conversation, ConversationFormat, DatasetImageAt, parse_record
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import ImageRef
+from mmpeft.data.sources import ImageRef, _not_utf8
 
 Parse = Callable[[Any, str, list[ImageRef]], Conversation]
 
@@ -29,7 +29,7 @@ def read_records(path: Path, hf_split: str = "train") -> list[tuple[str, Any]]:
         return _dataset_records(path, hf_split)
     if not path.is_file():
         raise DataError(f"data.path: conversation file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as error:
@@ -50,6 +50,14 @@ def read_records(path: Path, hf_split: str = "train") -> list[tuple[str, Any]]:
         except json.JSONDecodeError as error:
             rows.append((f"line {number}", _NotJson(error.msg)))
     return rows
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a byte-order mark allowed); any other encoding is a DataError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +103,11 @@ def _image_counts(table: Any, column: str) -> list[_StoredImages]:
     feature = table.features[column]
     undecoded = datasets.Image(decode=False)
     view = table.select_columns([column])
-    if isinstance(feature, datasets.Image):
+    if isinstance(feature, datasets.Image):  # one image a row, or none (a text-only row keeps None there)
         view = view.cast_column(column, undecoded)
-        return [_StoredImages(view, column, i, None) for i in range(len(view))]
+        present = [valid for batch in view.with_format("arrow").iter(batch_size=10_000)
+                   for valid in batch.column(column).is_valid().to_pylist()]
+        return [_StoredImages(view, column, i, None if has else 0) for i, has in enumerate(present)]
     view = view.cast_column(column, datasets.List(undecoded))
     lengths = [len(value or ()) for value in view[:][column]]
     return [_StoredImages(view, column, i, n) for i, n in enumerate(lengths)]
@@ -105,7 +115,7 @@ def _image_counts(table: Any, column: str) -> list[_StoredImages]:
 
 @dataclasses.dataclass(frozen=True)
 class _StoredImages:
-    """The images of one row of a `datasets` table: one (count None) or a list of `count`."""
+    """The images of one row of a `datasets` table: one (count None) or a list of `count` (0: none)."""
 
     table: Any
     column: str
@@ -160,7 +170,8 @@ def row_images(value: Any, root: str, key: str | None) -> tuple[list[ImageRef], 
             continue
         resolved = os.path.abspath(os.path.join(root, item.strip()))
         if os.path.commonpath([resolved, root]) != root:
-            problems.append(f"{key!r}[{i}]: image path {item!r} escapes the image root {root}")
+            problems.append(f"{key!r}[{i}]: image path {item!r} escapes the image root {root}; set data.image_root "
+                            "to a folder that holds the images")
             continue
         refs.append(resolved)
     return refs, problems

@@ -16,7 +16,7 @@ from PIL import Image
 
 from mmpeft.core.schema import did_you_mean
 from mmpeft.data.sources import DatasetImage, ImageRef
-from mmpeft.data.validate import BadRow, check_image
+from mmpeft.data.validate import BadRow, backslash_hint, check_image
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -62,7 +62,7 @@ SHAREGPT = ConversationFormat("ShareGPT", ("conversations", "messages"), ("from"
                                                  "function_call": TOOL_ROLES["function_call"]})
 MESSAGES = ConversationFormat("OpenAI messages", ("messages",), ("role",), ("content",),
                               {"system": "system", "user": "user", "assistant": "assistant"},
-                              unsupported_roles={"tool": TOOL_ROLES["tool"]})
+                              unsupported_roles={"tool": TOOL_ROLES["tool"], "function": TOOL_ROLES["function"]})
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,10 +104,17 @@ def parse_record(record: Any, source: str, fmt: ConversationFormat, images: list
     system = record.get(fmt.system_key) if fmt.system_key else None
     if isinstance(system, str) and system.strip():
         turns.append(Turn("system", system, fmt.system_key))
+    elif system is not None and not isinstance(system, str):  # not silently trained without it
+        problems.append(f"{fmt.system_key!r}: expected the system prompt as a string, got {type(system).__name__}")
     for number, message in enumerate(messages):
         turn = _parse_turn(message, f"{key}[{number}]", fmt, problems)
         if turn is not None:
             turns.append(turn)
+    inline = None if images else _inline_image(messages, fmt.content_keys)
+    if inline is not None:
+        problems.append(f"{key}{inline[0]}: the image named inside the part ({inline[1]!r:.60}) is not read; list "
+                        f"the row's image paths in {fmt.images_key or 'images'!r} and write the part as "
+                        "{'type': 'image'}")
     return Conversation(tuple(turns), tuple(images or ()), source, tuple(problems))
 
 
@@ -122,6 +129,10 @@ def _parse_turn(message: Any, where: str, fmt: ConversationFormat, problems: lis
         problems.append(f"{where}: no {missing!r} key (keys: {', '.join(map(str, message)) or 'none'})")
         return None
     raw_role = message[role_key]
+    if not isinstance(raw_role, str):
+        problems.append(f"{where}.{role_key}: expected a role name, got {raw_role!r:.40}; "
+                        f"{fmt.tool} roles: {', '.join(fmt.roles)}")
+        return None
     if raw_role in fmt.unsupported_roles:
         problems.append(f"{where}: role {raw_role!r} ({fmt.unsupported_roles[raw_role]}) is not supported yet; "
                         "only system, user and assistant turns train")
@@ -145,6 +156,10 @@ def content_text(content: Any, where: str, problems: list[str]) -> str | None:
     pieces = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url":
+            problems.append(f"{where}[{i}]: an image_url part ({part.get('image_url')!r:.60}) is not read; list the "
+                            "row's image paths in its 'images' and write the part as {'type': 'image'}")
+            return None
         if kind == "image":
             pieces.append(IMAGE_PLACEHOLDER)
         elif kind == "text" and isinstance(part.get("text"), str):
@@ -154,6 +169,21 @@ def content_text(content: Any, where: str, problems: list[str]) -> str | None:
                             f"got {part!r:.80}")
             return None
     return "".join(pieces)
+
+
+def _inline_image(messages: list, content_keys: tuple[str, ...]) -> tuple[str, Any] | None:
+    """(where, image) of the first image part naming its image itself (Qwen's "image", the chat templates'
+    "url" / "path"), which mmpeft does not read: a row's images are its images column."""
+    for number, message in enumerate(messages):
+        key = next((k for k in content_keys if k in message), None) if isinstance(message, dict) else None
+        content = message[key] if key else None
+        for i, part in enumerate(content if isinstance(content, list) else ()):
+            if isinstance(part, dict) and part.get("type") == "image":
+                named = next((part[name] for name in ("image", "url", "path") if part.get(name) not in (None, "")),
+                             None)
+                if named is not None:
+                    return f"[{number}].{key}[{i}]", named
+    return None
 
 
 def conversation_problems(conversation: Conversation) -> list[str]:
@@ -168,7 +198,8 @@ def conversation_problems(conversation: Conversation) -> list[str]:
         if turn.role == "assistant" and not turn.text.strip():
             problems.append(f"{where}: empty assistant turn (nothing to learn)")
         if turn.role != "user" and IMAGE_PLACEHOLDER in turn.text:
-            problems.append(f"{where}: an {IMAGE_PLACEHOLDER} placeholder in a {turn.role} turn; images go in "
+            article = "an" if turn.role == "assistant" else "a"
+            problems.append(f"{where}: an {IMAGE_PLACEHOLDER} placeholder in {article} {turn.role} turn; images go in "
                             "user turns")
     placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
     if placeholders != len(conversation.images):
@@ -226,7 +257,7 @@ def _check(image: ImageRef, max_pixels: int | None) -> str | None:
     if isinstance(image, str):
         if not os.path.isfile(image):
             folder, name = os.path.split(image)
-            return f"{name!r} not found under {folder}"
+            return f"{name!r} not found under {folder}{backslash_hint(name)}"
         problem = check_image(lambda: Image.open(image), max_pixels)
     elif isinstance(image, DatasetImage):
         problem = check_image(image.open, max_pixels)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpeft.core.schema import did_you_mean
+from mmpeft.data.conversation_files import read_text
 from mmpeft.data.conversations import TOOL_ROLES, Conversation, ConversationFormat, Turn, content_text
 from mmpeft.data.errors import DataError
 
@@ -56,7 +57,7 @@ def read_entry(info_path: Path, name: str | None) -> LlamaFactoryEntry:
     """The entry `name` of a dataset_info.json; every problem with it is reported in one DataError."""
     where = f"{info_path}"
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = json.loads(read_text(info_path))
     except FileNotFoundError:
         raise DataError(f"data.path: {where} does not exist") from None
     except json.JSONDecodeError as error:
@@ -72,13 +73,17 @@ def read_entry(info_path: Path, name: str | None) -> LlamaFactoryEntry:
     if not isinstance(entry, dict):
         raise DataError(f"{where}: entry {name!r} must be an object, got {type(entry).__name__}")
     problems = _entry_problems(entry, f"{where} entry {name!r}")
+    file_name = entry.get("file_name")
+    if isinstance(file_name, str) and file_name.strip() and not (info_path.parent / file_name).exists():
+        problems.append(f"file_name: {file_name!r} does not exist (looked for {info_path.parent / file_name}; it is "
+                        "relative to the folder of dataset_info.json)")
     if problems:
         raise DataError(f"{len(problems)} problem(s) in {where} entry {name!r}: " + "; ".join(problems))
     formatting = entry.get("formatting", "alpaca")
     columns = dict(ALPACA_DEFAULTS) if formatting == "alpaca" else {"messages": "conversations"}
     columns.update(entry.get("columns") or {})
     tags = {**TAG_DEFAULTS, **(entry.get("tags") or {})}
-    return LlamaFactoryEntry(name, info_path.parent / entry["file_name"], formatting, columns, tags,
+    return LlamaFactoryEntry(name, info_path.parent / file_name, formatting, columns, tags,
                              entry.get("split", "train"))
 
 
@@ -100,8 +105,13 @@ def _entry_problems(entry: dict, where: str) -> list[str]:
                         "file_name at the local file")
     elif "file_name" not in entry:
         problems.append("no 'file_name': name the data file (relative to the folder of dataset_info.json)")
+    elif not isinstance(entry["file_name"], str) or not entry["file_name"].strip():
+        problems.append(f"file_name: expected the data file's path, got {entry['file_name']!r:.60}")
     if entry.get("formatting", "alpaca") not in ("alpaca", "sharegpt"):
         problems.append(f"formatting: {entry['formatting']!r} is not read; mmpeft reads alpaca and sharegpt")
+    if entry.get("num_samples") is not None:
+        problems.append(f"num_samples: {entry['num_samples']!r} (LLaMA-Factory's random sample of the rows) is not "
+                        "applied; remove it to train on every row, or cut the file to the rows you want")
     if entry.get("ranking"):
         problems.append("ranking: true (preference data) is not supported; supervised conversations only")
     for column, what in UNSUPPORTED_COLUMNS.items():
@@ -119,6 +129,8 @@ def alpaca_conversation(record: Any, source: str, images: list, entry: LlamaFact
     system = record.get(columns["system"]) if "system" in columns else None
     if isinstance(system, str) and system.strip():
         turns.append(Turn("system", system, columns["system"]))
+    elif system is not None and not isinstance(system, str):
+        problems.append(f"{columns['system']!r}: expected the system prompt as a string, got {type(system).__name__}")
     history = record.get(columns["history"]) if "history" in columns else None
     for i, pair in enumerate(history or []):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
@@ -128,6 +140,9 @@ def alpaca_conversation(record: Any, source: str, images: list, entry: LlamaFact
                   Turn("assistant", pair[1], f"{columns['history']}[{i}][1]")]
     prompt = content_text(record.get(columns["prompt"], ""), columns["prompt"], problems) or ""
     query = record.get(columns["query"]) or ""
+    if not isinstance(query, str):
+        problems.append(f"{columns['query']!r}: expected a string, got {type(query).__name__}")
+        query = ""
     response = record.get(columns["response"])
     if not isinstance(response, str):
         problems.append(f"no {columns['response']!r} string (the answer to learn)")

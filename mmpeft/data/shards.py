@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -27,17 +28,56 @@ TEXT_EXTENSIONS = ("txt", "json")
 def expand_shards(pattern: str) -> list[str]:
     """`train-{0000..0009}.tar` (webdataset's brace syntax) or a glob -> existing shard files, in order."""
     try:
-        import braceexpand
+        import braceexpand  # noqa: F401
         import webdataset  # noqa: F401  (the optional extra that brings braceexpand)
     except ImportError:
         raise DataError("data.source: webdataset needs the webdataset package: pip install 'mmpeft[webdataset]'"
                         ) from None
-    names = [name for part in braceexpand.braceexpand(pattern) for name in (sorted(glob.glob(part)) or [part])]
+    names = [name for part in expand_braces(pattern) for name in (sorted(glob.glob(part)) or [part])]
     missing = [name for name in names if not Path(name).is_file()]
     if missing:
         raise DataError(f"data.path: {len(missing)} of {len(names)} shards of {pattern!r} do not exist (first: "
-                        f"{missing[0]!r})")
+                        f"{missing[0]!r}){missing_hint(missing[0])}")
     return names
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's brace expansion of a shard pattern; unbalanced braces are a DataError naming the pattern."""
+    import braceexpand
+
+    try:
+        return list(braceexpand.braceexpand(pattern))
+    except braceexpand.UnbalancedBracesError:
+        raise DataError(f"{pattern!r}: unbalanced braces; a shard range is written like train-{{0000..0009}}.tar"
+                        ) from None
+
+
+def missing_hint(name: str) -> str:
+    """Why a shard name that is not a file may be wrong: a folder, braces left unexpanded, a glob matching nothing."""
+    if Path(name).is_dir():
+        return f"; it is a folder: name its shards, e.g. {str(Path(name) / '*.tar')!r}"
+    if "{" in name or "}" in name:
+        return "; its braces did not expand: a shard range is written like train-{0000..0009}.tar"
+    if any(char in name for char in "*?["):
+        return "; the glob matches no file"
+    return ""
+
+
+def shared_files(first: tuple[str, str, list[str]], second: tuple[str, str, list[str]]) -> str | None:
+    """What is wrong when two parts of the data, each (recipe key, pattern, files), name the same file (under any
+    path): the held-out `second` would score data that `first` trains on (or, `first` the test split, validation
+    would select on test data)."""
+    def real(name: str) -> str:
+        return os.path.realpath(name) if os.path.exists(name) else name
+
+    seen = {real(name) for name in first[2]}
+    shared = [name for name in second[2] if real(name) in seen]
+    if not shared:
+        return None
+    why = ("their samples would be trained on and scored as held out" if first[0] == "data.path" else
+           "the best epoch would be picked on test data")
+    return (f"{second[0]}: {second[1]!r} and {first[0]} {first[1]!r} share {len(shared)} file(s) (first: "
+            f"{shared[0]!r}): {why}; give {second[0]} files of its own")
 
 
 def read_shards(pattern: str, spec: DataSpec) -> tuple[list[Row], bool]:
@@ -67,10 +107,10 @@ def read_shards(pattern: str, spec: DataSpec) -> tuple[list[Row], bool]:
 def _text_of(tar: tarfile.TarFile, parts: dict[str, tarfile.TarInfo], spec: DataSpec) -> tuple[str | None, ...]:
     """(caption, label, problem) of one sample: `txt` is the caption; a `json` may hold caption and label."""
     caption = label = None
-    if "txt" in parts:
-        caption = tar.extractfile(parts["txt"]).read().decode("utf-8").strip() or None
+    if "txt" in parts:  # undecodable bytes replaced, as the streaming reader reads them
+        caption = tar.extractfile(parts["txt"]).read().decode("utf-8", "replace").strip() or None
     if "cls" in parts:
-        label = tar.extractfile(parts["cls"]).read().decode("utf-8").strip() or None
+        label = tar.extractfile(parts["cls"]).read().decode("utf-8", "replace").strip() or None
     if "json" in parts:
         try:
             meta = json.loads(tar.extractfile(parts["json"]).read())
@@ -78,14 +118,27 @@ def _text_of(tar: tarfile.TarFile, parts: dict[str, tarfile.TarInfo], spec: Data
             return None, None, f"json member is not valid JSON ({error})"
         if not isinstance(meta, dict):
             return None, None, f"json member is a {type(meta).__name__}, not an object"
-        caption = caption or _field(meta, spec.text_column, "caption")
-        label = label or _field(meta, spec.label_column)
+        try:
+            caption = caption or _field(meta, spec.text_column, "caption")
+            label = label or _field(meta, spec.label_column)
+        except _NotText as error:
+            return None, None, str(error)
+        if caption is None and label is None:
+            return None, None, (f"no caption (no .txt member, and the json has no 'caption' or {spec.text_column!r} "
+                                f"key; its keys: {', '.join(map(str, meta)) or 'none'})")
     return caption, label, None
 
 
+class _NotText(ValueError):
+    """A json field that would be a caption or label but holds a list or an object (several captions, say)."""
+
+
 def _field(meta: dict, *names: str) -> str | None:
+    """The first of `names` the json has, as text; a list or object there is not one caption or label."""
     for name in names:
         value = meta.get(name)
+        if isinstance(value, (list, dict)):
+            raise _NotText(f"json {name!r} is a {type(value).__name__}, not one caption or label per sample")
         if value not in (None, ""):
             return str(value)
     return None

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from mmpeft.core.schema import did_you_mean
 from mmpeft.data.errors import DataError
 from mmpeft.data.images import to_rgb
 from mmpeft.specs import DataSpec
+
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)  # an image column of URLs (img2dataset's input)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
@@ -286,7 +289,16 @@ def _not_utf8(path: Path, error: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not UTF-8 text ({error.reason}). Save it as UTF-8 and run again")
 
 
+def duplicated_columns(path: Path, columns: list[str], used: list[str]) -> None:
+    """A header naming a column that is read twice: the reader would silently keep the last one."""
+    twice = [name for name in dict.fromkeys(used) if columns.count(name) > 1]
+    if twice:
+        raise DataError(f"{path}: the header names column {twice[0]!r} {columns.count(twice[0])} times (columns: "
+                        f"{', '.join(columns)}), so which one to read is ambiguous; rename all but one")
+
+
 def _require_columns(path: Path, columns: list[str], spec: DataSpec) -> None:
+    duplicated_columns(path, columns, [spec.image_column, spec.label_column, spec.text_column, spec.prompt_column])
     problems = []
     for key, column in (("image_column", spec.image_column), ("label_column", spec.label_column)):
         if column not in columns:
@@ -316,6 +328,9 @@ def _make_row(record: dict, source: str, root: str | None, spec: DataSpec) -> Ro
     if value is None or str(value).strip() == "":
         return Row("", label, text, source, f"empty image column {spec.image_column!r}")
     value = str(value).strip()
+    if URL.match(value):
+        return Row("", label, text, source, f"image {value!r:.80} is a URL; image paths name local files: download "
+                                            "the images first (img2dataset writes them as files or shards)")
     resolved = os.path.abspath(os.path.join(root or os.getcwd(), value))
     if root is not None:
         if os.path.commonpath([resolved, root]) != root:

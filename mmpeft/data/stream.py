@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mmpeft.data.errors import DataError
 from mmpeft.data.images import to_rgb
-from mmpeft.data.shards import IMAGE_EXTENSIONS, read_shards
+from mmpeft.data.shards import IMAGE_EXTENSIONS, expand_braces, missing_hint, read_shards, shared_files
 from mmpeft.data.sources import Row
 from mmpeft.specs import DataSpec
 
@@ -87,17 +87,33 @@ def shard_urls(pattern: str) -> list[str]:
     """Brace-expanded shard names (webdataset's syntax); local ones are globbed and must exist, URLs and `pipe:`
     commands are taken as written (they can only be checked by reading them)."""
     try:
-        import braceexpand
+        import braceexpand  # noqa: F401
         import webdataset  # noqa: F401  (the optional extra that brings braceexpand)
     except ImportError:
         raise DataError("data.stream needs the webdataset package: pip install 'mmpeft[webdataset]'") from None
     names = []
-    for part in braceexpand.braceexpand(pattern):
+    for part in expand_braces(pattern):
         names += [part] if is_remote(part) else (sorted(glob.glob(part)) or [part])
     missing = [name for name in names if not is_remote(name) and not Path(name).is_file()]
     if missing:
-        raise DataError(f"{pattern!r}: {len(missing)} of {len(names)} shards do not exist (first: {missing[0]!r})")
+        raise DataError(f"{pattern!r}: {len(missing)} of {len(names)} shards do not exist (first: {missing[0]!r})"
+                        f"{missing_hint(missing[0])}")
     return names
+
+
+def check_held_out_apart(spec: DataSpec, urls: list[str]) -> None:
+    """The held-out patterns (data.eval_path, data.val_path) share no shard with the training `urls`: a shared shard
+    would be trained on and scored as held out (a DataError). Validation shards that are test shards are only
+    warned about: the best epoch is then picked on the test data."""
+    training = ("data.path", str(spec.path), urls)
+    held_out = [(f"data.{key}", getattr(spec, key), shard_urls(getattr(spec, key)))
+                for key in ("eval_path", "val_path") if getattr(spec, key) is not None]
+    for part in held_out:
+        problem = shared_files(training, part)
+        if problem:
+            raise DataError(problem)
+    if len(held_out) == 2 and (problem := shared_files(*held_out)):
+        logger.warning("%s", problem)
 
 
 def shard_name(url: str) -> str:
@@ -269,7 +285,7 @@ def label_of(sample: dict[str, Any], label_column: str) -> str | None:
     if label:
         return label
     value = json_meta(sample).get(label_column)
-    return None if value in (None, "") else str(value)
+    return None if value in (None, "") or isinstance(value, (list, dict)) else str(value)  # as the indexed reader
 
 
 def caption_of(sample: dict[str, Any], text_column: str) -> str | None:
@@ -279,6 +295,8 @@ def caption_of(sample: dict[str, Any], text_column: str) -> str | None:
         return text
     meta = json_meta(sample)
     for name in (text_column, "caption"):
+        if isinstance(meta.get(name), (list, dict)):  # several captions are not one: unusable, as indexed
+            return None
         if meta.get(name) not in (None, ""):
             return str(meta[name]).strip() or None
     return None

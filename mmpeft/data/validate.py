@@ -139,6 +139,11 @@ def _check_images(rows: Sequence[Row], max_pixels: int | None) -> dict[object, I
     return results
 
 
+def backslash_hint(name: str) -> str:
+    """For a path written on Windows (`images\\cat.png`), which names no file here: say to use `/`."""
+    return "; it is written with backslashes: write paths with / (images/cat.png)" if "\\" in name else ""
+
+
 def _row_problem(row: Row, allowed: set[str] | None, classes: Sequence[str] | None,
                  checks: dict[object, ImageProblem]) -> tuple[Kind, str] | None:
     if row.problem is not None:
@@ -149,7 +154,7 @@ def _row_problem(row: Row, allowed: set[str] | None, classes: Sequence[str] | No
         image = f"image {row.image!r}" if isinstance(row.image, str) else "image"
         if kind == "missing" and isinstance(row.image, str):
             folder, name = os.path.split(row.image)
-            return "missing", f"image {name!r} not found under {folder}"
+            return "missing", f"image {name!r} not found under {folder}{backslash_hint(name)}"
         if kind == "missing":
             return "missing", f"image not found ({detail})"
         if kind == "large":
