@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 from mmpeft.backbones.base import BACKBONES, Backbone, BackboneError
 from mmpeft.backbones.conversations import IGNORE_INDEX, SEQUENCE_KEYS, ConversationInputs
 from mmpeft.backbones.encoded_cache import EncodedCache, encoded_key
-from mmpeft.backbones.image_budget import ImageBudget
+from mmpeft.backbones.generative_task import GenerativeTask, ImageBudget
 from mmpeft.backbones.image_only import register as register_image_only_processors
 from mmpeft.backbones.loading import load_pretrained
 from mmpeft.backbones.scoring import score_answers
@@ -52,24 +51,6 @@ TOWER_PARAMETERS = {
     "vision": r"(vision_tower|vision_model|visual(?!\.merger))",
     "projector": r"(multi_modal_projector|connector|merger|mm_projector)",
 }
-
-
-@dataclass
-class GenerativeTask:
-    """How a classification or VQA task is put to the model; set from the recipe by `configure`."""
-
-    question: str = "What is in the image?"
-    answer_template: str = "{label}"
-    length_normalize: bool = False
-    max_new_tokens: int = 16
-    max_pixels: int | None = None  # the image budget (ImageBudget) and a conversation's token limit
-    min_pixels: int | None = None
-    max_image_edge: int | None = None
-    max_length: int | None = None
-
-    @property
-    def budget(self) -> ImageBudget:
-        return ImageBudget(self.max_pixels, self.min_pixels, self.max_image_edge)
 
 
 @BACKBONES.register("generative")

@@ -1,7 +1,9 @@
-"""The image budget of generative backbones: how many pixels, and so how many image tokens, one image may become.
+"""The task a generative backbone is put (question, answer template, scoring, generation) and its image budget: how
+many pixels, and so how many image tokens, one image may become. Both travel with an export.
 
-Why: a dynamic-resolution processor (Qwen2-VL, Qwen2.5-VL) turns a 4000x3000 photo into thousands of tokens, and
-Idefics3/SmolVLM's image splitting into a dozen crops; one such image can exhaust memory or the sequence length.
+Why a budget: a dynamic-resolution processor (Qwen2-VL, Qwen2.5-VL) turns a 4000x3000 photo into thousands of
+tokens, and Idefics3/SmolVLM's image splitting into a dozen crops; one such image can exhaust memory or the sequence
+length.
 `data.max_pixels` / `data.min_pixels` set the pixel range the dynamic processors resize into, exactly as they take
 it (their `size` of shortest_edge/longest_edge pixels); `data.max_image_edge` caps every image's longest edge before
 the processor, and the longest edge a splitting processor resizes to, for every other family.
@@ -15,6 +17,24 @@ from typing import Any
 from PIL import Image
 
 from mmpeft.backbones.base import BackboneError
+
+
+@dataclass
+class GenerativeTask:
+    """How a classification or VQA task is put to the model; set from the recipe by `configure`."""
+
+    question: str = "What is in the image?"
+    answer_template: str = "{label}"
+    length_normalize: bool = False
+    max_new_tokens: int = 16
+    max_pixels: int | None = None  # the image budget (ImageBudget) and a conversation's token limit
+    min_pixels: int | None = None
+    max_image_edge: int | None = None
+    max_length: int | None = None
+
+    @property
+    def budget(self) -> ImageBudget:
+        return ImageBudget(self.max_pixels, self.min_pixels, self.max_image_edge)
 
 
 @dataclass(frozen=True)
