@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmpeft.core.schema import to_plain
+from mmpeft.data import DataError, read_rows
 from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversations
 from mmpeft.grids import GRID_KINDS, load_compare_recipe, load_fewshot_recipe
 from mmpeft.grids.base import COMMAND_KINDS
 from mmpeft.grids.search_space import load_search_setup
 from mmpeft.runs.recipe import load_recipe, read_yaml
 from mmpeft.sequences.tasks import load_continual_recipe
+from mmpeft.specs import Recipe
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,29 @@ def check_recipe(path: str | Path, overrides: list[str] | None = None) -> Checke
             resolved.pop("regulariser", None)
         return CheckedRecipe(command, {**resolved, "grid": to_plain(grid)}, recipe.name, recipe.output.name)
     recipe = load_recipe(path, overrides)
-    return CheckedRecipe(command, recipe.to_dict(), recipe.name, recipe.output.name, conversation_notes(recipe))
+    return CheckedRecipe(command, recipe.to_dict(), recipe.name, recipe.output.name, data_notes(recipe))
 
 
-def conversation_notes(recipe) -> str:
-    """Conversation data (llava, sharegpt, messages, llamafactory): every row checked too, as `run` would."""
-    if recipe.data.source not in CONVERSATION_SOURCES:
+def data_notes(recipe: Recipe) -> str:
+    """The data read as `run` reads it: conversations every row checked; labelled, caption and shard sources their
+    rows listed (a pattern matching no shard, a missing column or a leaking held-out table fails here), without
+    decoding images; digits and streams are left to the run."""
+    spec = recipe.data
+    if spec.source in CONVERSATION_SOURCES:
+        return conversation_notes(recipe)
+    if spec.source == "digits" or spec.stream:
         return ""
+    raw = read_rows(spec)
+    if not raw.rows:
+        raise DataError(f"no rows found in {raw.where} (data.source: {spec.source})")
+    classes = len({row.label for row in raw.rows if row.label is not None})
+    held_out = f" (+ {len(raw.held_out)} held out)" if raw.held_out else ""
+    what = f"{classes} classes" if raw.labelled else "captions only"
+    return f"# data: {len(raw.rows)} rows{held_out} in {raw.where}, {what}; images are checked when the run starts\n"
+
+
+def conversation_notes(recipe: Recipe) -> str:
+    """Conversation data (llava, sharegpt, messages, llamafactory): every row checked too, as `run` would."""
     info = load_conversations(recipe.data, recipe.seed).info
     counts = ", ".join(f"{split} {n}" for split, n in info["counts"].items())
     return (f"# data: {counts} rows ({info['turns']['assistant']} assistant turns, {info['images']['total']} images); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -131,15 +132,43 @@ def test_tensorboard_tracking_needs_the_package():
         assert load_recipe({"method": "lora", "train": {"log_with": "tensorboard"}}).train.log_with == ("tensorboard",)
 
 
+FIRST_ONCE = re.compile(r"python -m mmpeft\.data\.write_shards ([^\s)]+ [^\s)]+(?: --per-shard \d+)?)")
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_mmpeft_check_accepts_every_shipped_recipe(path: Path, capsys):
+def test_mmpeft_check_accepts_every_shipped_recipe(path: Path, capsys, tmp_path, monkeypatch):
+    """`check` reads the data too: a recipe whose header says to write shards first gets them written (its own
+    commands, in a scratch folder that sees recipes/)."""
     from mmpeft.cli import main
 
+    commands = FIRST_ONCE.findall(path.read_text())
+    if commands:
+        from mmpeft.data.write_shards import main as write_shards
+
+        (tmp_path / "recipes").symlink_to(PROJECT_ROOT / "recipes")
+        monkeypatch.chdir(tmp_path)
+        for command in commands:
+            write_shards(command.split())
     assert main(["check", str(path)]) == 0
-    assert "backbone:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backbone:" in out
+    reads_rows = "source: digits" not in out and "stream: true" not in out
+    assert ("# data:" in out) == reads_rows, out[:300]
 
 
 def test_select_metric_loss_is_only_for_conversation_data():
     with pytest.raises(RecipeError, match=r"train.select_metric: 'loss' is the val assistant-token loss of "
                                           r"conversation data .*data.source: digits selects by accuracy"):
         load_recipe({"method": "lora", "train": {"select_metric": "loss"}})
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("data.path=runs/none-{0000..0003}.tar", "4 of 4 shards of 'runs/none-{0000..0003}.tar' do not exist"),
+    ("data.image_column=photo", "photo"),
+])
+def test_mmpeft_check_reads_caption_and_shard_rows(override, expected, capsys):
+    from mmpeft.cli import main
+
+    recipe = "recipes/shards-clip.yaml" if "tar" in override else "recipes/captions-clip.yaml"
+    assert main(["check", recipe, override]) == 2
+    assert expected in capsys.readouterr().err
