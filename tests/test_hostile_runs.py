@@ -4,6 +4,7 @@ read-only outputs: one line naming the file and what to do (exit 2 on the CLI), 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import threading
@@ -362,3 +363,24 @@ def test_demo_recipes_pin_the_kernels_the_demo_backbone_was_built_with(argv, pin
     assert pin_demo_numerics(args) is pinned
     assert os.environ.get("ATEN_CPU_CAPABILITY") == ("avx2" if pinned else None)
     assert os.environ["OMP_NUM_THREADS"] == "4"
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(color_recipe, color_folder, tmp_path):
+    import mmpeft
+    from mmpeft.data import DataError
+
+    folder = tmp_path / "colors"
+    shutil.copytree(color_folder, folder)
+    recipe = {**color_recipe, "data": {**color_recipe["data"], "path": str(folder)}, "train": {
+        **color_recipe["train"], "epochs": 1}}
+    first = mmpeft.run(recipe)
+    run_dir = tmp_path / "runs" / "run"
+    assert json.loads((run_dir / "data.json").read_text())["fingerprints"] == first["data"]["fingerprints"]
+    (run_dir / "metrics.json").unlink()  # as if interrupted before it finished
+    assert mmpeft.run(None, resume=run_dir)["test"]["accuracy"] == first["test"]["accuracy"]  # same data: resumes
+    (run_dir / "metrics.json").unlink()
+    removed = sorted(folder.rglob("*.png"))[0]
+    removed.unlink()
+    with pytest.raises(DataError, match=r"--resume .*: the data changed since the run started \(.*colors: the "
+                                        r"(train|val|test).* no longer hold the same rows\)"):
+        mmpeft.run(None, resume=run_dir)

@@ -26,7 +26,7 @@ from mmpeft.evaluation.conversations import assistant_loss, last_turn_answers
 from mmpeft.methods import METHODS, count_parameters
 from mmpeft.objectives.generative import ConversationLoss
 from mmpeft.runs.build import apply_method, build, load_base
-from mmpeft.runs.folder import METRICS_FILE, save_adapter
+from mmpeft.runs.folder import METRICS_FILE, check_same_data, save_adapter
 from mmpeft.specs import DataSpec, Recipe
 from mmpeft.train import Trainer
 
@@ -40,6 +40,7 @@ def execute_conversations(recipe: Recipe, run_dir: Path, resume: bool = False,
     """`data` (already read and checked) or the recipe's, read and checked here before any model loads."""
     set_seed(recipe.seed, deterministic=False)
     data = data if data is not None else load_conversations(recipe.data, recipe.seed)
+    check_same_data(run_dir, data.info, resume)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info["counts"].items()))
     backbone = load_base(recipe)
     backbone.require("generative", f"data.source: {recipe.data.source} (conversations)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ from accelerate.utils import broadcast_object_list
 
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import OutputError, disk_full, folder_hashes, is_disk_full, write_json, write_text
+from mmpeft.data import DataError
 
 if TYPE_CHECKING:
     from mmpeft.backbones import Backbone
@@ -31,6 +33,7 @@ METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
 # sha256 of every file of the saved state, written with it: export refuses a state changed after the run.
 HASH_FILE = "mmpeft_hashes.json"
+DATA_FILE = "data.json"  # the splits' fingerprints, written when the data is read: a resume must find the same
 LOCK_FILE = ".mmpeft.lock"  # flock-ed by the process writing the run: a second run with the same output.name is refused
 _CLAIMS: dict[tuple[Path, int], int] = {}  # (run folder, thread) -> the open lock file it holds
 
@@ -104,12 +107,35 @@ def release_run_dir(run_dir: Path) -> None:
         os.close(handle)
 
 
+def check_same_data(run_dir: Path, info: dict, resume: bool) -> None:
+    """A new run records its splits' fingerprints; a resumed one must read the same rows into the same splits, or it
+    would continue its optimizer and epoch count on other data (a table edited, images added or removed)."""
+    fingerprints = info.get("fingerprints")
+    path = run_dir / DATA_FILE
+    if not fingerprints:
+        return
+    if not resume or not path.is_file():
+        if process_state().is_main_process:
+            write_json(path, {"where": info.get("where"), "fingerprints": fingerprints})
+        return
+    try:
+        recorded = json.loads(path.read_text())["fingerprints"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise OutputError(f"{path} is damaged ({error}); it records the data the run started with: remove it to "
+                          "resume without that check") from None
+    changed = [split for split in recorded if recorded[split] != fingerprints.get(split)]
+    if changed:
+        raise DataError(f"--resume {run_dir}: the data changed since the run started ({info.get('where')}: the "
+                        f"{', '.join(changed)} split{'s' if len(changed) > 1 else ''} no longer hold the same rows); "
+                        "a resumed run must train on the data it started with: restore it, or start a new run")
+
+
 def discard_if_nothing_ran(run_dir: Path, command: str = "run") -> bool:
     """After a failed new run: remove its folder when it holds only what the start wrote (recipe, log, lock), so a
     failure leaves nothing behind; otherwise keep it and say where it is. Returns whether it was removed."""
     if not process_state().is_main_process or not run_dir.is_dir():
         return False
-    if {p.name for p in run_dir.iterdir()} <= {RECIPE_FILE, "train.log", LOCK_FILE}:
+    if {p.name for p in run_dir.iterdir()} <= {RECIPE_FILE, "train.log", LOCK_FILE, DATA_FILE}:
         release_run_dir(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
         return True

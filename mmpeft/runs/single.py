@@ -38,6 +38,7 @@ from mmpeft.runs.evaluate import (
 from mmpeft.runs.folder import (
     METRICS_FILE,
     RECIPE_FILE,
+    check_same_data,
     discard_if_nothing_ran,
     new_run_dir,
     run_logging,
@@ -88,6 +89,7 @@ def run(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None =
 def execute(recipe: Recipe, run_dir: Path, resume: bool = False, callbacks: tuple[Callback, ...] = ()) -> dict:
     set_seed(recipe.seed, deterministic=False)
     data = load_data(recipe.data, recipe.seed)
+    check_same_data(run_dir, data.info, resume)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
     method = METHODS.get(recipe.method.name)()
     if not data.info.get("labelled", True) and method.trains and recipe.train.objective != "contrastive":
