@@ -43,6 +43,7 @@ def build_generative_meta(recipe: Recipe, labels: LabelSet, path: str, config: A
     """Config -> meta image-text-to-text model -> GenerativeBackbone (real processor, configured) -> method."""
     from transformers import AutoModelForImageTextToText
 
+    from mmpeft.backbones import BackboneError
     from mmpeft.backbones.generative import GenerativeBackbone
     from mmpeft.methods import METHODS
 
@@ -58,7 +59,14 @@ def build_generative_meta(recipe: Recipe, labels: LabelSet, path: str, config: A
     quantizable = quantizable_weights(model)
     backbone = GenerativeBackbone(model, _processor(path, spec, config.model_type), path)
     backbone.configure(recipe)
-    METHODS.get(recipe.method.name)().apply(backbone, recipe.method, labels)
+    try:
+        METHODS.get(recipe.method.name)().apply(backbone, recipe.method, labels)
+    except BackboneError:
+        raise  # the recipe's own mistake (a tower without linear layers, ...): the run says the same
+    except Exception as error:  # noqa: BLE001 - a method that computes with weights while applying
+        raise PlanError(f"method {recipe.method.name!r} could not be applied to {config.model_type!r} on the meta "
+                        f"device ({first_line(error)}); the planner has no formula for it on generative VLMs"
+                        ) from None
     backbone.train()
     return MetaBackbone(backbone, labels, quantizable)
 

@@ -22,7 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from mmpeft.planner.model import first_line
+from mmpeft.planner.model import PlanError, first_line
 from mmpeft.planner.trace import ActivationTrace, trace_run
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from mmpeft.planner.generative import WorstCase
     from mmpeft.planner.model import MetaBackbone
 
+PLANNED_FAMILIES = "LLaVA, Idefics3/SmolVLM, Qwen2-VL, Qwen2.5-VL, PaliGemma, Gemma3 (tested on their tiny builds)"
 VISION_LAYERS = re.compile(r"(.*\.)?(vision_tower|vision_model|visual)(\.vision_model)?\.(encoder\.layers|blocks)\.\d+")
 
 
@@ -76,7 +77,12 @@ def trace_generative(meta: MetaBackbone, case: WorstCase, batch: int, autocast: 
                      "buffers are not in the workspace")
     inputs = sum(v.numel() * (_model_dtype(base).itemsize if v.is_floating_point() else v.element_size())
                  for v in case.inputs.values())
-    at, following = (_trace_at(meta, case, b, autocast, vision) for b in (batch, batch + 1))
+    try:
+        at, following = (_trace_at(meta, case, b, autocast, vision) for b in (batch, batch + 1))
+    except Exception as error:  # noqa: BLE001 - a family whose language model needs data on meta tensors
+        raise PlanError(f"backbone.id {backbone.name_or_path!r}: family {base.config.model_type!r}: its language "
+                        f"model cannot be traced on meta tensors ({first_line(error)}); planned families: "
+                        f"{PLANNED_FAMILIES}") from None
     return GenerativeTrace(at, following, inputs + transient, notes)
 
 
