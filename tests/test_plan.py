@@ -374,3 +374,13 @@ def test_a_generative_family_the_trace_cannot_run_is_a_plan_error(monkeypatch):
     monkeypatch.setattr(generative_trace, "trace_run", fails)
     with pytest.raises(PlanError, match=r"family 'llava'.*cannot be traced on meta tensors \(Tensor.item"):
         plan(generative_data("llava"))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_generative_quantized_weights_match_bitsandbytes(bits):
+    from mmpeft.backbones.quantization import weight_bytes
+
+    data = generative_data("llava")
+    data["backbone"]["quantization"] = {"bits": bits}
+    recipe = load_recipe(data)
+    assert plan_recipe(recipe, device="cpu")["bytes"]["weights"] == weight_bytes(built_generative(recipe).model)

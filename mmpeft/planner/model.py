@@ -53,7 +53,8 @@ class MetaBackbone:
 
 
 def build_meta_backbone(recipe: Recipe, labels: LabelSet) -> MetaBackbone:
-    """Config -> meta model -> DualEncoder -> method applied (or counted by formula). No weights are read."""
+    """Config -> meta model -> DualEncoder -> method applied (or counted by formula). No weights are read.
+    (Generative VLMs: `mmpeft.planner.generative.build_generative_meta`.)"""
     from mmpeft.backbones.dual_encoder import DualEncoder, is_dual_encoder
     from mmpeft.methods import METHODS
 
@@ -62,12 +63,12 @@ def build_meta_backbone(recipe: Recipe, labels: LabelSet) -> MetaBackbone:
     architectures = " ".join(getattr(config, "architectures", None) or [])
     if spec.family == "generative" or "ForConditionalGeneration" in architectures \
             or "ForImageTextToText" in architectures:
-        raise PlanError(f"backbone.id {spec.id!r} is a generative VLM ({architectures or config.model_type}); the "
-                        "planner covers dual encoders (CLIP, SigLIP, ...) in this version")
+        raise PlanError(f"backbone.id {spec.id!r} is a generative VLM ({architectures or config.model_type}); "
+                        "build_meta_backbone builds dual encoders, mmpeft.planner.meta_backbone either kind")
     model = _meta_model(config, spec)
     if not is_dual_encoder(model):
-        raise PlanError(f"backbone.id {spec.id!r}: {type(model).__name__} is not a dual encoder; the planner "
-                        "covers dual encoders (CLIP, SigLIP, ...) in this version")
+        raise PlanError(f"backbone.id {spec.id!r}: {type(model).__name__} is not a dual encoder or a generative "
+                        "VLM; the planner covers dual encoders (CLIP, SigLIP, ...) and image-text-to-text models")
     quantizable = quantizable_weights(model)
     backbone = DualEncoder(model, _processor(path, spec), path)
     method = METHODS.get(recipe.method.name)()
