@@ -280,9 +280,9 @@ def test_generative_activations_match_a_real_step(kind, towers):
 
 
 def test_generative_plan_grows_with_the_image_budget_and_the_text():
-    def planned(question="What digit is this?", **budget):
-        return plan_recipe(with_data(load_recipe(generative_data("qwen2vl", question=question)), **budget),
-                           device="cpu")
+    def planned(question="What digit is this?", answer_template="{label}", **budget):
+        data = generative_data("qwen2vl", question=question, answer_template=answer_template)
+        return plan_recipe(with_data(load_recipe(data), **budget), device="cpu")
 
     small, large = planned(max_pixels=32 * 32), planned(max_pixels=64 * 64)
     assert (small["image_size"], large["image_size"]) == (32, 64)
@@ -293,6 +293,8 @@ def test_generative_plan_grows_with_the_image_budget_and_the_text():
     longer = planned("What digit is this? " * 8)
     assert longer["sequence_length"] > large["sequence_length"]
     assert longer["bytes"]["activations"] > large["bytes"]["activations"]
+    answer = planned(answer_template="The digit in this scan is {label}, written by hand")  # via the DataSpec key
+    assert answer["sequence_length"] > large["sequence_length"]
     cut = plan_recipe(with_data(load_recipe(generative_data("qwen2vl", question="What digit is this? " * 8)),
                                 max_length=20), device="cpu")
     assert cut["sequence_length"] == 20 and any("data.max_length 20" in note for note in cut["notes"])
@@ -323,6 +325,18 @@ def test_conversation_plan_measures_the_longest_row(tmp_path):
     assert short["sequence_length"] < long["sequence_length"]
     assert short["bytes"]["activations"] < long["bytes"]["activations"]
     assert any("longest of 2 conversations" in note for note in long["notes"])
+
+
+def test_a_vision_tower_meta_tensors_cannot_run_is_left_out_with_a_note():
+    """Idefics3 drops all-zero crops with a boolean index: with its vision tower training, the plan still comes,
+    from the language model alone, and says what it left out."""
+    towers = {"name": "lora", "r": 4, "alpha": 8, "towers": ["language", "vision"]}
+    planned = plan_recipe(load_recipe(generative_data("smolvlm", towers)), device="cpu")
+    language_only = plan_recipe(load_recipe(generative_data("smolvlm")), device="cpu")
+    assert planned["trainable_params"] > language_only["trainable_params"]
+    assert any("idefics3 cannot run on meta tensors" in note and "not in the plan" in note
+               for note in planned["notes"])
+    assert planned["bytes"]["activations"] >= language_only["bytes"]["activations"]
 
 
 def test_cli_plans_the_generative_recipe(capsys):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from mmpeft.data.conversations import Conversation
     from mmpeft.specs import BackboneSpec, DataSpec, Recipe
 
+TOKENIZED_ANSWERS = 32  # the longest answers (in characters) whose tokens are counted to find the longest
 UNBOUNDED_EDGE = 1024  # the image planned when neither the recipe nor the processor bounds its size
 
 
@@ -186,7 +187,8 @@ def _longest_answer(backbone: GenerativeBackbone, data: DataSpec, labels: LabelS
     questions = [data.question] + [row.prompt for row in rows if row.prompt]
     answers = [data.answer_template.format(label=name) for name in labels.names] + [row.text for row in rows
                                                                                      if row.text]
-    answer = max(answers, key=lambda text: len(backbone.answer_ids(text)))
+    longest = sorted(set(answers), key=len, reverse=True)[:TOKENIZED_ANSWERS]  # a table's texts: not every one
+    answer = max(longest, key=lambda text: len(backbone.answer_ids(text)))
     question = max(questions, key=len)
     encoded = backbone.with_answer(backbone.encode_one(backbone.prompt_text(question), [image]),
                                    backbone.answer_ids(answer))

@@ -57,7 +57,8 @@ def trace_generative(meta: MetaBackbone, case: WorstCase, batch: int, autocast: 
     vision = images and bool(vision_trains)
     if vision:
         try:
-            _trace_at(meta, case, 1, autocast, vision=True)
+            with torch.no_grad():
+                image_features(base, case, 1)
         except Exception as error:  # noqa: BLE001 - a family whose vision forward needs data (see the docstring)
             vision = False
             notes.append(f"the trainable vision tower / projector of {base.config.model_type} cannot run on meta "
