@@ -324,7 +324,7 @@ def test_conversation_plan_measures_the_longest_row(tmp_path):
     assert (short["images_per_example"], long["images_per_example"]) == (1, 2)
     assert short["sequence_length"] < long["sequence_length"]
     assert short["bytes"]["activations"] < long["bytes"]["activations"]
-    assert any("longest of 2 conversations" in note for note in long["notes"])
+    assert any("longest of 2 conversation(s)" in note for note in long["notes"])
 
 
 def test_a_vision_tower_meta_tensors_cannot_run_is_left_out_with_a_note():

@@ -121,7 +121,7 @@ def worst_case(meta: MetaBackbone, recipe: Recipe) -> WorstCase:
         inputs, images, text_note = _longest_answer(backbone, recipe.data, meta.labels, image)
     token = _image_token_id(backbone.base_model.config)
     tokens = int((inputs["input_ids"] == token).sum()) // max(images, 1) if token is not None and images else 0
-    case = WorstCase(inputs, max(image.size), images, tokens, [image_note, text_note])
+    case = WorstCase(inputs, max(image.size), images, tokens, [image_note, text_note] if images else [text_note])
     limit = getattr(recipe.data, "max_length", None)
     if limit is not None and case.length > limit:
         case.notes.append(f"sequence cut from {case.length} to data.max_length {limit} tokens")
@@ -209,7 +209,7 @@ def _longest_conversation(backbone: GenerativeBackbone, data: DataSpec, image: I
     candidates = [longest] if most is longest else [longest, most]
     encoded = [(_encode_conversation(backbone, row, image), row) for row in candidates]
     inputs, row = max(encoded, key=lambda pair: pair[0]["input_ids"].shape[1])
-    return inputs, len(row.images), (f"text: the longest of {len(rows)} conversations ({row.source}, "
+    return inputs, len(row.images), (f"text: the longest of {len(rows)} conversation(s) ({row.source}, "
                                      f"{len(row.turns)} turns, {len(row.images)} images)")
 
 

@@ -68,9 +68,10 @@ def trace_generative(meta: MetaBackbone, case: WorstCase, batch: int, autocast: 
         notes.append("traced on meta tensors: vision tower and projector on the step's pixels, language model on "
                      "the merged embeddings, LM head and loss")
     elif not notes:
+        vision_note = "the frozen vision tower keeps nothing for backward" if images else "no images: the " \
+            "vision tower does not run"
         notes.append("traced on meta tensors: the language model on [batch, sequence, hidden] embeddings, LM head "
-                     "and loss; the frozen vision tower keeps nothing for backward" + ("" if images else
-                                                                                       " (no images)"))
+                     f"and loss; {vision_note}")
     transient = _vision_transient(base, case) if images and not vision_trains else 0
     if transient is None:
         transient = 0

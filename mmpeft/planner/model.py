@@ -63,8 +63,8 @@ def build_meta_backbone(recipe: Recipe, labels: LabelSet) -> MetaBackbone:
     architectures = " ".join(getattr(config, "architectures", None) or [])
     if spec.family == "generative" or "ForConditionalGeneration" in architectures \
             or "ForImageTextToText" in architectures:
-        raise PlanError(f"backbone.id {spec.id!r} is a generative VLM ({architectures or config.model_type}); "
-                        "build_meta_backbone builds dual encoders, mmpeft.planner.meta_backbone either kind")
+        raise PlanError(f"backbone.id {spec.id!r} is a generative VLM ({architectures or config.model_type}), not "
+                        f"a dual encoder (backbone.family: {spec.family}); set backbone.family: generative or auto")
     model = _meta_model(config, spec)
     if not is_dual_encoder(model):
         raise PlanError(f"backbone.id {spec.id!r}: {type(model).__name__} is not a dual encoder or a generative "
