@@ -238,6 +238,24 @@ def built_generative(recipe):
     return backbone.train()
 
 
+def kept_for_backward(backbone, step) -> int:
+    """Bytes of the tensors a real step (`step()` returns its loss) keeps for backward, parameters aside."""
+    params = {p.untyped_storage()._cdata for p in backbone.parameters()}
+    kept: dict[int, int] = {}
+    hold = []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params:
+            kept.setdefault(storage._cdata, storage.nbytes())
+            hold.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        assert step().requires_grad
+    return sum(kept.values())
+
+
 @pytest.mark.parametrize("kind", ["llava", "idefics3", "smolvlm", "qwen2vl", "qwen25vl", "paligemma", "gemma3"])
 def test_generative_parameter_counts_equal_the_instantiated_model(kind):
     recipe = load_recipe(generative_data(kind))
@@ -261,21 +279,32 @@ def test_generative_activations_match_a_real_step(kind, towers):
     assert not any("not in the plan" in note for note in planned["notes"])
     case = worst_case(meta_backbone(recipe), recipe)
     backbone = built_generative(recipe)
-    params = {p.untyped_storage()._cdata for p in backbone.parameters()}
-    kept: dict[int, int] = {}
-    hold = []
+    real = kept_for_backward(backbone, lambda: backbone.model(**backbone.to_model(backbone.stack([case.inputs] * 2)))
+                             .loss)
+    assert abs(planned["bytes"]["activations"] - real) <= 0.3 * real, (planned["bytes"]["activations"], real)
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in params:
-            kept.setdefault(storage._cdata, storage.nbytes())
-            hold.append(tensor)
-        return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = backbone.model(**backbone.to_model(backbone.stack([case.inputs] * 2))).loss
-    real = sum(kept.values())
-    assert loss.requires_grad
+@pytest.mark.parametrize("kind", ["llava", "qwen2vl"])
+def test_generative_classification_objective_matches_a_real_step(kind):
+    """train.objective classification on a generative backbone scores every class's answer on a repeated cache:
+    the plan traces that step, not the answer loss."""
+    from PIL import Image
+
+    from mmpeft.objectives.classification import Classification
+
+    data = generative_data(kind, {"name": "lora", "r": 4, "alpha": 8, "towers": ["language", "projector"]})
+    data["train"] = {"objective": "classification", "batch_size": 3}
+    recipe = load_recipe(data)
+    planned = plan_recipe(recipe, device="cpu")
+    answer_loss = plan_recipe(load_recipe({**data, "train": {"objective": "generative", "batch_size": 3}}),
+                              device="cpu")
+    assert planned["bytes"]["activations"] > answer_loss["bytes"]["activations"]
+    assert any("against all 10 class answers" in note for note in planned["notes"])
+    backbone = built_generative(recipe)
+    objective = Classification(backbone, plan_labels(recipe.data))
+    edge = planned["image_size"]
+    batch = {"pixel_values": [Image.new("RGB", (edge, edge))] * 3, "labels": torch.zeros(3, dtype=torch.long)}
+    real = kept_for_backward(backbone, lambda: objective.loss(batch))
     assert abs(planned["bytes"]["activations"] - real) <= 0.3 * real, (planned["bytes"]["activations"], real)
 
 

@@ -102,6 +102,8 @@ class WorstCase:
     images: int  # images per example
     image_tokens: int  # tokens per image in the sequence
     notes: list[str] = field(default_factory=list)
+    prompt_length: int = 0  # tokens before the answer
+    answers: list[list[int]] | None = None  # train.objective classification: every class's answer ids, scored
 
     @property
     def length(self) -> int:
@@ -117,11 +119,17 @@ def worst_case(meta: MetaBackbone, recipe: Recipe) -> WorstCase:
     image, image_note = worst_case_image(backbone.image_processor, recipe.data)
     if recipe.data.source in CONVERSATION_SOURCES:
         inputs, images, text_note = _longest_conversation(backbone, recipe.data, image)
+        prompt = inputs["input_ids"].shape[1]
     else:
-        inputs, images, text_note = _longest_answer(backbone, recipe.data, meta.labels, image)
+        inputs, images, text_note, prompt = _longest_answer(backbone, recipe.data, meta.labels, image)
     token = _image_token_id(backbone.base_model.config)
     tokens = int((inputs["input_ids"] == token).sum()) // max(images, 1) if token is not None and images else 0
-    case = WorstCase(inputs, max(image.size), images, tokens, [image_note, text_note] if images else [text_note])
+    case = WorstCase(inputs, max(image.size), images, tokens, [image_note, text_note] if images else [text_note],
+                     prompt)
+    if recipe.train.objective == "classification" and recipe.data.source not in CONVERSATION_SOURCES:
+        case.answers = backbone.class_text_features(meta.labels)
+        case.notes.append(f"classification: each prompt ({prompt} tokens) scored against all {len(case.answers)} "
+                          "class answers (a prefill, then every answer on the repeated cache), as a run trains")
     limit = getattr(recipe.data, "max_length", None)
     if limit is not None and case.length > limit:
         case.notes.append(f"sequence cut from {case.length} to data.max_length {limit} tokens")
@@ -178,7 +186,7 @@ def _image_token_id(config: Any) -> int | None:
 
 
 def _longest_answer(backbone: GenerativeBackbone, data: DataSpec, labels: LabelSet, image: Image.Image,
-                    ) -> tuple[dict[str, torch.Tensor], int, str]:
+                    ) -> tuple[dict[str, torch.Tensor], int, str, int]:
     """Label data: one image, the longest question (data.question or a row's own prompt) and the longest answer
     (a class name through data.answer_template, or a row's own text)."""
     from mmpeft.data import read_rows
@@ -190,9 +198,10 @@ def _longest_answer(backbone: GenerativeBackbone, data: DataSpec, labels: LabelS
     longest = sorted(set(answers), key=len, reverse=True)[:TOKENIZED_ANSWERS]  # a table's texts: not every one
     answer = max(longest, key=lambda text: len(backbone.answer_ids(text)))
     question = max(questions, key=len)
-    encoded = backbone.with_answer(backbone.encode_one(backbone.prompt_text(question), [image]),
-                                   backbone.answer_ids(answer))
-    return encoded, 1, f"text: the longest question ({len(question)} characters) with the longest answer {answer!r}"
+    prompt = backbone.encode_one(backbone.prompt_text(question), [image])
+    encoded = backbone.with_answer(prompt, backbone.answer_ids(answer))
+    return (encoded, 1, f"text: the longest question ({len(question)} characters) with the longest answer "
+            f"{answer!r}", int(prompt["input_ids"].shape[1]))
 
 
 def _longest_conversation(backbone: GenerativeBackbone, data: DataSpec, image: Image.Image,

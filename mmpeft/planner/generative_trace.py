@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
@@ -96,7 +97,7 @@ def _trace_at(meta: MetaBackbone, case: WorstCase, batch: int, autocast: torch.d
     layers += [(f"vision.{name.rsplit('.', 1)[-1]}", module) for name, module in base.named_modules()
                if VISION_LAYERS.fullmatch(name)] if vision else []
     config = base.config.get_text_config()
-    length = case.length
+    length = case.length if case.answers is None else case.prompt_length
     ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
 
     def step() -> torch.Tensor:
@@ -105,11 +106,30 @@ def _trace_at(meta: MetaBackbone, case: WorstCase, batch: int, autocast: torch.d
             features = image_features(base, case, batch).to(embeds.dtype)
             mask = torch.zeros(batch, length, 1, dtype=torch.bool, device="meta").expand_as(embeds)
             embeds = embeds.masked_scatter(mask, features)
-        hidden = lm(inputs_embeds=embeds).last_hidden_state  # a cache: no packed-sequence check (data)
-        logits = base.lm_head(hidden)
-        return base.loss_function(logits=logits, labels=ids, vocab_size=config.vocab_size)
+        output = lm(inputs_embeds=embeds)  # with a cache: no packed-sequence check (which reads data)
+        logits = base.lm_head(output.last_hidden_state)
+        if case.answers is None:
+            return base.loss_function(logits=logits, labels=ids, vocab_size=config.vocab_size)
+        cache = getattr(output, "cache", None) or output.past_key_values
+        return _scored(lm, base.lm_head, logits, cache, case.answers, batch)
 
     return trace_run(meta.backbone, layers, step, autocast)
+
+
+def _scored(lm: nn.Module, head: nn.Module, logits: torch.Tensor, cache: Any, answers: list[list[int]],
+            batch: int) -> torch.Tensor:
+    """train.objective classification, as `score_answers` trains it: the prefill's last position predicts every
+    answer's first token; all answers continue on the cache repeated per class; cross-entropy over the scores."""
+    count, longest = len(answers), max(len(answer) for answer in answers)
+    ids = torch.zeros(batch * count, longest, dtype=torch.long, device="meta")
+    scores = logits[:, -1].float().log_softmax(-1)[:, :count]
+    if longest > 1:
+        cache.batch_repeat_interleave(count)
+        argument = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        rest = head(lm(input_ids=ids, use_cache=False, **{argument: cache}).last_hidden_state)
+        tokens = rest[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        scores = scores + tokens.sum(1).view(batch, count)
+    return F.cross_entropy(scores, torch.zeros(batch, dtype=torch.long, device="meta"))
 
 
 def image_features(base: nn.Module, case: WorstCase, batch: int) -> torch.Tensor:
