@@ -267,7 +267,7 @@ def test_generative_parameter_counts_equal_the_instantiated_model(kind):
 
 
 @pytest.mark.parametrize(("kind", "towers"), [("llava", ["language", "projector"]), ("qwen2vl", ["language", "vision"]),
-                                              ("gemma3", ["language"]), ("smolvlm", ["language"])])
+                                              ("gemma3", ["language"]), ("smolvlm", ["language", "vision"])])
 def test_generative_activations_match_a_real_step(kind, towers):
     """Planned activation bytes against what a real CPU step of the tiny model keeps for backward (its worst-case
     example, batch 2: no padding)."""
@@ -356,14 +356,20 @@ def test_conversation_plan_measures_the_longest_row(tmp_path):
     assert any("longest of 2 conversation(s)" in note for note in long["notes"])
 
 
-def test_a_vision_tower_meta_tensors_cannot_run_is_left_out_with_a_note():
-    """Idefics3 drops all-zero crops with a boolean index: with its vision tower training, the plan still comes,
-    from the language model alone, and says what it left out."""
+def test_a_vision_tower_meta_tensors_cannot_run_is_left_out_with_a_note(monkeypatch):
+    """A family whose vision forward reads data on meta tensors: with its vision tower training, the plan still
+    comes, from the language model alone, and says what it left out."""
+    import mmpeft.planner.generative_trace as generative_trace
+
+    def reads_data(*args, **kwargs):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
     towers = {"name": "lora", "r": 4, "alpha": 8, "towers": ["language", "vision"]}
-    planned = plan_recipe(load_recipe(generative_data("smolvlm", towers)), device="cpu")
     language_only = plan_recipe(load_recipe(generative_data("smolvlm")), device="cpu")
+    monkeypatch.setattr(generative_trace, "image_features", reads_data)
+    planned = plan_recipe(load_recipe(generative_data("smolvlm", towers)), device="cpu")
     assert planned["trainable_params"] > language_only["trainable_params"]
-    assert any("idefics3 cannot run on meta tensors" in note and "not in the plan" in note
+    assert any("idefics3 cannot run on meta tensors (Tensor.item()" in note and "not in the plan" in note
                for note in planned["notes"])
     assert planned["bytes"]["activations"] >= language_only["bytes"]["activations"]
 

@@ -195,7 +195,7 @@ def _longest_answer(backbone: GenerativeBackbone, data: DataSpec, labels: LabelS
     questions = [data.question] + [row.prompt for row in rows if row.prompt]
     answers = [data.answer_template.format(label=name) for name in labels.names] + [row.text for row in rows
                                                                                      if row.text]
-    longest = sorted(set(answers), key=len, reverse=True)[:TOKENIZED_ANSWERS]  # a table's texts: not every one
+    longest = sorted(dict.fromkeys(answers), key=len, reverse=True)[:TOKENIZED_ANSWERS]  # not all of a table
     answer = max(longest, key=lambda text: len(backbone.answer_ids(text)))
     question = max(questions, key=len)
     prompt = backbone.encode_one(backbone.prompt_text(question), [image])

@@ -147,12 +147,32 @@ def image_features(base: nn.Module, case: WorstCase, batch: int) -> torch.Tensor
                                       device="meta")
         else:  # grids and masks stay real: the tower reads their values (Qwen2-VL's grid_thw)
             inputs[key] = torch.cat([value] * batch)
+    if base.config.model_type in FEATURES_ON_META:
+        return FEATURES_ON_META[base.config.model_type](base.model, inputs)
     with _OnMeta():
         output = get(**inputs)
     pooled = getattr(output, "pooler_output", output)
     if isinstance(pooled, (list, tuple)):
         pooled = torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled])
     return pooled.reshape(-1, pooled.shape[-1])
+
+
+def _idefics3_features(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Idefics3's `get_image_features` without what reads data (dropping all-zero crops, positions from the patch
+    mask): every crop of the worst case is a real, unpadded one, so its mask is all ones and the attention runs
+    unmasked, as the real tower runs it. Frozen patch and position embeddings keep nothing for backward."""
+    pixels = inputs["pixel_values"]
+    pixels = pixels.view(-1, *pixels.shape[-3:])
+    vision = model.vision_model
+    embeds = vision.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
+    embeds = embeds + vision.embeddings.position_embedding(torch.zeros(embeds.shape[:2], dtype=torch.long,
+                                                                       device=embeds.device))
+    hidden = vision.post_layernorm(vision.encoder(inputs_embeds=embeds).last_hidden_state)
+    features = model.connector(hidden)
+    return features.reshape(-1, features.shape[-1])
+
+
+FEATURES_ON_META = {"idefics3": _idefics3_features}
 
 
 class _OnMeta(TorchFunctionMode):
