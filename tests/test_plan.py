@@ -433,3 +433,10 @@ def test_generative_quantized_weights_match_bitsandbytes(bits):
     data["backbone"]["quantization"] = {"bits": bits}
     recipe = load_recipe(data)
     assert plan_recipe(recipe, device="cpu")["bytes"]["weights"] == weight_bytes(built_generative(recipe).model)
+
+
+def test_a_worst_case_longer_than_the_context_says_so():
+    planned = plan_recipe(load_recipe(generative_data("llava", question="What digit is this? " * 120)), device="cpu")
+    assert planned["sequence_length"] > 512
+    assert any("exceeds the language model's context length (512)" in note and "data.max_length" in note
+               for note in planned["notes"])

@@ -135,10 +135,11 @@ def worst_case(meta: MetaBackbone, recipe: Recipe) -> WorstCase:
         case.notes.append(f"sequence cut from {case.length} to data.max_length {limit} tokens")
         case.inputs = {k: v[:, :limit] if v.dim() == 2 and v.shape[1] == case.length else v
                        for k, v in inputs.items()}
+        case.prompt_length = min(case.prompt_length, limit)
     context = backbone.context_length
     if context is not None and case.length > context:
         case.notes.append(f"the worst-case sequence ({case.length} tokens) exceeds the language model's context "
-                          f"length ({context}): a run refuses such rows; set data.max_length or shorten them")
+                          f"length ({context}): it cannot train on such rows; set data.max_length or shorten them")
     return case
 
 
