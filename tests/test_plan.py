@@ -210,3 +210,233 @@ def test_regulariser_grid_plans_each_regulariser():
     labels = [p["label"] for p in plans]
     assert labels == ["lora + naive", "lora + ewc", "lora + lwf", "lora + replay"]
     assert plans[1]["bytes"]["regulariser"] == 2 * plans[1]["bytes"]["gradients"]
+
+
+# --- generative VLMs -----------------------------------------------------------------------------------------------
+
+def generative_data(kind: str, method: str | dict | None = None, **data) -> dict:
+    from mmpeft.testing import tiny_backbone
+
+    return {"backbone": {"id": str(tiny_backbone(kind))},
+            "data": {"source": "digits", "question": "What digit is this?", **data},
+            "method": method or {"name": "lora", "r": 4, "alpha": 8},
+            "train": {"objective": "generative", "batch_size": 2}}
+
+
+def with_data(recipe, **keys):
+    """The recipe with data keys set, also ones DataSpec does not declare yet (the image budget keys)."""
+    for key, value in keys.items():
+        object.__setattr__(recipe.data, key, value)
+    return recipe
+
+
+def built_generative(recipe):
+    torch.manual_seed(0)
+    backbone = load_backbone(recipe.backbone)
+    backbone.configure(recipe)
+    METHODS.get(recipe.method.name)().apply(backbone, recipe.method, plan_labels(recipe.data))
+    return backbone.train()
+
+
+def kept_for_backward(backbone, step) -> int:
+    """Bytes of the tensors a real step (`step()` returns its loss) keeps for backward, parameters aside."""
+    params = {p.untyped_storage()._cdata for p in backbone.parameters()}
+    kept: dict[int, int] = {}
+    hold = []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params:
+            kept.setdefault(storage._cdata, storage.nbytes())
+            hold.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        assert step().requires_grad
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("kind", ["llava", "idefics3", "smolvlm", "qwen2vl", "qwen25vl", "paligemma", "gemma3"])
+def test_generative_parameter_counts_equal_the_instantiated_model(kind):
+    recipe = load_recipe(generative_data(kind))
+    planned = plan_recipe(recipe, device="cpu")
+    real = count_parameters(built_generative(recipe))
+    assert (planned["total_params"], planned["trainable_params"]) == (real["total"], real["trainable"])
+    assert planned["sequence_length"] > planned["image_tokens"] > 0 and planned["images_per_example"] == 1
+    assert planned["bytes"]["activations"] > 0
+
+
+@pytest.mark.parametrize(("kind", "towers"), [("llava", ["language", "projector"]), ("qwen2vl", ["language", "vision"]),
+                                              ("gemma3", ["language"]), ("smolvlm", ["language", "vision"])])
+def test_generative_activations_match_a_real_step(kind, towers):
+    """Planned activation bytes against what a real CPU step of the tiny model keeps for backward (its worst-case
+    example, batch 2: no padding)."""
+    from mmpeft.planner import meta_backbone
+    from mmpeft.planner.generative import worst_case
+
+    recipe = load_recipe(generative_data(kind, {"name": "lora", "r": 4, "alpha": 8, "towers": towers}))
+    planned = plan_recipe(recipe, device="cpu")
+    assert not any("not in the plan" in note for note in planned["notes"])
+    case = worst_case(meta_backbone(recipe), recipe)
+    backbone = built_generative(recipe)
+    real = kept_for_backward(backbone, lambda: backbone.model(**backbone.to_model(backbone.stack([case.inputs] * 2)))
+                             .loss)
+    assert abs(planned["bytes"]["activations"] - real) <= 0.3 * real, (planned["bytes"]["activations"], real)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2vl"])
+def test_generative_classification_objective_matches_a_real_step(kind):
+    """train.objective classification on a generative backbone scores every class's answer on a repeated cache:
+    the plan traces that step, not the answer loss."""
+    from PIL import Image
+
+    from mmpeft.objectives.classification import Classification
+
+    data = generative_data(kind, {"name": "lora", "r": 4, "alpha": 8, "towers": ["language", "projector"]})
+    data["train"] = {"objective": "classification", "batch_size": 3}
+    recipe = load_recipe(data)
+    planned = plan_recipe(recipe, device="cpu")
+    answer_loss = plan_recipe(load_recipe({**data, "train": {"objective": "generative", "batch_size": 3}}),
+                              device="cpu")
+    assert planned["bytes"]["activations"] > answer_loss["bytes"]["activations"]
+    assert any("against all 10 class answers" in note for note in planned["notes"])
+    backbone = built_generative(recipe)
+    objective = Classification(backbone, plan_labels(recipe.data))
+    edge = planned["image_size"]
+    batch = {"pixel_values": [Image.new("RGB", (edge, edge))] * 3, "labels": torch.zeros(3, dtype=torch.long)}
+    real = kept_for_backward(backbone, lambda: objective.loss(batch))
+    assert abs(planned["bytes"]["activations"] - real) <= 0.3 * real, (planned["bytes"]["activations"], real)
+
+
+def test_generative_plan_grows_with_the_image_budget_and_the_text():
+    def planned(question="What digit is this?", answer_template="{label}", **budget):
+        data = generative_data("qwen2vl", question=question, answer_template=answer_template)
+        return plan_recipe(with_data(load_recipe(data), **budget), device="cpu")
+
+    small, large = planned(max_pixels=32 * 32), planned(max_pixels=64 * 64)
+    assert (small["image_size"], large["image_size"]) == (32, 64)
+    assert small["image_tokens"] < large["image_tokens"]
+    assert small["sequence_length"] < large["sequence_length"]
+    assert small["bytes"]["activations"] < large["bytes"]["activations"]
+    assert any("data.max_pixels 1,024" in note for note in small["notes"])
+    longer = planned("What digit is this? " * 8)
+    assert longer["sequence_length"] > large["sequence_length"]
+    assert longer["bytes"]["activations"] > large["bytes"]["activations"]
+    answer = planned(answer_template="The digit in this scan is {label}, written by hand")  # via the DataSpec key
+    assert answer["sequence_length"] > large["sequence_length"]
+    cut = plan_recipe(with_data(load_recipe(generative_data("qwen2vl", question="What digit is this? " * 8)),
+                                max_length=20), device="cpu")
+    assert cut["sequence_length"] == 20 and any("data.max_length 20" in note for note in cut["notes"])
+
+
+def test_conversation_plan_measures_the_longest_row(tmp_path):
+    """Conversation data: the longest row's turns and its images set the sequence; more images, more tokens."""
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"id": "0", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "short.json").write_text(json.dumps(rows))
+    rows.append({"id": "1", "image": ["a.png", "a.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nCompare them?"}, {"from": "gpt", "value": "red and red"},
+        {"from": "human", "value": "And now?"}, {"from": "gpt", "value": "still red"}]})
+    (tmp_path / "long.json").write_text(json.dumps(rows))
+
+    def planned(name):
+        data = generative_data("llava")
+        data["data"] = {"source": "llava", "path": str(tmp_path / name)}
+        return plan(data)[0]
+
+    short, long = planned("short.json"), planned("long.json")
+    assert (short["images_per_example"], long["images_per_example"]) == (1, 2)
+    assert short["sequence_length"] < long["sequence_length"]
+    assert short["bytes"]["activations"] < long["bytes"]["activations"]
+    assert any("longest of 2 conversation(s)" in note for note in long["notes"])
+
+
+def test_a_vision_tower_meta_tensors_cannot_run_is_left_out_with_a_note(monkeypatch):
+    """A family whose vision forward reads data on meta tensors: with its vision tower training, the plan still
+    comes, from the language model alone, and says what it left out."""
+    import mmpeft.planner.generative_trace as generative_trace
+
+    def reads_data(*args, **kwargs):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    towers = {"name": "lora", "r": 4, "alpha": 8, "towers": ["language", "vision"]}
+    language_only = plan_recipe(load_recipe(generative_data("smolvlm")), device="cpu")
+    monkeypatch.setattr(generative_trace, "image_features", reads_data)
+    planned = plan_recipe(load_recipe(generative_data("smolvlm", towers)), device="cpu")
+    assert planned["trainable_params"] > language_only["trainable_params"]
+    assert any("idefics3 cannot run on meta tensors (Tensor.item()" in note and "not in the plan" in note
+               for note in planned["notes"])
+    assert planned["bytes"]["activations"] >= language_only["bytes"]["activations"]
+
+
+def test_cli_plans_the_generative_recipe(capsys):
+    assert main(["plan", "recipes/generative-lora.yaml", "--gpu-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "LlavaForConditionalGeneration" in out and "1 image of 32 px -> 16 tokens each | sequence " in out
+    for expected in ("weights", "gradients", "optimizer state", "activations", "total", "fits in 24 GiB",
+                     "note: traced on meta tensors"):
+        assert expected in out
+
+
+def test_compare_grid_of_generative_methods_plans_each():
+    data = generative_data("llava")
+    del data["method"]
+    data["grid"] = {"methods": [{"name": "lora", "r": 4, "towers": ["language", "projector"]}, "full", "zero_shot"],
+                    "seeds": [0]}
+    plans = plan(data, gpu_memory="24GiB")
+    assert [p["method"] for p in plans] == ["lora", "full", "zero_shot"]
+    assert 0 < plans[0]["trainable_params"] < plans[1]["trainable_params"] and plans[2]["trainable_params"] == 0
+    assert all(p["sequence_length"] == plans[0]["sequence_length"] for p in plans)
+
+
+def test_generative_hub_id_without_processor_files_is_one_clear_line(tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    from mmpeft.testing import tiny_backbone
+
+    snapshot = tmp_path / "hub" / "models--someorg--vlm" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--someorg--vlm" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someorg--vlm" / "refs" / "main").write_text("a" * 40)
+    shutil.copy(tiny_backbone("llava") / "config.json", snapshot / "config.json")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    data = generative_data("llava")
+    data["backbone"]["id"] = "someorg/vlm"
+    with pytest.raises(PlanError, match=r"'someorg/vlm': planning a generative VLM needs its processor files") as e:
+        plan(data)
+    assert "\n" not in str(e.value)
+
+
+def test_a_generative_family_the_trace_cannot_run_is_a_plan_error(monkeypatch):
+    import mmpeft.planner.generative_trace as generative_trace
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    monkeypatch.setattr(generative_trace, "trace_run", fails)
+    with pytest.raises(PlanError, match=r"family 'llava'.*cannot be traced on meta tensors \(Tensor.item"):
+        plan(generative_data("llava"))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_generative_quantized_weights_match_bitsandbytes(bits):
+    from mmpeft.backbones.quantization import weight_bytes
+
+    data = generative_data("llava")
+    data["backbone"]["quantization"] = {"bits": bits}
+    recipe = load_recipe(data)
+    assert plan_recipe(recipe, device="cpu")["bytes"]["weights"] == weight_bytes(built_generative(recipe).model)
+
+
+def test_a_worst_case_longer_than_the_context_says_so():
+    planned = plan_recipe(load_recipe(generative_data("llava", question="What digit is this? " * 120)), device="cpu")
+    assert planned["sequence_length"] > 512
+    assert any("exceeds the language model's context length (512)" in note and "data.max_length" in note
+               for note in planned["notes"])

@@ -28,10 +28,13 @@ from mmpeft.planner.budget import (
     largest_batch,
     suggestions,
 )
+from mmpeft.planner.generative import build_generative_meta, is_generative_config, worst_case
+from mmpeft.planner.generative_trace import trace_generative
 from mmpeft.planner.model import (
     MetaBackbone,
     PlanError,
     build_meta_backbone,
+    load_config,
     trainable_sizes,
     weight_bytes,
 )
@@ -111,17 +114,23 @@ def plan_recipe(recipe: Recipe | ContinualRecipe, label: str | None = None, budg
         copies, held = regulariser_state(recipe)
         recipe = recipe.recipe
     method = METHODS.get(recipe.method.name)
-    meta = build_meta_backbone(recipe, plan_labels(recipe.data))
+    meta = meta_backbone(recipe)
     train, quant = recipe.train, recipe.backbone.quantization
-    shape = step_shape(meta, recipe, train.batch_size)
     autocast = AUTOCAST.get(train.mixed_precision)
-    traces = [trace_step(meta, s, autocast) for s in (shape, dataclasses.replace(
-        shape, batch=shape.batch + 1, text_rows=shape.text_rows + int(shape.contrastive)))]
+    if meta.backbone.family == "generative":
+        activations, per_example, step = generative_step(meta, recipe, autocast)
+    else:
+        shape = step_shape(meta, recipe, train.batch_size)
+        traces = [trace_step(meta, s, autocast) for s in (shape, dataclasses.replace(
+            shape, batch=shape.batch + 1, text_rows=shape.text_rows + int(shape.contrastive)))]
+        activations, per_example = Activations(shape.batch, *traces), shape.channels * shape.image_size ** 2 * 4
+        step = {"image_size": shape.image_size, "image_tokens": image_tokens(meta), "text_rows": shape.text_rows,
+                "text_length": shape.text_length, "notes": plan_notes(recipe, meta)}
     weights: dict[int | None, int] = {None: weight_bytes(meta, None, method.trains)}
     for bits in (4, 8):
         weights[bits] = weight_bytes(meta, _quantization(quant, bits), method.trains)
-    figures = Figures(weights, trainable_sizes(meta.backbone) if method.trains else [],
-                      Activations(shape.batch, *traces), shape.channels * shape.image_size ** 2 * 4, device, copies)
+    figures = Figures(weights, trainable_sizes(meta.backbone) if method.trains else [], activations, per_example,
+                      device, copies)
     settings = Settings(train.batch_size, train.gradient_checkpointing, quant.bits if quant else None, train.optimizer)
     current = estimate(figures, settings)
     counts = count_parameters(meta.backbone)  # the same count a run reports
@@ -131,8 +140,8 @@ def plan_recipe(recipe: Recipe | ContinualRecipe, label: str | None = None, budg
         "model": type(meta.backbone.base_model).__name__, "dtype": recipe.backbone.dtype,
         "quantization": settings.bits, "counted_by": meta.counted_by, "trains": method.trains,
         "total_params": total, "trainable_params": trainable,
-        "batch_size": train.batch_size, "image_size": shape.image_size, "image_tokens": image_tokens(meta),
-        "text_rows": shape.text_rows, "text_length": shape.text_length, "objective": train.objective,
+        "batch_size": train.batch_size, **{k: v for k, v in step.items() if k != "notes"},
+        "objective": train.objective,
         "gradient_checkpointing": settings.checkpointing, "optimizer": train.optimizer,
         "mixed_precision": train.mixed_precision, "device": device,
         "bytes": dataclasses.asdict(current), "regulariser_state": held,
@@ -140,13 +149,32 @@ def plan_recipe(recipe: Recipe | ContinualRecipe, label: str | None = None, budg
                                          True: figures.activations.kept(settings.batch, True)},
         "budget": budget, "fits": None if budget is None else current.total <= budget,
         "max_batch": None, "suggestions": [],
-        "notes": list(meta.notes) + plan_notes(recipe, meta),
+        "notes": list(meta.notes) + step["notes"],
     }
     if budget is not None and method.trains:
         result["max_batch"] = largest_batch(figures, settings, budget)
         if not result["fits"]:
             result["suggestions"] = suggestions(figures, settings, budget, method.quantized_bits)
     return result
+
+
+def meta_backbone(recipe: Recipe) -> MetaBackbone:
+    """The recipe's backbone on the meta device with its method applied: a generative VLM or a dual encoder."""
+    path, config = load_config(recipe.backbone)
+    if is_generative_config(recipe.backbone, config):
+        return build_generative_meta(recipe, plan_labels(recipe.data), path, config)
+    return build_meta_backbone(recipe, plan_labels(recipe.data))
+
+
+def generative_step(meta: MetaBackbone, recipe: Recipe, autocast: torch.dtype | None) -> tuple[Activations, int, dict]:
+    """A generative step's activations (traced at the worst-case example), bytes per example, and plan fields."""
+    case = worst_case(meta, recipe)
+    batch = recipe.train.batch_size
+    traced = trace_generative(meta, case, batch, autocast)
+    step = {"image_size": case.image_edge, "image_tokens": case.image_tokens, "images_per_example": case.images,
+            "sequence_length": case.length, "text_rows": batch, "text_length": case.length,
+            "notes": case.notes + traced.notes + plan_notes(recipe, meta)}
+    return Activations(batch, traced.at, traced.next), traced.per_example, step
 
 
 def regulariser_state(sequence: ContinualRecipe) -> tuple[int, str]:
@@ -161,7 +189,10 @@ def regulariser_state(sequence: ContinualRecipe) -> tuple[int, str]:
 def plan_labels(spec: DataSpec) -> LabelSet:
     """The label set without opening an image: `data.classes`, or the labels of the rows (folder names, columns)."""
     from mmpeft.data import DataError, LabelSet, read_rows
+    from mmpeft.data.conversation_data import CONVERSATION_SOURCES
 
+    if spec.source in CONVERSATION_SOURCES:
+        return LabelSet([])  # conversations have no labels, as a run's
     if spec.classes is not None:
         return LabelSet.from_spec(spec, spec.classes)
     raw = read_rows(spec)

@@ -53,7 +53,8 @@ class MetaBackbone:
 
 
 def build_meta_backbone(recipe: Recipe, labels: LabelSet) -> MetaBackbone:
-    """Config -> meta model -> DualEncoder -> method applied (or counted by formula). No weights are read."""
+    """Config -> meta model -> DualEncoder -> method applied (or counted by formula). No weights are read.
+    (Generative VLMs: `mmpeft.planner.generative.build_generative_meta`.)"""
     from mmpeft.backbones.dual_encoder import DualEncoder, is_dual_encoder
     from mmpeft.methods import METHODS
 
@@ -62,12 +63,12 @@ def build_meta_backbone(recipe: Recipe, labels: LabelSet) -> MetaBackbone:
     architectures = " ".join(getattr(config, "architectures", None) or [])
     if spec.family == "generative" or "ForConditionalGeneration" in architectures \
             or "ForImageTextToText" in architectures:
-        raise PlanError(f"backbone.id {spec.id!r} is a generative VLM ({architectures or config.model_type}); the "
-                        "planner covers dual encoders (CLIP, SigLIP, ...) in this version")
+        raise PlanError(f"backbone.id {spec.id!r} is a generative VLM ({architectures or config.model_type}), not "
+                        f"a dual encoder (backbone.family: {spec.family}); set backbone.family: generative or auto")
     model = _meta_model(config, spec)
     if not is_dual_encoder(model):
-        raise PlanError(f"backbone.id {spec.id!r}: {type(model).__name__} is not a dual encoder; the planner "
-                        "covers dual encoders (CLIP, SigLIP, ...) in this version")
+        raise PlanError(f"backbone.id {spec.id!r}: {type(model).__name__} is not a dual encoder or a generative "
+                        "VLM; the planner covers dual encoders (CLIP, SigLIP, ...) and image-text-to-text models")
     quantizable = quantizable_weights(model)
     backbone = DualEncoder(model, _processor(path, spec), path)
     method = METHODS.get(recipe.method.name)()
@@ -78,11 +79,11 @@ def build_meta_backbone(recipe: Recipe, labels: LabelSet) -> MetaBackbone:
         formula = FORMULAS.get(recipe.method.name)
         if formula is None:
             raise PlanError(f"method {recipe.method.name!r} could not be applied on the meta device "
-                            f"({_first_line(error)}) and the planner has no formula for it") from error
+                            f"({first_line(error)}) and the planner has no formula for it") from error
         backbone = DualEncoder(_meta_model(config, spec), backbone.processor, path)
         meta = MetaBackbone(backbone, labels, quantizable_weights(backbone.model))
         meta.counted_by = formula(backbone, recipe.method, labels)
-        meta.notes.append(f"{recipe.method.name} cannot be applied on meta tensors ({_first_line(error)}); "
+        meta.notes.append(f"{recipe.method.name} cannot be applied on meta tensors ({first_line(error)}); "
                           f"counted by formula: {meta.counted_by}")
     backbone.train()
     return meta
@@ -99,7 +100,7 @@ def load_config(spec: BackboneSpec) -> tuple[str, Any]:
     except OSError as error:
         local_error = error
     except ValueError as error:  # an unrecognised model_type
-        raise PlanError(f"backbone.id {spec.id!r}: {_first_line(error)}") from None
+        raise PlanError(f"backbone.id {spec.id!r}: {first_line(error)}") from None
     if not os.path.isdir(path) and not _hub_offline():
         try:
             return path, AutoConfig.from_pretrained(path, **kwargs)
@@ -128,7 +129,7 @@ def unknown_backbone_message(backbone_id: str, error: Exception | None = None) -
     cached = cached_hub_models()
     where = "a local folder" if os.path.isdir(backbone_id) else "the local Hugging Face cache"
     offline = " and the Hub is offline (HF_HUB_OFFLINE=1)" if _hub_offline() else ""
-    reason = f" ({_first_line(error)})" if error is not None and os.path.isdir(backbone_id) else ""
+    reason = f" ({first_line(error)})" if error is not None and os.path.isdir(backbone_id) else ""
     return (f"backbone.id {backbone_id!r}: no model config in {where}{offline}{reason}; valid: a local model folder "
             f"with config.json, a hub id whose config is cached (cached: {', '.join(cached[:8]) or 'none'}), or a "
             f"demo backbone ({', '.join(DEMO_BACKBONES.names())})")
@@ -254,6 +255,6 @@ FORMULAS: dict[str, Callable[[nn.Module, Any, Any], str]] = {
 }
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__

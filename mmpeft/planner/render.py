@@ -20,12 +20,9 @@ def render_one(p: dict) -> str:
     counted = "counted on the meta device" if p["counted_by"] == "meta" else f"counted by formula ({p['counted_by']})"
     quant = f", {p['quantization']}-bit" if p["quantization"] else ""
     percent = 100.0 * p["trainable_params"] / max(p["total_params"], 1)
-    text = "classification" if p["objective"] == "classification" else "contrastive"
     lines = [
         f"plan: {p['label']} on {p['backbone']} ({p['model']}, {p['dtype']}{quant}); {counted}",
-        f"  batch {p['batch_size']} | images {p['image_size']} px -> {p['image_tokens']} tokens | text "
-        f"{p['text_rows']} {'captions' if p['objective'] == 'contrastive' else 'prompts'} x {p['text_length']} "
-        f"tokens | {text} | {p['optimizer']} | mixed precision "
+        f"  batch {p['batch_size']} | {_inputs(p)} | {p['objective']} | {p['optimizer']} | mixed precision "
         f"{p['mixed_precision']} | gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}",
         f"  parameters: {p['total_params']:,} total, {p['trainable_params']:,} trainable ({percent:.3g}%)",
         "",
@@ -64,6 +61,17 @@ def render_one(p: dict) -> str:
     if p["device"] == "cpu":
         lines.append(f"  note: {CPU_NOTE}")
     return "\n".join(lines)
+
+
+def _inputs(p: dict) -> str:
+    """What one example is: a generative sequence (images as tokens in it), or a dual encoder's image and texts."""
+    if p.get("sequence_length") is not None:
+        images = p["images_per_example"]
+        per = f"{images} image{'s' if images != 1 else ''} of {p['image_size']} px -> {p['image_tokens']} tokens each"
+        return f"{per if images else 'no images'} | sequence {p['sequence_length']} tokens"
+    texts = "captions" if p["objective"] == "contrastive" else "prompts"
+    return (f"images {p['image_size']} px -> {p['image_tokens']} tokens | text {p['text_rows']} {texts} x "
+            f"{p['text_length']} tokens")
 
 
 # What a CPU plan leaves out: whole `mmpeft run`s on CPU at real model sizes held 1.6-2.2x the planned total.

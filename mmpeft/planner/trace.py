@@ -67,9 +67,15 @@ class ActivationTrace:
 
 def trace_step(meta: MetaBackbone, shape: StepShape, autocast: torch.dtype | None = None) -> ActivationTrace:
     """Run the step's forward and loss on meta tensors and record every tensor saved for backward."""
-    backbone = meta.backbone
+    return trace_run(meta.backbone, encoder_layers(meta.backbone), lambda: _loss(meta, shape), autocast)
+
+
+def trace_run(module: nn.Module, layers: list[tuple[str, nn.Module]], run: Callable[[], object],
+              autocast: torch.dtype | None = None) -> ActivationTrace:
+    """Call `run` (a forward and loss on meta tensors through `module`) and record every tensor saved for backward,
+    attributed to `layers` (name, layer) where one of them is running."""
     trace = ActivationTrace()
-    params = {p.untyped_storage()._cdata for p in backbone.parameters()}
+    params = {p.untyped_storage()._cdata for p in module.parameters()}
     seen: set[int] = set()
     keep: list[torch.Tensor] = []  # holds saved tensors so storage ids stay unique during the trace
     where: list[str] = [OUTSIDE]
@@ -89,14 +95,14 @@ def trace_step(meta: MetaBackbone, shape: StepShape, autocast: torch.dtype | Non
         return tensor
 
     with contextlib.ExitStack() as stack:
-        for name, layer in encoder_layers(backbone):
+        for name, layer in layers:
             trace.per_layer[name] = 0
             stack.enter_context(_attributed(layer, name, where, trace))
         stack.enter_context(_fused_attention())
         if autocast is not None:
             stack.enter_context(_MetaAutocast(autocast))
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor))
-        _loss(meta, shape)
+        run()
     return trace
 
 
