@@ -223,13 +223,6 @@ def generative_data(kind: str, method: str | dict | None = None, **data) -> dict
             "train": {"objective": "generative", "batch_size": 2}}
 
 
-def with_data(recipe, **keys):
-    """The recipe with data keys set, also ones DataSpec does not declare yet (the image budget keys)."""
-    for key, value in keys.items():
-        object.__setattr__(recipe.data, key, value)
-    return recipe
-
-
 def built_generative(recipe):
     torch.manual_seed(0)
     backbone = load_backbone(recipe.backbone)
@@ -310,8 +303,8 @@ def test_generative_classification_objective_matches_a_real_step(kind):
 
 def test_generative_plan_grows_with_the_image_budget_and_the_text():
     def planned(question="What digit is this?", answer_template="{label}", **budget):
-        data = generative_data("qwen2vl", question=question, answer_template=answer_template)
-        return plan_recipe(with_data(load_recipe(data), **budget), device="cpu")
+        data = generative_data("qwen2vl", question=question, answer_template=answer_template, **budget)
+        return plan_recipe(load_recipe(data), device="cpu")
 
     small, large = planned(max_pixels=32 * 32), planned(max_pixels=64 * 64)
     assert (small["image_size"], large["image_size"]) == (32, 64)
@@ -324,9 +317,10 @@ def test_generative_plan_grows_with_the_image_budget_and_the_text():
     assert longer["bytes"]["activations"] > large["bytes"]["activations"]
     answer = planned(answer_template="The digit in this scan is {label}, written by hand")  # via the DataSpec key
     assert answer["sequence_length"] > large["sequence_length"]
-    cut = plan_recipe(with_data(load_recipe(generative_data("qwen2vl", question="What digit is this? " * 8)),
-                                max_length=20), device="cpu")
-    assert cut["sequence_length"] == 20 and any("data.max_length 20" in note for note in cut["notes"])
+    stock = plan_recipe(load_recipe(generative_data("smolvlm")), device="cpu")
+    capped = plan_recipe(load_recipe(generative_data("smolvlm", max_image_edge=40)), device="cpu")
+    assert capped["image_tokens"] < stock["image_tokens"]  # split at one crop's edge: fewer crops
+    assert capped["sequence_length"] < stock["sequence_length"]
 
 
 def test_conversation_plan_measures_the_longest_row(tmp_path):
@@ -344,9 +338,9 @@ def test_conversation_plan_measures_the_longest_row(tmp_path):
         {"from": "human", "value": "And now?"}, {"from": "gpt", "value": "still red"}]})
     (tmp_path / "long.json").write_text(json.dumps(rows))
 
-    def planned(name):
+    def planned(name, **keys):
         data = generative_data("llava")
-        data["data"] = {"source": "llava", "path": str(tmp_path / name)}
+        data["data"] = {"source": "llava", "path": str(tmp_path / name), **keys}
         return plan(data)[0]
 
     short, long = planned("short.json"), planned("long.json")
@@ -354,6 +348,9 @@ def test_conversation_plan_measures_the_longest_row(tmp_path):
     assert short["sequence_length"] < long["sequence_length"]
     assert short["bytes"]["activations"] < long["bytes"]["activations"]
     assert any("longest of 2 conversation(s)" in note for note in long["notes"])
+    cut = planned("long.json", max_length=long["sequence_length"] - 5)
+    assert cut["sequence_length"] == long["sequence_length"] - 5
+    assert any(f"data.max_length {cut['sequence_length']}" in note for note in cut["notes"])
 
 
 def test_a_vision_tower_meta_tensors_cannot_run_is_left_out_with_a_note(monkeypatch):
@@ -438,5 +435,5 @@ def test_generative_quantized_weights_match_bitsandbytes(bits):
 def test_a_worst_case_longer_than_the_context_says_so():
     planned = plan_recipe(load_recipe(generative_data("llava", question="What digit is this? " * 120)), device="cpu")
     assert planned["sequence_length"] > 512
-    assert any("exceeds the language model's context length (512)" in note and "data.max_length" in note
+    assert any("exceeds the language model's context length (512)" in note and "shorten" in note
                for note in planned["notes"])

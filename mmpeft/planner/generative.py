@@ -130,7 +130,7 @@ def worst_case(meta: MetaBackbone, recipe: Recipe) -> WorstCase:
         case.answers = backbone.class_text_features(meta.labels)
         case.notes.append(f"classification: each prompt ({prompt} tokens) scored against all {len(case.answers)} "
                           "class answers (a prefill, then every answer on the repeated cache), as a run trains")
-    limit = getattr(recipe.data, "max_length", None)
+    limit = recipe.data.max_length
     if limit is not None and case.length > limit:
         case.notes.append(f"sequence cut from {case.length} to data.max_length {limit} tokens")
         case.inputs = {k: v[:, :limit] if v.dim() == 2 and v.shape[1] == case.length else v
@@ -138,8 +138,10 @@ def worst_case(meta: MetaBackbone, recipe: Recipe) -> WorstCase:
         case.prompt_length = min(case.prompt_length, limit)
     context = backbone.context_length
     if context is not None and case.length > context:
+        fix = ("set data.max_length or shorten them" if recipe.data.source in CONVERSATION_SOURCES else
+               "shorten data.question or the answers")
         case.notes.append(f"the worst-case sequence ({case.length} tokens) exceeds the language model's context "
-                          f"length ({context}): it cannot train on such rows; set data.max_length or shorten them")
+                          f"length ({context}): it cannot train on such rows; {fix}")
     return case
 
 
@@ -148,7 +150,7 @@ def worst_case_image(image_processor: Any, data: DataSpec) -> tuple[Image.Image,
     else the processor's own largest size, else UNBOUNDED_EDGE square; and a note saying which."""
     from PIL import Image
 
-    max_pixels, max_edge = getattr(data, "max_pixels", None), getattr(data, "max_image_edge", None)
+    max_pixels, max_edge = data.max_pixels, data.max_image_edge
     if max_pixels is not None:
         edge, why = math.isqrt(int(max_pixels)), f"a square of data.max_pixels {max_pixels:,}"
     elif max_edge is not None:

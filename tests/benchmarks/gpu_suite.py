@@ -398,7 +398,7 @@ def with_plan(row: dict, recipe_data: dict, batch: int) -> dict:
     data["train"]["batch_size"] = batch
     try:
         plan = mmpeft.plan(data)[0]
-    except Exception as error:  # noqa: BLE001 - the planner's refusal is a result (generative backbones)
+    except Exception as error:  # noqa: BLE001 - a planner refusal is a result, recorded in the row
         row["plan_peak_bytes"] = row["plan_ratio"] = None
         row["plan_note"] = f"mmpeft.plan: {type(error).__name__}: {first_line(error)}"
         return row
@@ -982,7 +982,8 @@ def section_generative(suite: Suite) -> dict:
              f"image tokens; vocabulary: {vocabulary}); image splitting off: one image per example",
              f"batch {suite.sizes.generative_batch}; train.objective generative (answer-token loss); the step includes "
              "the processor (prompt rendering, image resizing) as mmpeft's generative objective encodes in the step",
-             "MFU from the LoRA row's FlopCounterMode count (model FLOPs); the planner covers dual encoders only"]
+             "MFU from the LoRA row's FlopCounterMode count (model FLOPs); plan/measured: mmpeft plan's generative "
+             "plan"]
     return {"rows": rows, "notes": notes}
 
 
