@@ -207,8 +207,9 @@ def dispatch(args: argparse.Namespace) -> int:
     elif args.command == "predict":
         from mmpeft.artifacts.predict import iter_labels_file, table
 
-        labels = list(iter_labels_file(args.labels_file)) if args.labels_file else None
-        labels = [name for name in args.labels.split(",") if name.strip()] if args.labels else labels
+        labels = list(iter_labels_file(args.labels_file)) if args.labels_file is not None else None
+        if args.labels is not None:  # `a,b,` is a,b; nothing at all is refused by predict
+            labels = [name for name in args.labels.split(",") if name.strip()]
         rows = mmpeft.predict(args.source, args.images, labels=labels, top_k=args.top_k, question=args.question,
                               out=args.out, batch_size=args.batch_size)
         print(table(rows), end="")
