@@ -126,6 +126,35 @@ def test_merge_refuses_non_finite_weights(finished_run, tmp_path, capsys, weight
     assert "weights:" in err and "must all be finite" in err and not out.exists()
 
 
+# (command after `mmpeft`, with {run}: a finished run, {copy}: a copy of it) -> a fragment of the one-line error
+REFUSED_COMMANDS = {
+    "export_into_the_runs_saved_state": (["export", "{run}", "--out", "{run}/adapter/exported"],
+                                         "is inside {run}/adapter, the run's saved state"),
+    "export_onto_the_saved_state_itself": (["export", "{run}", "--out", "{run}/adapter", "--adapter-only"],
+                                           "is inside {run}/adapter"),
+    "merge_into_a_runs_saved_state": (["merge", "{run}", "{copy}", "--out", "{copy}/adapter/merged"],
+                                      "is inside {copy}/adapter"),
+    "merge_of_one_run_twice": (["merge", "{run}", "{run}/../run", "--out", "{tmp}/merged"],
+                               "run {run}/../run is given twice (also as {run})"),
+    "merge_weights_all_zero": (["merge", "{run}", "{copy}", "--weights", "0", "0", "--out", "{tmp}/merged"],
+                               "weights: [0.0, 0.0] are all zero"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_COMMANDS))
+def test_exports_and_merges_that_would_damage_a_run_or_do_nothing_are_refused(case, run_copy, tmp_path, capsys):
+    arguments, fragment = REFUSED_COMMANDS[case]
+    other = tmp_path / "copy"
+    shutil.copytree(run_copy, other)
+    fill = {"run": str(run_copy), "copy": str(other), "tmp": str(tmp_path)}
+    before = {folder: folder_hashes(folder) for folder in (run_copy, other)}
+    assert main([a.format(**fill) for a in arguments]) == 2
+    err = capsys.readouterr().err
+    assert fragment.format(**fill) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert {folder: folder_hashes(folder) for folder in (run_copy, other)} == before  # the runs are untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "run"]
+
+
 def test_a_staging_folder_left_by_a_killed_export_is_removed_by_the_next(tmp_path):
     out = tmp_path / "export"
     script = ("import sys, time; from mmpeft.core.io import atomic_dir\n"

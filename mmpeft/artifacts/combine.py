@@ -12,7 +12,7 @@ import torch
 
 from mmpeft.artifacts.card import model_card
 from mmpeft.artifacts.loading import CARD, load_adapter, write_manifest
-from mmpeft.artifacts.runs import ExportError, RunFolder, read_run, run_data
+from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_of_saved_state, read_run, run_data
 from mmpeft.artifacts.single import base_info, manifest_for, run_scores
 from mmpeft.core.io import atomic_dir, write_json, write_text
 from mmpeft.core.schema import to_plain
@@ -38,6 +38,7 @@ def merge(run_dirs: list[str | Path], weights: list[float] | None = None, how: M
     if how != "linear" and density is None:
         density = DEFAULT_DENSITY
     check_compatible(runs)
+    check_out_of_saved_state(out, runs)
     out = Path(out)
     first = runs[0]
     with atomic_dir(out) as stage:
@@ -78,6 +79,15 @@ def check_arguments(runs: list[RunFolder], weights: list[float] | None, how: str
                           "merged entry NaN)")
     if len(weights) != len(runs):
         raise ExportError(f"weights: {len(weights)} given for {len(runs)} runs; give one weight per run")
+    if not any(weights):
+        raise ExportError(f"weights: {weights} are all zero, so the merged adapter would change nothing (it would be "
+                          "the base model); give at least one weight that is not 0")
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        twice = seen.setdefault(run.path.resolve(), run.path)
+        if twice is not run.path:
+            raise ExportError(f"run {run.path} is given twice (also as {twice}); merge different runs, and weight "
+                              "one run more with --weights")
     if density is not None:
         if how == "linear":
             raise ExportError("density applies to ties, dare_linear and dare_ties only, not to how: linear")

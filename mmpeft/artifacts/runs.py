@@ -86,6 +86,17 @@ def read_run(path: str | Path) -> RunFolder:
     return RunFolder(path, recipe, metrics, adapter, method)
 
 
+def check_out_of_saved_state(out: str | Path, runs: list[RunFolder]) -> None:
+    """Refuse an export or merge folder inside a run's saved state: it would be copied into every later export of
+    that run (and its staging folder into itself)."""
+    where = Path(out).resolve()
+    for run in runs:
+        adapter = run.adapter.resolve()
+        if where == adapter or adapter in where.parents:
+            raise ExportError(f"out: {out} is inside {run.adapter}, the run's saved state, which export copies as it "
+                              f"is; write it elsewhere, e.g. {run.path / 'exported'} or a folder outside the run")
+
+
 def check_hashes(adapter: Path) -> None:
     """The saved state must be the one the run wrote: each file's sha256 against HASH_FILE (written with it)."""
     record = adapter / HASH_FILE

@@ -11,7 +11,7 @@ from typing import Literal
 
 from mmpeft.artifacts.card import model_card
 from mmpeft.artifacts.loading import CARD, architecture, load_adapter, write_manifest
-from mmpeft.artifacts.runs import ExportError, RunFolder, read_run, rebuild, run_data
+from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_of_saved_state, read_run, rebuild, run_data
 from mmpeft.artifacts.verify import DEFAULT_TOLERANCE, check, differences, make_probe, outputs
 from mmpeft.core import VERSION
 from mmpeft.core.dtypes import DTYPES
@@ -41,6 +41,7 @@ def export(run_dir: str | Path, out: str | Path, how: How = "auto", dtype: str |
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     run = read_run(run_dir)
+    check_out_of_saved_state(out, [run])
     if how == "adapter" and dtype not in (None, run.recipe.backbone.dtype):
         raise ExportError(f"dtype: {dtype!r} applies to merged exports only; an adapter keeps the dtype it was "
                           f"trained in ({run.recipe.backbone.dtype})")
