@@ -219,3 +219,16 @@ def test_predict_source_that_does_not_exist_and_unreadable_image_messages(tmp_pa
                                                             "identify image file")
     (tmp_path / "bom.txt").write_bytes("\ufeffred\nblue\n".encode("utf-8"))  # Windows Notepad's UTF-8
     assert list(iter_labels_file(tmp_path / "bom.txt")) == ["red", "blue"]
+
+
+def test_a_zero_shot_run_predicts_with_its_base(color_folder, tiny_clip_dir, images, tmp_path):
+    # the web workbench lists every finished run as a source; a zero-shot one used to be refused "nothing to export"
+    mmpeft.run({"name": "zs", "seed": 0, "backbone": {"id": str(tiny_clip_dir)},
+                "data": {"source": "folder", "path": str(color_folder), "templates": ["a photo of a {label} image."],
+                         "split": {"val": 0.0, "test": 0.25}},
+                "method": {"name": "zero_shot"}, "eval": {"batch_size": 32},
+                "output": {"dir": str(tmp_path), "name": "zs"}})
+    rows = mmpeft.predict(tmp_path / "zs", images / "red", top_k=3)
+    assert len(rows) == 3 and all({e["label"] for e in row["labels"]} == {"red", "green", "blue"} for row in rows)
+    with pytest.raises(ValueError, match="nothing was trained, so there is nothing to export"):
+        mmpeft.export(tmp_path / "zs", tmp_path / "out")

@@ -144,7 +144,7 @@ def open_predictor(source: str | Path) -> Predictor:
         templates = manifest.get("templates") or ["a photo of a {label}."]
         return Predictor(load_adapter(source), labels_of(manifest), list(templates))
     if (source / RECIPE_FILE).is_file():
-        run = read_run(source)
+        run = read_run(source, untrained=True)  # a zero-shot run predicts with its base
         labels = run_data(run).labels
         return Predictor(rebuild(run, labels), labels, list(run.recipe.data.templates))
     if not source.exists():

@@ -53,8 +53,9 @@ class RunFolder:
         return self.path.resolve().name
 
 
-def read_run(path: str | Path) -> RunFolder:
-    """Check a run folder (recipe.yaml, metrics.json, the method's files) and read it; raise ExportError if not."""
+def read_run(path: str | Path, untrained: bool = False) -> RunFolder:
+    """Check a run folder (recipe.yaml, metrics.json, the method's files) and read it; raise ExportError if not.
+    `untrained`: a zero-shot run (nothing saved: its model is the base) is read too, for predicting with it."""
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"run folder {path} does not exist (expected a folder written by `mmpeft run`)")
@@ -72,6 +73,8 @@ def read_run(path: str | Path) -> RunFolder:
     except json.JSONDecodeError as error:
         raise ExportError(f"{path / METRICS_FILE} is not valid JSON ({error}); the run folder is damaged") from None
     method = METHODS.get(recipe.method.name)()
+    if not method.trains and untrained:
+        return RunFolder(path, recipe, metrics, path / ADAPTER_DIR, method)
     if not method.trains:
         raise ExportError(f"run {path} used method {method.name!r}: nothing was trained, so there is nothing to export;"
                           f" the base model {recipe.backbone.id!r} is the model")
@@ -167,7 +170,7 @@ def rebuild(run: RunFolder, labels: LabelSet, dtype: str | None = None, dequanti
     recipe = run.recipe.replace(backbone=dataclasses.replace(run.recipe.backbone, **changes))
     backbone = load_base(recipe)
     try:
-        apply_method(backbone, recipe, labels, state=run.adapter)
+        apply_method(backbone, recipe, labels, state=run.adapter if run.method.trains else None)
     except (ValueError, RuntimeError, OSError) as error:
         raise ExportError(f"{run.adapter}: the saved state does not fit the base {recipe.backbone.id!r} with method "
                           f"{run.method.name!r}: {str(error).splitlines()[0]}") from None
