@@ -232,3 +232,20 @@ def test_a_zero_shot_run_predicts_with_its_base(color_folder, tiny_clip_dir, ima
     assert len(rows) == 3 and all({e["label"] for e in row["labels"]} == {"red", "green", "blue"} for row in rows)
     with pytest.raises(ValueError, match="nothing was trained, so there is nothing to export"):
         mmpeft.export(tmp_path / "zs", tmp_path / "out")
+
+
+def test_an_export_whose_base_moved_predicts_with_base(exported, images, tiny_clip_dir, tmp_path, capsys):
+    folders = exported("clip")
+    moved = tmp_path / "moved"
+    shutil.copytree(folders["adapter"], moved)
+    manifest = json.loads((moved / "mmpeft_export.json").read_text())
+    for part in ("base", "backbone"):
+        manifest[part]["id"] = str(tmp_path / "base-that-moved")
+    (moved / "mmpeft_export.json").write_text(json.dumps(manifest))
+    assert main(["predict", str(moved), str(images / "red")]) == 2
+    assert "is not on this machine" in capsys.readouterr().err  # it names --base, which predict had not
+    rows = mmpeft.predict(moved, images / "red", base=str(tiny_clip_dir))
+    assert main(["predict", str(moved), str(images / "red"), "--base", str(tiny_clip_dir)]) == 0
+    assert top1(rows) == top1(mmpeft.predict(folders["adapter"], images / "red")) and len(rows) == 3
+    assert main(["predict", str(folders["run"]), str(images / "red"), "--base", str(tiny_clip_dir)]) == 2
+    assert "--base is for export folders" in capsys.readouterr().err

@@ -156,7 +156,8 @@ def _with_base(spec, manifest: dict, base: str | None, directory: Path):
         looks_local = base.startswith((".", "/", "~"))
         if looks_local and not Path(base).expanduser().is_dir():
             raise ExportError(f"the base recorded in {directory / MANIFEST}, {base!r}, is not on this machine; "
-                              "pass load_adapter(directory, base=HUB_ID_OR_FOLDER) with the same model")
+                              "pass load_adapter(directory, base=HUB_ID_OR_FOLDER) (mmpeft predict: --base) with the "
+                              "same model")
     elif base != manifest["base"]["id"]:
         logger.info("loading %s onto base %s (trained on %s)", directory, base, manifest["base"]["id"])
     if manifest["backbone"].get("init") == "scratch":

@@ -43,10 +43,11 @@ class Predictor:
 
 def predict(source: str | Path, images: str | Path | Sequence[str | Path], labels: Sequence[str] | None = None,
             top_k: int = 5, question: str | None = None, out: str | Path | None = None,
-            batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
+            batch_size: int = DEFAULT_BATCH_SIZE, base: str | None = None) -> list[dict]:
     """Rows `{"path", "labels": [{"label", "score"}, ...]}` (top_k, scores are probabilities over the labels),
     `{"path", "answer"}` (generative, no labels) or `{"path", "error"}` (an unreadable image), in input order;
-    with `out`, also written as JSON lines (complete or absent). Folders are walked recursively."""
+    with `out`, also written as JSON lines (complete or absent). Folders are walked recursively. `base`: an export's
+    base model (hub id or folder) when the one recorded in it moved, as in `load_adapter`."""
     check_count("top_k", top_k)
     check_count("batch_size", batch_size)
     if question is not None and not str(question).strip():
@@ -54,12 +55,11 @@ def predict(source: str | Path, images: str | Path | Sequence[str | Path], label
     paths = image_paths(images)
     check_out(out, paths)
     with rows_writer(out) as write:  # opened first: a destination that cannot be written fails before any model loads
-        return predict_into(write, source, paths, labels, top_k, question, batch_size)
+        return predict_into(write, open_predictor(source, base), source, paths, labels, top_k, question, batch_size)
 
 
-def predict_into(write: Callable[[dict], None], source: str | Path, paths: list[Path], labels: Sequence[str] | None,
-                 top_k: int, question: str | None, batch_size: int) -> list[dict]:
-    predictor = open_predictor(source)
+def predict_into(write: Callable[[dict], None], predictor: Predictor, source: str | Path, paths: list[Path],
+                 labels: Sequence[str] | None, top_k: int, question: str | None, batch_size: int) -> list[dict]:
     backbone = predictor.backbone
     answering = backbone.family == "generative" and labels is None
     if question is not None:
@@ -136,14 +136,17 @@ def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def open_predictor(source: str | Path) -> Predictor:
+def open_predictor(source: str | Path, base: str | None = None) -> Predictor:
     """A run folder (rebuilt: base + its trained state) or an export folder (loaded as `load_adapter` does)."""
     source = Path(source)
     if (source / MANIFEST).is_file():
         manifest = read_manifest(source)
         templates = manifest.get("templates") or ["a photo of a {label}."]
-        return Predictor(load_adapter(source), labels_of(manifest), list(templates))
+        return Predictor(load_adapter(source, base=base), labels_of(manifest), list(templates))
     if (source / RECIPE_FILE).is_file():
+        if base is not None:
+            raise ExportError(f"base: {source} is a run folder, which loads the base its recipe names "
+                              "(backbone.id); --base is for export folders")
         run = read_run(source, untrained=True)  # a zero-shot run predicts with its base
         labels = run_data(run).labels
         return Predictor(rebuild(run, labels), labels, list(run.recipe.data.templates))
