@@ -138,6 +138,15 @@ REFUSED_COMMANDS = {
                                "run {run}/../run is given twice (also as {run})"),
     "merge_weights_all_zero": (["merge", "{run}", "{copy}", "--weights", "0", "0", "--out", "{tmp}/merged"],
                                "weights: [0.0, 0.0] are all zero"),
+    "export_inside_a_file": (["export", "{run}", "--out", "{run}/metrics.json/exported"],
+                             "out: {run}/metrics.json is a file, so the folder"),
+    "merge_inside_a_file": (["merge", "{run}", "{copy}", "--out", "{run}/metrics.json/merged"],
+                            "out: {run}/metrics.json is a file, so the folder"),
+    # the whole export ran, then failed as "the export is wrong"
+    "export_negative_tolerance": (["export", "{run}", "--out", "{tmp}/e", "--tolerance", "-1"],
+                                  "tolerance: -1.0 must be a finite number >= 0"),
+    "export_nan_tolerance": (["export", "{run}", "--out", "{tmp}/e", "--tolerance", "nan"],
+                             "tolerance: nan must be a finite number >= 0"),
 }
 
 

@@ -12,7 +12,7 @@ import torch
 
 from mmpeft.artifacts.card import model_card
 from mmpeft.artifacts.loading import CARD, load_adapter, write_manifest
-from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_of_saved_state, read_run, run_data
+from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_folder, read_run, run_data
 from mmpeft.artifacts.single import base_info, manifest_for, run_scores
 from mmpeft.core.io import atomic_dir, write_json, write_text
 from mmpeft.core.schema import to_plain
@@ -38,7 +38,7 @@ def merge(run_dirs: list[str | Path], weights: list[float] | None = None, how: M
     if how != "linear" and density is None:
         density = DEFAULT_DENSITY
     check_compatible(runs)
-    check_out_of_saved_state(out, runs)
+    check_out_folder(out, runs)
     out = Path(out)
     first = runs[0]
     with atomic_dir(out) as stage:

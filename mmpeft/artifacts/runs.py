@@ -89,10 +89,13 @@ def read_run(path: str | Path, untrained: bool = False) -> RunFolder:
     return RunFolder(path, recipe, metrics, adapter, method)
 
 
-def check_out_of_saved_state(out: str | Path, runs: list[RunFolder]) -> None:
-    """Refuse an export or merge folder inside a run's saved state: it would be copied into every later export of
-    that run (and its staging folder into itself)."""
+def check_out_folder(out: str | Path, runs: list[RunFolder]) -> None:
+    """Refuse an export or merge folder that cannot be created (a file above it), or that lies inside a run's saved
+    state: it would be copied into every later export of that run (and its staging folder into itself)."""
     where = Path(out).resolve()
+    above = next(folder for folder in where.parents if folder.exists())
+    if not above.is_dir():
+        raise ExportError(f"out: {above} is a file, so the folder {out} cannot be created inside it; give another path")
     for run in runs:
         adapter = run.adapter.resolve()
         if where == adapter or adapter in where.parents:

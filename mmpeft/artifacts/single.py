@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Literal
 
 from mmpeft.artifacts.card import model_card
 from mmpeft.artifacts.loading import CARD, architecture, load_adapter, write_manifest
-from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_of_saved_state, read_run, rebuild, run_data
+from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_folder, read_run, rebuild, run_data
 from mmpeft.artifacts.verify import DEFAULT_TOLERANCE, check, differences, make_probe, outputs
 from mmpeft.core import VERSION
 from mmpeft.core.dtypes import DTYPES
@@ -40,8 +41,12 @@ def export(run_dir: str | Path, out: str | Path, how: How = "auto", dtype: str |
         raise ExportError(f"how: {how!r} is not one of {', '.join(HOWS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 <= tolerance < math.inf):
+        raise ExportError(f"tolerance: {tolerance!r} must be a finite number >= 0 (the largest relative difference "
+                          "accepted; default by dtype: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TOLERANCE.items())
+                          + ")")
     run = read_run(run_dir)
-    check_out_of_saved_state(out, [run])
+    check_out_folder(out, [run])
     if how == "adapter" and dtype not in (None, run.recipe.backbone.dtype):
         raise ExportError(f"dtype: {dtype!r} applies to merged exports only; an adapter keeps the dtype it was "
                           f"trained in ({run.recipe.backbone.dtype})")
