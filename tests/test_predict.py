@@ -214,6 +214,8 @@ def test_predict_source_that_does_not_exist_and_unreadable_image_messages(tmp_pa
 
     with pytest.raises(ValueError, match=r"missing-run does not exist; give a run folder"):
         mmpeft.predict(tmp_path / "missing-run", tmp_path)
+    with pytest.raises(ValueError, match=r"only one label \('cat'\)"):  # checked before any model loads
+        mmpeft.predict(tmp_path / "missing-run", tmp_path, labels=["cat"])
     (tmp_path / "zero.png").write_bytes(b"")
     assert read_image(tmp_path / "zero.png")[1].startswith("cannot read image: UnidentifiedImageError: cannot "
                                                             "identify image file")

@@ -52,6 +52,7 @@ def predict(source: str | Path, images: str | Path | Sequence[str | Path], label
     check_count("batch_size", batch_size)
     if question is not None and not str(question).strip():
         raise ValueError("question: empty; give the question to ask, or leave it out for the run's own")
+    labels = label_names(labels)  # checked before any model loads
     paths = image_paths(images)
     check_out(out, paths)
     with rows_writer(out) as write:  # opened first: a destination that cannot be written fails before any model loads
@@ -157,10 +158,10 @@ def open_predictor(source: str | Path, base: str | None = None) -> Predictor:
                       "give a folder written by `mmpeft run` or `mmpeft export`")
 
 
-def choose_labels(predictor: Predictor, labels: Sequence[str] | None, source: str | Path) -> LabelSet:
-    """The run's label set, or new labels written with the run's templates (zero-shot on them)."""
+def label_names(labels: str | Sequence[str] | None) -> list[str] | None:
+    """Labels given ("a,b" or a list) as names, each once and at least two; None: the run's own."""
     if labels is None:
-        return predictor.labels
+        return None
     names = [str(name).strip() for name in (labels.split(",") if isinstance(labels, str) else labels)]
     if not names or names == [""]:
         raise ValueError("labels: none given; give at least two labels, or leave labels out to score the run's own "
@@ -172,6 +173,13 @@ def choose_labels(predictor: Predictor, labels: Sequence[str] | None, source: st
     if len(names) == 1:
         raise ValueError(f"labels: only one label ({names[0]!r}); scores are probabilities over the labels given, so "
                          "one label always scores 1.0: give at least two")
+    return names
+
+
+def choose_labels(predictor: Predictor, names: list[str] | None, source: str | Path) -> LabelSet:
+    """The run's label set, or new labels written with the run's templates (zero-shot on them)."""
+    if names is None:
+        return predictor.labels
     if predictor.backbone.head is not None:
         raise ValueError(f"labels: {source} classifies with a trained head over its own {len(predictor.labels)} "
                          f"classes ({', '.join(predictor.labels.names)}), so it cannot score new labels; omit "
