@@ -164,6 +164,20 @@ def test_exports_and_merges_that_would_damage_a_run_or_do_nothing_are_refused(ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "run"]
 
 
+@pytest.mark.parametrize("arguments, fragment", [
+    ({"run_dirs": "one"}, "run_dirs: 'one' is one folder; give a list of at least 2"),  # was: read_run('o'), ...
+    ({"weights": 0.5}, "weights: 0.5 must be a list of numbers, one per run"),  # was: TypeError
+    ({"weights": ["a", "b"]}, "weights: ['a', 'b'] must be a list of numbers"),
+    ({"how": "ties", "density": "x"}, "density: 'x' must be a number in (0, 1]"),
+])
+def test_merge_api_arguments_of_the_wrong_type_are_said_clearly(arguments, fragment, finished_run, run_copy,
+                                                                tmp_path):
+    given = {"run_dirs": [finished_run, run_copy], "out": tmp_path / "merged", **arguments}
+    with pytest.raises(ExportError) as error:
+        mmpeft.merge(**given)
+    assert fragment in str(error.value) and not (tmp_path / "merged").exists()
+
+
 def test_a_staging_folder_left_by_a_killed_export_is_removed_by_the_next(tmp_path):
     out = tmp_path / "export"
     script = ("import sys, time; from mmpeft.core.io import atomic_dir\n"
