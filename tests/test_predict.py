@@ -221,6 +221,12 @@ def test_predict_source_that_does_not_exist_and_unreadable_image_messages(tmp_pa
                                                             "identify image file")
     (tmp_path / "bom.txt").write_bytes("\ufeffred\nblue\n".encode("utf-8"))  # Windows Notepad's UTF-8
     assert list(iter_labels_file(tmp_path / "bom.txt")) == ["red", "blue"]
+    from mmpeft.artifacts.predict import image_paths
+
+    shutil.copy(tmp_path / "zero.png", tmp_path / ".hidden.png")
+    (tmp_path / ".thumbnails").mkdir()  # a hidden folder's images are skipped like hidden files, as data sources do
+    shutil.copy(tmp_path / "zero.png", tmp_path / ".thumbnails" / "zero.png")
+    assert image_paths(tmp_path) == [tmp_path / "zero.png"]
 
 
 def test_a_zero_shot_run_predicts_with_its_base(color_folder, tiny_clip_dir, images, tmp_path):

@@ -109,7 +109,7 @@ def check_out(out: str | Path | None, paths: list[Path]) -> None:
 
 
 def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Files as given; folders walked (sorted, hidden files and non-image extensions skipped)."""
+    """Files as given; folders walked (sorted; hidden files and folders and non-image extensions skipped)."""
     try:
         given = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     except TypeError:
@@ -125,8 +125,8 @@ def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, given):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))  # .thumbnails/
             if not found:
                 logger.warning("%s: no image files (%s) in this folder", item, ", ".join(sorted(IMAGE_EXTENSIONS)))
             paths += found
