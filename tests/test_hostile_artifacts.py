@@ -178,6 +178,25 @@ def test_merge_api_arguments_of_the_wrong_type_are_said_clearly(arguments, fragm
     assert fragment in str(error.value) and not (tmp_path / "merged").exists()
 
 
+def test_a_damaged_export_manifest_is_one_line_not_a_traceback(finished_run, tmp_path, capsys):
+    export = tmp_path / "adapter"
+    mmpeft.export(finished_run, export, how="adapter", verify=False)
+    capsys.readouterr()  # the export's own progress
+    manifest = export / "mmpeft_export.json"
+    good = json.loads(manifest.read_text())
+    damages = {"[]": "holds a JSON list, not the export's manifest",  # were: KeyError, AttributeError tracebacks
+               "{}": "format: None is not one of peft, transformers, mmpeft",
+               json.dumps({**good, "format": "onnx"}): "format: 'onnx' is not one of",
+               json.dumps({**good, "files": []}): "files: missing or not an object",
+               json.dumps({**good, "labels": {"keys": ["a"]}}): "labels.names: missing or not a list"}
+    for text, fragment in damages.items():
+        manifest.write_text(text)
+        assert main(["predict", str(export), str(finished_run)]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_staging_folder_left_by_a_killed_export_is_removed_by_the_next(tmp_path):
     out = tmp_path / "export"
     script = ("import sys, time; from mmpeft.core.io import atomic_dir\n"

@@ -73,6 +73,7 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ExportError(f"{path} is not valid JSON ({error}); the export folder is damaged: export again") from None
+    check_manifest(path, manifest)
     missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
     missing += [name for name in FORMAT_FILES[manifest["format"]] if not (directory / name).is_file()]
     if missing:
@@ -83,6 +84,23 @@ def read_manifest(directory: str | Path) -> dict:
         raise ExportError(f"{directory}: {', '.join(changed)} changed after export (sha256 differs from "
                           f"{MANIFEST}): the file is corrupted or was edited; export again")
     return manifest
+
+
+def check_manifest(path: Path, manifest: object) -> None:
+    """The fields load_adapter and predict read, of the types they read them as; else the manifest is damaged."""
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path} holds a JSON {type(manifest).__name__}, not the export's manifest (an object); the "
+                          "export folder is damaged: export again")
+    problems = [] if manifest.get("format") in FORMAT_FILES else [
+        f"format: {manifest.get('format')!r} is not one of {', '.join(FORMAT_FILES)}"]
+    problems += [f"{key}: missing or not an object" for key in ("files", "labels", "backbone", "base", "method")
+                 if not isinstance(manifest.get(key), dict)]
+    labels = manifest.get("labels")
+    if isinstance(labels, dict):
+        problems += [f"labels.{key}: missing or not a list" for key in ("keys", "names", "prompts")
+                     if not isinstance(labels.get(key), list)]
+    if problems:
+        raise ExportError(f"{path} is damaged ({'; '.join(problems)}); export again")
 
 
 def labels_of(manifest: dict):
