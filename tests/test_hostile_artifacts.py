@@ -71,6 +71,7 @@ DAMAGES = {  # how the run folder is damaged -> what export and merge must say
     "truncated_weights_after_the_run": (lambda d: truncate(d, rehash=False), "changed after the run saved it"),
     "damaged_hash_record": (lambda d: (d / ADAPTER_DIR / HASH_FILE).write_text("{"), f"{HASH_FILE} is damaged"),
     "corrupt_metrics": (lambda d: (d / "metrics.json").write_text("{\"test\": "), "metrics.json is not valid JSON"),
+    "metrics_not_an_object": (lambda d: (d / "metrics.json").write_text("[]"), "metrics.json holds a JSON list"),
 }
 
 
@@ -195,6 +196,14 @@ def test_a_damaged_export_manifest_is_one_line_not_a_traceback(finished_run, tmp
         err = capsys.readouterr().err
         assert fragment in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_metrics_without_test_scores_are_refused_by_export_not_a_key_error(run_copy, tmp_path, capsys):
+    (run_copy / "metrics.json").write_text("{}")
+    assert main(["export", str(run_copy), "--out", str(tmp_path / "e"), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json has no test accuracy and macro_f1" in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_staging_folder_left_by_a_killed_export_is_removed_by_the_next(tmp_path):

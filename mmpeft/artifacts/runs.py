@@ -72,6 +72,9 @@ def read_run(path: str | Path, untrained: bool = False) -> RunFolder:
         metrics = json.loads((path / METRICS_FILE).read_text())
     except json.JSONDecodeError as error:
         raise ExportError(f"{path / METRICS_FILE} is not valid JSON ({error}); the run folder is damaged") from None
+    if not isinstance(metrics, dict):
+        raise ExportError(f"{path / METRICS_FILE} holds a JSON {type(metrics).__name__}, not the run's metrics (an "
+                          "object); the run folder is damaged")
     method = METHODS.get(recipe.method.name)()
     if not method.trains and untrained:
         return RunFolder(path, recipe, metrics, path / ADAPTER_DIR, method)

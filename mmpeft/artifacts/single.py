@@ -224,5 +224,9 @@ def generative_task(recipe) -> dict:
 
 def run_scores(run: RunFolder) -> dict:
     metrics = run.metrics
+    test = metrics.get("test")
+    if not isinstance(test, dict) or not all(isinstance(test.get(k), (int, float)) for k in ("accuracy", "macro_f1")):
+        raise ExportError(f"{run.path / 'metrics.json'} has no test accuracy and macro_f1 (the model card and merge "
+                          "table report them); the run folder is damaged or did not finish its evaluation")
     return {"run": run.name, "zero_shot": (metrics.get("zero_shot") or {}).get("accuracy"),
             "test": metrics["test"]["accuracy"], "test_macro_f1": metrics["test"]["macro_f1"]}
