@@ -71,11 +71,12 @@ def merge(run_dirs, weights=None, how="linear", density=None, out="merged-adapte
     return _merge(run_dirs, weights, how=how, density=density, out=out, seed=seed)
 
 
-def predict(source, images, labels=None, top_k=5, question=None, out=None, batch_size=16) -> list[dict]:
+def predict(source, images, labels=None, top_k=5, question=None, out=None, batch_size=16, base=None) -> list[dict]:
     """Label scores or answers for image files/folders from a run folder or an export. See mmpeft.artifacts.predict."""
     from mmpeft.artifacts.predict import predict as _predict
 
-    return _predict(source, images, labels=labels, top_k=top_k, question=question, out=out, batch_size=batch_size)
+    return _predict(source, images, labels=labels, top_k=top_k, question=question, out=out, batch_size=batch_size,
+                    base=base)
 
 
 __all__ = ["__version__", "compare", "continual", "export", "fewshot", "load_recipe", "merge", "plan", "predict", "run",

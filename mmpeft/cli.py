@@ -65,6 +65,7 @@ def add_predict_command(commands) -> None:
     predict.add_argument("--question", help="generative: the question asked (default: the run's)")
     predict.add_argument("--out", metavar="FILE", help="write every result as JSON lines (e.g. predictions.jsonl)")
     predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--base", metavar="HUB_ID_OR_FOLDER", help="an export's base model, if it moved since export")
 
 
 def add_export_commands(commands) -> None:
@@ -207,10 +208,11 @@ def dispatch(args: argparse.Namespace) -> int:
     elif args.command == "predict":
         from mmpeft.artifacts.predict import iter_labels_file, table
 
-        labels = list(iter_labels_file(args.labels_file)) if args.labels_file else None
-        labels = [name for name in args.labels.split(",") if name.strip()] if args.labels else labels
+        labels = list(iter_labels_file(args.labels_file)) if args.labels_file is not None else None
+        if args.labels is not None:  # `a,b,` is a,b; nothing at all is refused by predict
+            labels = [name for name in args.labels.split(",") if name.strip()]
         rows = mmpeft.predict(args.source, args.images, labels=labels, top_k=args.top_k, question=args.question,
-                              out=args.out, batch_size=args.batch_size)
+                              out=args.out, batch_size=args.batch_size, base=args.base)
         print(table(rows), end="")
         if args.out:
             print(f"predictions: {args.out}")

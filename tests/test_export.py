@@ -286,7 +286,11 @@ def test_damaged_or_mismatched_folders_are_refused(trained, tiny_siglip_dir, tmp
         mmpeft.export(run_dir, tmp_path / "good")
 
 
-def test_failed_verification_writes_nothing(trained, tmp_path):
+def test_failed_verification_writes_nothing(trained, tmp_path, monkeypatch):
+    import mmpeft.artifacts.single as single
+
+    real = single.differences  # an export whose outputs went wrong (a negative tolerance is refused up front now)
+    monkeypatch.setattr(single, "differences", lambda *outputs: {**real(*outputs), "relative": 1.0})
     with pytest.raises(ExportError, match=r"verification failed .*nothing was written"):
-        mmpeft.export(trained("clip"), tmp_path / "merged", how="merged", tolerance=-1.0)
+        mmpeft.export(trained("clip"), tmp_path / "merged", how="merged")
     assert not (tmp_path / "merged").exists() and no_staging_left(tmp_path)

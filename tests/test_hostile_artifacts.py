@@ -71,6 +71,7 @@ DAMAGES = {  # how the run folder is damaged -> what export and merge must say
     "truncated_weights_after_the_run": (lambda d: truncate(d, rehash=False), "changed after the run saved it"),
     "damaged_hash_record": (lambda d: (d / ADAPTER_DIR / HASH_FILE).write_text("{"), f"{HASH_FILE} is damaged"),
     "corrupt_metrics": (lambda d: (d / "metrics.json").write_text("{\"test\": "), "metrics.json is not valid JSON"),
+    "metrics_not_an_object": (lambda d: (d / "metrics.json").write_text("[]"), "metrics.json holds a JSON list"),
 }
 
 
@@ -124,6 +125,85 @@ def test_merge_refuses_non_finite_weights(finished_run, tmp_path, capsys, weight
     assert main(["merge", str(finished_run), str(finished_run), "--weights", *weights, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "weights:" in err and "must all be finite" in err and not out.exists()
+
+
+# (command after `mmpeft`, with {run}: a finished run, {copy}: a copy of it) -> a fragment of the one-line error
+REFUSED_COMMANDS = {
+    "export_into_the_runs_saved_state": (["export", "{run}", "--out", "{run}/adapter/exported"],
+                                         "is inside {run}/adapter, the run's saved state"),
+    "export_onto_the_saved_state_itself": (["export", "{run}", "--out", "{run}/adapter", "--adapter-only"],
+                                           "is inside {run}/adapter"),
+    "merge_into_a_runs_saved_state": (["merge", "{run}", "{copy}", "--out", "{copy}/adapter/merged"],
+                                      "is inside {copy}/adapter"),
+    "merge_of_one_run_twice": (["merge", "{run}", "{run}/../run", "--out", "{tmp}/merged"],
+                               "run {run}/../run is given twice (also as {run})"),
+    "merge_weights_all_zero": (["merge", "{run}", "{copy}", "--weights", "0", "0", "--out", "{tmp}/merged"],
+                               "weights: [0.0, 0.0] are all zero"),
+    "export_inside_a_file": (["export", "{run}", "--out", "{run}/metrics.json/exported"],
+                             "out: {run}/metrics.json is a file, so the folder"),
+    "merge_inside_a_file": (["merge", "{run}", "{copy}", "--out", "{run}/metrics.json/merged"],
+                            "out: {run}/metrics.json is a file, so the folder"),
+    # the whole export ran, then failed as "the export is wrong"
+    "export_negative_tolerance": (["export", "{run}", "--out", "{tmp}/e", "--tolerance", "-1"],
+                                  "tolerance: -1.0 must be a finite number >= 0"),
+    "export_nan_tolerance": (["export", "{run}", "--out", "{tmp}/e", "--tolerance", "nan"],
+                             "tolerance: nan must be a finite number >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_COMMANDS))
+def test_exports_and_merges_that_would_damage_a_run_or_do_nothing_are_refused(case, run_copy, tmp_path, capsys):
+    arguments, fragment = REFUSED_COMMANDS[case]
+    other = tmp_path / "copy"
+    shutil.copytree(run_copy, other)
+    fill = {"run": str(run_copy), "copy": str(other), "tmp": str(tmp_path)}
+    before = {folder: folder_hashes(folder) for folder in (run_copy, other)}
+    assert main([a.format(**fill) for a in arguments]) == 2
+    err = capsys.readouterr().err
+    assert fragment.format(**fill) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert {folder: folder_hashes(folder) for folder in (run_copy, other)} == before  # the runs are untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "run"]
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    ({"run_dirs": "one"}, "run_dirs: 'one' is one folder; give a list of at least 2"),  # was: read_run('o'), ...
+    ({"weights": 0.5}, "weights: 0.5 must be a list of numbers, one per run"),  # was: TypeError
+    ({"weights": ["a", "b"]}, "weights: ['a', 'b'] must be a list of numbers"),
+    ({"how": "ties", "density": "x"}, "density: 'x' must be a number in (0, 1]"),
+])
+def test_merge_api_arguments_of_the_wrong_type_are_said_clearly(arguments, fragment, finished_run, run_copy,
+                                                                tmp_path):
+    given = {"run_dirs": [finished_run, run_copy], "out": tmp_path / "merged", **arguments}
+    with pytest.raises(ExportError) as error:
+        mmpeft.merge(**given)
+    assert fragment in str(error.value) and not (tmp_path / "merged").exists()
+
+
+def test_a_damaged_export_manifest_is_one_line_not_a_traceback(finished_run, tmp_path, capsys):
+    export = tmp_path / "adapter"
+    mmpeft.export(finished_run, export, how="adapter", verify=False)
+    capsys.readouterr()  # the export's own progress
+    manifest = export / "mmpeft_export.json"
+    good = json.loads(manifest.read_text())
+    damages = {"[]": "holds a JSON list, not the export's manifest",  # were: KeyError, AttributeError tracebacks
+               "{}": "format: None is not one of peft, transformers, mmpeft",
+               json.dumps({**good, "format": "onnx"}): "format: 'onnx' is not one of",
+               json.dumps({**good, "files": []}): "files: missing or not an object",
+               json.dumps({**good, "labels": {"keys": ["a"]}}): "labels.names: missing or not a list"}
+    for text, fragment in damages.items():
+        manifest.write_text(text)
+        assert main(["predict", str(export), str(finished_run)]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_metrics_without_test_scores_are_refused_by_export_not_a_key_error(run_copy, tmp_path, capsys):
+    (run_copy / "metrics.json").write_text("{}")
+    assert main(["export", str(run_copy), "--out", str(tmp_path / "e"), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json has no test accuracy and macro_f1" in err and "Traceback" not in err
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_staging_folder_left_by_a_killed_export_is_removed_by_the_next(tmp_path):

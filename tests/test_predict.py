@@ -155,3 +155,105 @@ def test_merged_llava_export_in_the_image_text_to_text_pipeline(exported, images
                                                  {"type": "text", "text": TASK["question"]}]}]
         answer = chat(text=messages, max_new_tokens=16, generate_kwargs={"do_sample": False}, return_full_text=False)
         assert answer[0]["generated_text"].strip() == row["answer"]
+
+
+# hostile `mmpeft predict` arguments -> a fragment of the one-line error ({tmp}: a scratch folder, {image}: an image)
+REFUSED = {
+    "labels_empty": (["--labels", ""], "labels: none given"),
+    "labels_only_commas": (["--labels", " , "], "labels: none given"),
+    "one_label_always_scores_1": (["--labels", "cat"], "only one label ('cat')"),
+    "labels_file_missing": (["--labels-file", "{tmp}/missing.txt"], "labels file {tmp}/missing.txt does not exist"),
+    "labels_file_is_a_folder": (["--labels-file", "{tmp}"], "labels file {tmp} is a folder"),
+    "labels_file_empty": (["--labels-file", "{tmp}/empty.txt"], "empty.txt holds no labels"),
+    "labels_file_only_comments": (["--labels-file", "{tmp}/comments.txt"], "comments.txt holds no labels"),
+    "labels_file_latin1": (["--labels-file", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 (byte 0xe9 at offset 3)"),
+    "out_is_a_folder": (["--out", "{tmp}"], "out: {tmp} is a folder"),
+    "out_is_the_image": (["--out", "{image}"], "is one of the images to predict"),
+    "out_inside_a_file": (["--out", "{image}/p.jsonl"], "out: {image} is a file, so"),
+    "empty_question": (["--question", ""], "question: empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_hostile_predict_arguments_get_one_line_and_touch_no_file(case, exported, images, tmp_path, capsys):
+    arguments, fragment = REFUSED[case]
+    image = tmp_path / "one.png"
+    shutil.copy(images / "red" / sorted(p.name for p in (images / "red").iterdir())[0], image)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "comments.txt").write_text("# nothing\n\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\nth\xe9\n".encode("latin-1"))
+    before = sorted(p.name for p in tmp_path.iterdir()), image.read_bytes()
+    fill = {"tmp": str(tmp_path), "image": str(image)}
+    code = main(["predict", str(exported("clip")["run"]), str(image), *[a.format(**fill) for a in arguments]])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment.format(**fill) in err and "Traceback" not in err
+    assert (sorted(p.name for p in tmp_path.iterdir()), image.read_bytes()) == before
+
+
+@pytest.mark.parametrize("arguments, error, fragment", [
+    ({"images": []}, ValueError, "images: give at least one"),
+    ({"images": ""}, ValueError, "images: an empty path"),
+    ({"images": 5}, TypeError, "images: int is not a path or a list of paths"),
+    ({"images": ["a.png", None]}, TypeError, "images: None is not a path"),
+    ({"top_k": "2"}, TypeError, "top_k: '2' is not a whole number"),
+    ({"top_k": 2.5}, TypeError, "top_k: 2.5 is not a whole number"),
+    ({"top_k": 0}, ValueError, "top_k: 0 must be >= 1"),
+    ({"batch_size": None}, TypeError, "batch_size: None is not a whole number"),
+    ({"labels": []}, ValueError, "labels: none given"),
+    ({"labels": ["a", "", "b"]}, ValueError, "labels: an empty label in ['a', '', 'b']"),
+])
+def test_predict_api_refuses_bad_arguments_clearly(arguments, error, fragment, exported, images):
+    given = {"images": images / "red", **arguments}
+    with pytest.raises(error) as raised:
+        mmpeft.predict(exported("clip")["run"], **given)
+    assert fragment in str(raised.value)
+
+
+def test_predict_source_that_does_not_exist_and_unreadable_image_messages(tmp_path):
+    from mmpeft.artifacts.predict import iter_labels_file, read_image
+
+    with pytest.raises(ValueError, match=r"missing-run does not exist; give a run folder"):
+        mmpeft.predict(tmp_path / "missing-run", tmp_path)
+    with pytest.raises(ValueError, match=r"only one label \('cat'\)"):  # checked before any model loads
+        mmpeft.predict(tmp_path / "missing-run", tmp_path, labels=["cat"])
+    (tmp_path / "zero.png").write_bytes(b"")
+    assert read_image(tmp_path / "zero.png")[1].startswith("cannot read image: UnidentifiedImageError: cannot "
+                                                            "identify image file")
+    (tmp_path / "bom.txt").write_bytes("\ufeffred\nblue\n".encode("utf-8"))  # Windows Notepad's UTF-8
+    assert list(iter_labels_file(tmp_path / "bom.txt")) == ["red", "blue"]
+    from mmpeft.artifacts.predict import image_paths
+
+    shutil.copy(tmp_path / "zero.png", tmp_path / ".hidden.png")
+    (tmp_path / ".thumbnails").mkdir()  # a hidden folder's images are skipped like hidden files, as data sources do
+    shutil.copy(tmp_path / "zero.png", tmp_path / ".thumbnails" / "zero.png")
+    assert image_paths(tmp_path) == [tmp_path / "zero.png"]
+
+
+def test_a_zero_shot_run_predicts_with_its_base(color_folder, tiny_clip_dir, images, tmp_path):
+    # the web workbench lists every finished run as a source; a zero-shot one used to be refused "nothing to export"
+    mmpeft.run({"name": "zs", "seed": 0, "backbone": {"id": str(tiny_clip_dir)},
+                "data": {"source": "folder", "path": str(color_folder), "templates": ["a photo of a {label} image."],
+                         "split": {"val": 0.0, "test": 0.25}},
+                "method": {"name": "zero_shot"}, "eval": {"batch_size": 32},
+                "output": {"dir": str(tmp_path), "name": "zs"}})
+    rows = mmpeft.predict(tmp_path / "zs", images / "red", top_k=3)
+    assert len(rows) == 3 and all({e["label"] for e in row["labels"]} == {"red", "green", "blue"} for row in rows)
+    with pytest.raises(ValueError, match="nothing was trained, so there is nothing to export"):
+        mmpeft.export(tmp_path / "zs", tmp_path / "out")
+
+
+def test_an_export_whose_base_moved_predicts_with_base(exported, images, tiny_clip_dir, tmp_path, capsys):
+    folders = exported("clip")
+    moved = tmp_path / "moved"
+    shutil.copytree(folders["adapter"], moved)
+    manifest = json.loads((moved / "mmpeft_export.json").read_text())
+    for part in ("base", "backbone"):
+        manifest[part]["id"] = str(tmp_path / "base-that-moved")
+    (moved / "mmpeft_export.json").write_text(json.dumps(manifest))
+    assert main(["predict", str(moved), str(images / "red")]) == 2
+    assert "is not on this machine" in capsys.readouterr().err  # it names --base, which predict had not
+    rows = mmpeft.predict(moved, images / "red", base=str(tiny_clip_dir))
+    assert main(["predict", str(moved), str(images / "red"), "--base", str(tiny_clip_dir)]) == 0
+    assert top1(rows) == top1(mmpeft.predict(folders["adapter"], images / "red")) and len(rows) == 3
+    assert main(["predict", str(folders["run"]), str(images / "red"), "--base", str(tiny_clip_dir)]) == 2
+    assert "--base is for export folders" in capsys.readouterr().err

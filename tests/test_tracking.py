@@ -40,6 +40,36 @@ def test_a_tracker_that_is_not_installed_is_a_recipe_error_saying_how_to_install
     assert "train.log_with: wandb is not installed; `pip install 'mmpeft[wandb]'`" in str(error.value)
 
 
+@pytest.mark.parametrize("uri, fragment", [
+    ("{file}", "{file} is a file, but MLflow's local store is a folder"),
+    ("{file}/mlruns", "{file} is a file, but MLflow's local store is a folder"),
+    ("file://{file}", "{file} is a file"),
+    ("", "train.tracking_uri: empty"),  # was: the current folder silently became the store
+])
+def test_an_mlflow_store_that_cannot_be_a_folder_is_a_recipe_error(uri, fragment, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    fill = {"file": str(tmp_path / "notes.txt")}
+    with pytest.raises(RecipeError) as error:
+        mmpeft.load_recipe({"method": "lora", "train": {"log_with": "mlflow", "tracking_uri": uri.format(**fill)}})
+    assert fragment.format(**fill) in str(error.value)
+    for fine in ("./mlruns", str(tmp_path / "new" / "mlruns"), "sqlite:///mlflow.db", "http://localhost:5000"):
+        mmpeft.load_recipe({"method": "lora", "train": {"log_with": "mlflow", "tracking_uri": fine}})
+
+
+def test_a_tracker_that_does_not_start_names_the_fix_for_that_tracker_only(tmp_path):
+    from mmpeft.specs import TrainSpec
+    from mmpeft.train.tracking import TrackingError, start_tracking
+
+    class NoLogin:  # what accelerate passes on from wandb.init without an API key and without WANDB_MODE=offline
+        def init_trackers(self, *args, **kwargs):
+            raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    with pytest.raises(TrackingError) as error:
+        start_tracking(NoLogin(), TrainSpec(log_with=("wandb",)), tmp_path, {})
+    assert str(error.value) == ("train.log_with: wandb did not start: RuntimeError: No API key configured. Use `wandb "
+                                "login` to log in. W&B without an account or network: set WANDB_MODE=offline")
+
+
 @pytest.mark.skipif(not HAS_TRACKERS, reason="needs mlflow and wandb (pip install 'mmpeft[mlflow,wandb]')")
 def test_mlflow_and_wandb_offline_hold_the_recipe_metrics_and_artifacts(color_recipe, tmp_path, monkeypatch):
     import mlflow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -12,7 +13,7 @@ import torch
 
 from mmpeft.artifacts.card import model_card
 from mmpeft.artifacts.loading import CARD, load_adapter, write_manifest
-from mmpeft.artifacts.runs import ExportError, RunFolder, read_run, run_data
+from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_folder, read_run, run_data
 from mmpeft.artifacts.single import base_info, manifest_for, run_scores
 from mmpeft.core.io import atomic_dir, write_json, write_text
 from mmpeft.core.schema import to_plain
@@ -33,11 +34,14 @@ def merge(run_dirs: list[str | Path], weights: list[float] | None = None, how: M
     drops entries at random. The result is a peft adapter (`PeftModel.from_pretrained(base, out)`), evaluated with
     each source run's label set on its test split; `out/merge_results.{md,json}` hold the table.
     """
+    if isinstance(run_dirs, (str, os.PathLike)):
+        raise ExportError(f"run_dirs: {str(run_dirs)!r} is one folder; give a list of at least 2 run folders")
     runs = [read_run(path) for path in run_dirs]
     weights = check_arguments(runs, weights, how, density)
     if how != "linear" and density is None:
         density = DEFAULT_DENSITY
     check_compatible(runs)
+    check_out_folder(out, runs)
     out = Path(out)
     first = runs[0]
     with atomic_dir(out) as stage:
@@ -72,13 +76,27 @@ def check_arguments(runs: list[RunFolder], weights: list[float] | None, how: str
         raise ExportError(f"how: {how!r} is not one of {', '.join(MERGE_HOWS)}")
     if weights is None:
         weights = [1.0 / len(runs)] * len(runs)
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ExportError(f"weights: {weights!r} must be a list of numbers, one per run") from None
     if not all(math.isfinite(w) for w in weights):
         raise ExportError(f"weights: {weights} must all be finite numbers (a NaN or infinite weight makes every "
                           "merged entry NaN)")
     if len(weights) != len(runs):
         raise ExportError(f"weights: {len(weights)} given for {len(runs)} runs; give one weight per run")
+    if not any(weights):
+        raise ExportError(f"weights: {weights} are all zero, so the merged adapter would change nothing (it would be "
+                          "the base model); give at least one weight that is not 0")
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        twice = seen.setdefault(run.path.resolve(), run.path)
+        if twice is not run.path:
+            raise ExportError(f"run {run.path} is given twice (also as {twice}); merge different runs, and weight "
+                              "one run more with --weights")
     if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)):
+            raise ExportError(f"density: {density!r} must be a number in (0, 1] (the fraction of entries kept)")
         if how == "linear":
             raise ExportError("density applies to ties, dare_linear and dare_ties only, not to how: linear")
         if not 0 < density <= 1:

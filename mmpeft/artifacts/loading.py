@@ -73,6 +73,7 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ExportError(f"{path} is not valid JSON ({error}); the export folder is damaged: export again") from None
+    check_manifest(path, manifest)
     missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
     missing += [name for name in FORMAT_FILES[manifest["format"]] if not (directory / name).is_file()]
     if missing:
@@ -83,6 +84,23 @@ def read_manifest(directory: str | Path) -> dict:
         raise ExportError(f"{directory}: {', '.join(changed)} changed after export (sha256 differs from "
                           f"{MANIFEST}): the file is corrupted or was edited; export again")
     return manifest
+
+
+def check_manifest(path: Path, manifest: object) -> None:
+    """The fields load_adapter and predict read, of the types they read them as; else the manifest is damaged."""
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path} holds a JSON {type(manifest).__name__}, not the export's manifest (an object); the "
+                          "export folder is damaged: export again")
+    problems = [] if manifest.get("format") in FORMAT_FILES else [
+        f"format: {manifest.get('format')!r} is not one of {', '.join(FORMAT_FILES)}"]
+    problems += [f"{key}: missing or not an object" for key in ("files", "labels", "backbone", "base", "method")
+                 if not isinstance(manifest.get(key), dict)]
+    labels = manifest.get("labels")
+    if isinstance(labels, dict):
+        problems += [f"labels.{key}: missing or not a list" for key in ("keys", "names", "prompts")
+                     if not isinstance(labels.get(key), list)]
+    if problems:
+        raise ExportError(f"{path} is damaged ({'; '.join(problems)}); export again")
 
 
 def labels_of(manifest: dict):
@@ -156,7 +174,8 @@ def _with_base(spec, manifest: dict, base: str | None, directory: Path):
         looks_local = base.startswith((".", "/", "~"))
         if looks_local and not Path(base).expanduser().is_dir():
             raise ExportError(f"the base recorded in {directory / MANIFEST}, {base!r}, is not on this machine; "
-                              "pass load_adapter(directory, base=HUB_ID_OR_FOLDER) with the same model")
+                              "pass load_adapter(directory, base=HUB_ID_OR_FOLDER) (mmpeft predict: --base) with the "
+                              "same model")
     elif base != manifest["base"]["id"]:
         logger.info("loading %s onto base %s (trained on %s)", directory, base, manifest["base"]["id"])
     if manifest["backbone"].get("init") == "scratch":

@@ -43,18 +43,26 @@ class Predictor:
 
 def predict(source: str | Path, images: str | Path | Sequence[str | Path], labels: Sequence[str] | None = None,
             top_k: int = 5, question: str | None = None, out: str | Path | None = None,
-            batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
+            batch_size: int = DEFAULT_BATCH_SIZE, base: str | None = None) -> list[dict]:
     """Rows `{"path", "labels": [{"label", "score"}, ...]}` (top_k, scores are probabilities over the labels),
     `{"path", "answer"}` (generative, no labels) or `{"path", "error"}` (an unreadable image), in input order;
-    with `out`, also written as JSON lines (complete or absent). Folders are walked recursively."""
-    if top_k < 1:
-        raise ValueError(f"top_k: {top_k} must be >= 1")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size} must be >= 1")
+    with `out`, also written as JSON lines (complete or absent). Folders are walked recursively. `base`: an export's
+    base model (hub id or folder) when the one recorded in it moved, as in `load_adapter`."""
+    check_count("top_k", top_k)
+    check_count("batch_size", batch_size)
+    if question is not None and not str(question).strip():
+        raise ValueError("question: empty; give the question to ask, or leave it out for the run's own")
+    labels = label_names(labels)  # checked before any model loads
     paths = image_paths(images)
-    predictor = open_predictor(source)
+    check_out(out, paths)
+    with rows_writer(out) as write:  # opened first: a destination that cannot be written fails before any model loads
+        return predict_into(write, open_predictor(source, base), source, paths, labels, top_k, question, batch_size)
+
+
+def predict_into(write: Callable[[dict], None], predictor: Predictor, source: str | Path, paths: list[Path],
+                 labels: Sequence[str] | None, top_k: int, question: str | None, batch_size: int) -> list[dict]:
     backbone = predictor.backbone
-    answering = backbone.family == "generative" and not labels
+    answering = backbone.family == "generative" and labels is None
     if question is not None:
         if backbone.family != "generative":
             raise ValueError(f"question: {source} is a {backbone.family} model, which scores labels and answers no "
@@ -66,29 +74,59 @@ def predict(source: str | Path, images: str | Path | Sequence[str | Path], label
         with torch.no_grad():
             targets = backbone.class_text_features(label_set)
     rows: list[dict] = []
-    with rows_writer(out) as write:
-        bar = tqdm(total=len(paths), desc="predict", unit="image", disable=None if len(paths) > batch_size else True)
-        for start in range(0, len(paths), batch_size):
-            batch = paths[start:start + batch_size]
-            found = predict_batch(backbone, batch, label_set, targets, top_k, answering)
-            for row in found:
-                write(row)
-            rows += found
-            bar.update(len(batch))
-        bar.close()
+    bar = tqdm(total=len(paths), desc="predict", unit="image", disable=None if len(paths) > batch_size else True)
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start:start + batch_size]
+        found = predict_batch(backbone, batch, label_set, targets, top_k, answering)
+        for row in found:
+            write(row)
+        rows += found
+        bar.update(len(batch))
+    bar.close()
     return rows
 
 
+def check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: {value!r} is not a whole number; give an int >= 1")
+    if value < 1:
+        raise ValueError(f"{name}: {value} must be >= 1")
+
+
+def check_out(out: str | Path | None, paths: list[Path]) -> None:
+    """`out` must be a file path that is not one of the images (it would be replaced by the JSON lines)."""
+    if out is None:
+        return
+    target = Path(out)
+    if target.is_dir():
+        raise ValueError(f"out: {out} is a folder; give a file path, e.g. {target / 'predictions.jsonl'}")
+    above = next(folder for folder in target.absolute().parents if folder.exists())
+    if not above.is_dir():
+        raise ValueError(f"out: {above} is a file, so {out} cannot be written inside it; give another path")
+    if target.exists() and any(target.samefile(path) for path in paths if path.exists()):
+        raise ValueError(f"out: {out} is one of the images to predict, which the predictions would replace; "
+                         "give another file, e.g. predictions.jsonl")
+
+
 def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Files as given; folders walked (sorted, hidden files and non-image extensions skipped)."""
-    given = [images] if isinstance(images, (str, Path)) else list(images)
+    """Files as given; folders walked (sorted; hidden files and folders and non-image extensions skipped)."""
+    try:
+        given = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    except TypeError:
+        raise TypeError(f"images: {type(images).__name__} is not a path or a list of paths; give image files or "
+                        "folders (str or Path)") from None
     if not given:
         raise ValueError("images: give at least one image file or folder")
+    for item in given:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"images: {item!r} is not a path; give image files or folders (str or Path)")
+        if not str(item).strip():
+            raise ValueError("images: an empty path; give image files or folders")
     paths: list[Path] = []
     for item in map(Path, given):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))  # .thumbnails/
             if not found:
                 logger.warning("%s: no image files (%s) in this folder", item, ", ".join(sorted(IMAGE_EXTENSIONS)))
             paths += found
@@ -99,30 +137,49 @@ def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def open_predictor(source: str | Path) -> Predictor:
+def open_predictor(source: str | Path, base: str | None = None) -> Predictor:
     """A run folder (rebuilt: base + its trained state) or an export folder (loaded as `load_adapter` does)."""
     source = Path(source)
     if (source / MANIFEST).is_file():
         manifest = read_manifest(source)
         templates = manifest.get("templates") or ["a photo of a {label}."]
-        return Predictor(load_adapter(source), labels_of(manifest), list(templates))
+        return Predictor(load_adapter(source, base=base), labels_of(manifest), list(templates))
     if (source / RECIPE_FILE).is_file():
-        run = read_run(source)
+        if base is not None:
+            raise ExportError(f"base: {source} is a run folder, which loads the base its recipe names "
+                              "(backbone.id); --base is for export folders")
+        run = read_run(source, untrained=True)  # a zero-shot run predicts with its base
         labels = run_data(run).labels
         return Predictor(rebuild(run, labels), labels, list(run.recipe.data.templates))
+    if not source.exists():
+        raise ExportError(f"{source} does not exist; give a run folder (written by `mmpeft run`) or an export folder "
+                          "(written by `mmpeft export`)")
     raise ExportError(f"{source} is neither a run folder (no {RECIPE_FILE}) nor an export folder (no {MANIFEST}); "
                       "give a folder written by `mmpeft run` or `mmpeft export`")
 
 
-def choose_labels(predictor: Predictor, labels: Sequence[str] | None, source: str | Path) -> LabelSet:
-    """The run's label set, or new labels written with the run's templates (zero-shot on them)."""
-    if not labels:
-        return predictor.labels
+def label_names(labels: str | Sequence[str] | None) -> list[str] | None:
+    """Labels given ("a,b" or a list) as names, each once and at least two; None: the run's own."""
+    if labels is None:
+        return None
     names = [str(name).strip() for name in (labels.split(",") if isinstance(labels, str) else labels)]
+    if not names or names == [""]:
+        raise ValueError("labels: none given; give at least two labels, or leave labels out to score the run's own "
+                         "classes")
     if any(not name for name in names):
-        raise ValueError(f"labels: an empty label in {list(labels)!r}")
+        raise ValueError(f"labels: an empty label in {names!r}")
     if len(set(names)) != len(names):
         raise ValueError(f"labels: duplicates in {names!r}; give each label once")
+    if len(names) == 1:
+        raise ValueError(f"labels: only one label ({names[0]!r}); scores are probabilities over the labels given, so "
+                         "one label always scores 1.0: give at least two")
+    return names
+
+
+def choose_labels(predictor: Predictor, names: list[str] | None, source: str | Path) -> LabelSet:
+    """The run's label set, or new labels written with the run's templates (zero-shot on them)."""
+    if names is None:
+        return predictor.labels
     if predictor.backbone.head is not None:
         raise ValueError(f"labels: {source} classifies with a trained head over its own {len(predictor.labels)} "
                          f"classes ({', '.join(predictor.labels.names)}), so it cannot score new labels; omit "
@@ -132,9 +189,11 @@ def choose_labels(predictor: Predictor, labels: Sequence[str] | None, source: st
 
 def read_image(path: Path):
     try:
-        return load_image(path), None
+        return load_image(str(path)), None
     except Exception as error:  # any unreadable file: PIL raises OSError, ValueError, DecompressionBombError, ...
-        return None, f"cannot read image: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        cause = error.__cause__ or error  # load_image's DataError wraps PIL's own
+        text = str(cause).splitlines()[0] if str(cause) else ""
+        return None, f"cannot read image: {type(cause).__name__}: {text}"
 
 
 @torch.no_grad()
@@ -187,11 +246,23 @@ def rows_writer(out: str | Path | None) -> Iterator[Callable[[dict], None]]:
 
 
 def iter_labels_file(path: str | Path) -> Iterator[str]:
-    """One label a line; blank lines and `#` comments skipped."""
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            yield line
+    """One label a line (UTF-8, a byte-order mark allowed); blank lines and `#` comments skipped; refuses a missing,
+    unreadable or label-less file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"labels file {path} " + ("is a folder" if path.is_dir() else "does not exist")
+                         + "; give a text file with one label a line")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"labels file {path} is not UTF-8 (byte {error.object[error.start]:#04x} at offset "
+                         f"{error.start}); save it as UTF-8") from None
+    labels = [line.strip() for line in text.splitlines()]
+    labels = [line for line in labels if line and not line.startswith("#")]
+    if not labels:
+        raise ValueError(f"labels file {path} holds no labels (one label a line; blank lines and # comments are "
+                         "skipped)")
+    yield from labels
 
 
 def table(rows: list[dict], limit: int = TABLE_ROWS) -> str:

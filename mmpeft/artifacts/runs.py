@@ -53,8 +53,9 @@ class RunFolder:
         return self.path.resolve().name
 
 
-def read_run(path: str | Path) -> RunFolder:
-    """Check a run folder (recipe.yaml, metrics.json, the method's files) and read it; raise ExportError if not."""
+def read_run(path: str | Path, untrained: bool = False) -> RunFolder:
+    """Check a run folder (recipe.yaml, metrics.json, the method's files) and read it; raise ExportError if not.
+    `untrained`: a zero-shot run (nothing saved: its model is the base) is read too, for predicting with it."""
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"run folder {path} does not exist (expected a folder written by `mmpeft run`)")
@@ -71,7 +72,12 @@ def read_run(path: str | Path) -> RunFolder:
         metrics = json.loads((path / METRICS_FILE).read_text())
     except json.JSONDecodeError as error:
         raise ExportError(f"{path / METRICS_FILE} is not valid JSON ({error}); the run folder is damaged") from None
+    if not isinstance(metrics, dict):
+        raise ExportError(f"{path / METRICS_FILE} holds a JSON {type(metrics).__name__}, not the run's metrics (an "
+                          "object); the run folder is damaged")
     method = METHODS.get(recipe.method.name)()
+    if not method.trains and untrained:
+        return RunFolder(path, recipe, metrics, path / ADAPTER_DIR, method)
     if not method.trains:
         raise ExportError(f"run {path} used method {method.name!r}: nothing was trained, so there is nothing to export;"
                           f" the base model {recipe.backbone.id!r} is the model")
@@ -84,6 +90,20 @@ def read_run(path: str | Path) -> RunFolder:
     check_hashes(adapter)
     check_finite(adapter)
     return RunFolder(path, recipe, metrics, adapter, method)
+
+
+def check_out_folder(out: str | Path, runs: list[RunFolder]) -> None:
+    """Refuse an export or merge folder that cannot be created (a file above it), or that lies inside a run's saved
+    state: it would be copied into every later export of that run (and its staging folder into itself)."""
+    where = Path(out).resolve()
+    above = next(folder for folder in where.parents if folder.exists())
+    if not above.is_dir():
+        raise ExportError(f"out: {above} is a file, so the folder {out} cannot be created inside it; give another path")
+    for run in runs:
+        adapter = run.adapter.resolve()
+        if where == adapter or adapter in where.parents:
+            raise ExportError(f"out: {out} is inside {run.adapter}, the run's saved state, which export copies as it "
+                              f"is; write it elsewhere, e.g. {run.path / 'exported'} or a folder outside the run")
 
 
 def check_hashes(adapter: Path) -> None:
@@ -156,7 +176,7 @@ def rebuild(run: RunFolder, labels: LabelSet, dtype: str | None = None, dequanti
     recipe = run.recipe.replace(backbone=dataclasses.replace(run.recipe.backbone, **changes))
     backbone = load_base(recipe)
     try:
-        apply_method(backbone, recipe, labels, state=run.adapter)
+        apply_method(backbone, recipe, labels, state=run.adapter if run.method.trains else None)
     except (ValueError, RuntimeError, OSError) as error:
         raise ExportError(f"{run.adapter}: the saved state does not fit the base {recipe.backbone.id!r} with method "
                           f"{run.method.name!r}: {str(error).splitlines()[0]}") from None

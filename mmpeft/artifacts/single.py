@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Literal
 
 from mmpeft.artifacts.card import model_card
 from mmpeft.artifacts.loading import CARD, architecture, load_adapter, write_manifest
-from mmpeft.artifacts.runs import ExportError, RunFolder, read_run, rebuild, run_data
+from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_folder, read_run, rebuild, run_data
 from mmpeft.artifacts.verify import DEFAULT_TOLERANCE, check, differences, make_probe, outputs
 from mmpeft.core import VERSION
 from mmpeft.core.dtypes import DTYPES
@@ -40,7 +41,12 @@ def export(run_dir: str | Path, out: str | Path, how: How = "auto", dtype: str |
         raise ExportError(f"how: {how!r} is not one of {', '.join(HOWS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 <= tolerance < math.inf):
+        raise ExportError(f"tolerance: {tolerance!r} must be a finite number >= 0 (the largest relative difference "
+                          "accepted; default by dtype: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TOLERANCE.items())
+                          + ")")
     run = read_run(run_dir)
+    check_out_folder(out, [run])
     if how == "adapter" and dtype not in (None, run.recipe.backbone.dtype):
         raise ExportError(f"dtype: {dtype!r} applies to merged exports only; an adapter keeps the dtype it was "
                           f"trained in ({run.recipe.backbone.dtype})")
@@ -218,5 +224,9 @@ def generative_task(recipe) -> dict:
 
 def run_scores(run: RunFolder) -> dict:
     metrics = run.metrics
+    test = metrics.get("test")
+    if not isinstance(test, dict) or not all(isinstance(test.get(k), (int, float)) for k in ("accuracy", "macro_f1")):
+        raise ExportError(f"{run.path / 'metrics.json'} has no test accuracy and macro_f1 (the model card and merge "
+                          "table report them); the run folder is damaged or did not finish its evaluation")
     return {"run": run.name, "zero_shot": (metrics.get("zero_shot") or {}).get("accuracy"),
             "test": metrics["test"]["accuracy"], "test_macro_f1": metrics["test"]["macro_f1"]}

@@ -47,13 +47,31 @@ def trackers_of(spec: TrainSpec) -> tuple[str, ...]:
 
 
 def missing_tracker_problems(spec: TrainSpec) -> list[str]:
-    """RecipeError entries for trackers whose package is not installed."""
+    """RecipeError entries for trackers whose package is not installed, or an MLflow file store that is a file."""
     problems = []
     for name in (name for name in trackers_of(spec) if name in TRACKER_PACKAGES):  # unknown ones: already reported
         module, install = TRACKER_PACKAGES[name]
         if importlib.util.find_spec(module) is None:
             problems.append(f"train.log_with: {name} is not installed; `{install}` or remove it from the list")
+    if "mlflow" in trackers_of(spec):
+        problems += store_problems(spec.tracking_uri)
     return problems
+
+
+def store_problems(uri: str) -> list[str]:
+    """A local MLflow store (a folder, or a file: URI) must be a folder or creatable as one."""
+    if not uri.strip():
+        return ["train.tracking_uri: empty; give a folder (e.g. ./mlruns) or an MLflow URI (sqlite:///mlflow.db)"]
+    if ("://" in uri and not uri.startswith("file://")) or uri.startswith(("sqlite:", "databricks")):
+        return []
+    from urllib.parse import unquote, urlparse
+
+    path = Path(unquote(urlparse(uri).path) if uri.startswith("file:") else uri).expanduser()
+    above = next((folder for folder in (path, *path.absolute().parents) if folder.exists()), None)
+    if above is not None and not above.is_dir():
+        return [f"train.tracking_uri: {uri!r}: {above} is a file, but MLflow's local store is a folder; give a "
+                "folder path (e.g. ./mlruns) or a database URI (sqlite:///mlflow.db)"]
+    return []
 
 
 def mlflow_uri(uri: str) -> str:
@@ -90,10 +108,11 @@ def start_tracking(accelerator: Accelerator, spec: TrainSpec, run_dir: Path, con
     try:
         accelerator.init_trackers(experiment, config=config, init_kwargs=init_kwargs)
     except Exception as error:  # a tracker's own start-up error (no login, unreachable server, bad URI), in one line
-        raise TrackingError(f"train.log_with: {', '.join(names)} did not start: {type(error).__name__}: "
-                            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}. W&B without an "
-                            "account or network: WANDB_MODE=offline; MLflow: check train.tracking_uri "
-                            f"({spec.tracking_uri!r})") from error
+        hints = {"wandb": "W&B without an account or network: set WANDB_MODE=offline",
+                 "mlflow": f"MLflow: check train.tracking_uri ({spec.tracking_uri!r})"}
+        said = str(error).strip().splitlines()[0].rstrip(". ") if str(error).strip() else ""
+        raise TrackingError(f"train.log_with: {', '.join(names)} did not start: {type(error).__name__}: {said}. "
+                            + "; ".join(hints[name] for name in names if name in hints)) from error
     keep_run_ids(accelerator, run_dir)
     logger.info("tracking with %s (experiment %s, run %s%s)", ", ".join(names), experiment, run_dir.name,
                 ", continued" if earlier else "")
