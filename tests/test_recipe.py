@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import yaml
+from shipped import SHIPPED, prepare
 
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError
 from mmpeft.runs.recipe import load_recipe
 
-SHIPPED = sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
 PRESETS = sorted((PROJECT_ROOT / "adapters").glob("*.yaml"))
 
 
@@ -132,23 +131,12 @@ def test_tensorboard_tracking_needs_the_package():
         assert load_recipe({"method": "lora", "train": {"log_with": "tensorboard"}}).train.log_with == ("tensorboard",)
 
 
-FIRST_ONCE = re.compile(r"python -m mmpeft\.data\.write_shards ([^\s)]+ [^\s)]+(?: --per-shard \d+)?)")
-
-
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_mmpeft_check_accepts_every_shipped_recipe(path: Path, capsys, tmp_path, monkeypatch):
-    """`check` reads the data too: a recipe whose header says to write shards first gets them written (its own
-    commands, in a scratch folder that sees recipes/)."""
+    """`check` reads the data too: shards a recipe's header says to write first are written (tests/shipped.py)."""
     from mmpeft.cli import main
 
-    commands = FIRST_ONCE.findall(path.read_text())
-    if commands:
-        from mmpeft.data.write_shards import main as write_shards
-
-        (tmp_path / "recipes").symlink_to(PROJECT_ROOT / "recipes")
-        monkeypatch.chdir(tmp_path)
-        for command in commands:
-            write_shards(command.split())
+    prepare(path, tmp_path, monkeypatch)
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "backbone:" in out

@@ -16,6 +16,8 @@ import yaml
 
 pytest.importorskip("gradio", reason="mmpeft ui needs gradio: pip install 'mmpeft[ui]'")
 
+from shipped import SHIPPED, prepare  # noqa: E402
+
 from mmpeft.cli import check as cli_check  # noqa: E402
 from mmpeft.core.io import PROJECT_ROOT  # noqa: E402
 from mmpeft.ui import launch  # noqa: E402
@@ -126,9 +128,9 @@ def test_paired_test_from_summary_json_is_shown(ui_runs_dir, tmp_path):
     assert "Δ +0.1250, p = 0.0123, better, n=3" in table
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (PROJECT_ROOT / "recipes").glob("*.yaml")))
-def test_check_agrees_with_mmpeft_check_on_shipped_recipes(name):
-    path = PROJECT_ROOT / "recipes" / name
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_check_agrees_with_mmpeft_check_on_shipped_recipes(path, tmp_path, monkeypatch):
+    prepare(path, tmp_path, monkeypatch)
     checked = check_recipe(path, [])
     assert checked.ok, checked.problems
     shown, resolved = yaml.safe_load(checked.resolved), yaml.safe_load(cli_check(str(path), []))
