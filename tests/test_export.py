@@ -294,3 +294,23 @@ def test_failed_verification_writes_nothing(trained, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"verification failed .*nothing was written"):
         mmpeft.export(trained("clip"), tmp_path / "merged", how="merged")
     assert not (tmp_path / "merged").exists() and no_staging_left(tmp_path)
+
+
+def test_a_linear_merge_is_the_weighted_sum_of_the_runs_lora_changes(trained, tmp_path):
+    """peft's `cat`, not its `linear` (which weights A and B apart): merged B'A' = sum(w_i * scaling_i * B_i A_i)."""
+    from safetensors.torch import load_file
+
+    runs = [trained("clip"), trained("clip_b")]
+    mmpeft.merge(runs, [0.7, 0.3], how="linear", out=tmp_path / "linear")
+
+    def deltas(folder: Path) -> dict[str, torch.Tensor]:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        scaling = config["lora_alpha"] / config["r"]
+        return {key[:-len(".lora_A.weight")]: scaling * tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+                for key in tensors if key.endswith(".lora_A.weight")}
+
+    a, b, merged = deltas(runs[0] / "adapter"), deltas(runs[1] / "adapter"), deltas(tmp_path / "linear")
+    assert merged.keys() == a.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(merged[key], 0.7 * a[key] + 0.3 * b[key], rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """`merge(run_dirs, weights)`: several runs' peft adapters on one base combined into one adapter by peft's
-`add_weighted_adapter` (linear, TIES, DARE), then evaluated on every source run's test split in one table."""
+`add_weighted_adapter` (linear: the exact weighted sum of the changes; TIES, DARE), then evaluated on every source
+run's test split in one table."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -40,7 +41,7 @@ def merge(run_dirs: list[str | Path], weights: list[float] | None = None, how: M
     weights = check_arguments(runs, weights, how, density)
     if how != "linear" and density is None:
         density = DEFAULT_DENSITY
-    check_compatible(runs)
+    check_compatible(runs, how)
     check_out_folder(out, runs)
     out = Path(out)
     first = runs[0]
@@ -104,7 +105,7 @@ def check_arguments(runs: list[RunFolder], weights: list[float] | None, how: str
     return weights
 
 
-def check_compatible(runs: list[RunFolder]) -> None:
+def check_compatible(runs: list[RunFolder], how: str = "linear") -> None:
     """Same base (everything about it), same peft method; refuse what peft's weighted merge would get wrong."""
     first = runs[0]
     for run in runs[1:]:
@@ -127,6 +128,23 @@ def check_compatible(runs: list[RunFolder]) -> None:
         if getattr(method, "bias", "none") != "none":
             raise ExportError(f"run {run.path}: method.bias: {method.bias!r} trains base biases, which peft's "
                               "weighted merge does not combine; merge runs trained with bias: none")
+    if first.recipe.method.name != "lora" and how != "linear":
+        raise ExportError(f"how: {how!r}: peft merges {first.recipe.method.name} adapters by their weighted sum only; "
+                          "use how: linear (ties and dare are for LoRA)")
+
+
+def combination(model: Any, how: str, density: float | None) -> dict:
+    """peft's arguments for `how`. LoRA's linear is peft's `cat`: the ranks side by side, so the merged change is
+    exactly sum(w_i * B_i A_i); peft's own `linear` weights A and B separately (merging a run with itself at
+    0.5/0.5 would double its change). IA3 has one way: the weighted sum of its vectors."""
+    from peft import LoraConfig
+
+    if not isinstance(next(iter(model.peft_config.values())), LoraConfig):
+        return {}
+    kwargs: dict[str, Any] = {"combination_type": "cat" if how == "linear" else how}
+    if density is not None:
+        kwargs["density"] = density
+    return kwargs
 
 
 def combine(runs: list[RunFolder], weights: list[float], how: str, density: float | None, seed: int,
@@ -145,9 +163,8 @@ def combine(runs: list[RunFolder], weights: list[float], how: str, density: floa
         for name, run in zip(names[1:], runs[1:]):
             model.load_adapter(str(run.adapter), adapter_name=name)
         torch.manual_seed(seed)  # DARE's random drops
-        kwargs = {"density": density} if density is not None else {}
-        model.add_weighted_adapter(names, weights, adapter_name="default", combination_type=how, **kwargs)
-    except (ValueError, RuntimeError, KeyError) as error:
+        model.add_weighted_adapter(names, weights, adapter_name="default", **combination(model, how, density))
+    except (ValueError, RuntimeError, KeyError, TypeError) as error:
         raise ExportError(f"peft could not merge these adapters ({how}): {str(error).splitlines()[0]}") from None
     model.set_adapter("default")
     for name in names:
