@@ -123,3 +123,37 @@ def test_a_continual_recipe_needs_the_regularisers_kind_declared(color_recipe):
     setup = load_setup({**recipe, "grid": {"kind": "regularisers", "regularisers": ["naive", "ewc"]}})
     assert setup.grid.kind == "regularisers" and [e.label for e in setup.regularisers] == ["naive", "ewc"]
     assert load_setup({**recipe, "grid": {"kind": "regularisers", "regularisers": ["naive"]}}).baseline == "naive"
+
+
+@pytest.mark.parametrize(("resources", "grid", "expected"), [
+    ({"CPU": 2.0}, {"cpus_per_cell": 64}, "grid.cpus_per_cell: 64 CPUs per cell, but the local Ray on this machine "
+                                          "has 2; lower grid.cpus_per_cell"),
+    ({"CPU": 8.0, "GPU": 1.0}, {"gpus_per_cell": 2}, "grid.gpus_per_cell: 2 GPUs per cell, but the local Ray"),
+    ({"CPU": 2.0}, {"gpus_per_cell": 2}, None),  # no GPUs: cells ask for none (docs/grids.md)
+    ({"CPU": 2.0}, {"cpus_per_cell": 2}, None),
+])
+def test_a_cell_larger_than_the_local_ray_is_refused_not_left_waiting(monkeypatch, color_recipe, resources, grid,
+                                                                      expected):
+    """A local Ray has this machine's CPUs and GPUs only: a task asking for more would never be scheduled (the grid
+    or search hung at `running=1`); it is one clear error instead. A fake `ray` module: nothing starts."""
+    import sys
+    import types
+
+    from mmpeft.grids.ray_executor import ray_session
+
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'mmpeft[ray]')")
+    recipe = {**{k: v for k, v in color_recipe.items() if k != "method"},
+              "grid": {"methods": ["zero_shot"], "executor": "ray", **grid}}
+    spec = load_setup(recipe).grid
+    calls = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: calls.append("init"),
+                                 cluster_resources=lambda: resources, shutdown=lambda: calls.append("shutdown"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    if expected is None:
+        with ray_session(spec):
+            pass
+    else:
+        with pytest.raises(ValueError) as caught, ray_session(spec):
+            pass
+        assert expected in str(caught.value)
+    assert calls == ["init", "shutdown"]  # the Ray it started is shut down either way

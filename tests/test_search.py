@@ -183,6 +183,41 @@ def test_search_section_problems_in_one_error(color_folder, tiny_clip_dir, root)
         load_search_setup(good)
 
 
+def _method0(**changes):
+    return lambda search: search["methods"][0].update(changes)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda search: search.update(budget={"epochs": 0}), "search.budget.epochs: 0 is out of range; it must be >= 1"),
+    (lambda search: search.update(budget={"epochs": -3}), "search.budget.epochs: -3 is out of range"),
+    (lambda search: search.update(budget={"gpu_hours": 0}), "search.budget.gpu_hours: 0 is out of range"),
+    (lambda search: search.update(budget="lots"), "search.budget: expected a mapping, got str 'lots'"),
+    (lambda search: search.update(methods=None), "search.methods: expected a list, got None"),
+    (lambda search: search.update(methods=[3]), "search.methods[0]: expected str or dict, got 3"),
+    (_method0(r={"low": 2, "high": 8, "step": 0.5}), "search.methods[0].r: expected an integer, got 2.5"),
+    (_method0(r={"low": 4, "high": 4}), "search.methods[0].r: low 4 must be below high 4"),
+    (_method0(r={"low": 2.0, "high": 8}), "search.methods[0].r: expected an integer, got 2.0"),
+    (lambda search: search["methods"][1].update(r={"choices": [2, 4]}),
+     "search.methods[1].r: method 'bitfit' has no key 'r'"),
+    (lambda search: search.update(metric="test_accuracy"), "a search selects on validation only"),
+])
+def test_search_space_mistakes_are_one_problem_each(color_folder, tiny_clip_dir, root, change, expected):
+    """Wrong budgets and entries are problems with their search. path (no AttributeError/TypeError), and a step that
+    draws values the key cannot take (r = 2.5) is caught before the first trial, not in it."""
+    recipe = search_recipe(color_folder, tiny_clip_dir, root, "mistake")
+    change(recipe["search"])
+    problems = pytest.raises(RecipeError, load_search_setup, recipe).value.problems
+    assert any(expected in p for p in problems), problems
+    assert not any("NoneType" in p for p in problems), problems
+
+
+def test_compare_on_a_search_recipe_says_to_run_mmpeft_search(color_folder, tiny_clip_dir, root):
+    recipe = search_recipe(color_folder, tiny_clip_dir, root, "compared")
+    (problem,) = pytest.raises(RecipeError, mmpeft.compare, recipe).value.problems
+    assert problem == "search: this is a search recipe; run it with `mmpeft search`, not `mmpeft compare`"
+    assert not (root / "compared").exists()
+
+
 def test_check_validates_a_search_recipe(color_folder, tiny_clip_dir, root, capsys):
     import yaml
 

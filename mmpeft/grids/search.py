@@ -28,6 +28,7 @@ from pathlib import Path
 from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError, to_plain
 from mmpeft.grids.base import resolved_yaml
+from mmpeft.grids.runner import claimed
 from mmpeft.grids.search_space import (
     MISSING_OPTUNA,
     SearchEntry,
@@ -72,9 +73,9 @@ def search(recipe: str | Path | dict | None, overrides: list[str] | dict | None 
     if setup.compare.grid.executor != "ray":
         import_optuna()
     (grid_dir / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
-    if not (grid_dir / SEARCH_RECIPE).is_file():  # at once: a search killed while starting can be resumed
-        write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))
-    with log_to(grid_dir / "search.log"):
+    with claimed(grid_dir, "search"), log_to(grid_dir / "search.log"):
+        if not (grid_dir / SEARCH_RECIPE).is_file():  # at once: a search killed while starting can be resumed
+            write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))
         try:
             return run_search(setup, grid_dir)
         except KeyboardInterrupt:
