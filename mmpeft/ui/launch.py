@@ -166,6 +166,9 @@ class Launcher:
         """SIGINT to the launch writing `folder`: the run saves its checkpoint and exits; `--resume` continues it."""
         for record in self.launches():
             if record["folder"] == folder and record["status"] == "running":
-                os.killpg(record["pid"], signal.SIGINT)
+                try:
+                    os.killpg(record["pid"], signal.SIGINT)
+                except ProcessLookupError:  # it ended between the look and the signal
+                    return f"{folder}: its launch (pid {record['pid']}) has already ended"
                 return f"sent SIGINT to {folder} (pid {record['pid']}); continue it later with Resume"
         return f"{folder}: no running launch of this UI writes it"
