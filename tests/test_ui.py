@@ -191,6 +191,24 @@ def test_start_refuses_an_invalid_recipe_and_starts_nothing(tmp_path):
     assert launcher.launches() == [] and not [p for p in (tmp_path / "runs").iterdir() if p.name != ".ui"]
 
 
+@pytest.mark.parametrize("extra", [["output.dir={outside}"], ["output.dir=../out"]])
+def test_start_refuses_a_run_folder_outside_the_runs_folder(ui_runs_dir, tmp_path, monkeypatch, extra):
+    """An override naming output.dir elsewhere (absolute, or relative to where the UI runs) used to start a run
+    writing outside RUNS_DIR, where the table never shows it. (output.name is a plain name: validation says so.)"""
+    recipe = yaml.safe_load((ui_runs_dir / "lora-run" / "recipe.yaml").read_text())
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # `../out` is tmp_path/out for the launched process
+    launcher = Launcher(tmp_path / "runs")
+    result = launcher.start(yaml.safe_dump(recipe), "colors.yaml", [e.format(outside=tmp_path / "out") for e in extra])
+    assert not isinstance(result, dict), f"started: {result}"
+    assert any(p.startswith("output: the run folder") and "outside" in p for p in result.problems), result.problems
+    assert launcher.launches() == [] and not (tmp_path / "out").exists()
+    inner = launcher.start(yaml.safe_dump(recipe), "colors.yaml", [f"output.dir={tmp_path / 'runs' / 'sub'}",
+                                                                   "train.epochs=1"])
+    os.killpg(inner["pid"], signal.SIGKILL)  # started, which is all this test needs of it
+    assert inner["folder"] == f"sub/{inner['folder'].split('/')[-1]}"  # inside: its record names it as the table does
+
+
 def test_launch_writes_the_run_folder_and_stop_interrupts_it(ui_runs_dir, tmp_path):
     """A real `python -m mmpeft run` in its own session; SIGINT leaves a resumable folder; Resume finishes it."""
     recipe = yaml.safe_load((ui_runs_dir / "lora-run" / "recipe.yaml").read_text())
