@@ -145,8 +145,9 @@ def test_resume_keeps_trials_and_matches_an_uninterrupted_search(searched, color
 
 def test_gpu_hours_budget_stops_a_running_trial(color_folder, tiny_clip_dir, root):
     recipe = search_recipe(color_folder, tiny_clip_dir, root, "hours", budget={"gpu_hours": 1e-7}, top=1)
-    with pytest.raises(ValueError, match="no trial completed"):
+    with pytest.raises(ValueError, match="no trial completed") as caught:
         mmpeft.search(recipe)
+    assert "search.budget.gpu_hours=..." in str(caught.value)  # the budget it was given, not an epochs one
     rows = trial_table(root / "hours")
     assert [(r["state"], r["epochs"]) for r in rows] == [("stopped", "1")]
 

@@ -108,9 +108,10 @@ def run_search(setup: SearchSetup, grid_dir: Path) -> dict:
                "metric": setup.spec.metric, "chosen": [e["label"] for e in chosen]}
     write_json(grid_dir / SEARCH_DIR / "summary.json", summary)
     if not chosen:
+        key = "epochs" if setup.spec.budget.epochs is not None else "gpu_hours"  # the one given (or both: epochs)
         raise ValueError(f"search: no trial completed train.epochs ({setup.compare.recipe.train.epochs}) within the "
                          f"budget; raise search.budget or search.trials (mmpeft search --resume {grid_dir} "
-                         f"search.budget.epochs=...); every trial is in {grid_dir / SEARCH_DIR / 'leaderboard.md'}")
+                         f"search.budget.{key}=...); every trial is in {grid_dir / SEARCH_DIR / 'leaderboard.md'}")
     data = setup.compare.recipe.to_dict()
     data.pop("method")
     grid = {k: v for k, v in to_plain(setup.compare.grid).items() if k != "methods"}
