@@ -219,6 +219,26 @@ def test_compare_on_a_search_recipe_says_to_run_mmpeft_search(color_folder, tiny
     assert not (root / "compared").exists()
 
 
+@pytest.mark.parametrize(("executor", "left", "expected"), [
+    ("ray", "study.log", "its trials were run by Optuna"),
+    ("sequential", "ray", "its trials were run on Ray Tune"),
+])
+def test_a_search_continues_only_under_the_scheduler_that_ran_its_trials(color_folder, tiny_clip_dir, root, executor,
+                                                                         left, expected):
+    """`--resume ... grid.executor=ray` on an Optuna search used to start Ray Tune from no trials over the old trial
+    folders (they failed as `already holds a finished run`) and drop the Optuna trials from the leaderboard."""
+    pytest.importorskip("ray.tune")
+    recipe = search_recipe(color_folder, tiny_clip_dir, root, f"switched-{executor}")
+    recipe["grid"]["executor"] = executor
+    marker = root / f"switched-{executor}" / "search" / left
+    marker.parent.mkdir(parents=True)
+    marker.mkdir() if left == "ray" else marker.write_text("")
+    with pytest.raises(RecipeError, match=expected) as caught:
+        mmpeft.search(recipe)
+    assert "or use another output.name" in "\n".join(caught.value.problems)
+    assert sorted(p.name for p in marker.parent.parent.iterdir()) == ["search"]  # nothing written
+
+
 def test_check_validates_a_search_recipe(color_folder, tiny_clip_dir, root, capsys):
     import yaml
 

@@ -72,6 +72,7 @@ def search(recipe: str | Path | dict | None, overrides: list[str] | dict | None 
         grid_dir = Path(shared.output.dir) / (shared.output.name or f"{shared.name}-{datetime.now():%Y%m%d-%H%M%S}")
     if setup.compare.grid.executor != "ray":
         import_optuna()
+    check_scheduler(setup, grid_dir)
     (grid_dir / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
     with claimed(grid_dir, "search"), log_to(grid_dir / "search.log"):
         if not (grid_dir / SEARCH_RECIPE).is_file():  # at once: a search killed while starting can be resumed
@@ -81,6 +82,19 @@ def search(recipe: str | Path | dict | None, overrides: list[str] | dict | None 
         except KeyboardInterrupt:
             logger.warning("interrupted; continue with: mmpeft search --resume %s", grid_dir)
             raise
+
+
+def check_scheduler(setup: SearchSetup, grid_dir: Path) -> None:
+    """Trials run by Optuna (search/study.log) continue only under Optuna, Ray Tune's (search/ray/) only under Ray:
+    the other would start the search again from no trials, over the folders of the first."""
+    ray = setup.compare.grid.executor == "ray"
+    other = grid_dir / SEARCH_DIR / (STUDY_FILE if ray else "ray")  # "ray": mmpeft.grids.search_ray.RAY_DIR
+    if other.exists():
+        ran, executor = ("by Optuna", "sequential or processes") if ray else ("on Ray Tune", "ray")
+        raise RecipeError([f"search {grid_dir}: its trials were run {ran} ({other}), and grid.executor: "
+                           f"{setup.compare.grid.executor} would start them again from none",
+                           f"continue it with grid.executor: {executor} (the chosen configurations' grid may then run "
+                           "under any executor: mmpeft compare --resume), or use another output.name"])
 
 
 def run_search(setup: SearchSetup, grid_dir: Path) -> dict:
