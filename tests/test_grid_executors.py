@@ -108,6 +108,9 @@ def test_executors_give_sequential_metrics_record_a_failure_and_resume_only_it(
      "grid.gpus_per_cell: 0.5 is a fraction; the processes executor gives whole CPUs/GPUs"),
     ({"methods": ["lora"], "max_parallel": 0}, "grid.max_parallel: 0 is out of range; it must be >= 1"),
     ({"methods": ["lora"], "ray_address": "auto"}, "grid.ray_address: set, but grid.executor is 'sequential'"),
+    ({"methods": [1, "lora"]}, "grid.methods[0]: expected str or dict, got 1"),  # was a TypeError traceback
+    ({"methods": [None]}, "grid.methods[0]: expected str or dict, got None"),
+    ({"methods": ["lora"], "shots": [1.5]}, "grid.shots[0]: expected an integer, got 1.5"),  # was a TypeError
 ])
 def test_grid_kind_and_executor_keys_are_checked_before_anything_runs(color_recipe, grid, expected):
     recipe = {**{k: v for k, v in color_recipe.items() if k != "method"}, "grid": grid}
@@ -120,6 +123,43 @@ def test_a_continual_recipe_needs_the_regularisers_kind_declared(color_recipe):
               "grid": {"regularisers": ["naive", "ewc"]}}
     (problem,) = pytest.raises(RecipeError, load_setup, recipe).value.problems
     assert "`tasks:` sequence" in problem and "add `grid.kind: regularisers`" in problem
+    wrong = {**recipe, "grid": {"kind": "regularisers", "regularisers": [None, "ewc"]}}  # was a TypeError traceback
+    assert pytest.raises(RecipeError, load_setup, wrong).value.problems == [
+        "grid.regularisers[0]: expected str or dict, got None"]
     setup = load_setup({**recipe, "grid": {"kind": "regularisers", "regularisers": ["naive", "ewc"]}})
     assert setup.grid.kind == "regularisers" and [e.label for e in setup.regularisers] == ["naive", "ewc"]
     assert load_setup({**recipe, "grid": {"kind": "regularisers", "regularisers": ["naive"]}}).baseline == "naive"
+
+
+@pytest.mark.parametrize(("resources", "grid", "expected"), [
+    ({"CPU": 2.0}, {"cpus_per_cell": 64}, "grid.cpus_per_cell: 64 CPUs per cell, but the local Ray on this machine "
+                                          "has 2; lower grid.cpus_per_cell"),
+    ({"CPU": 8.0, "GPU": 1.0}, {"gpus_per_cell": 2}, "grid.gpus_per_cell: 2 GPUs per cell, but the local Ray"),
+    ({"CPU": 2.0}, {"gpus_per_cell": 2}, None),  # no GPUs: cells ask for none (docs/grids.md)
+    ({"CPU": 2.0}, {"cpus_per_cell": 2}, None),
+])
+def test_a_cell_larger_than_the_local_ray_is_refused_not_left_waiting(monkeypatch, color_recipe, resources, grid,
+                                                                      expected):
+    """A local Ray has this machine's CPUs and GPUs only: a task asking for more would never be scheduled (the grid
+    or search hung at `running=1`); it is one clear error instead. A fake `ray` module: nothing starts."""
+    import sys
+    import types
+
+    from mmpeft.grids.ray_executor import ray_session
+
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'mmpeft[ray]')")
+    recipe = {**{k: v for k, v in color_recipe.items() if k != "method"},
+              "grid": {"methods": ["zero_shot"], "executor": "ray", **grid}}
+    spec = load_setup(recipe).grid
+    calls = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: calls.append("init"),
+                                 cluster_resources=lambda: resources, shutdown=lambda: calls.append("shutdown"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    if expected is None:
+        with ray_session(spec):
+            pass
+    else:
+        with pytest.raises(ValueError) as caught, ray_session(spec):
+            pass
+        assert expected in str(caught.value)
+    assert calls == ["init", "shutdown"]  # the Ray it started is shut down either way

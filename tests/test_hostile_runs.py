@@ -98,6 +98,44 @@ def test_a_second_run_with_the_same_output_name_is_refused_and_touches_nothing(q
     assert (run_dir / "metrics.json").is_file() and not (run_dir / LOCK_FILE).exists()
 
 
+def test_a_second_grid_driver_on_the_same_grid_folder_is_refused_and_touches_nothing(quick, tmp_path, capsys):
+    """Two `mmpeft compare` (or `search`, or a `--resume`) on one grid folder at once: the second is refused with one
+    line, and the first one's folder (its compare.yaml, results) is not written by it. The first driver is a thread
+    holding the folder's claim (flock: as exclusive as between processes)."""
+    grid = {**{k: v for k, v in quick.items() if k != "method"}, "output": {"dir": str(tmp_path / "runs"), "name": "g"},
+            "grid": {"methods": ["zero_shot"], "seeds": [0]}}
+    grid_dir = tmp_path / "runs" / "g"
+    grid_dir.mkdir(parents=True)
+    claimed, done = threading.Event(), threading.Event()
+
+    def first_driver():
+        claim_run_dir(grid_dir)
+        claimed.set()
+        done.wait(60)
+        release_run_dir(grid_dir)
+
+    first = threading.Thread(target=first_driver)
+    first.start()
+    try:
+        claimed.wait(60)
+        assert main(["compare", write_recipe(tmp_path, grid)]) == 2
+        err = capsys.readouterr().err
+        assert (f"grid folder {grid_dir} is in use by another `mmpeft compare` right now (process {os.getpid()})"
+                in err) and "Traceback" not in err
+        assert sorted(p.name for p in grid_dir.iterdir()) == [LOCK_FILE]
+        search = {**{k: v for k, v in grid.items() if k != "grid"},
+                  "data": {**grid["data"], "split": {"val": 0.25, "test": 0.25}},
+                  "search": {"methods": ["bitfit"], "budget": {"epochs": 1}, "trials": 1, "top": 1}}
+        with pytest.raises(FileExistsError, match="in use by another `mmpeft search`"):
+            mmpeft.search(search)
+        assert sorted(p.name for p in grid_dir.iterdir()) == [LOCK_FILE, "search"]
+    finally:
+        done.set()
+        first.join()
+    mmpeft.compare(grid)  # once the first driver is gone, the folder is free again
+    assert (grid_dir / "results.csv").is_file() and not (grid_dir / LOCK_FILE).exists()
+
+
 def damaged_backbone(source, tmp_path, how: str):
     folder = tmp_path / f"backbone-{how}"
     shutil.copytree(source, folder)

@@ -145,8 +145,9 @@ def test_resume_keeps_trials_and_matches_an_uninterrupted_search(searched, color
 
 def test_gpu_hours_budget_stops_a_running_trial(color_folder, tiny_clip_dir, root):
     recipe = search_recipe(color_folder, tiny_clip_dir, root, "hours", budget={"gpu_hours": 1e-7}, top=1)
-    with pytest.raises(ValueError, match="no trial completed"):
+    with pytest.raises(ValueError, match="no trial completed") as caught:
         mmpeft.search(recipe)
+    assert "search.budget.gpu_hours=..." in str(caught.value)  # the budget it was given, not an epochs one
     rows = trial_table(root / "hours")
     assert [(r["state"], r["epochs"]) for r in rows] == [("stopped", "1")]
 
@@ -181,6 +182,61 @@ def test_search_section_problems_in_one_error(color_folder, tiny_clip_dir, root)
     good["data"]["split"]["val"] = 0.0
     with pytest.raises(RecipeError, match="data.split.val: 0 leaves no validation split"):
         load_search_setup(good)
+
+
+def _method0(**changes):
+    return lambda search: search["methods"][0].update(changes)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda search: search.update(budget={"epochs": 0}), "search.budget.epochs: 0 is out of range; it must be >= 1"),
+    (lambda search: search.update(budget={"epochs": -3}), "search.budget.epochs: -3 is out of range"),
+    (lambda search: search.update(budget={"gpu_hours": 0}), "search.budget.gpu_hours: 0 is out of range"),
+    (lambda search: search.update(budget="lots"), "search.budget: expected a mapping, got str 'lots'"),
+    (lambda search: search.update(methods=None), "search.methods: expected a list, got None"),
+    (lambda search: search.update(methods=[3]), "search.methods[0]: expected str or dict, got 3"),
+    (_method0(r={"low": 2, "high": 8, "step": 0.5}), "search.methods[0].r: expected an integer, got 2.5"),
+    (_method0(r={"low": 4, "high": 4}), "search.methods[0].r: low 4 must be below high 4"),
+    (_method0(r={"low": 2.0, "high": 8}), "search.methods[0].r: expected an integer, got 2.0"),
+    (lambda search: search["methods"][1].update(r={"choices": [2, 4]}),
+     "search.methods[1].r: method 'bitfit' has no key 'r'"),
+    (lambda search: search.update(metric="test_accuracy"), "a search selects on validation only"),
+])
+def test_search_space_mistakes_are_one_problem_each(color_folder, tiny_clip_dir, root, change, expected):
+    """Wrong budgets and entries are problems with their search. path (no AttributeError/TypeError), and a step that
+    draws values the key cannot take (r = 2.5) is caught before the first trial, not in it."""
+    recipe = search_recipe(color_folder, tiny_clip_dir, root, "mistake")
+    change(recipe["search"])
+    problems = pytest.raises(RecipeError, load_search_setup, recipe).value.problems
+    assert any(expected in p for p in problems), problems
+    assert not any("NoneType" in p for p in problems), problems
+
+
+def test_compare_on_a_search_recipe_says_to_run_mmpeft_search(color_folder, tiny_clip_dir, root):
+    recipe = search_recipe(color_folder, tiny_clip_dir, root, "compared")
+    (problem,) = pytest.raises(RecipeError, mmpeft.compare, recipe).value.problems
+    assert problem == "search: this is a search recipe; run it with `mmpeft search`, not `mmpeft compare`"
+    assert not (root / "compared").exists()
+
+
+@pytest.mark.parametrize(("executor", "left", "expected"), [
+    ("ray", "study.log", "its trials were run by Optuna"),
+    ("sequential", "ray", "its trials were run on Ray Tune"),
+])
+def test_a_search_continues_only_under_the_scheduler_that_ran_its_trials(color_folder, tiny_clip_dir, root, executor,
+                                                                         left, expected):
+    """`--resume ... grid.executor=ray` on an Optuna search used to start Ray Tune from no trials over the old trial
+    folders (they failed as `already holds a finished run`) and drop the Optuna trials from the leaderboard."""
+    pytest.importorskip("ray.tune")
+    recipe = search_recipe(color_folder, tiny_clip_dir, root, f"switched-{executor}")
+    recipe["grid"]["executor"] = executor
+    marker = root / f"switched-{executor}" / "search" / left
+    marker.parent.mkdir(parents=True)
+    marker.mkdir() if left == "ray" else marker.write_text("")
+    with pytest.raises(RecipeError, match=expected) as caught:
+        mmpeft.search(recipe)
+    assert "or use another output.name" in "\n".join(caught.value.problems)
+    assert sorted(p.name for p in marker.parent.parent.iterdir()) == ["search"]  # nothing written
 
 
 def test_check_validates_a_search_recipe(color_folder, tiny_clip_dir, root, capsys):

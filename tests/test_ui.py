@@ -79,6 +79,42 @@ def test_unfinished_folders_read_as_running_interrupted_or_failed(ui_runs_dir, t
     assert {e.path: e.status for e in scan(root, {"broken": "running"})}["broken"] == "running"
 
 
+DAMAGES = {  # folder -> (copied from, file, what it is made to hold)
+    "metrics-truncated": ("lora-run", "metrics.json", b'{"test": {"accuracy": 0.'),
+    "metrics-a-list": ("lora-run", "metrics.json", b"[1, 2]"),
+    "recipe-unclosed": ("lora-run", "recipe.yaml", b"method: [\n"),
+    "recipe-binary": ("lora-run", "recipe.yaml", b"\xff\xfe\x00\x01"),
+    "recipe-backbone-a-string": ("lora-run", "recipe.yaml", b"backbone: clip\n"),
+    "grid-recipe-unclosed": ("grid", "compare.yaml", b"grid: [\n"),
+    "grid-recipe-binary": ("grid", "compare.yaml", b"\xff\xfe\x00\x01"),
+    "grid-summary-a-string": ("grid", "summary.json", b'"x"'),
+}
+
+
+def test_damaged_folders_are_listed_as_damaged_and_the_rest_still_loads(ui_runs_dir, tmp_path):
+    """One hand-edited or truncated file used to crash the whole runs table (and the report view and the comparison)
+    with a YAML/JSON/Unicode traceback; now that row says `damaged` and every other row is as before."""
+    from mmpeft.ui.app import Workbench
+
+    root = tmp_path / "runs"
+    shutil.copytree(ui_runs_dir / "lora-run", root / "good")
+    for name, (source, file, content) in DAMAGES.items():
+        shutil.copytree(ui_runs_dir / source, root / name)
+        (root / name / file).write_bytes(content)
+    entries = by_path(root)
+    assert {name: entries[name].status for name in DAMAGES} == dict.fromkeys(DAMAGES, "damaged")
+    assert (entries["good"].status, entries["good"].method) == ("finished", "lora")
+    assert entries["grid-recipe-binary/cells/bitfit-seed0"].status == "finished"  # its cells still read
+    bench = Workbench(root)
+    assert len(bench.table()[0]) == len(entries)
+    for name in DAMAGES:
+        assert "**damaged**" in bench.show(name)[0]
+    rows = comparison_rows(root, ["good", "metrics-truncated", "grid-summary-a-string"])
+    assert rows[0]["method"] == "lora" and rows[0]["accuracy"] is not None
+    assert [r["note"] for r in rows[1:]] == ["damaged: its metrics.json cannot be read (JSONDecodeError)",
+                                             "damaged: its summary.json cannot be read (AttributeError)"]
+
+
 def test_details_hold_report_plots_recipe_and_log(ui_runs_dir):
     found = details(ui_runs_dir, "grid")
     assert "## Protocol" in found.report and "![" not in found.report
@@ -155,6 +191,24 @@ def test_start_refuses_an_invalid_recipe_and_starts_nothing(tmp_path):
     assert any(p.startswith("train.epochs") for p in result.problems)
     assert any(p.startswith("data.source") and "nowhere" in p for p in result.problems)
     assert launcher.launches() == [] and not [p for p in (tmp_path / "runs").iterdir() if p.name != ".ui"]
+
+
+@pytest.mark.parametrize("extra", [["output.dir={outside}"], ["output.dir=../out"]])
+def test_start_refuses_a_run_folder_outside_the_runs_folder(ui_runs_dir, tmp_path, monkeypatch, extra):
+    """An override naming output.dir elsewhere (absolute, or relative to where the UI runs) used to start a run
+    writing outside RUNS_DIR, where the table never shows it. (output.name is a plain name: validation says so.)"""
+    recipe = yaml.safe_load((ui_runs_dir / "lora-run" / "recipe.yaml").read_text())
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # `../out` is tmp_path/out for the launched process
+    launcher = Launcher(tmp_path / "runs")
+    result = launcher.start(yaml.safe_dump(recipe), "colors.yaml", [e.format(outside=tmp_path / "out") for e in extra])
+    assert not isinstance(result, dict), f"started: {result}"
+    assert any(p.startswith("output: the run folder") and "outside" in p for p in result.problems), result.problems
+    assert launcher.launches() == [] and not (tmp_path / "out").exists()
+    inner = launcher.start(yaml.safe_dump(recipe), "colors.yaml", [f"output.dir={tmp_path / 'runs' / 'sub'}",
+                                                                   "train.epochs=1"])
+    os.killpg(inner["pid"], signal.SIGKILL)  # started, which is all this test needs of it
+    assert inner["folder"] == f"sub/{inner['folder'].split('/')[-1]}"  # inside: its record names it as the table does
 
 
 def test_launch_writes_the_run_folder_and_stop_interrupts_it(ui_runs_dir, tmp_path):
@@ -254,6 +308,35 @@ def test_ui_command_binds_to_this_machine_unless_told(tmp_path):
     assert (args.runs_dir, args.host, args.port) == ("runs", "127.0.0.1", 7860)
     args = build_parser().parse_args(["ui", str(tmp_path), "--host", "0.0.0.0", "--port", "8080"])
     assert (args.runs_dir, args.host, args.port) == (str(tmp_path), "0.0.0.0", 8080)
+
+
+def test_ui_refuses_a_port_in_use_and_a_runs_dir_that_is_a_file_in_one_line(tmp_path, capsys):
+    """Both used to end in a traceback (Gradio's `Cannot find empty port`, `[Errno 17] File exists`)."""
+    import socket
+
+    from mmpeft.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", str(tmp_path / "runs"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --port {port}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
+    assert main(["ui", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port 70000: a port is a number from 1 to 65535" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["ui", str(tmp_path / "afile"), "--port", str(port)]) == 2
+    assert f"error: RUNS_DIR {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_stopping_a_launch_that_already_ended_says_so(tmp_path, monkeypatch):
+    """The launch ends between the status look and the signal: a message, not ProcessLookupError."""
+    launcher = Launcher(tmp_path)
+    monkeypatch.setattr(launcher, "launches", lambda: [{"folder": "run", "status": "running", "pid": 2**22 + 7}])
+    monkeypatch.setattr(os, "killpg", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError()))
+    assert launcher.stop("run") == f"run: its launch (pid {2**22 + 7}) has already ended"
 
 
 def test_try_it_predicts_on_the_runs_own_test_images_through_mmpeft_predict(ui_runs_dir):

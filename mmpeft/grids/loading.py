@@ -21,6 +21,9 @@ from mmpeft.runs.recipe import parse_overrides, read_yaml, set_override
 def load_setup(source: str | Path | dict, overrides: list[str] | dict | None = None, command: str = "compare") -> Any:
     """Parse, split off `grid:`, pick the kind (declared, else the command's) and let it validate the rest."""
     data, grid_data, rest, base_dir, label = read_with_section(source, overrides, "grid")
+    if "search" in data:  # what `mmpeft search` pops before it loads the rest as a grid
+        raise RecipeError([f"search: this is a search recipe; run it with `mmpeft search`, not `mmpeft {command}`"],
+                          label)
     problems: list[str] = []
     kind = grid_kind(data, grid_data, command, problems)
     if kind is None:

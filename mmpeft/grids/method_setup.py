@@ -101,7 +101,7 @@ def grid_problems(grid: GridSpec, command: str = "compare") -> list[str]:
         problems.append("grid.methods: list at least one method (e.g. [full, lora]); in `mmpeft fewshot` on a "
                         "generative backbone, grid.strategies alone runs in-context prompting only")
     problems += seed_problems(grid)
-    if grid.shots is not None:
+    if grid.shots is not None and None not in grid.shots:  # None: a value build already reported
         least = 0 if grid.kind == "fewshot" else 1  # k = 0: in-context prompting without demonstrations
         if not grid.shots or any(k < least for k in grid.shots) or len(set(grid.shots)) != len(grid.shots):
             problems.append(f"grid.shots: {list(grid.shots)} must be distinct integers >= {least} (or leave it out)"
@@ -133,6 +133,8 @@ def resolve_methods(grid: GridSpec, recipe: Recipe | None, base_dir: Path, probl
     entries = []
     for i, entry in enumerate(grid.methods):
         where = f"grid.methods[{i}]"
+        if not isinstance(entry, (str, dict)):
+            continue  # build(GridSpec) said what it should be
         try:
             label, mapping, source = entry_mapping(entry, base_dir)
         except ValueError as error:

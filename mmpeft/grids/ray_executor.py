@@ -52,10 +52,24 @@ def ray_session(grid: GridSpec) -> Iterator[None]:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
         ray.init(address=grid.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
+        if started and grid.ray_address is None:
+            check_fits(ray, grid)
         yield
     finally:
         if started:
             ray.shutdown()
+
+
+def check_fits(ray, grid: GridSpec) -> None:
+    """A local Ray has this machine's CPUs and GPUs and no more: a cell asking for more would wait forever."""
+    resources = ray.cluster_resources()
+    wanted = [("cpus_per_cell", grid.cpus_per_cell, resources.get("CPU", 0), "CPUs")]
+    if resources.get("GPU", 0) > 0:
+        wanted.append(("gpus_per_cell", grid.gpus_per_cell, resources["GPU"], "GPUs"))
+    for key, asked, has, what in wanted:
+        if asked > has:
+            raise ValueError(f"grid.{key}: {asked:g} {what} per cell, but the local Ray on this machine has {has:g}; "
+                             f"lower grid.{key} (or join a larger cluster with grid.ray_address)")
 
 
 def cell_gpus(ray, grid: GridSpec) -> float:

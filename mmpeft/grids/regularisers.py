@@ -150,6 +150,8 @@ def resolve_regularisers(grid: GridSpec, recipe: ContinualRecipe | None, problem
     entries = []
     for i, entry in enumerate(grid.regularisers):
         where = f"grid.regularisers[{i}]"
+        if not isinstance(entry, (str, dict)):
+            continue  # build(GridSpec) said what it should be
         mapping = {"name": entry} if isinstance(entry, str) else dict(entry)
         label = mapping.pop("label", None)
         name = mapping.get("name")

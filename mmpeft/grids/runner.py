@@ -9,6 +9,8 @@ report.md are written once, at the end, by the kind (mmpeft.grids.base.GridKind)
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from mmpeft.grids.base import GRID_RECIPE, Cell, GridKind, GridSpec, kind_of
 from mmpeft.grids.cells import check_finished_cells, write_rows
 from mmpeft.grids.executors import Executor, ProcessExecutor, SequentialExecutor
 from mmpeft.grids.loading import load_setup
-from mmpeft.runs.folder import log_to
+from mmpeft.runs.folder import LOCK_FILE, claim_run_dir, log_to, release_run_dir
 
 logger = logging.getLogger("mmpeft")
 
@@ -39,12 +41,28 @@ def compare(recipe: str | Path | dict | None, overrides: list[str] | dict | None
         name = shared.output.name or f"{setup.recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
         grid_dir = Path(shared.output.dir) / name
     grid_dir.mkdir(parents=True, exist_ok=True)
-    with log_to(grid_dir / "compare.log"):
+    with claimed(grid_dir, command), log_to(grid_dir / "compare.log"):
         try:
             return run_grid(setup, grid_dir)
         except KeyboardInterrupt:
             logger.warning("interrupted; continue with: mmpeft %s --resume %s", command, grid_dir)
             raise
+
+
+@contextmanager
+def claimed(grid_dir: Path, command: str) -> Iterator[None]:
+    """Hold the grid folder's lock while this driver runs (the OS drops it if the process dies): a second driver
+    on the same folder (`mmpeft compare/search` with the same output.name, or a `--resume`) is refused, not mixed in."""
+    try:
+        claim_run_dir(grid_dir)
+    except FileExistsError:
+        holder = (grid_dir / LOCK_FILE).read_text(errors="replace").strip() or "another process"
+        raise FileExistsError(f"grid folder {grid_dir} is in use by another `mmpeft {command}` right now (process "
+                              f"{holder}); wait for it to finish, or give this one another output.name") from None
+    try:
+        yield
+    finally:
+        release_run_dir(grid_dir)
 
 
 def fewshot(recipe: str | Path | dict | None, overrides: list[str] | dict | None = None,

@@ -28,6 +28,7 @@ from pathlib import Path
 from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError, to_plain
 from mmpeft.grids.base import resolved_yaml
+from mmpeft.grids.runner import claimed
 from mmpeft.grids.search_space import (
     MISSING_OPTUNA,
     SearchEntry,
@@ -71,15 +72,29 @@ def search(recipe: str | Path | dict | None, overrides: list[str] | dict | None 
         grid_dir = Path(shared.output.dir) / (shared.output.name or f"{shared.name}-{datetime.now():%Y%m%d-%H%M%S}")
     if setup.compare.grid.executor != "ray":
         import_optuna()
+    check_scheduler(setup, grid_dir)
     (grid_dir / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
-    if not (grid_dir / SEARCH_RECIPE).is_file():  # at once: a search killed while starting can be resumed
-        write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))
-    with log_to(grid_dir / "search.log"):
+    with claimed(grid_dir, "search"), log_to(grid_dir / "search.log"):
+        if not (grid_dir / SEARCH_RECIPE).is_file():  # at once: a search killed while starting can be resumed
+            write_text(grid_dir / SEARCH_RECIPE, resolved_yaml(setup.resolved(), "search", grid_dir, "search space"))
         try:
             return run_search(setup, grid_dir)
         except KeyboardInterrupt:
             logger.warning("interrupted; continue with: mmpeft search --resume %s", grid_dir)
             raise
+
+
+def check_scheduler(setup: SearchSetup, grid_dir: Path) -> None:
+    """Trials run by Optuna (search/study.log) continue only under Optuna, Ray Tune's (search/ray/) only under Ray:
+    the other would start the search again from no trials, over the folders of the first."""
+    ray = setup.compare.grid.executor == "ray"
+    other = grid_dir / SEARCH_DIR / (STUDY_FILE if ray else "ray")  # "ray": mmpeft.grids.search_ray.RAY_DIR
+    if other.exists():
+        ran, executor = ("by Optuna", "sequential or processes") if ray else ("on Ray Tune", "ray")
+        raise RecipeError([f"search {grid_dir}: its trials were run {ran} ({other}), and grid.executor: "
+                           f"{setup.compare.grid.executor} would start them again from none",
+                           f"continue it with grid.executor: {executor} (the chosen configurations' grid may then run "
+                           "under any executor: mmpeft compare --resume), or use another output.name"])
 
 
 def run_search(setup: SearchSetup, grid_dir: Path) -> dict:
@@ -107,9 +122,10 @@ def run_search(setup: SearchSetup, grid_dir: Path) -> dict:
                "metric": setup.spec.metric, "chosen": [e["label"] for e in chosen]}
     write_json(grid_dir / SEARCH_DIR / "summary.json", summary)
     if not chosen:
+        key = "epochs" if setup.spec.budget.epochs is not None else "gpu_hours"  # the one given (or both: epochs)
         raise ValueError(f"search: no trial completed train.epochs ({setup.compare.recipe.train.epochs}) within the "
                          f"budget; raise search.budget or search.trials (mmpeft search --resume {grid_dir} "
-                         f"search.budget.epochs=...); every trial is in {grid_dir / SEARCH_DIR / 'leaderboard.md'}")
+                         f"search.budget.{key}=...); every trial is in {grid_dir / SEARCH_DIR / 'leaderboard.md'}")
     data = setup.compare.recipe.to_dict()
     data.pop("method")
     grid = {k: v for k, v in to_plain(setup.compare.grid).items() if k != "methods"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -65,8 +66,10 @@ class Param:
     log: bool = False
     step: float | None = None
 
-    def candidates(self) -> list:
-        return list(self.choices) if self.choices is not None else [self.low, self.high]
+    def candidates(self) -> list:  # what validation builds: a range's ends and, with a step, the next value
+        if self.choices is not None:
+            return list(self.choices)
+        return [self.low, self.high] + ([min(self.low + self.step, self.high)] if self.step else [])
 
     def integer(self) -> bool:
         return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high, self.step or 1))
@@ -310,8 +313,8 @@ def parse_entries(spec: SearchSpec | None, base_dir: Path, problems: list[str]) 
     if not spec.methods:
         problems.append("search.methods: list at least one method, e.g. [{name: lora, r: {choices: [4, 8]}}]")
     entries, indices = [], []
-    for i, entry in enumerate(spec.methods):
-        parsed = parse_entry(i, entry, base_dir, problems)
+    for i, entry in enumerate(spec.methods or ()):
+        parsed = parse_entry(i, entry, base_dir, problems) if isinstance(entry, (str, dict)) else None  # build said
         if parsed is not None:
             entries.append(parsed)
             indices.append(i)
@@ -352,7 +355,7 @@ def setting_problems(spec: SearchSpec, compare: CompareSetup, entries: list[Sear
     if spec.min_epochs > recipe.train.epochs:
         problems.append(f"search.min_epochs: {spec.min_epochs} is more than train.epochs {recipe.train.epochs}: the "
                         "first rung must fit in a trial")
-    if spec.budget.epochs is not None and spec.budget.epochs < spec.min_epochs:
+    if spec.budget is not None and spec.budget.epochs is not None and spec.budget.epochs < spec.min_epochs:
         problems.append(f"search.budget.epochs: {spec.budget.epochs} is less than search.min_epochs "
                         f"{spec.min_epochs}: not one trial could reach the first rung")
     if spec.top > spec.trials:
@@ -370,8 +373,6 @@ def setting_problems(spec: SearchSpec, compare: CompareSetup, entries: list[Sear
 
 def _renamed(problem: str, indices: list[int]) -> str:
     """`grid.methods[j]` (the methods grid the search validates through) -> `search.methods[i]`."""
-    import re
-
     return re.sub(r"grid\.methods\[(\d+)\]", lambda m: f"search.methods[{indices[int(m.group(1))]}]"
                   if int(m.group(1)) < len(indices) else m.group(0), problem)
 

@@ -4,6 +4,7 @@ calls the CLI/API (mmpeft.ui.launch, mmpeft.predict); the app itself holds nothi
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import gradio as gr
@@ -29,6 +30,9 @@ class Workbench:
 
     def __init__(self, runs_dir: str | Path):
         self.runs_dir = Path(runs_dir).resolve()
+        if self.runs_dir.exists() and not self.runs_dir.is_dir():
+            raise FileExistsError(f"RUNS_DIR {runs_dir} is a file, not a folder; give the folder runs are written to "
+                                  "(default: runs)")
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.launcher = Launcher(self.runs_dir)
         self.uploads = self.runs_dir / UI_DIR / "uploads"
@@ -266,9 +270,23 @@ def try_tab(bench: Workbench) -> None:
 
 def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
     """Start the workbench on host:port, serving files from `runs_dir` only."""
+    check_port(host, port)
     app = build_app(runs_dir)
     print(f"mmpeft ui: {Path(runs_dir).resolve()} on http://{host}:{port} (Ctrl+C stops the UI; runs it launched "
           f"keep going)", flush=True)
     app.launch(server_name=host, server_port=port, allowed_paths=[str(Path(runs_dir).resolve())],
                prevent_thread_lock=not block, inbrowser=False, share=False, quiet=True)
     return app
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that cannot be listened on (another `mmpeft ui`, any server) in one line, before Gradio starts."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port}: a port is a number from 1 to 65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror}); is another "
+                             "`mmpeft ui` or server using it? Pick another with --port") from None

@@ -15,6 +15,7 @@ ended with an error), running (a live UI launch, or a log written to in the last
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -28,9 +29,12 @@ from mmpeft.grids.search import SEARCH_RECIPE
 from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE
 from mmpeft.sequences.runner import STATE_DIR
 
+logger = logging.getLogger("mmpeft")
+
 UI_DIR = ".ui"  # the web app's own files under RUNS_DIR: launch records and logs, saved recipes, uploads
 RUNNING_SECONDS = 300  # a log written to this recently (and no finished file) counts as a live run
 MAX_DEPTH = 4  # how deep under RUNS_DIR folders are looked for (cells of grids are listed with their grid)
+DAMAGED = "damaged"  # a folder whose recipe or metrics file cannot be read: listed, marked, not trusted
 COLUMNS = ["path", "kind", "recipe", "backbone", "method", "status", "accuracy", "trainable %", "seconds",
            "modified"]
 
@@ -103,16 +107,30 @@ def _members(root: Path, folder: Path, launches: dict[str, str]) -> list[Entry]:
 
 
 def classify(root: Path, folder: Path, launches: dict[str, str] | None = None, cell: bool = False) -> Entry | None:
-    """The entry for one folder, or None when it is none of the shapes above."""
+    """The entry for one folder, or None when it is none of the shapes above; a folder whose files cannot be read
+    (hand-edited, truncated, binary) is a `damaged` entry, so the table still lists everything else."""
     relative = folder.relative_to(root).as_posix()
     launched = (launches or {}).get(relative)
-    if (folder / GRID_RECIPE).is_file():
-        return _grid_entry(folder, relative, launched)
-    if (folder / SEARCH_RECIPE).is_file():  # a search still in its trials
-        return _search_entry(folder, relative, launched)
-    if (folder / RECIPE_FILE).is_file():
-        return _run_entry(folder, relative, launched, cell)
+    for name, kind, read in ((GRID_RECIPE, "compare", _grid_entry), (SEARCH_RECIPE, "search", _search_entry),
+                             (RECIPE_FILE, "run", lambda f, r, la: _run_entry(f, r, la, cell))):
+        if (folder / name).is_file():
+            try:
+                entry = read(folder, relative, launched)
+            except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as error:
+                logger.debug("runs table: %s is damaged: %s", relative, type(error).__name__)
+                return Entry(relative, kind, status=DAMAGED, modified=_modified(folder))
+            if _unreadable(folder):
+                entry.status = DAMAGED
+            return entry
     return None
+
+
+def _unreadable(folder: Path) -> bool:
+    """A recipe or metrics file that is there but is not a mapping (the runners write them whole, by rename)."""
+    recipes = [folder / n for n in (RECIPE_FILE, GRID_RECIPE, SEARCH_RECIPE) if (folder / n).is_file()]
+    metrics = folder / METRICS_FILE
+    return (any(not _read_yaml(path) for path in recipes)
+            or metrics.is_file() and not isinstance(_read_json(metrics), dict))
 
 
 def _run_entry(folder: Path, relative: str, launched: str | None, cell: bool) -> Entry:
@@ -235,7 +253,8 @@ def details(root: str | Path, relative: str, launches: dict[str, str] | None = N
         raise FileNotFoundError(f"{relative!r} is not a run, grid or continual folder (no {RECIPE_FILE} or "
                                 f"{GRID_RECIPE} in {folder})")
     report_file = next((folder / n for n in ("report.md", "summary.md") if (folder / n).is_file()), None)
-    report = strip_images(report_file.read_text()) if report_file else "*No report yet: the run has not finished.*"
+    report = (strip_images(report_file.read_text(errors="replace")) if report_file else
+              "*No report yet: the run has not finished.*")
     plots = sorted(folder.glob("*.png")) + sorted(folder.glob("icl/*.png"))
     recipe_file = folder / {"run": RECIPE_FILE, "cell": RECIPE_FILE, "trial": RECIPE_FILE, "continual": RECIPE_FILE,
                             "search": SEARCH_RECIPE}.get(entry.kind, GRID_RECIPE)
@@ -243,8 +262,8 @@ def details(root: str | Path, relative: str, launches: dict[str, str] | None = N
                      if p.is_file()), None)
     if log_file is None and launch_log is not None and launch_log.is_file():
         log_file = launch_log
-    return Details(entry, report, plots, recipe_file.read_text(), tail(log_file, log_lines) if log_file else "",
-                   log_file)
+    return Details(entry, report, plots, recipe_file.read_text(errors="replace"),
+                   tail(log_file, log_lines) if log_file else "", log_file)
 
 
 def strip_images(markdown: str) -> str:
@@ -265,7 +284,7 @@ def tail(path: Path, lines: int = 40, max_bytes: int = 64_000) -> str:
 def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return {}
     return data if isinstance(data, dict) else {}
 

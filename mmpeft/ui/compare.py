@@ -24,12 +24,16 @@ def comparison_rows(root: str | Path, selected: list[str]) -> list[dict]:
     rows: list[dict] = []
     for relative in selected:
         folder = inside(root, relative)
-        if (folder / GRID_RECIPE).is_file():
-            rows += _grid_rows(folder, relative)
-        elif (folder / METRICS_FILE).is_file():
-            rows.append(_run_row(folder, relative))
-        else:
-            rows.append({"row": relative, "note": "not finished: no numbers yet"})
+        try:
+            if (folder / GRID_RECIPE).is_file():
+                rows += _grid_rows(folder, relative)
+            elif (folder / METRICS_FILE).is_file():
+                rows.append(_run_row(folder, relative))
+            else:
+                rows.append({"row": relative, "note": "not finished: no numbers yet"})
+        except (OSError, ValueError, AttributeError, TypeError) as error:  # a hand-edited or truncated file
+            what = "summary.json" if (folder / GRID_RECIPE).is_file() else METRICS_FILE
+            rows.append({"row": relative, "note": f"damaged: its {what} cannot be read ({type(error).__name__})"})
     return rows
 
 

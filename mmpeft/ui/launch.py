@@ -24,7 +24,7 @@ from mmpeft import validation
 from mmpeft.core.io import write_json, write_text
 from mmpeft.core.schema import RecipeError
 from mmpeft.runs.folder import METRICS_FILE
-from mmpeft.ui.catalog import UI_DIR, inside
+from mmpeft.ui.catalog import UI_DIR, OutsideError, inside
 from mmpeft.validation import recipe_command
 
 RESUME_COMMANDS = {"run": "run", "cell": "run", "continual": "continual", "compare": "compare", "fewshot": "fewshot",
@@ -90,6 +90,14 @@ class Launcher:
         if not checked.ok:
             return checked
         folder = checked.output_name or f"{checked.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        out_dir = ((yaml.safe_load(checked.resolved) or {}).get("output") or {}).get("dir") or self.runs_dir
+        try:  # output.dir / output.name from the recipe or an override: the run folder must be under RUNS_DIR
+            target = Path(os.path.abspath(Path(out_dir).expanduser() / folder))  # as the launch (same cwd) sees it
+            folder = inside(self.runs_dir, target).relative_to(self.runs_dir).as_posix()
+        except OutsideError as error:
+            checked.problems.append(f"output: the run folder {error}; a launch writes under RUNS_DIR only (leave "
+                                    "output.dir out, and make output.name a plain folder name)")
+            return checked
         if (self.runs_dir / folder).exists():
             checked.problems.append(f"output.name: {folder!r} already exists under {self.runs_dir}; choose another "
                                     f"output.name (or continue it from the Runs tab)")
@@ -166,6 +174,9 @@ class Launcher:
         """SIGINT to the launch writing `folder`: the run saves its checkpoint and exits; `--resume` continues it."""
         for record in self.launches():
             if record["folder"] == folder and record["status"] == "running":
-                os.killpg(record["pid"], signal.SIGINT)
+                try:
+                    os.killpg(record["pid"], signal.SIGINT)
+                except ProcessLookupError:  # it ended between the look and the signal
+                    return f"{folder}: its launch (pid {record['pid']}) has already ended"
                 return f"sent SIGINT to {folder} (pid {record['pid']}); continue it later with Resume"
         return f"{folder}: no running launch of this UI writes it"
