@@ -357,3 +357,10 @@ def test_try_it_predicts_on_the_runs_own_test_images_through_mmpeft_predict(ui_r
                                          for r in direct]
     assert bench.predict("../..", None, "", "", 2, picked=files)[1].startswith("**")  # outside: refused, said
     assert "outside" in bench.test_images("../x")[1]
+
+
+def test_report_images_leave_the_markdown_and_inline_thumbnails_become_their_file_names():
+    from mmpeft.ui.catalog import strip_images
+
+    report = "# Run\n![confusion](confusion_matrix.png)\n| image | answer |\n| ![row 0](samples/0.png) | red |"
+    assert strip_images(report) == "# Run\n| image | answer |\n| (samples/0.png) | red |"

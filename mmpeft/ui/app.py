@@ -132,7 +132,7 @@ class Workbench:
         if not source:
             return gr.update(choices=[]), "pick a run first"
         try:
-            data = run_data(read_run(inside(self.runs_dir, source)))
+            data = run_data(read_run(inside(self.runs_dir, source), untrained=True))  # zero-shot runs predict too
         except (ValueError, FileNotFoundError) as error:
             return gr.update(choices=[]), f"**{error}**"
         files = [(f"{Path(e.image).name} ({data.labels.names[e.label]})", str(e.image)) for e in data.test

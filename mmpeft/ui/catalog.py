@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -266,9 +267,14 @@ def details(root: str | Path, relative: str, launches: dict[str, str] | None = N
                    tail(log_file, log_lines) if log_file else "", log_file)
 
 
+INLINE_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)]*)\)")
+
+
 def strip_images(markdown: str) -> str:
-    """Markdown image lines point at files beside report.md, which the page cannot reach: the gallery shows them."""
-    return "\n".join(line for line in markdown.splitlines() if not line.lstrip().startswith("!["))
+    """Markdown images point at files beside report.md, which the page cannot reach: the gallery shows the plots,
+    image lines go, and an image inside a line (a samples table's thumbnail) becomes its file name."""
+    lines = (line for line in markdown.splitlines() if not line.lstrip().startswith("!["))
+    return "\n".join(INLINE_IMAGE.sub(lambda match: f"({match.group(1)})", line) for line in lines)
 
 
 def tail(path: Path, lines: int = 40, max_bytes: int = 64_000) -> str:
