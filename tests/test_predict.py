@@ -257,3 +257,22 @@ def test_an_export_whose_base_moved_predicts_with_base(exported, images, tiny_cl
     assert top1(rows) == top1(mmpeft.predict(folders["adapter"], images / "red")) and len(rows) == 3
     assert main(["predict", str(folders["run"]), str(images / "red"), "--base", str(tiny_clip_dir)]) == 2
     assert "--base is for export folders" in capsys.readouterr().err
+
+
+def test_a_run_folder_predicts_after_its_data_moved(exported, images, tmp_path):
+    """The label set is recorded in the run folder (labels.json): predict does not read the training data again."""
+    import yaml
+
+    run = exported("clip")["run"]
+    moved = tmp_path / "clip"
+    shutil.copytree(run, moved)
+    recipe = yaml.safe_load((moved / "recipe.yaml").read_text())
+    recipe["data"]["path"] = str(tmp_path / "gone")
+    (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert json.loads((moved / "labels.json").read_text())["keys"] == ["blue", "green", "red"]
+    assert top1(mmpeft.predict(moved, images)) == top1(mmpeft.predict(run, images))
+    from mmpeft.data import DataError
+
+    with pytest.raises(DataError, match=r"data.path: image folder .*gone' does not exist"):  # export verifies on it
+        mmpeft.export(moved, tmp_path / "export")
+    assert not (tmp_path / "export").exists()

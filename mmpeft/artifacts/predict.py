@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmpeft.artifacts.loading import MANIFEST, labels_of, load_adapter, read_manifest
-from mmpeft.artifacts.runs import ExportError, read_run, rebuild, run_data
+from mmpeft.artifacts.runs import ExportError, read_run, rebuild, run_labels
 from mmpeft.backbones import Backbone
 from mmpeft.core.io import atomic_path
 from mmpeft.data import LabelSet, load_image
@@ -149,7 +149,7 @@ def open_predictor(source: str | Path, base: str | None = None) -> Predictor:
             raise ExportError(f"base: {source} is a run folder, which loads the base its recipe names "
                               "(backbone.id); --base is for export folders")
         run = read_run(source, untrained=True)  # a zero-shot run predicts with its base
-        labels = run_data(run).labels
+        labels = run_labels(run)
         return Predictor(rebuild(run, labels), labels, list(run.recipe.data.templates))
     if not source.exists():
         raise ExportError(f"{source} does not exist; give a run folder (written by `mmpeft run`) or an export folder "

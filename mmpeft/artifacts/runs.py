@@ -15,7 +15,7 @@ from mmpeft.data import LabelSet, load_data
 from mmpeft.methods import METHODS, Method
 from mmpeft.methods.base import CONFIG_FILE, STATE_FILE
 from mmpeft.runs.build import apply_method, load_base
-from mmpeft.runs.folder import ADAPTER_DIR, HASH_FILE, METRICS_FILE, RECIPE_FILE
+from mmpeft.runs.folder import ADAPTER_DIR, HASH_FILE, LABELS_FILE, METRICS_FILE, RECIPE_FILE
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.specs import Recipe
 
@@ -65,7 +65,7 @@ def read_run(path: str | Path, untrained: bool = False) -> RunFolder:
         raise ExportError(f"{path / METRICS_FILE} is missing: the run did not finish; continue it with "
                           f"`mmpeft run --resume {path}`, then export")
     try:
-        recipe = load_recipe(path / RECIPE_FILE)
+        recipe = load_recipe(path / RECIPE_FILE, data_files=False)  # moved data: predict needs none, export says
     except RecipeError as error:
         raise ExportError(f"{path / RECIPE_FILE} no longer loads (export rebuilds the run from it):\n{error}") from None
     try:
@@ -186,3 +186,17 @@ def rebuild(run: RunFolder, labels: LabelSet, dtype: str | None = None, dequanti
 def run_data(run: RunFolder):
     """The run's data splits and label set, as `mmpeft run` made them (same recipe, same seed)."""
     return load_data(run.recipe.data, run.recipe.seed)
+
+
+def run_labels(run: RunFolder) -> LabelSet:
+    """The run's label set: recorded in the run folder (runs since labels.json), else rebuilt from its data."""
+    path = run.path / LABELS_FILE
+    if not path.is_file():
+        return run_data(run).labels
+    try:
+        labels = json.loads(path.read_text())
+        return LabelSet(labels["keys"], dict(zip(labels["keys"], labels["names"])),
+                        dict(zip(labels["keys"], labels["prompts"])))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ExportError(f"{path} is damaged ({type(error).__name__}: {error}); remove it to rebuild the label set "
+                          "from the run's data") from None

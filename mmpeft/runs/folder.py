@@ -19,7 +19,7 @@ from accelerate.utils import broadcast_object_list
 
 from mmpeft.core.distributed import process_state
 from mmpeft.core.io import OutputError, disk_full, folder_hashes, is_disk_full, write_json, write_text
-from mmpeft.data import DataError
+from mmpeft.data import DataError, LabelSet
 
 if TYPE_CHECKING:
     from mmpeft.backbones import Backbone
@@ -34,6 +34,7 @@ ADAPTER_DIR = "adapter"
 # sha256 of every file of the saved state, written with it: export refuses a state changed after the run.
 HASH_FILE = "mmpeft_hashes.json"
 DATA_FILE = "data.json"  # the splits' fingerprints, written when the data is read: a resume must find the same
+LABELS_FILE = "labels.json"  # the label set (keys, names, prompts): predict needs no data to rebuild it
 LOCK_FILE = ".mmpeft.lock"  # flock-ed by the process writing the run: a second run with the same output.name is refused
 _CLAIMS: dict[tuple[Path, int], int] = {}  # (run folder, thread) -> the open lock file it holds
 
@@ -107,6 +108,13 @@ def release_run_dir(run_dir: Path) -> None:
         os.close(handle)
 
 
+def write_labels(run_dir: Path, labels: LabelSet) -> None:
+    """The run's label set as exports carry it, so the run folder predicts after its data has moved."""
+    if process_state().is_main_process:
+        write_json(run_dir / LABELS_FILE, {"keys": labels.keys, "names": labels.names,
+                                           "prompts": [labels.prompts(i) for i in range(len(labels))]})
+
+
 def check_same_data(run_dir: Path, info: dict, resume: bool) -> None:
     """A new run records its splits' fingerprints; a resumed one must read the same rows into the same splits, or it
     would continue its optimizer and epoch count on other data (a table edited, images added or removed)."""
@@ -135,7 +143,7 @@ def discard_if_nothing_ran(run_dir: Path, command: str = "run") -> bool:
     failure leaves nothing behind; otherwise keep it and say where it is. Returns whether it was removed."""
     if not process_state().is_main_process or not run_dir.is_dir():
         return False
-    if {p.name for p in run_dir.iterdir()} <= {RECIPE_FILE, "train.log", LOCK_FILE, DATA_FILE}:
+    if {p.name for p in run_dir.iterdir()} <= {RECIPE_FILE, "train.log", LOCK_FILE, DATA_FILE, LABELS_FILE}:
         release_run_dir(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
         return True

@@ -12,12 +12,14 @@ import yaml
 
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError, build, did_you_mean, show
-from mmpeft.specs import GENERATIVE_DATA_KEYS, Recipe
+from mmpeft.specs import GENERATIVE_DATA_KEYS, DataSpec, Recipe
 from mmpeft.train.tracking import missing_tracker_problems
 
 
-def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
-    """YAML file or mapping (+ `key.sub=value` overrides) -> validated Recipe; raises RecipeError."""
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None, *,
+                data_files: bool = True) -> Recipe:
+    """YAML file or mapping (+ `key.sub=value` overrides) -> validated Recipe; raises RecipeError.
+    `data_files` False: a data path that no longer exists is no problem (a finished run's recipe, read to predict)."""
     if isinstance(source, Recipe) and not overrides:
         return source
     if isinstance(source, Recipe):
@@ -37,10 +39,10 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict 
     for key, value in parse_overrides(overrides).items():
         set_override(data, key, value)
     data = resolve_presets(data, base_dir)  # an override may name a preset
-    return validate(data, base_dir, label)
+    return validate(data, base_dir, label, data_files)
 
 
-def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
+def validate(data: dict, base_dir: Path, label: str | None = None, data_files: bool = True) -> Recipe:
     from mmpeft.methods import METHODS
 
     problems: list[str] = []
@@ -62,7 +64,7 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
     complete = None not in sections
     if complete:
         recipe = recipe.replace(method=method)
-        problems += _check_files(recipe, base_dir)
+        problems += _check_files(recipe, base_dir, data_files)
         problems += _check_shifts(recipe)
         problems += _check_generative(recipe)
         problems += _check_conversations(recipe)
@@ -74,16 +76,22 @@ def validate(data: dict, base_dir: Path, label: str | None = None) -> Recipe:
     return recipe
 
 
-def _check_files(recipe: Recipe, base_dir: Path) -> list[str]:
+def _data_file_problems(data: DataSpec) -> list[str]:
     problems = []
-    problems += missing_tracker_problems(recipe.train)
-    data = recipe.data
     if data.source in ("folder", "csv", "jsonl", "hf_disk", "captions") and data.path and not Path(data.path).exists():
         problems.append(f"data.path: {data.source} source {data.path!r} does not exist")
     if data.source == "captions" and data.eval_path and not Path(data.eval_path).exists():
         problems.append(f"data.eval_path: captions table {data.eval_path!r} does not exist")
     if data.image_root and not Path(data.image_root).is_dir():
         problems.append(f"data.image_root: folder {data.image_root!r} does not exist")
+    return problems
+
+
+def _check_files(recipe: Recipe, base_dir: Path, data_files: bool = True) -> list[str]:
+    problems = []
+    problems += missing_tracker_problems(recipe.train)
+    if data_files:
+        problems += _data_file_problems(recipe.data)
     output_dir = Path(recipe.output.dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         problems.append(f"output.dir: {recipe.output.dir!r} is a file, not a folder; run folders are created in it")

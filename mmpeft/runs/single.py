@@ -43,6 +43,7 @@ from mmpeft.runs.folder import (
     new_run_dir,
     run_logging,
     save_adapter,
+    write_labels,
 )
 from mmpeft.runs.recipe import load_recipe
 from mmpeft.runs.texts import check_text_lengths
@@ -90,6 +91,7 @@ def execute(recipe: Recipe, run_dir: Path, resume: bool = False, callbacks: tupl
     set_seed(recipe.seed, deterministic=False)
     data = load_data(recipe.data, recipe.seed)
     check_same_data(run_dir, data.info, resume)
+    write_labels(run_dir, data.labels)
     logger.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.info.get("counts", {}).items()))
     method = METHODS.get(recipe.method.name)()
     if not data.info.get("labelled", True) and method.trains and recipe.train.objective != "contrastive":
