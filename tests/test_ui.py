@@ -364,3 +364,17 @@ def test_report_images_leave_the_markdown_and_inline_thumbnails_become_their_fil
 
     report = "# Run\n![confusion](confusion_matrix.png)\n| image | answer |\n| ![row 0](samples/0.png) | red |"
     assert strip_images(report) == "# Run\n| image | answer |\n| (samples/0.png) | red |"
+
+
+def test_the_launch_form_fills_overrides_checked_like_typed_ones(ui_runs_dir):
+    from mmpeft.ui.app import FORM_KEYS, Workbench, form_overrides, form_placeholders
+
+    text = (PROJECT_ROOT / "recipes" / "quickstart.yaml").read_text()
+    placeholders = {key: update["placeholder"] for key, update in zip(FORM_KEYS, form_placeholders(text))}
+    assert placeholders["backbone.id"] == "mmpeft-demo/digits-clip" and placeholders["train.epochs"] == "15"
+    assert form_overrides(["", "ia3", " 3 ", "", "", ""]) == ["method.name=ia3", "train.epochs=3"]
+    bench = Workbench(ui_runs_dir)
+    bad = bench.check(text, "quickstart.yaml", "train.lr=0.01", "", "", "-1", "", "", "")
+    assert "train.epochs: -1 is out of range" in bad
+    good = bench.check(text, "quickstart.yaml", "", "", "", "2", "", "", "")
+    assert "epochs: 2" in good and "out of range" not in good

@@ -6,8 +6,10 @@ from __future__ import annotations
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
+import yaml
 
 import mmpeft
 from mmpeft.artifacts.loading import MANIFEST
@@ -102,17 +104,17 @@ class Workbench:
             return path.read_text(), path.name
         return "", ""
 
-    def check(self, text: str, name: str, overrides: str) -> str:
+    def check(self, text: str, name: str, overrides: str, *form: str) -> str:
         if not text.strip():
             return "**Nothing to check**: pick or upload a recipe."
-        checked, staged = self.launcher.check(text, name or "recipe", overrides.split())
+        checked, staged = self.launcher.check(text, name or "recipe", form_overrides(form) + overrides.split())
         shutil.rmtree(staged.parent, ignore_errors=True)  # only a started recipe keeps its file
         return checked_markdown(checked)
 
-    def start(self, text: str, name: str, overrides: str):
+    def start(self, text: str, name: str, overrides: str, *form: str):
         if not text.strip():
             return "**Nothing to start**: pick or upload a recipe.", self.launch_rows()
-        result = self.launcher.start(text, name or "recipe", overrides.split())
+        result = self.launcher.start(text, name or "recipe", form_overrides(form) + overrides.split())
         if isinstance(result, Checked):
             return checked_markdown(result, "not started: "), self.launch_rows()
         return (f"**started** `{' '.join(result['command'][2:])}` (pid {result['pid']}); it writes "
@@ -232,6 +234,9 @@ def launch_tab(bench: Workbench) -> None:
     name = gr.Textbox(label="Recipe file name", elem_id="recipe-name")
     editor = gr.Code(language="yaml", label="Recipe (edit freely; checked as `mmpeft check` checks it)",
                      interactive=True, elem_id="recipe-editor")
+    with gr.Row():  # the settings people change most, as a form: a filled field is an override
+        form = [gr.Textbox(label=key, placeholder="the recipe's", elem_id=f"form-{key.replace('.', '-')}")
+                for key in FORM_KEYS]
     overrides = gr.Textbox(label="Overrides (key.sub=value, space separated)", elem_id="recipe-overrides")
     with gr.Row():
         check, start = gr.Button("Check", elem_id="check-recipe"), gr.Button("Start", variant="primary",
@@ -241,9 +246,35 @@ def launch_tab(bench: Workbench) -> None:
                             elem_id="launches")
     shipped.change(lambda s: bench.load_recipe_text(s, None), shipped, [editor, name])
     upload.upload(lambda u: bench.load_recipe_text(None, u), upload, [editor, name])
-    check.click(bench.check, [editor, name, overrides], status)
-    start.click(bench.start, [editor, name, overrides], [status, launches])
+    editor.change(form_placeholders, editor, form)
+    check.click(bench.check, [editor, name, overrides, *form], status)
+    start.click(bench.start, [editor, name, overrides, *form], [status, launches])
     gr.Timer(LOG_REFRESH_SECONDS * 2).tick(bench.launch_rows, None, launches)
+
+
+FORM_KEYS = ("backbone.id", "method.name", "train.epochs", "train.lr", "train.batch_size", "output.name")
+
+
+def form_overrides(values: tuple[str, ...] | list[str]) -> list[str]:
+    """The form's filled fields as overrides (checked like any other), before the typed ones."""
+    return [f"{key}={value.strip()}" for key, value in zip(FORM_KEYS, values) if value and value.strip()]
+
+
+def form_placeholders(text: str) -> list:
+    """Each form field shows the recipe's own value (as typed in the editor) as its placeholder."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        data = {}
+    updates = []
+    for key in FORM_KEYS:
+        value: Any = data
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if key == "method.name" and isinstance(data, dict) and isinstance(data.get("method"), str):
+            value = data["method"]  # `method: lora-r8`, a preset
+        updates.append(gr.update(placeholder="the recipe's" if value is None else str(value)))
+    return updates
 
 
 def try_tab(bench: Workbench) -> None:
