@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import threading
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,24 +67,35 @@ def test_threads_claiming_one_run_folder_at_once_get_one_winner(quick, tmp_path)
     assert sorted(p.name for p in won[0].iterdir()) == [RECIPE_FILE]
 
 
+@contextmanager
+def claimed_by_another(folder: Path):
+    """`folder` claimed by a thread for the block, as another process's run or grid driver holds it (flock: as
+    exclusive between threads as between processes)."""
+    claimed, done = threading.Event(), threading.Event()
+
+    def hold():
+        claim_run_dir(folder)
+        claimed.set()
+        done.wait(60)
+        release_run_dir(folder)
+
+    first = threading.Thread(target=hold)
+    first.start()
+    try:
+        claimed.wait(60)
+        yield
+    finally:
+        done.set()
+        first.join()
+
+
 def test_a_second_run_with_the_same_output_name_is_refused_and_touches_nothing(quick, tmp_path, capsys):
     """The first run is another thread holding the claim (flock: as exclusive as between processes)."""
     run_dir = tmp_path / "runs" / "run"
     run_dir.mkdir(parents=True)
     first_recipe = load_recipe(quick).to_yaml()
     (run_dir / RECIPE_FILE).write_text(first_recipe)
-    claimed, done = threading.Event(), threading.Event()
-
-    def first_run():
-        claim_run_dir(run_dir)
-        claimed.set()
-        done.wait(60)
-        release_run_dir(run_dir)
-
-    first = threading.Thread(target=first_run)
-    first.start()
-    try:
-        claimed.wait(60)
+    with claimed_by_another(run_dir):
         assert main(["run", write_recipe(tmp_path, quick)]) == 2
         err = capsys.readouterr().err
         assert f"run folder {run_dir} is in use by another run right now (process {os.getpid()})" in err
@@ -91,9 +104,6 @@ def test_a_second_run_with_the_same_output_name_is_refused_and_touches_nothing(q
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE, RECIPE_FILE]
         with pytest.raises(FileExistsError, match="in use by another run"):  # a resume waits its turn too
             mmpeft.run(None, resume=run_dir)
-    finally:
-        done.set()
-        first.join()
     mmpeft.run(quick)  # once the first run is gone, its folder (nothing finished in it) can be taken over
     assert (run_dir / "metrics.json").is_file() and not (run_dir / LOCK_FILE).exists()
 
@@ -106,18 +116,7 @@ def test_a_second_grid_driver_on_the_same_grid_folder_is_refused_and_touches_not
             "grid": {"methods": ["zero_shot"], "seeds": [0]}}
     grid_dir = tmp_path / "runs" / "g"
     grid_dir.mkdir(parents=True)
-    claimed, done = threading.Event(), threading.Event()
-
-    def first_driver():
-        claim_run_dir(grid_dir)
-        claimed.set()
-        done.wait(60)
-        release_run_dir(grid_dir)
-
-    first = threading.Thread(target=first_driver)
-    first.start()
-    try:
-        claimed.wait(60)
+    with claimed_by_another(grid_dir):
         assert main(["compare", write_recipe(tmp_path, grid)]) == 2
         err = capsys.readouterr().err
         assert (f"grid folder {grid_dir} is in use by another `mmpeft compare` right now (process {os.getpid()})"
@@ -129,9 +128,6 @@ def test_a_second_grid_driver_on_the_same_grid_folder_is_refused_and_touches_not
         with pytest.raises(FileExistsError, match="in use by another `mmpeft search`"):
             mmpeft.search(search)
         assert sorted(p.name for p in grid_dir.iterdir()) == [LOCK_FILE, "search"]
-    finally:
-        done.set()
-        first.join()
     mmpeft.compare(grid)  # once the first driver is gone, the folder is free again
     assert (grid_dir / "results.csv").is_file() and not (grid_dir / LOCK_FILE).exists()
 

@@ -56,22 +56,13 @@ def test_meta_trace_keeps_what_a_real_forward_keeps(kind, method, tiny_clip_dir,
     shape = step_shape(meta, recipe, batch=4)
     planned = trace_step(meta, shape).total
     backbone = built(recipe, labels)
-    params = {p.untyped_storage()._cdata for p in backbone.parameters()}
-    kept: dict[int, int] = {}
-    hold = []
+    ids = torch.zeros(shape.text_rows, shape.text_length, dtype=torch.long)
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in params:
-            kept.setdefault(storage._cdata, storage.nbytes())
-            hold.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        ids = torch.zeros(shape.text_rows, shape.text_length, dtype=torch.long)
+    def step() -> torch.Tensor:
         logits = backbone.classify(torch.randn(4, 3, shape.image_size, shape.image_size), backbone.encode_texts(ids))
-        F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
-    assert planned == sum(kept.values())
+        return F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+
+    assert planned == kept_for_backward(backbone, step)
 
 
 def test_verdict_flips_at_the_planned_total(tiny_clip_dir, color_folder):
