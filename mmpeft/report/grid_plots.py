@@ -33,7 +33,8 @@ def _finish(figure, axes, title: str, xlabel: str, path: Path,
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
+    if axes.get_legend_handles_labels()[0]:  # nothing labelled (a grid of zero-shot cells only): no empty legend
+        axes.legend(fontsize=8, loc="best")
     save_figure(figure, path)
 
 
