@@ -151,7 +151,7 @@ def test_select_metric_loss_is_only_for_conversation_data():
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("data.path=runs/none-{0000..0003}.tar", "4 of 4 shards of 'runs/none-{0000..0003}.tar' do not exist"),
+    ("data.path=runs/none-{0000..0003}.tar", "'runs/none-{0000..0003}.tar': 4 of 4 shards do not exist"),
     ("data.image_column=photo", "photo"),
 ])
 def test_mmpeft_check_reads_caption_and_shard_rows(override, expected, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -25,20 +26,32 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "json")
 
 
-def expand_shards(pattern: str) -> list[str]:
-    """`train-{0000..0009}.tar` (webdataset's brace syntax) or a glob -> existing shard files, in order."""
+REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)  # what webdataset opens besides local files
+
+
+def expand_shards(pattern: str, remote: bool = False, needs: str = "data.source: webdataset") -> list[str]:
+    """`train-{0000..0009}.tar` (webdataset's brace syntax) or a glob -> existing shard files, in order. With
+    `remote` (streams), URLs and `pipe:` commands are taken as written: only reading them can check them."""
     try:
         import braceexpand  # noqa: F401
         import webdataset  # noqa: F401  (the optional extra that brings braceexpand)
     except ImportError:
-        raise DataError("data.source: webdataset needs the webdataset package: pip install 'mmpeft[webdataset]'"
-                        ) from None
-    names = [name for part in expand_braces(pattern) for name in (sorted(glob.glob(part)) or [part])]
-    missing = [name for name in names if not Path(name).is_file()]
+        raise DataError(f"{needs} needs the webdataset package: pip install 'mmpeft[webdataset]'") from None
+
+    def as_written(name: str) -> bool:
+        return remote and is_remote(name)
+
+    names = [name for part in expand_braces(pattern)
+             for name in ([part] if as_written(part) else sorted(glob.glob(part)) or [part])]
+    missing = [name for name in names if not as_written(name) and not Path(name).is_file()]
     if missing:
-        raise DataError(f"data.path: {len(missing)} of {len(names)} shards of {pattern!r} do not exist (first: "
+        raise DataError(f"{pattern!r}: {len(missing)} of {len(names)} shards do not exist (first: "
                         f"{missing[0]!r}){missing_hint(missing[0])}")
     return names
+
+
+def is_remote(url: str) -> bool:
+    return bool(REMOTE.match(url))
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -14,17 +14,14 @@ counting an epoch and skipping to a resume position decode nothing. A label outs
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import logging
 import random
-import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -32,13 +29,12 @@ from tqdm.auto import tqdm
 
 from mmpeft.data.errors import DataError
 from mmpeft.data.images import to_rgb
-from mmpeft.data.shards import IMAGE_EXTENSIONS, expand_braces, missing_hint, read_shards, shared_files
+from mmpeft.data.shards import IMAGE_EXTENSIONS, expand_shards, is_remote, read_shards, shared_files
 from mmpeft.data.sources import Row
 from mmpeft.specs import DataSpec
 
 logger = logging.getLogger("mmpeft")
 
-REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)  # what webdataset opens besides local files
 
 
 @dataclass(frozen=True)
@@ -79,26 +75,9 @@ class StreamCount:
             self.labels.setdefault(label, name)
 
 
-def is_remote(url: str) -> bool:
-    return bool(REMOTE.match(url))
-
-
 def shard_urls(pattern: str) -> list[str]:
-    """Brace-expanded shard names (webdataset's syntax); local ones are globbed and must exist, URLs and `pipe:`
-    commands are taken as written (they can only be checked by reading them)."""
-    try:
-        import braceexpand  # noqa: F401
-        import webdataset  # noqa: F401  (the optional extra that brings braceexpand)
-    except ImportError:
-        raise DataError("data.stream needs the webdataset package: pip install 'mmpeft[webdataset]'") from None
-    names = []
-    for part in expand_braces(pattern):
-        names += [part] if is_remote(part) else (sorted(glob.glob(part)) or [part])
-    missing = [name for name in names if not is_remote(name) and not Path(name).is_file()]
-    if missing:
-        raise DataError(f"{pattern!r}: {len(missing)} of {len(names)} shards do not exist (first: {missing[0]!r})"
-                        f"{missing_hint(missing[0])}")
-    return names
+    """Brace-expanded shard names: local ones globbed and checked, URLs and `pipe:` commands as written."""
+    return expand_shards(pattern, remote=True, needs="data.stream")
 
 
 def check_held_out_apart(spec: DataSpec, urls: list[str]) -> None:
