@@ -5,6 +5,7 @@ model loads, assistant-only labels through the chat template, and LoRA training 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def test_a_saved_table_with_one_image_column_reads_its_text_only_rows(tmp_path, 
 def test_llamafactory_mllm_layout_and_alpaca(tmp_path, colors):
     """LLaMA-Factory's own mllm_demo layout (messages/role/content tags) and an alpaca entry with history."""
     root, _ = colors
-    (tmp_path / "images").symlink_to(root / "images")
+    shutil.copytree(root / "images", tmp_path / "images")
     demo = [{"messages": [{"role": "user", "content": "<image>Who are they?"}, {"role": "assistant", "content": "Two."},
                           {"role": "user", "content": "What are they doing?"},
                           {"role": "assistant", "content": "Playing."}], "images": ["images/red-0.png"]}]
@@ -168,7 +169,7 @@ BAD_LLAVA = [
 def test_each_bad_row_names_its_problem_and_row(colors, tmp_path, record, message):
     root, rows = colors
     good = json.loads(write_llava(tmp_path, rows[:6]).read_text())
-    (tmp_path / "images").symlink_to(root / "images")
+    shutil.copytree(root / "images", tmp_path / "images")
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(good[:3] + [record] + good[3:]))
     error = bad_row_error("llava", path)
@@ -181,7 +182,7 @@ def test_each_bad_row_names_its_problem_and_row(colors, tmp_path, record, messag
 
 def test_bad_rows_reported_together_and_nothing_written(colors, tmp_path):
     root, rows = colors
-    (tmp_path / "images").symlink_to(root / "images")
+    shutil.copytree(root / "images", tmp_path / "images")
     good = json.loads(write_llava(tmp_path, rows[:8]).read_text())
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(good + [r for r, _ in BAD_LLAVA[:4]]))
@@ -382,7 +383,21 @@ def test_mmpeft_check_reads_every_row(tmp_path, capsys, monkeypatch):
     assert main(["check", "recipes/messages-jsonl.yaml"]) == 0
     assert "# data: train 14, val 4, test 6 rows (42 assistant turns, 24 images)" in capsys.readouterr().out
     lines = (PROJECT_ROOT / "recipes/data/conversations/messages.jsonl").read_text().splitlines()
-    (tmp_path / "images").symlink_to(PROJECT_ROOT / "recipes/data/conversations/images")
+    shutil.copytree(PROJECT_ROOT / "recipes/data/conversations/images", tmp_path / "images")
     (tmp_path / "m.jsonl").write_text("\n".join(lines[:5] + [lines[5].replace('"assistant"', '"asistant"')]))
     assert main(["check", "recipes/messages-jsonl.yaml", f"data.path={tmp_path / 'm.jsonl'}"]) != 0
     assert "line 6: messages[1]: unknown role 'asistant' (did you mean 'assistant'?)" in capsys.readouterr().err
+
+
+def test_an_image_linked_from_outside_the_image_root_is_a_bad_row(tmp_path):
+    """As for labelled rows: a symbolic link inside the image root that leads out of it is never opened."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    write_images(outside)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "linked").symlink_to(outside / "images", target_is_directory=True)
+    image = sorted((outside / "images").rglob("*.png"))[0].relative_to(outside / "images")
+    rows = [([("user", "<image>\nWhat colour?"), ("assistant", "red")], [f"linked/{image}"])] * 4
+    message = bad_row_error("llava", write_llava(root, rows))
+    assert "leads through a symbolic link to" in message and "outside the image root" in message

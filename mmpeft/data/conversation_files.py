@@ -15,7 +15,7 @@ from typing import Any
 
 from mmpeft.data.conversations import Conversation, ConversationFormat, DatasetImageAt, parse_record
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import ImageRef, _not_utf8
+from mmpeft.data.sources import ImageRef, _not_utf8, image_under
 
 Parse = Callable[[Any, str, list[ImageRef]], Conversation]
 
@@ -168,10 +168,9 @@ def row_images(value: Any, root: str, key: str | None) -> tuple[list[ImageRef], 
         if not isinstance(item, str) or not item.strip():
             problems.append(f"{key!r}[{i}]: expected an image path, got {item!r:.60}")
             continue
-        resolved = os.path.abspath(os.path.join(root, item.strip()))
-        if os.path.commonpath([resolved, root]) != root:
-            problems.append(f"{key!r}[{i}]: image path {item!r} escapes the image root {root}; set data.image_root "
-                            "to a folder that holds the images")
+        resolved, problem = image_under(root, item.strip())
+        if problem is not None:
+            problems.append(f"{key!r}[{i}]: {problem}; set data.image_root to a folder that holds the images")
             continue
         refs.append(resolved)
     return refs, problems

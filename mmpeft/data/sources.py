@@ -331,12 +331,19 @@ def _make_row(record: dict, source: str, root: str | None, spec: DataSpec) -> Ro
     if URL.match(value):
         return Row("", label, text, source, f"image {value!r:.80} is a URL; image paths name local files: download "
                                             "the images first (img2dataset writes them as files or shards)")
-    resolved = os.path.abspath(os.path.join(root or os.getcwd(), value))
-    if root is not None:
-        if os.path.commonpath([resolved, root]) != root:
-            return Row(resolved, label, text, source, f"image path {value!r} escapes the image root {root}")
-        real, real_root = os.path.realpath(resolved), os.path.realpath(root)  # where the bytes really are
-        if os.path.commonpath([real, real_root]) != real_root:  # a link (to the file or a folder above it) leads out
-            return Row(resolved, label, text, source, f"image path {value!r} leads through a symbolic link to "
-                                                      f"{real}, outside the image root {root}")
-    return Row(resolved, label, text, source, prompt=prompt)
+    if root is None:
+        return Row(os.path.abspath(value), label, text, source, prompt=prompt)
+    resolved, problem = image_under(root, value)
+    return Row(resolved, label, text, source, problem, prompt=prompt)
+
+
+def image_under(root: str, value: str) -> tuple[str, str | None]:
+    """`value` resolved under the image root, and why it may not be read (None: it may): a path that escapes the
+    root, or a symbolic link (to the file, or a folder on the way) that leads outside it."""
+    resolved = os.path.abspath(os.path.join(root, value))
+    if os.path.commonpath([resolved, root]) != root:
+        return resolved, f"image path {value!r} escapes the image root {root}"
+    real, real_root = os.path.realpath(resolved), os.path.realpath(root)  # where the bytes really are
+    if os.path.commonpath([real, real_root]) != real_root:
+        return resolved, f"image path {value!r} leads through a symbolic link to {real}, outside the image root {root}"
+    return resolved, None
