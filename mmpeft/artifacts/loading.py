@@ -107,9 +107,7 @@ def labels_of(manifest: dict):
     """The run's label set as exported (class keys, display names, prompt texts)."""
     from mmpeft.data import LabelSet
 
-    labels = manifest["labels"]
-    return LabelSet(labels["keys"], dict(zip(labels["keys"], labels["names"])),
-                    dict(zip(labels["keys"], labels["prompts"])))
+    return LabelSet.from_dict(manifest["labels"])
 
 
 def export_labels(directory: str | Path):

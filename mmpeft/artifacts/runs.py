@@ -194,9 +194,7 @@ def run_labels(run: RunFolder) -> LabelSet:
     if not path.is_file():
         return run_data(run).labels
     try:
-        labels = json.loads(path.read_text())
-        return LabelSet(labels["keys"], dict(zip(labels["keys"], labels["names"])),
-                        dict(zip(labels["keys"], labels["prompts"])))
+        return LabelSet.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ExportError(f"{path} is damaged ({type(error).__name__}: {error}); remove it to rebuild the label set "
                           "from the run's data") from None

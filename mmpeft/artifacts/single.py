@@ -207,8 +207,7 @@ def manifest_for(run: RunFolder, data, kind: str, fmt: str, base: dict, verifica
         "mmpeft_version": VERSION, "kind": kind, "format": fmt, "source_runs": [str(run.path.resolve())],
         "method": to_plain(run.recipe.method), "backbone": to_plain(run.recipe.backbone),
         "base": {"id": run.recipe.backbone.id, **base},
-        "labels": {"keys": labels.keys, "names": labels.names, "prompts": [labels.prompts(i) for i in
-                                                                           range(len(labels))]},
+        "labels": labels.to_dict(),
         "data": {k: info.get(k) for k in ("source", "where", "classes", "counts")},
         "metrics": [run_scores(run)], "dtype": dtype, "size_bytes": size, "verification": verification,
         "notes": notes, "task": generative_task(run.recipe) if base.get("family") == "generative" else None,

@@ -20,6 +20,15 @@ IGNORE_INDEX = -100  # label value the loss skips: every prompt and padding posi
 
 
 class ConversationInputs:
+    @property
+    def image_token_id(self) -> int | None:
+        """The id written once per image token in the sequence (the config's image_token_id or image_token_index)."""
+        config = self.base_model.config
+        for key in ("image_token_id", "image_token_index"):
+            if isinstance(getattr(config, key, None), int):
+                return getattr(config, key)
+        return None
+
     def encode_conversation(self, messages: list[dict], images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """One whole conversation (chat-template messages, images in order) -> processor tensors with `labels` on
         every assistant turn's tokens (its end-of-turn marker included) and IGNORE_INDEX everywhere else.
@@ -52,8 +61,7 @@ class ConversationInputs:
         """The conversation's first `length` tokens (its end is cut, as other trainers' cutoff does), unless that
         would cut an image's tokens or leave no assistant token: then the row cannot fit."""
         ids = encoded["input_ids"][0]
-        config = self.base_model.config
-        image_token = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+        image_token = self.image_token_id
         where = (ids == image_token).nonzero() if image_token is not None else ids[:0]
         if len(where) and int(where[-1]) >= length:
             raise BackboneError(f"{len(ids)} tokens, its image tokens end at token {int(where[-1]) + 1}: past "

@@ -15,6 +15,7 @@ from mmpeft.data.conversation_data import CONVERSATION_SOURCES
 from mmpeft.data.dataset import Example, ImageCollator, ImageDataset, collate_images
 from mmpeft.data.errors import DataError
 from mmpeft.data.labels import LabelSet
+from mmpeft.data.shards import check_held_out_apart
 from mmpeft.data.shifts import SHIFTS, apply_shifts, parse_shift, shift_label
 from mmpeft.data.sources import DatasetImage, Row, load_image
 from mmpeft.data.splits import examples_fingerprint, k_shot, split_examples
@@ -125,7 +126,7 @@ def _load_stream(spec: DataSpec, seed: int, shifts: tuple[str, ...]) -> DataSpli
     are labelled when the counting pass finds labels in them (or, with data.samples_per_epoch, when the held-out
     shards carry labels); the label set is data.classes, else every label found, naturally sorted."""
     urls = stream.shard_urls(str(spec.path))
-    stream.check_held_out_apart(spec, urls)
+    check_held_out_apart(spec, stream.shard_urls)
     count = stream.count_samples(urls, spec) if spec.samples_per_epoch is None else None
     parts = {"test": stream.held_out_rows(str(spec.eval_path), spec)}
     if spec.val_path is not None:

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from mmpeft.data.errors import DataError
+from mmpeft.data.shards import check_held_out_apart, expand_shards, read_shards
 from mmpeft.data.sources import RawData, Row, _image_root, _make_row, _not_utf8, duplicated_columns
 from mmpeft.specs import DataSpec
 
@@ -26,7 +27,7 @@ def read_caption_source(spec: DataSpec) -> RawData:
     """Rows of `data.path` and, with `data.eval_path`, the held-out rows; labelled only if every part has labels."""
     read = read_caption_table if spec.source == "captions" else _read_shards
     if spec.eval_path is not None:
-        _check_held_out_apart(spec)
+        check_held_out_apart(spec, lambda pattern: [pattern] if spec.source == "captions" else expand_shards(pattern))
     rows, labelled = read(str(spec.path), spec)
     held_out = None
     if spec.eval_path is not None:
@@ -84,20 +85,5 @@ def table_columns(file: Path, columns: list[str], spec: DataSpec) -> DataSpec:
     return dataclasses.replace(spec, **chosen)
 
 
-def _check_held_out_apart(spec: DataSpec) -> None:
-    """data.eval_path must not name the table or a shard of data.path: its rows would be trained on and tested."""
-    from mmpeft.data.shards import expand_shards, shared_files
-
-    def files(pattern: str) -> list[str]:
-        return [pattern] if spec.source == "captions" else expand_shards(pattern)
-
-    problem = shared_files(("data.path", str(spec.path), files(str(spec.path))),
-                           ("data.eval_path", spec.eval_path, files(spec.eval_path)))
-    if problem:
-        raise DataError(problem)
-
-
 def _read_shards(pattern: str, spec: DataSpec) -> tuple[list[Row], bool]:
-    from mmpeft.data.shards import read_shards
-
     return read_shards(pattern, spec)

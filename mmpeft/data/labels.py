@@ -41,6 +41,15 @@ class LabelSet:
             texts = list(prompts.get(key) or [t.format(label=name) for t in templates])
             self._prompts.append(texts)
 
+    def to_dict(self) -> dict:
+        """Keys, names and prompts as a run folder (labels.json) and an export manifest record them."""
+        return {"keys": self.keys, "names": self.names, "prompts": [self.prompts(i) for i in range(len(self))]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LabelSet:
+        """The label set `to_dict` recorded."""
+        return cls(data["keys"], dict(zip(data["keys"], data["names"])), dict(zip(data["keys"], data["prompts"])))
+
     @classmethod
     def from_spec(cls, spec: DataSpec, raw_labels: Iterable[str], default_names: Mapping[str, str] | None = None,
                   *, where: str | None = None, min_classes: int = 1) -> "LabelSet":

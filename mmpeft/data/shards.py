@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
-import re
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 from mmpeft.data.errors import DataError
-from mmpeft.data.sources import Row, ShardImage
+from mmpeft.data.sources import URL, Row, ShardImage
 from mmpeft.specs import DataSpec
+
+logger = logging.getLogger("mmpeft")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "json")
-
-
-REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)  # what webdataset opens besides local files
 
 
 def expand_shards(pattern: str, remote: bool = False, needs: str = "data.source: webdataset") -> list[str]:
@@ -51,7 +51,8 @@ def expand_shards(pattern: str, remote: bool = False, needs: str = "data.source:
 
 
 def is_remote(url: str) -> bool:
-    return bool(REMOTE.match(url))
+    """What webdataset opens besides local files: a URL, or a `pipe:` command."""
+    return url[:5].lower() == "pipe:" or bool(URL.match(url))
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -74,6 +75,21 @@ def missing_hint(name: str) -> str:
     if any(char in name for char in "*?["):
         return "; the glob matches no file"
     return ""
+
+
+def check_held_out_apart(spec: DataSpec, files: Callable[[str], list[str]]) -> None:
+    """The held-out patterns (data.eval_path, data.val_path) share no file with data.path (`files` lists a
+    pattern's files): a shared one would be trained on and scored as held out (a DataError). Validation files that
+    are test files are only warned about: the best epoch is then picked on the test data."""
+    training = ("data.path", str(spec.path), files(str(spec.path)))
+    held_out = [(f"data.{key}", getattr(spec, key), files(getattr(spec, key)))
+                for key in ("eval_path", "val_path") if getattr(spec, key) is not None]
+    for part in held_out:
+        problem = shared_files(training, part)
+        if problem:
+            raise DataError(problem)
+    if len(held_out) == 2 and (problem := shared_files(*held_out)):
+        logger.warning("%s", problem)
 
 
 def shared_files(first: tuple[str, str, list[str]], second: tuple[str, str, list[str]]) -> str | None:

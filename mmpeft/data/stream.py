@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mmpeft.data.errors import DataError
 from mmpeft.data.images import to_rgb
-from mmpeft.data.shards import IMAGE_EXTENSIONS, expand_shards, is_remote, read_shards, shared_files
+from mmpeft.data.shards import IMAGE_EXTENSIONS, expand_shards, is_remote, read_shards
 from mmpeft.data.sources import Row
 from mmpeft.specs import DataSpec
 
@@ -78,21 +78,6 @@ class StreamCount:
 def shard_urls(pattern: str) -> list[str]:
     """Brace-expanded shard names: local ones globbed and checked, URLs and `pipe:` commands as written."""
     return expand_shards(pattern, remote=True, needs="data.stream")
-
-
-def check_held_out_apart(spec: DataSpec, urls: list[str]) -> None:
-    """The held-out patterns (data.eval_path, data.val_path) share no shard with the training `urls`: a shared shard
-    would be trained on and scored as held out (a DataError). Validation shards that are test shards are only
-    warned about: the best epoch is then picked on the test data."""
-    training = ("data.path", str(spec.path), urls)
-    held_out = [(f"data.{key}", getattr(spec, key), shard_urls(getattr(spec, key)))
-                for key in ("eval_path", "val_path") if getattr(spec, key) is not None]
-    for part in held_out:
-        problem = shared_files(training, part)
-        if problem:
-            raise DataError(problem)
-    if len(held_out) == 2 and (problem := shared_files(*held_out)):
-        logger.warning("%s", problem)
 
 
 def shard_name(url: str) -> str:

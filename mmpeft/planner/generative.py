@@ -122,7 +122,7 @@ def worst_case(meta: MetaBackbone, recipe: Recipe) -> WorstCase:
         prompt = inputs["input_ids"].shape[1]
     else:
         inputs, images, text_note, prompt = _longest_answer(backbone, recipe.data, meta.labels, image)
-    token = _image_token_id(backbone.base_model.config)
+    token = backbone.image_token_id
     tokens = int((inputs["input_ids"] == token).sum()) // max(images, 1) if token is not None and images else 0
     case = WorstCase(inputs, max(image.size), images, tokens, [image_note, text_note] if images else [text_note],
                      prompt)
@@ -179,13 +179,6 @@ def processor_edge(image_processor: Any) -> tuple[int, str]:
 def _size(size: Any, key: str) -> int | None:
     value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
     return int(value) if isinstance(value, (int, float)) and value else None
-
-
-def _image_token_id(config: Any) -> int | None:
-    for key in ("image_token_id", "image_token_index"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    return None
 
 
 def _longest_answer(backbone: GenerativeBackbone, data: DataSpec, labels: LabelSet, image: Image.Image,

@@ -111,8 +111,7 @@ def release_run_dir(run_dir: Path) -> None:
 def write_labels(run_dir: Path, labels: LabelSet) -> None:
     """The run's label set as exports carry it, so the run folder predicts after its data has moved."""
     if process_state().is_main_process:
-        write_json(run_dir / LABELS_FILE, {"keys": labels.keys, "names": labels.names,
-                                           "prompts": [labels.prompts(i) for i in range(len(labels))]})
+        write_json(run_dir / LABELS_FILE, labels.to_dict())
 
 
 def check_same_data(run_dir: Path, info: dict, resume: bool) -> None:
