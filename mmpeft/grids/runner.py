@@ -19,7 +19,7 @@ from mmpeft.grids.base import GRID_RECIPE, Cell, GridKind, GridSpec, kind_of
 from mmpeft.grids.cells import check_finished_cells, write_rows
 from mmpeft.grids.executors import Executor, ProcessExecutor, SequentialExecutor
 from mmpeft.grids.loading import load_setup
-from mmpeft.runs.folder import LOCK_FILE, claim_run_dir, log_to, release_run_dir
+from mmpeft.runs.folder import claim_run_dir, log_to, release_run_dir
 
 logger = logging.getLogger("mmpeft")
 
@@ -53,12 +53,7 @@ def compare(recipe: str | Path | dict | None, overrides: list[str] | dict | None
 def claimed(grid_dir: Path, command: str) -> Iterator[None]:
     """Hold the grid folder's lock while this driver runs (the OS drops it if the process dies): a second driver
     on the same folder (`mmpeft compare/search` with the same output.name, or a `--resume`) is refused, not mixed in."""
-    try:
-        claim_run_dir(grid_dir)
-    except FileExistsError:
-        holder = (grid_dir / LOCK_FILE).read_text(errors="replace").strip() or "another process"
-        raise FileExistsError(f"grid folder {grid_dir} is in use by another `mmpeft {command}` right now (process "
-                              f"{holder}); wait for it to finish, or give this one another output.name") from None
+    claim_run_dir(grid_dir, "grid folder", f"`mmpeft {command}`")
     try:
         yield
     finally:

@@ -81,8 +81,9 @@ def save_adapter(method: Method, backbone: Backbone, recipe: Recipe, run_dir: Pa
     os.replace(staging, final)
 
 
-def claim_run_dir(run_dir: Path) -> None:
-    """Hold run_dir's lock for this run (the OS drops it if the process dies); refuse a folder another run holds."""
+def claim_run_dir(run_dir: Path, folder: str = "run folder", holder: str = "run") -> None:
+    """Hold run_dir's lock for this run (the OS drops it if the process dies); refuse a folder another run holds.
+    `folder` and `holder` word the refusal (a grid folder held by another `mmpeft compare`)."""
     run_dir = Path(run_dir)
     try:
         handle = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -92,10 +93,11 @@ def claim_run_dir(run_dir: Path) -> None:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.read(handle, 64).decode(errors="replace").strip() or "another process"
+        pid = os.read(handle, 64).decode(errors="replace").strip() or "another process"
         os.close(handle)
-        raise FileExistsError(f"run folder {run_dir} is in use by another run right now (process {holder}); "
-                              "give this run another output.name, or wait for that one to finish") from None
+        raise FileExistsError(f"{folder} {run_dir} is in use by another {holder} right now (process {pid}); "
+                              f"give this {holder.strip('`')} another output.name, or wait for that one to finish"
+                              ) from None
     os.ftruncate(handle, 0)
     os.write(handle, str(os.getpid()).encode())
     _CLAIMS[run_dir, threading.get_ident()] = handle
