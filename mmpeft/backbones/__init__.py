@@ -6,7 +6,7 @@ Adding a family is one module plus one line in the import list below.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import mmpeft.backbones.dual_encoder  # noqa: F401  (registers "dual_encoder")
 import mmpeft.backbones.generative  # noqa: F401  (registers "generative")
@@ -16,8 +16,8 @@ from mmpeft.backbones.loading import from_pretrained
 if TYPE_CHECKING:
     from mmpeft.specs import BackboneSpec
 
-__all__ = ["BACKBONES", "DEMO_BACKBONES", "Backbone", "BackboneError", "detect_family", "family_towers",
-           "load_backbone", "resolve_path", "resolve_towers"]
+__all__ = ["BACKBONES", "DEMO_BACKBONES", "Backbone", "BackboneError", "config_family", "detect_family",
+           "family_towers", "load_backbone", "resolve_path", "resolve_towers"]
 
 
 def resolve_path(spec: BackboneSpec) -> str:
@@ -30,15 +30,19 @@ def resolve_path(spec: BackboneSpec) -> str:
     return str(Path(spec.id).expanduser()) if Path(spec.id).expanduser().is_dir() else spec.id
 
 
+def config_family(config: Any) -> str:
+    """What a model config describes, by its architectures: an image-text-to-text model or a dual encoder."""
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    generative = "ForConditionalGeneration" in architectures or "ForImageTextToText" in architectures
+    return "generative" if generative else "dual_encoder"
+
+
 def detect_family(path: str, spec: BackboneSpec) -> str:
     if spec.family != "auto":
         return spec.family
     from transformers import AutoConfig
 
-    config = from_pretrained(AutoConfig, path, spec)
-    architectures = " ".join(getattr(config, "architectures", None) or [])
-    generative = "ForConditionalGeneration" in architectures or "ForImageTextToText" in architectures
-    family = "generative" if generative else "dual_encoder"
+    family = config_family(from_pretrained(AutoConfig, path, spec))
     if family not in BACKBONES:
         raise BackboneError(f"backbone.id {spec.id!r} looks {family}, which this version cannot load; "
                             f"families: {', '.join(BACKBONES.names())}")

@@ -33,11 +33,10 @@ UNBOUNDED_EDGE = 1024  # the image planned when neither the recipe nor the proce
 
 
 def is_generative_config(spec: BackboneSpec, config: Any) -> bool:
-    """As `detect_family` decides: an explicit family, else a ...ForConditionalGeneration / ...ForImageTextToText."""
-    if spec.family != "auto":
-        return spec.family == "generative"
-    architectures = " ".join(getattr(config, "architectures", None) or [])
-    return "ForConditionalGeneration" in architectures or "ForImageTextToText" in architectures
+    """As `detect_family` decides: an explicit family, else what the config's architectures say."""
+    from mmpeft.backbones import config_family
+
+    return (spec.family if spec.family != "auto" else config_family(config)) == "generative"
 
 
 def build_generative_meta(recipe: Recipe, labels: LabelSet, path: str, config: Any) -> MetaBackbone:

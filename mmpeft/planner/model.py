@@ -55,14 +55,14 @@ class MetaBackbone:
 def build_meta_backbone(recipe: Recipe, labels: LabelSet) -> MetaBackbone:
     """Config -> meta model -> DualEncoder -> method applied (or counted by formula). No weights are read.
     (Generative VLMs: `mmpeft.planner.generative.build_generative_meta`.)"""
+    from mmpeft.backbones import config_family
     from mmpeft.backbones.dual_encoder import DualEncoder, is_dual_encoder
     from mmpeft.methods import METHODS
 
     spec = recipe.backbone
     path, config = load_config(spec)
-    architectures = " ".join(getattr(config, "architectures", None) or [])
-    if spec.family == "generative" or "ForConditionalGeneration" in architectures \
-            or "ForImageTextToText" in architectures:
+    if spec.family == "generative" or config_family(config) == "generative":
+        architectures = " ".join(getattr(config, "architectures", None) or [])
         raise PlanError(f"backbone.id {spec.id!r} is a generative VLM ({architectures or config.model_type}), not "
                         f"a dual encoder (backbone.family: {spec.family}); set backbone.family: generative or auto")
     model = _meta_model(config, spec)
