@@ -256,11 +256,12 @@ def one_line(error: Exception) -> str:
 
 def is_user_error(error: Exception) -> bool:
     from mmpeft.backbones import BackboneError
+    from mmpeft.core.io import OutputError
     from mmpeft.core.schema import RecipeError
     from mmpeft.data import DataError
     from mmpeft.train import TrainingDiverged
 
-    if isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS:
+    if isinstance(error, OutputError) or (isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS):
         return True
     return isinstance(error, (RecipeError, DataError, BackboneError, TrainingDiverged, FileNotFoundError,
                               FileExistsError, ValueError))

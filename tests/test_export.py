@@ -35,6 +35,7 @@ def trained(tmp_path_factory, color_folder, tiny_clip_dir, tiny_siglip_dir):
     methods = {"lora": {"name": "lora", "r": 4, "alpha": 8}, "bottleneck": {"name": "bottleneck",
                                                                            "reduction_factor": 8}}
     specs = {"clip": ("clip", "lora", {}), "clip_b": ("clip", "lora", {"seed": 1}),
+             "clip_two": ("clip", "lora", {"seed": 2, "data": {"classes": ["red", "green"], "on_bad_rows": "skip"}}),
              "siglip": ("siglip", "lora", {}), "bottleneck": ("clip", "bottleneck", {}), "llava": ("llava", "lora", {}),
              "qwen2vl": ("qwen2vl", "lora", {}),
              "clip_4bit": ("clip", "lora", {"backbone": {"id": str(tiny_clip_dir), "quantization": {"bits": 4}}})}
@@ -50,7 +51,8 @@ def trained(tmp_path_factory, color_folder, tiny_clip_dir, tiny_siglip_dir):
                       "method": methods[method], "train": {"epochs": 1, "batch_size": 12, "lr": 0.02,
                                                            "warmup_ratio": 0.0},
                       "eval": {"batch_size": 32, "zero_shot": False}, "output": {"dir": str(root), "name": name},
-                      **extra}
+                      **{k: v for k, v in extra.items() if k != "data"}}
+            recipe["data"].update(extra.get("data", {}))
             if backbone in GENERATIVE_TASK:  # not the defaults: the export must carry them to score the same way
                 recipe["data"].update(GENERATIVE_TASK[backbone])
                 recipe["eval"]["length_normalize"] = True
@@ -241,6 +243,14 @@ def test_weighted_merges_write_an_evaluation_table(trained, tmp_path):
     manifest = json.loads((tmp_path / "ties" / "mmpeft_export.json").read_text())
     assert manifest["merge"] == {"how": "ties", "weights": [0.7, 0.3], "density": 0.6, "seed": 0}
     load_adapter(tmp_path / "ties")  # peft format, checked against its manifest
+
+
+def test_a_merge_of_runs_with_different_label_sets_says_whose_labels_it_predicts_with(trained, tmp_path, capsys):
+    mmpeft.merge([trained("clip"), trained("clip_two")], out=tmp_path / "merged")
+    note = "the source runs have different label sets; `mmpeft predict` on this adapter uses the first run's"
+    assert note in capsys.readouterr().out and note in (tmp_path / "merged" / "README.md").read_text()
+    mmpeft.merge([trained("clip"), trained("clip_b")], out=tmp_path / "same")
+    assert "different label sets" not in capsys.readouterr().out
 
 
 def test_merge_refuses_runs_with_different_bases_or_methods(trained, tmp_path):

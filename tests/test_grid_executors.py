@@ -163,3 +163,20 @@ def test_a_cell_larger_than_the_local_ray_is_refused_not_left_waiting(monkeypatc
             pass
         assert expected in str(caught.value)
     assert calls == ["init", "shutdown"]  # the Ray it started is shut down either way
+
+
+def test_processes_refuse_a_cell_larger_than_the_machine_instead_of_running_one_short_worker(monkeypatch,
+                                                                                            color_recipe, tmp_path):
+    """It used to start one worker with fewer CPUs than asked (the recipe said 8 per cell, the machine had 2)."""
+    from mmpeft.grids.base import kind_of
+    from mmpeft.grids.executors import ProcessExecutor
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    recipe = {**{k: v for k, v in color_recipe.items() if k != "method"},
+              "grid": {"methods": ["zero_shot"], "executor": "processes", "cpus_per_cell": 8}}
+    setup = load_setup(recipe)
+    with pytest.raises(ValueError, match=r"grid.cpus_per_cell: 8 CPUs per cell, but this machine has 2; lower"):
+        ProcessExecutor(setup.grid, kind_of(setup), tmp_path).slots(4)
+    fitting = load_setup({**recipe, "grid": {**recipe["grid"], "cpus_per_cell": 1, "max_parallel": 3}})
+    assert len(ProcessExecutor(fitting.grid, kind_of(fitting), tmp_path).slots(4)) == 2  # two 1-CPU slots on 2 CPUs

@@ -153,18 +153,23 @@ def test_damaged_backbone_weights_are_one_line_and_leave_no_run_folder(quick, ti
     assert not (tmp_path / "runs" / "run").exists()
 
 
-def test_a_read_only_output_folder_is_one_line(quick, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("failure", "said"), [
+    (PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory"), "No such file or directory"),  # /proc/...
+])
+def test_an_output_folder_that_cannot_be_made_is_one_line(quick, tmp_path, monkeypatch, capsys, failure, said):
     real_mkdir = type(tmp_path).mkdir
 
-    def read_only(self, *args, **kwargs):
+    def refused(self, *args, **kwargs):
         if "runs" in self.parts:
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            raise failure
         return real_mkdir(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(tmp_path), "mkdir", read_only)
+    monkeypatch.setattr(type(tmp_path), "mkdir", refused)
     assert main(["run", write_recipe(tmp_path, quick)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot write ") and "Permission denied; choose a writable folder" in err
+    assert err.startswith(f"error: cannot create the run folder {tmp_path / 'runs'}")
+    assert f"{said}; choose a writable output.dir" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 

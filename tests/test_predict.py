@@ -209,14 +209,18 @@ def test_predict_api_refuses_bad_arguments_clearly(arguments, error, fragment, e
     assert fragment in str(raised.value)
 
 
-def test_predict_source_that_does_not_exist_and_unreadable_image_messages(tmp_path):
+def test_predict_source_that_does_not_exist_and_unreadable_image_messages(tmp_path, capsys):
     from mmpeft.artifacts.predict import iter_labels_file, read_image
 
+    assert main(["predict", str(tmp_path / "missing-run"), str(tmp_path)]) == 2
+    assert "images: no image files" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"images: no image files \(.*\) in .*; give image files or folders"):
+        mmpeft.predict(tmp_path / "missing-run", tmp_path)  # nothing to predict: not an empty success
+    (tmp_path / "zero.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"missing-run does not exist; give a run folder"):
         mmpeft.predict(tmp_path / "missing-run", tmp_path)
     with pytest.raises(ValueError, match=r"only one label \('cat'\)"):  # checked before any model loads
         mmpeft.predict(tmp_path / "missing-run", tmp_path, labels=["cat"])
-    (tmp_path / "zero.png").write_bytes(b"")
     assert read_image(tmp_path / "zero.png")[1].startswith("cannot read image: UnidentifiedImageError: cannot "
                                                             "identify image file")
     (tmp_path / "bom.txt").write_bytes("\ufeffred\nblue\n".encode("utf-8"))  # Windows Notepad's UTF-8

@@ -61,12 +61,23 @@ def merge(run_dirs: list[str | Path], weights: list[float] | None = None, how: M
         table = results_table(rows, how, weights, density)
         write_text(stage / f"{RESULTS}.md", table)
         manifest = write_manifest(stage, manifest)
-        write_text(stage / CARD, model_card(manifest, f"{how} merge of {len(runs)} adapters",
-                                            [f"| merge | `{how}`, weights {weights}"
-                                             f"{f', density {density}' if density is not None else ''} |"]))
+        card_rows = [f"| merge | `{how}`, weights {weights}{f', density {density}' if density is not None else ''} |"]
+        if note := labels_note(runs, data):
+            card_rows.append(f"| labels | {note} |")
+            print(f"note: {note}", flush=True)
+        write_text(stage / CARD, model_card(manifest, f"{how} merge of {len(runs)} adapters", card_rows))
     print(table, flush=True)
     print(f"merged adapter: {out}", flush=True)
     return {**manifest, "out": str(out), "table": rows}
+
+
+def labels_note(runs: list[RunFolder], data: list) -> str | None:
+    """Runs trained on different label sets merge fine (task arithmetic), but the export records one set: say which."""
+    names = [d.labels.names for d in data]
+    if all(n == names[0] for n in names[1:]):
+        return None
+    return (f"the source runs have different label sets; `mmpeft predict` on this adapter uses the first run's "
+            f"({', '.join(names[0])}: {runs[0].path.name}) unless --labels names others")
 
 
 def check_arguments(runs: list[RunFolder], weights: list[float] | None, how: str, density: float | None,

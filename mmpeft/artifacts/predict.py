@@ -134,6 +134,9 @@ def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
             paths.append(item)
         else:
             raise FileNotFoundError(f"image {item} does not exist (give image files or folders of them)")
+    if not paths:  # nothing to predict is a mistake in what was given, not an empty success
+        raise ValueError(f"images: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in "
+                         f"{', '.join(map(str, given))}; give image files or folders that hold some")
     return paths
 
 

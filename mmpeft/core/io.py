@@ -43,6 +43,15 @@ def disk_full(where: str | Path, kept: str = "nothing half-written was left") ->
                                      "and run the command again")
 
 
+def make_output_dir(path: Path, what: str = "run folder") -> None:
+    """mkdir -p, its failure said in one line (a virtual file system such as /proc gave a bare ENOENT)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(error.errno, f"cannot create the {what} {path}: {error.strerror}; choose a writable "
+                                       "output.dir") from None
+
+
 SHARED_CACHES_ENV = "MMPEFT_SHARED_CACHES"  # "1" in grid workers: per-process caches go to the cache folder
 
 

@@ -178,8 +178,11 @@ class ProcessExecutor(Executor):
             if not sets:
                 raise ValueError(f"grid.gpus_per_cell: {per} GPUs per cell, but this machine has {len(gpus)}")
             return [{**threads, "CUDA_VISIBLE_DEVICES": ",".join(map(str, s))} for s in sets[:limit]]
-        count = max(1, len(os.sched_getaffinity(0)) // int(self.grid.cpus_per_cell))
-        return [threads] * min(count, limit)
+        cpus = len(os.sched_getaffinity(0))
+        if self.grid.cpus_per_cell > cpus:  # one worker with fewer CPUs than asked would break the recipe's promise
+            raise ValueError(f"grid.cpus_per_cell: {self.grid.cpus_per_cell:g} CPUs per cell, but this machine has "
+                             f"{cpus}; lower grid.cpus_per_cell (or use grid.executor: ray with a larger cluster)")
+        return [threads] * min(int(cpus // self.grid.cpus_per_cell), limit)
 
     def start(self, cells: list[Cell]) -> None:
         todo = self.unfinished(cells)

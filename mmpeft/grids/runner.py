@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from mmpeft.core.io import write_text
+from mmpeft.core.io import make_output_dir, write_text
 from mmpeft.grids.base import GRID_RECIPE, Cell, GridKind, GridSpec, kind_of
 from mmpeft.grids.cells import check_finished_cells, write_rows
 from mmpeft.grids.executors import Executor, ProcessExecutor, SequentialExecutor
@@ -40,7 +40,7 @@ def compare(recipe: str | Path | dict | None, overrides: list[str] | dict | None
         shared = setup.recipe.recipe if setup.grid.kind == "regularisers" else setup.recipe
         name = shared.output.name or f"{setup.recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
         grid_dir = Path(shared.output.dir) / name
-    grid_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(grid_dir, "grid folder")
     with claimed(grid_dir, command), log_to(grid_dir / "compare.log"):
         try:
             return run_grid(setup, grid_dir)

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING
 from accelerate.utils import broadcast_object_list
 
 from mmpeft.core.distributed import process_state
-from mmpeft.core.io import OutputError, disk_full, folder_hashes, is_disk_full, write_json, write_text
+from mmpeft.core.io import (
+    OutputError,
+    disk_full,
+    folder_hashes,
+    is_disk_full,
+    make_output_dir,
+    write_json,
+    write_text,
+)
 from mmpeft.data import DataError, LabelSet
 
 if TYPE_CHECKING:
@@ -49,7 +57,7 @@ def new_run_dir(recipe: Recipe) -> Path:
     if (run_dir / METRICS_FILE).exists():
         raise FileExistsError(f"run folder {run_dir} already holds a finished run; choose another output.name")
     if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(run_dir)
         claim_run_dir(run_dir)
         if (run_dir / METRICS_FILE).exists():  # finished while this process waited for the claim
             release_run_dir(run_dir)
