@@ -280,3 +280,36 @@ def test_a_run_folder_predicts_after_its_data_moved(exported, images, tmp_path):
     with pytest.raises(DataError, match=r"data.path: image folder .*gone' does not exist"):  # export verifies on it
         mmpeft.export(moved, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_a_caption_only_run_predicts_given_labels_and_exports(tmp_path, images, capsys, monkeypatch):
+    """Caption-only data has no classes: predict used to crash in the tokenizer (IndexError) on the empty label set,
+    and export crashed the same way in its verification, then refused the run as damaged (no test accuracy)."""
+    from mmpeft.core.io import PROJECT_ROOT
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    mmpeft.run(PROJECT_ROOT / "recipes" / "captions-clip.yaml",
+               ["train.epochs=1", "eval.zero_shot=false", f"output.dir={tmp_path}", "output.name=cap"])
+    run, merged = tmp_path / "cap", tmp_path / "cap-merged"
+    assert main(["predict", str(run), str(images / "red")]) == 2
+    assert "was trained on caption-only data, which has no classes to score" in capsys.readouterr().err
+    mmpeft.export(run, merged, how="merged")
+    card = (merged / "README.md").read_text()
+    assert "name: test image->text R@1 (cap)" in card and "fine-tuned R@1" in card
+    given = ["a red square", "a blue circle"]
+    assert top1(mmpeft.predict(run, images, labels=given)) == top1(mmpeft.predict(merged, images, labels=given))
+
+
+def test_a_conversation_run_answers_and_scores_given_labels(tmp_path, images, monkeypatch):
+    """A run on conversation data has no label set to read: predict used to stop reading its data again
+    ("holds conversations, not labelled images")."""
+    from mmpeft.core.io import PROJECT_ROOT
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    mmpeft.run(PROJECT_ROOT / "recipes" / "messages-jsonl.yaml",
+               ["train.epochs=1", "eval.generate=false", "eval.zero_shot=false", f"output.dir={tmp_path}",
+                "output.name=chat"])
+    rows = mmpeft.predict(tmp_path / "chat", images / "red", question="What colour is this image?")
+    assert len(rows) == 3 and all(isinstance(row["answer"], str) for row in rows)
+    rows = mmpeft.predict(tmp_path / "chat", images / "red", labels=["red", "green"])
+    assert all({e["label"] for e in row["labels"]} == {"red", "green"} for row in rows)

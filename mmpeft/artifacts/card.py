@@ -74,7 +74,9 @@ def test_metrics(run: dict) -> list[dict]:
     found = []
     for key, kind, name in (("test", "accuracy", "test accuracy"), ("test_macro_f1", "f1", "test macro-F1"),
                             ("zero_shot", "accuracy", "zero-shot accuracy (before training)"),
-                            ("merged", "accuracy", "merged adapter accuracy")):
+                            ("merged", "accuracy", "merged adapter accuracy"),
+                            ("test_retrieval_r1", "recall", "test image->text R@1"),
+                            ("zero_shot_retrieval_r1", "recall", "zero-shot image->text R@1 (before training)")):
         if run.get(key) is not None:
             found.append({"type": kind, "value": round(float(run[key]), 6), "name": f"{name} ({run['run']})"})
     return found
@@ -87,9 +89,10 @@ def summary_rows(manifest: dict) -> list[tuple[str, str]]:
         counts = ", ".join(f"{k} {v}" for k, v in data.get("counts", {}).items())
         rows.append(("data", f"{data.get('source')} `{data.get('where')}`: {data.get('classes')} classes ({counts})"))
     for run in manifest.get("metrics", []):
-        scores = "; ".join(f"{label} accuracy {run[key]:.4f}" for key, label in
-                           (("zero_shot", "zero-shot"), ("test", "fine-tuned"), ("merged", "merged adapter"))
-                           if run.get(key) is not None)
+        scores = "; ".join(f"{label} {run[key]:.4f}" for key, label in
+                           (("zero_shot", "zero-shot accuracy"), ("test", "fine-tuned accuracy"),
+                            ("merged", "merged adapter accuracy"), ("zero_shot_retrieval_r1", "zero-shot R@1"),
+                            ("test_retrieval_r1", "fine-tuned R@1")) if run.get(key) is not None)
         rows.append((f"test split of `{run['run']}`", scores))
     if manifest.get("dtype"):
         rows.append(("dtype", f"`{manifest['dtype']}`"))

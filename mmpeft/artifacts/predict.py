@@ -181,6 +181,9 @@ def label_names(labels: str | Sequence[str] | None) -> list[str] | None:
 
 def choose_labels(predictor: Predictor, names: list[str] | None, source: str | Path) -> LabelSet:
     """The run's label set, or new labels written with the run's templates (zero-shot on them)."""
+    if names is None and not len(predictor.labels):
+        raise ValueError(f"labels: {source} was trained on caption-only data, which has no classes to score; give "
+                         "the labels to score (--labels a,b,c or --labels-file F; Python: labels=[...])")
     if names is None:
         return predictor.labels
     if predictor.backbone.head is not None:

@@ -12,6 +12,7 @@ from mmpeft.backbones import Backbone
 from mmpeft.core.io import sha256_file
 from mmpeft.core.schema import RecipeError
 from mmpeft.data import LabelSet, load_data
+from mmpeft.data.conversation_data import CONVERSATION_SOURCES
 from mmpeft.methods import METHODS, Method
 from mmpeft.methods.base import CONFIG_FILE, STATE_FILE
 from mmpeft.runs.build import apply_method, load_base
@@ -191,6 +192,8 @@ def run_data(run: RunFolder):
 def run_labels(run: RunFolder) -> LabelSet:
     """The run's label set: recorded in the run folder (runs since labels.json), else rebuilt from its data."""
     path = run.path / LABELS_FILE
+    if run.recipe.data.source in CONVERSATION_SOURCES:  # conversations have no classes (answers, or labels given)
+        return LabelSet([])
     if not path.is_file():
         return run_data(run).labels
     try:

@@ -224,8 +224,20 @@ def generative_task(recipe) -> dict:
 def run_scores(run: RunFolder) -> dict:
     metrics = run.metrics
     test = metrics.get("test")
+    retrieval = metrics.get("retrieval") or {}
+    if isinstance(test, dict) and "skipped" in test and isinstance(retrieval.get("test"), dict):
+        return {"run": run.name, **caption_only_scores(retrieval)}  # caption-only data: retrieval, no classes
     if not isinstance(test, dict) or not all(isinstance(test.get(k), (int, float)) for k in ("accuracy", "macro_f1")):
         raise ExportError(f"{run.path / 'metrics.json'} has no test accuracy and macro_f1 (the model card and merge "
                           "table report them); the run folder is damaged or did not finish its evaluation")
     return {"run": run.name, "zero_shot": (metrics.get("zero_shot") or {}).get("accuracy"),
             "test": metrics["test"]["accuracy"], "test_macro_f1": metrics["test"]["macro_f1"]}
+
+
+def caption_only_scores(retrieval: dict) -> dict:
+    """Image->text R@1 of a caption-only run (no classes: accuracy was not computed), after and before training."""
+    def r1(stage: str):
+        return ((retrieval.get(stage) or {}).get("image_to_text") or {}).get("R@1")
+
+    return {"zero_shot": None, "test": None, "test_macro_f1": None, "test_retrieval_r1": r1("test"),
+            "zero_shot_retrieval_r1": r1("zero_shot")}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mmpeft.artifacts.runs import ExportError
+from mmpeft.data import LabelSet
 
 logger = logging.getLogger("mmpeft")
 
@@ -34,8 +35,15 @@ class Probe:
 
 
 def make_probe(data) -> Probe:
+    """The first test images and the run's label set; caption-only data has no classes, so its texts are the
+    distinct captions of those images."""
     dataset = data.dataset("test")
-    return Probe([dataset[i]["image"] for i in range(min(PROBE_IMAGES, len(dataset)))], data.labels)
+    items = [dataset[i] for i in range(min(PROBE_IMAGES, len(dataset)))]
+    labels = data.labels
+    if not len(labels):
+        captions = dict.fromkeys(item["text"] for item in items if item.get("text"))
+        labels = LabelSet(list(captions), templates=("{label}",))
+    return Probe([item["image"] for item in items], labels)
 
 
 @torch.no_grad()

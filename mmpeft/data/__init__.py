@@ -71,7 +71,7 @@ def load_data(spec: DataSpec, seed: int) -> DataSplits:
     check_augment(spec.augment)
     if spec.source in CONVERSATION_SOURCES:
         raise DataError(f"data.source: {spec.source} holds conversations, not labelled images; so far only "
-                        "`mmpeft run` and `mmpeft check` read them (grids, continual sequences, export and plan "
+                        "`mmpeft run`, `check`, `plan` and `predict` read them (grids, continual sequences and export "
                         "need labelled data)")
     if spec.stream:
         return _load_stream(spec, seed, shifts)
