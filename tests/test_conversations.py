@@ -244,6 +244,11 @@ def test_conversation_files_that_are_not_utf8_or_name_a_bad_file_are_named_error
     assert bad_row_error("llamafactory", info, name="missing") == (
         f"1 problem(s) in {info} entry 'missing': file_name: 'nope.json' does not exist (looked for "
         f"{tmp_path / 'nope.json'}; it is relative to the folder of dataset_info.json)")
+    (tmp_path / "parts").mkdir()  # LLaMA-Factory reads every file of a folder: named, not "not a save_to_disk folder"
+    info.write_text(json.dumps({"folder": {"file_name": "parts", "formatting": "sharegpt"}}))
+    assert "file_name: 'parts' is a folder of files" in bad_row_error("llamafactory", info, name="folder")
+    assert bad_row_error("llamafactory", tmp_path, name="ok") == (  # was: "cannot write ...: Is a directory"
+        f"data.path: {tmp_path} is a folder; data.source: llamafactory reads a dataset_info.json file: give {info}")
 
 
 def test_a_system_prompt_or_alpaca_input_that_is_not_text_is_a_bad_row(tmp_path):

@@ -56,6 +56,10 @@ class LlamaFactoryEntry:
 def read_entry(info_path: Path, name: str | None) -> LlamaFactoryEntry:
     """The entry `name` of a dataset_info.json; every problem with it is reported in one DataError."""
     where = f"{info_path}"
+    if info_path.is_dir():
+        inside = info_path / "dataset_info.json"
+        raise DataError(f"data.path: {where} is a folder; data.source: llamafactory reads a dataset_info.json file: "
+                        + (f"give {inside}" if inside.is_file() else "give the path of one"))
     try:
         info = json.loads(read_text(info_path))
     except FileNotFoundError:
@@ -77,6 +81,10 @@ def read_entry(info_path: Path, name: str | None) -> LlamaFactoryEntry:
     if isinstance(file_name, str) and file_name.strip() and not (info_path.parent / file_name).exists():
         problems.append(f"file_name: {file_name!r} does not exist (looked for {info_path.parent / file_name}; it is "
                         "relative to the folder of dataset_info.json)")
+    elif isinstance(file_name, str) and file_name.strip() and _plain_folder(info_path.parent / file_name):
+        problems.append(f"file_name: {file_name!r} is a folder of files ({info_path.parent / file_name}), which "
+                        "LLaMA-Factory reads file by file and mmpeft does not; name one JSON/JSONL file (or a "
+                        "folder saved by datasets' save_to_disk)")
     if problems:
         raise DataError(f"{len(problems)} problem(s) in {where} entry {name!r}: " + "; ".join(problems))
     formatting = entry.get("formatting", "alpaca")
@@ -85,6 +93,11 @@ def read_entry(info_path: Path, name: str | None) -> LlamaFactoryEntry:
     tags = {**TAG_DEFAULTS, **(entry.get("tags") or {})}
     return LlamaFactoryEntry(name, info_path.parent / file_name, formatting, columns, tags,
                              entry.get("split", "train"))
+
+
+def _plain_folder(path: Path) -> bool:
+    """A folder that is not a `datasets` save_to_disk folder (those hold state.json or dataset_dict.json)."""
+    return path.is_dir() and not any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
 
 
 def _entry_problems(entry: dict, where: str) -> list[str]:
