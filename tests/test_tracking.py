@@ -117,6 +117,27 @@ def test_mlflow_and_wandb_offline_hold_the_recipe_metrics_and_artifacts(color_re
 
 
 @pytest.mark.skipif(not HAS_TRACKERS, reason="needs mlflow and wandb (pip install 'mmpeft[mlflow,wandb]')")
+def test_the_cells_of_a_real_grid_are_runs_of_one_experiment_named_after_it(color_recipe, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    store = tmp_path / "mlruns"
+    train = {**color_recipe["train"], "epochs": 1, "log_with": ["mlflow", "wandb"], "tracking_uri": str(store)}
+    grid = {**{k: v for k, v in color_recipe.items() if k != "method"}, "name": "colors-grid", "train": train,
+            "grid": {"methods": ["lora", "bitfit"], "seeds": [0]}, "output": {"dir": str(tmp_path / "runs")}}
+    mmpeft.compare(grid)
+    mlflow.set_tracking_uri(store.resolve().as_uri())
+    runs = mlflow.search_runs(experiment_names=["colors-grid"])
+    assert sorted(runs["tags.mlflow.runName"]) == ["bitfit-seed0", "lora-seed0"]
+    offline_runs = sorted((tmp_path / "runs").glob("colors-grid-*/cells/*/tracking/wandb/offline-run-*"))
+    assert len(offline_runs) == 2
+    for offline in offline_runs:
+        (run,) = wandb_records(next(offline.glob("*.wandb")))["run"]
+        assert (run.project, run.run_group) == ("colors-grid", "colors-grid")
+
+
+@pytest.mark.skipif(not HAS_TRACKERS, reason="needs mlflow and wandb (pip install 'mmpeft[mlflow,wandb]')")
 def test_a_run_that_fails_in_training_is_marked_failed(color_recipe, tmp_path, monkeypatch):
     import mlflow
 
