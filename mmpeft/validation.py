@@ -17,7 +17,9 @@ from mmpeft.data.conversation_data import CONVERSATION_SOURCES, load_conversatio
 from mmpeft.grids import GRID_KINDS, load_compare_recipe, load_fewshot_recipe
 from mmpeft.grids.base import COMMAND_KINDS
 from mmpeft.grids.search_space import load_search_setup
+from mmpeft.methods import METHODS
 from mmpeft.runs.recipe import load_recipe, read_yaml
+from mmpeft.runs.single import unlabelled_message
 from mmpeft.sequences.tasks import load_continual_recipe
 from mmpeft.specs import Recipe
 
@@ -81,6 +83,8 @@ def data_notes(recipe: Recipe) -> str:
     raw = read_rows(spec)
     if not raw.rows:
         raise DataError(f"no rows found in {raw.where} (data.source: {spec.source})")
+    if not raw.labelled and recipe.train.objective != "contrastive" and METHODS.get(recipe.method.name)().trains:
+        raise DataError(unlabelled_message({"where": raw.where}, recipe))  # as `run` refuses it, before any model
     classes = len({row.label for row in raw.rows if row.label is not None})
     held_out = f" (+ {len(raw.held_out)} held out)" if raw.held_out else ""
     what = f"{classes} classes" if raw.labelled else "captions only"

@@ -121,9 +121,17 @@ def test_caption_table_errors_name_the_fix(tmp_path, tiny_clip_dir):
     empty.write_text("filepath\ttitle\n" + f"{rows[0][0]}\t\n" + "".join(f"{n}\t{c}\n" for n, c, _ in rows[1:]))
     with pytest.raises(DataError, match="line 2: .*empty caption column 'title'"):
         load_data(load_recipe({"method": "zero_shot", "data": {"source": "captions", "path": str(empty)}}).data, 0)
+    classify = caption_recipe({"source": "captions", "path": str(renamed), "text_column": "caption"},
+                              tiny_clip_dir, tmp_path, objective="classification")
     with pytest.raises(DataError, match="caption-only.*train.objective: contrastive"):
-        mmpeft.run(caption_recipe({"source": "captions", "path": str(renamed), "text_column": "caption"},
-                                  tiny_clip_dir, tmp_path, objective="classification"))
+        mmpeft.run(classify)
+    import yaml
+
+    from mmpeft.validation import check_recipe
+
+    (tmp_path / "classify.yaml").write_text(yaml.safe_dump(classify))
+    with pytest.raises(DataError, match="caption-only.*train.objective: contrastive"):  # `mmpeft check` said fine
+        check_recipe(tmp_path / "classify.yaml")
 
 
 def test_a_wrong_separator_a_foreign_encoding_and_a_held_out_training_table_are_named(tmp_path):
