@@ -221,6 +221,11 @@ def test_predict_source_that_does_not_exist_and_unreadable_image_messages(tmp_pa
         mmpeft.predict(tmp_path / "missing-run", tmp_path)
     with pytest.raises(ValueError, match=r"only one label \('cat'\)"):  # checked before any model loads
         mmpeft.predict(tmp_path / "missing-run", tmp_path, labels=["cat"])
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "recipe.yaml").write_text("method: lora\n")
+    with pytest.raises(ValueError, match=r"metrics.json is missing: the run did not finish; continue it with "
+                                         r"`mmpeft run --resume .*unfinished`, then export or predict with it"):
+        mmpeft.predict(tmp_path / "unfinished", tmp_path)
     assert read_image(tmp_path / "zero.png")[1].startswith("cannot read image: UnidentifiedImageError: cannot "
                                                             "identify image file")
     (tmp_path / "bom.txt").write_bytes("\ufeffred\nblue\n".encode("utf-8"))  # Windows Notepad's UTF-8

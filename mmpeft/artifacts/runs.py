@@ -64,7 +64,7 @@ def read_run(path: str | Path, untrained: bool = False) -> RunFolder:
         raise ExportError(f"{path / RECIPE_FILE} is missing: {path} is not a run folder written by `mmpeft run`")
     if not (path / METRICS_FILE).is_file():
         raise ExportError(f"{path / METRICS_FILE} is missing: the run did not finish; continue it with "
-                          f"`mmpeft run --resume {path}`, then export")
+                          f"`mmpeft run --resume {path}`, then export or predict with it")
     try:
         recipe = load_recipe(path / RECIPE_FILE, data_files=False)  # moved data: predict needs none, export says
     except RecipeError as error:
