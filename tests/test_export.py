@@ -155,6 +155,9 @@ def test_model_cards_start_with_hugging_face_metadata(trained, color_folder, tmp
     accuracy = meta["model-index"][0]["results"][0]["metrics"][0]
     assert accuracy["type"] == "accuracy" and accuracy["value"] == pytest.approx(merged["metrics"][0]["test"])
     assert meta["datasets"] == [meta["model-index"][0]["results"][0]["dataset"]["name"]]
+    from mmpeft.artifacts.card import data_name  # the built-in digits: their name, not this machine's cache folder
+
+    assert data_name({"source": "digits", "where": "/root/.cache/mmpeft/datasets/digits"}) == "digits"
     if importlib.util.find_spec("huggingface_hub"):
         from huggingface_hub import ModelCard
 

@@ -67,7 +67,9 @@ def data_name(data: dict) -> str | None:
     where = data.get("where")
     if not where:
         return None
-    return str(where) if data.get("source") in ("hf", "digits") else PurePath(str(where)).name or str(where)
+    if data.get("source") == "digits":  # built-in; `where` is this machine's cache folder, not a name to publish
+        return "digits"
+    return str(where) if data.get("source") == "hf" else PurePath(str(where)).name or str(where)
 
 
 def test_metrics(run: dict) -> list[dict]:
