@@ -291,6 +291,14 @@ def test_recipe_refuses_keys_that_cannot_apply(colors):
                      "data": {"source": "llamafactory", "path": path}})
     with pytest.raises(DataError, match="holds conversations"):
         load_data(spec("llava", Path(path)), seed=0)
+    with pytest.raises(RecipeError) as caught:  # were read by nothing, silently
+        load_recipe({"method": "lora", "train": {"objective": "generative"},
+                     "data": {"source": "messages", "path": path, "image_column": "pictures", "text_column": "answer",
+                              "templates": ["a {label}"]}})
+    text = str(caught.value)
+    assert "data.image_column: conversation rows keep their images where their format does" in text
+    assert "data.text_column: applies to labelled and caption data, not conversations" in text
+    assert "data.templates: applies to labelled" in text
 
 
 # --- assistant-only labels through each model's own chat template -------------------------------------------------

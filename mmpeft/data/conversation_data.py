@@ -42,6 +42,14 @@ def conversation_spec_problems(spec: DataSpec) -> list[str]:
     for key in ("shift", "eval_shifts"):
         if getattr(spec, key):
             problems.append(f"data.{key}: image shifts are not applied to conversations; remove it")
+    if spec.image_column != defaults.image_column:  # a dataset's own image column name is not read from it
+        problems.append(f"data.image_column: conversation rows keep their images where their format does ('image' in "
+                        "LLaVA-Instruct, 'images' in ShareGPT and messages; llamafactory: the entry's columns); "
+                        f"remove it for data.source: {spec.source}")
+    for key in ("label_column", "text_column", "prompt_column", "templates", "separator"):
+        if getattr(spec, key) != getattr(defaults, key):
+            problems.append(f"data.{key}: applies to labelled and caption data, not conversations (their turns hold "
+                            f"the text); remove it for data.source: {spec.source}")
     if spec.augment != defaults.augment:
         problems.append("data.augment: augmentation is not applied to conversations; remove it")
     if spec.source == "llamafactory" and spec.name is None:
