@@ -414,3 +414,39 @@ def test_an_image_linked_from_outside_the_image_root_is_a_bad_row(tmp_path):
     rows = [([("user", "<image>\nWhat colour?"), ("assistant", "red")], [f"linked/{image}"])] * 4
     message = bad_row_error("llava", write_llava(root, rows))
     assert "leads through a symbolic link to" in message and "outside the image root" in message
+
+
+def test_the_readme_your_data_examples_read_as_written(tmp_path):
+    """README "Your data": each file shown there, written as shown, reads with the recipe keys of its table row."""
+    from mmpeft.data import read_rows
+
+    text = (PROJECT_ROOT / "README.md").read_text().split("What each file looks like", 1)[1].split("```")[1]
+    lines = [line for line in text.splitlines() if line.strip()]
+    shown: dict[str, list[str]] = {}  # file -> its example lines
+    for line in lines:
+        if line.startswith("  "):
+            shown[next(reversed(shown))].append(line.strip())
+        else:
+            shown[line.split()[0].rstrip(",:")] = []
+    for image in ("images/coco/1.jpg", "images/a.png", "data/images/a.png", "images/0001.jpg"):
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 8), (200, 20, 20)).save(tmp_path / image)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data/dataset_info.json").write_text(shown["data/dataset_info.json"][0])
+    rows = {"llava.json": json.loads(shown["llava.json"][0]),
+            "data/mine.json": json.loads(shown["data/dataset_info.json"][1])}
+    for name, row in rows.items():
+        (tmp_path / name).write_text(json.dumps(row * 4))
+    (tmp_path / "train.jsonl").write_text((shown["train.jsonl"][0] + "\n") * 4)
+    split = {"split": {"val": 0.0, "test": 0.5}}
+    for source, path, keys in (("llava", "llava.json", {"image_root": str(tmp_path / "images")}),
+                               ("llamafactory", "data/dataset_info.json", {"name": "mine"}),
+                               ("messages", "train.jsonl", {})):
+        data = load_recipe({"method": "lora", "train": {"objective": "generative"},
+                            "data": {"source": source, "path": str(tmp_path / path), **keys, **split}}).data
+        assert load_conversations(data, seed=0).info["images"]["total"] == 4, source
+    table = "\n".join("\t".join(line.split(maxsplit=1)) for line in shown["train.tsv"]) + "\n"  # tab-separated
+    (tmp_path / "train.tsv").write_text(table)
+    raw = read_rows(load_recipe({"method": "lora", "train": {"objective": "contrastive"},
+                                 "data": {"source": "captions", "path": str(tmp_path / "train.tsv")}}).data)
+    assert [row.text for row in raw.rows] == ["a dog running on the beach"] and not raw.labelled
