@@ -303,6 +303,10 @@ def test_a_caption_only_run_predicts_given_labels_and_exports(tmp_path, images, 
     assert "name: test image->text R@1 (cap)" in card and "fine-tuned R@1" in card
     given = ["a red square", "a blue circle"]
     assert top1(mmpeft.predict(run, images, labels=given)) == top1(mmpeft.predict(merged, images, labels=given))
+    shutil.copytree(run, tmp_path / "cap-again")  # merge scores accuracy: refused up front (was an IndexError)
+    with pytest.raises(ValueError, match="trained on caption-only data, which has no classes; merge scores"):
+        mmpeft.merge([run, tmp_path / "cap-again"], out=tmp_path / "merged-adapter")
+    assert not (tmp_path / "merged-adapter").exists()
 
 
 def test_a_conversation_run_answers_and_scores_given_labels(tmp_path, images, monkeypatch):

@@ -14,10 +14,11 @@ import torch
 
 from mmpeft.artifacts.card import model_card
 from mmpeft.artifacts.loading import CARD, load_adapter, write_manifest
-from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_folder, read_run, run_data
+from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_folder, read_run, run_data, run_labels
 from mmpeft.artifacts.single import base_info, manifest_for, run_scores
 from mmpeft.core.io import atomic_dir, write_json, write_text
 from mmpeft.core.schema import to_plain
+from mmpeft.data.conversation_data import CONVERSATION_SOURCES
 
 logger = logging.getLogger("mmpeft")
 
@@ -38,6 +39,12 @@ def merge(run_dirs: list[str | Path], weights: list[float] | None = None, how: M
     if isinstance(run_dirs, (str, os.PathLike)):
         raise ExportError(f"run_dirs: {str(run_dirs)!r} is one folder; give a list of at least 2 run folders")
     runs = [read_run(path) for path in run_dirs]
+    unlabelled = [str(run.path) for run in runs
+                  if run.recipe.data.source not in CONVERSATION_SOURCES and not len(run_labels(run))]
+    if unlabelled:  # caption-only data: retrieval only, no label set to score the merged adapter with
+        raise ExportError(f"{', '.join(unlabelled)}: trained on caption-only data, which has no classes; merge scores "
+                          "the merged adapter by accuracy on each run's test classes, so it needs runs on labelled "
+                          "data (export each run instead: mmpeft export RUN --out DIR)")
     weights = check_arguments(runs, weights, how, density)
     if how != "linear" and density is None:
         density = DEFAULT_DENSITY
