@@ -37,7 +37,7 @@ def trained(tmp_path_factory, color_folder, tiny_clip_dir, tiny_siglip_dir):
     specs = {"clip": ("clip", "lora", {}), "clip_b": ("clip", "lora", {"seed": 1}),
              "clip_two": ("clip", "lora", {"seed": 2, "data": {"classes": ["red", "green"], "on_bad_rows": "skip"}}),
              "siglip": ("siglip", "lora", {}), "bottleneck": ("clip", "bottleneck", {}), "llava": ("llava", "lora", {}),
-             "qwen2vl": ("qwen2vl", "lora", {}),
+             "qwen2vl": ("qwen2vl", "lora", {}), "untested": ("clip", "lora", {"seed": 3, "eval": {"test": False}}),
              "clip_4bit": ("clip", "lora", {"backbone": {"id": str(tiny_clip_dir), "quantization": {"bits": 4}}})}
 
     def make(name: str):
@@ -51,7 +51,8 @@ def trained(tmp_path_factory, color_folder, tiny_clip_dir, tiny_siglip_dir):
                       "method": methods[method], "train": {"epochs": 1, "batch_size": 12, "lr": 0.02,
                                                            "warmup_ratio": 0.0},
                       "eval": {"batch_size": 32, "zero_shot": False}, "output": {"dir": str(root), "name": name},
-                      **{k: v for k, v in extra.items() if k != "data"}}
+                      **{k: v for k, v in extra.items() if k not in ("data", "eval")}}
+            recipe["eval"].update(extra.get("eval", {}))
             recipe["data"].update(extra.get("data", {}))
             if backbone in GENERATIVE_TASK:  # not the defaults: the export must carry them to score the same way
                 recipe["data"].update(GENERATIVE_TASK[backbone])
@@ -328,3 +329,14 @@ def test_a_linear_merge_is_the_weighted_sum_of_the_runs_lora_changes(trained, tm
     assert merged.keys() == a.keys() and len(a) > 0
     for key in a:
         torch.testing.assert_close(merged[key], 0.7 * a[key] + 0.3 * b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_with_eval_test_false_exports_but_does_not_merge(trained, tmp_path):
+    """Was refused as "the run folder is damaged or did not finish its evaluation" (its metrics have no test split)."""
+    run = trained("untested")
+    mmpeft.export(run, tmp_path / "out", how="merged")
+    assert "not evaluated (eval.test: false)" in (tmp_path / "out" / "README.md").read_text()
+    shutil.copytree(run, tmp_path / "again")
+    with pytest.raises(ValueError, match=r"was not tested \(eval.test: false\): merge compares the merged adapter"):
+        mmpeft.merge([run, tmp_path / "again"], out=tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -95,7 +95,7 @@ def summary_rows(manifest: dict) -> list[tuple[str, str]]:
                            (("zero_shot", "zero-shot accuracy"), ("test", "fine-tuned accuracy"),
                             ("merged", "merged adapter accuracy"), ("zero_shot_retrieval_r1", "zero-shot R@1"),
                             ("test_retrieval_r1", "fine-tuned R@1")) if run.get(key) is not None)
-        rows.append((f"test split of `{run['run']}`", scores))
+        rows.append((f"test split of `{run['run']}`", scores or "not evaluated (eval.test: false)"))
     if manifest.get("dtype"):
         rows.append(("dtype", f"`{manifest['dtype']}`"))
     if manifest.get("size_bytes"):

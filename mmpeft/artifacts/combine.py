@@ -45,6 +45,8 @@ def merge(run_dirs: list[str | Path], weights: list[float] | None = None, how: M
         raise ExportError(f"{', '.join(unlabelled)}: trained on caption-only data, which has no classes; merge scores "
                           "the merged adapter by accuracy on each run's test classes, so it needs runs on labelled "
                           "data (export each run instead: mmpeft export RUN --out DIR)")
+    for run in runs:
+        run_scores(run, tested=True)  # the table compares with them: refused before anything is built
     weights = check_arguments(runs, weights, how, density)
     if how != "linear" and density is None:
         density = DEFAULT_DENSITY

@@ -20,6 +20,7 @@ from mmpeft.core.io import atomic_dir, write_text
 from mmpeft.core.schema import to_plain
 from mmpeft.methods.base import CannotMerge
 from mmpeft.runs.folder import HASH_FILE
+from mmpeft.runs.single import NOT_TESTED
 
 logger = logging.getLogger("mmpeft")
 
@@ -221,9 +222,17 @@ def generative_task(recipe) -> dict:
             "length_normalize": recipe.eval.length_normalize, "max_new_tokens": recipe.eval.max_new_tokens}
 
 
-def run_scores(run: RunFolder) -> dict:
+def run_scores(run: RunFolder, tested: bool = False) -> dict:
+    """The run's test (and zero-shot) scores for the model card; `tested`: refuse a run not tested (merge compares
+    with them), else such a run's card has none."""
     metrics = run.metrics
     test = metrics.get("test")
+    if isinstance(test, dict) and test.get("skipped") == NOT_TESTED:
+        if tested:
+            raise ExportError(f"run {run.path} was not tested (eval.test: false): merge compares the merged adapter "
+                              "with each run's own test scores; run it again with eval.test: true")
+        return {"run": run.name, "zero_shot": (metrics.get("zero_shot") or {}).get("accuracy"), "test": None,
+                "test_macro_f1": None}
     retrieval = metrics.get("retrieval") or {}
     if isinstance(test, dict) and "skipped" in test and isinstance(retrieval.get("test"), dict):
         return {"run": run.name, **caption_only_scores(retrieval)}  # caption-only data: retrieval, no classes
