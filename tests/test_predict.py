@@ -301,6 +301,7 @@ def test_a_caption_only_run_predicts_given_labels_and_exports(tmp_path, images, 
     mmpeft.export(run, merged, how="merged")
     card = (merged / "README.md").read_text()
     assert "name: test image->text R@1 (cap)" in card and "fine-tuned R@1" in card
+    assert "name: image-text retrieval" in card and "name: image classification" not in card
     given = ["a red square", "a blue circle"]
     assert top1(mmpeft.predict(run, images, labels=given)) == top1(mmpeft.predict(merged, images, labels=given))
     shutil.copytree(run, tmp_path / "cap-again")  # merge scores accuracy: refused up front (was an IndexError)

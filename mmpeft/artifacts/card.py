@@ -54,7 +54,8 @@ def front_matter(manifest: dict, title: str) -> str:
     if dataset:
         meta["datasets"] = [dataset]
     scored = [metrics for metrics in (test_metrics(run) for run in manifest.get("metrics", [])) if metrics]
-    results = [{"task": {"type": PIPELINE_TAG[family], "name": "image classification"},
+    results = [{"task": {"type": PIPELINE_TAG[family], "name": "image classification" if any(
+                    m["type"] != "recall" for m in metrics) else "image-text retrieval"},
                 "dataset": {"name": dataset or "unknown", "type": dataset or "unknown", "split": "test"},
                 "metrics": metrics} for metrics in scored]
     if results:
