@@ -40,6 +40,19 @@ def test_a_tracker_that_is_not_installed_is_a_recipe_error_saying_how_to_install
     assert "train.log_with: wandb is not installed; `pip install 'mmpeft[wandb]'`" in str(error.value)
 
 
+@pytest.mark.skipif(not HAS_TRACKERS, reason="needs mlflow and wandb (pip install 'mmpeft[mlflow,wandb]')")
+def test_a_wandb_project_name_wandb_refuses_is_a_recipe_error():
+    """Was a failed start after the run folder was made ("did not start: UsageError", hinting WANDB_MODE=offline)."""
+    with pytest.raises(RecipeError, match=r"train.tracking_experiment: 'team/exp 1' is the W&B project name, which "
+                                          r"contains '/'"):
+        mmpeft.load_recipe({"method": "lora", "train": {"log_with": "wandb", "tracking_experiment": "team/exp 1"}})
+    with pytest.raises(RecipeError, match=r"tracking_experiment \(default: name\): 'v2:a' .* contains ':'"):
+        mmpeft.load_recipe({"name": "v2:a", "method": "lora", "train": {"log_with": ["mlflow", "wandb"]}})
+    with pytest.raises(RecipeError, match="is 129 characters long"):
+        mmpeft.load_recipe({"method": "lora", "train": {"log_with": "wandb", "tracking_experiment": "x" * 129}})
+    mmpeft.load_recipe({"name": "v2:a", "method": "lora", "train": {"log_with": "mlflow"}})  # MLflow takes it
+
+
 @pytest.mark.parametrize("uri, fragment", [
     ("{file}", "{file} is a file, but MLflow's local store is a folder"),
     ("{file}/mlruns", "{file} is a file, but MLflow's local store is a folder"),

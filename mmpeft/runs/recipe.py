@@ -13,7 +13,7 @@ import yaml
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.core.schema import RecipeError, build, did_you_mean, show
 from mmpeft.specs import GENERATIVE_DATA_KEYS, DataSpec, Recipe
-from mmpeft.train.tracking import missing_tracker_problems
+from mmpeft.train.tracking import experiment_problems, missing_tracker_problems
 
 
 def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None, *,
@@ -89,7 +89,7 @@ def _data_file_problems(data: DataSpec) -> list[str]:
 
 def _check_files(recipe: Recipe, base_dir: Path, data_files: bool = True) -> list[str]:
     problems = []
-    problems += missing_tracker_problems(recipe.train)
+    problems += missing_tracker_problems(recipe.train) + experiment_problems(recipe.train, recipe.name)
     if data_files:
         problems += _data_file_problems(recipe.data)
     output_dir = Path(recipe.output.dir).expanduser()

@@ -58,6 +58,24 @@ def missing_tracker_problems(spec: TrainSpec) -> list[str]:
     return problems
 
 
+WANDB_FORBIDDEN = "/\\#?%:"  # W&B refuses a project name with any of these (wandb's own check)
+
+
+def experiment_problems(spec: TrainSpec, recipe_name: str | None) -> list[str]:
+    """W&B's project is `train.tracking_experiment` (default: the recipe's name): one it refuses is a recipe error,
+    not a failed start after the run folder was made."""
+    experiment = spec.tracking_experiment or recipe_name
+    if "wandb" not in trackers_of(spec) or not experiment:
+        return []
+    found = sorted({c for c in experiment if c in WANDB_FORBIDDEN})
+    if not found and len(experiment) <= 128:
+        return []
+    key = "train.tracking_experiment" if spec.tracking_experiment else "train.tracking_experiment (default: name)"
+    why = (f"contains {', '.join(map(repr, found))}" if found else f"is {len(experiment)} characters long")
+    return [f"{key}: {experiment!r} is the W&B project name, which {why}; W&B takes up to 128 characters without "
+            f"{' '.join(WANDB_FORBIDDEN[:-1])} or {WANDB_FORBIDDEN[-1]}; set train.tracking_experiment to such a name"]
+
+
 def store_problems(uri: str) -> list[str]:
     """A local MLflow store (a folder, or a file: URI) must be a folder or creatable as one."""
     if not uri.strip():
