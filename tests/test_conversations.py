@@ -29,7 +29,7 @@ from mmpeft.data import DataError, load_data
 from mmpeft.data.conversation_data import load_conversations
 from mmpeft.data.conversations import chat_messages
 from mmpeft.runs.recipe import load_recipe
-from mmpeft.specs import BackboneSpec, DataSpec
+from mmpeft.specs import BackboneSpec, DataSpec, SplitSpec
 from mmpeft.testing import tiny_backbone
 
 END_OF_TURN = {"llava": "</s>", "qwen2vl": "<|im_end|>"}
@@ -249,6 +249,16 @@ def test_conversation_files_that_are_not_utf8_or_name_a_bad_file_are_named_error
     assert "file_name: 'parts' is a folder of files" in bad_row_error("llamafactory", info, name="folder")
     assert bad_row_error("llamafactory", tmp_path, name="ok") == (  # was: "cannot write ...: Is a directory"
         f"data.path: {tmp_path} is a folder; data.source: llamafactory reads a dataset_info.json file: give {info}")
+
+
+def test_a_conversation_that_opens_with_its_system_prompt_keeps_it_over_the_system_column(tmp_path):
+    """As LLaMA-Factory reads ShareGPT: a first turn with the system tag is the prompt, the `system` column is then
+    not used (was: both, so every such row was refused as "expected a user turn first, got 'system'")."""
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "x"}]
+    (tmp_path / "s.json").write_text(json.dumps([{"conversations": turns, "system": "Other."}] * 4))
+    read = load_conversations(spec("sharegpt", tmp_path / "s.json", split=SplitSpec(val=0, test=0.5)), seed=0)
+    assert [(t.role, t.text) for t in read.train[0].turns] == [("system", "Be brief."), ("user", "Hi"),
+                                                               ("assistant", "x")]
 
 
 def test_a_system_prompt_or_alpaca_input_that_is_not_text_is_a_bad_row(tmp_path):

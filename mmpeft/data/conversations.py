@@ -101,15 +101,17 @@ def parse_record(record: Any, source: str, fmt: ConversationFormat, images: list
         return Conversation((), tuple(images or ()), source, (f"{key!r} must be a non-empty list of turns",))
     problems: list[str] = []
     turns = []
-    system = record.get(fmt.system_key) if fmt.system_key else None
-    if isinstance(system, str) and system.strip():
-        turns.append(Turn("system", system, fmt.system_key))
-    elif system is not None and not isinstance(system, str):  # not silently trained without it
-        problems.append(f"{fmt.system_key!r}: expected the system prompt as a string, got {type(system).__name__}")
     for number, message in enumerate(messages):
         turn = _parse_turn(message, f"{key}[{number}]", fmt, problems)
         if turn is not None:
             turns.append(turn)
+    system = record.get(fmt.system_key) if fmt.system_key else None
+    if turns and turns[0].role == "system" and turns[0].where == f"{key}[0]":
+        pass  # the conversation opens with its system prompt: LLaMA-Factory then ignores the row's system column
+    elif isinstance(system, str) and system.strip():
+        turns.insert(0, Turn("system", system, fmt.system_key))
+    elif system is not None and not isinstance(system, str):  # not silently trained without it
+        problems.append(f"{fmt.system_key!r}: expected the system prompt as a string, got {type(system).__name__}")
     inline = None if images else _inline_image(messages, fmt.content_keys)
     if inline is not None:
         problems.append(f"{key}{inline[0]}: the image named inside the part ({inline[1]!r:.60}) is not read; list "
