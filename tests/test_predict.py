@@ -226,6 +226,10 @@ def test_predict_source_that_does_not_exist_and_unreadable_image_messages(tmp_pa
     with pytest.raises(ValueError, match=r"metrics.json is missing: the run did not finish; continue it with "
                                          r"`mmpeft run --resume .*unfinished`, then export or predict with it"):
         mmpeft.predict(tmp_path / "unfinished", tmp_path)
+    (tmp_path / "grid" / "cells").mkdir(parents=True)  # a grid folder: its cells are the run folders
+    shutil.copytree(tmp_path / "unfinished", tmp_path / "grid" / "cells" / "lora-seed0")
+    with pytest.raises(ValueError, match=r"grid is a grid folder; predict with one of its cells, e.g. .*lora-seed0"):
+        mmpeft.predict(tmp_path / "grid", tmp_path / "zero.png")
     assert read_image(tmp_path / "zero.png")[1].startswith("cannot read image: UnidentifiedImageError: cannot "
                                                             "identify image file")
     (tmp_path / "bom.txt").write_bytes("\ufeffred\nblue\n".encode("utf-8"))  # Windows Notepad's UTF-8

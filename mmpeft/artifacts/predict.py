@@ -157,6 +157,11 @@ def open_predictor(source: str | Path, base: str | None = None) -> Predictor:
     if not source.exists():
         raise ExportError(f"{source} does not exist; give a run folder (written by `mmpeft run`) or an export folder "
                           "(written by `mmpeft export`)")
+    cells = sorted(p.name for p in (source / "cells").glob("*") if (p / RECIPE_FILE).is_file())
+    if cells:  # a compare / fewshot / search grid: each of its cells is a run folder
+        raise ExportError(f"{source} is a grid folder; predict with one of its cells, e.g. "
+                          f"{source / 'cells' / cells[0]} ({len(cells)} cells: {', '.join(cells[:4])}"
+                          f"{', ...' if len(cells) > 4 else ''})")
     raise ExportError(f"{source} is neither a run folder (no {RECIPE_FILE}) nor an export folder (no {MANIFEST}); "
                       "give a folder written by `mmpeft run` or `mmpeft export`")
 
