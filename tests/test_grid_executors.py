@@ -180,3 +180,32 @@ def test_processes_refuse_a_cell_larger_than_the_machine_instead_of_running_one_
         ProcessExecutor(setup.grid, kind_of(setup), tmp_path).slots(4)
     fitting = load_setup({**recipe, "grid": {**recipe["grid"], "cpus_per_cell": 1, "max_parallel": 3}})
     assert len(ProcessExecutor(fitting.grid, kind_of(fitting), tmp_path).slots(4)) == 2  # two 1-CPU slots on 2 CPUs
+
+
+def test_a_worker_that_cannot_see_the_grid_folder_stops_the_grid_in_one_line(monkeypatch, color_folder,
+                                                                             tiny_clip_dir, tmp_path, capsys):
+    """The multi-node check (issue 15: a worker that cannot see the folder fails clearly), seen from a processes
+    worker: the probe file it is given is not there, as on a node without the shared storage. A probe a killed
+    driver left in the folder is removed when the next driver starts."""
+    from mmpeft.cli import main
+    from mmpeft.grids.executors import Executor
+
+    recipe = executor_grid(color_folder, tiny_clip_dir, tmp_path, "processes")
+    recipe["grid"].update(methods=["zero_shot"], seeds=[0], max_parallel=1)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    grid = tmp_path / "processes"
+    grid.mkdir()
+    (grid / ".probe-0123").write_text("a killed driver's")
+    written = Executor.probe_file
+
+    def unseen(self) -> Path:  # written, then gone: what a node without the shared storage sees
+        path = written(self)
+        path.unlink()
+        return path
+
+    monkeypatch.setattr(Executor, "probe_file", unseen)
+    assert main(["compare", str(tmp_path / "recipe.yaml")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: grid folder {grid.resolve()} is not visible from a worker on ")
+    assert "must be on storage every node mounts at the same path" in error
+    assert not (grid / "cells").exists() and not (grid / ".probe-0123").exists()
