@@ -69,6 +69,7 @@ def test_unfinished_folders_read_as_running_interrupted_or_failed(ui_runs_dir, t
         (root / name / "metrics.json").unlink()
     with open(root / "live" / "train.log", "a") as log:
         log.write("2026-01-01 00:00:00 INFO epoch 1: step=3\n")  # no `finished in` yet, written just now
+    (root / "live" / ".mmpeft.lock").write_text("12345")  # held by the run writing it
     (root / "stopped" / "checkpoints" / "last").mkdir(parents=True)  # log closed, a checkpoint to resume from
     old = time.time() - 3600
     os.utime(root / "stopped" / "train.log", (old, old))
@@ -77,6 +78,30 @@ def test_unfinished_folders_read_as_running_interrupted_or_failed(ui_runs_dir, t
     assert statuses == {"live": "running", "stopped": "interrupted", "broken": "failed", "cell-failed": "failed"}
     assert scan(root, {"broken": "running"})[0].status in ("running", "failed")
     assert {e.path: e.status for e in scan(root, {"broken": "running"})}["broken"] == "running"
+
+
+def test_a_grid_whose_cells_run_in_workers_reads_as_running_until_its_driver_lets_go(ui_runs_dir, tmp_path):
+    """Under grid.executor processes/ray the driver's compare.log is quiet while its workers write the cells' logs:
+    such a grid read as `interrupted` after 5 minutes though it was running. And a driver that stopped with an
+    error (its lock file removed) read as `running` for 5 minutes; a run whose process ended likewise."""
+    root = tmp_path / "runs"
+    shutil.copytree(ui_runs_dir / "grid", root / "grid")
+    (root / "grid" / "summary.json").unlink()
+    old = time.time() - 3600
+    os.utime(root / "grid" / "compare.log", (old, old))
+    cell = root / "grid" / "cells" / "bitfit-seed0"
+    (cell / "metrics.json").unlink()
+    with open(cell / "train.log", "a") as log:
+        log.write("2026-01-01 00:00:00 INFO epoch 1: step=3\n")  # its worker writes it now
+    (root / "grid" / ".mmpeft.lock").write_text("12345")
+    assert by_path(root)["grid"].status == "running"
+    (root / "grid" / ".mmpeft.lock").unlink()  # its driver ended
+    assert by_path(root)["grid"].status == "interrupted"
+    shutil.copytree(ui_runs_dir / "lora-run", root / "ended")
+    (root / "ended" / "metrics.json").unlink()
+    with open(root / "ended" / "train.log", "a") as log:
+        log.write("2026-01-01 00:00:00 INFO epoch 1: step=3\n")  # recent, but no process holds the folder
+    assert by_path(root)["ended"].status == "failed"
 
 
 DAMAGES = {  # folder -> (copied from, file, what it is made to hold)
