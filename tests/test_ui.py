@@ -60,6 +60,13 @@ def test_a_search_in_its_trials_lists_them_with_it_and_resumes_as_a_search(ui_ru
     assert (trial.kind, trial.status) == ("trial", "finished")
     assert details(root, "search-colors").recipe.startswith("# mmpeft search")
     assert launch.RESUME_COMMANDS["search"] == "search"
+    (search / "trials" / "000-lora" / "metrics.json").unlink()  # its search's driver was killed in it
+    from mmpeft.ui.app import Workbench
+
+    said = Workbench(root).resume("search-colors/trials/000-lora")  # raised a bare ValueError into the page
+    assert said.startswith("search-colors/trials/000-lora: a search's trial is not resumed on its own: resume its "
+                           "search, search-colors (`mmpeft search --resume ")
+    assert not (root / ".ui" / "launches").exists()  # nothing started
 
 
 def test_unfinished_folders_read_as_running_interrupted_or_failed(ui_runs_dir, tmp_path):

@@ -79,7 +79,10 @@ class Workbench:
         entry = next((e for e in self.entries() if e.path == relative), None)
         if entry is None or entry.status not in ("interrupted", "failed"):
             return f"{relative}: only an interrupted or failed run can be resumed"
-        record = self.launcher.resume(relative, entry.kind)
+        try:
+            record = self.launcher.resume(relative, entry.kind)
+        except ValueError as error:  # a folder that cannot be resumed itself: say what to resume instead
+            return f"{relative}: {error}"
         return f"resumed {relative} (pid {record['pid']})"
 
     def compare(self, selected: list[str] | None):

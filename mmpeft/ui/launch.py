@@ -109,6 +109,10 @@ class Launcher:
         """`mmpeft <command> --resume FOLDER [overrides]`: continues from the folder's last checkpoint."""
         folder = inside(self.runs_dir, relative)
         command = RESUME_COMMANDS.get(kind)
+        if kind == "trial":  # trials/<n>-<label>/ of a search: only the search continues (or retries) it
+            search = folder.parent.parent.relative_to(self.runs_dir).as_posix()
+            raise ValueError(f"a search's trial is not resumed on its own: resume its search, {search} (`mmpeft "
+                             f"search --resume {folder.parent.parent}`)")
         if command is None:
             raise ValueError(f"a {kind} folder cannot be resumed")
         return self._spawn([command, "--resume", str(folder), *(extra or [])],
