@@ -209,3 +209,31 @@ def test_a_worker_that_cannot_see_the_grid_folder_stops_the_grid_in_one_line(mon
     assert error.startswith(f"error: grid folder {grid.resolve()} is not visible from a worker on ")
     assert "must be on storage every node mounts at the same path" in error
     assert not (grid / "cells").exists() and not (grid / ".probe-0123").exists()
+
+
+def test_ctrl_c_on_a_processes_grid_is_one_message_not_a_traceback_per_worker(color_folder, tiny_clip_dir, tmp_path):
+    """Ctrl+C in a terminal (and the UI's Stop, SIGINT to the launch's process group) reaches the pool workers too:
+    each printed a KeyboardInterrupt traceback under the driver's `interrupted; continue with` line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = executor_grid(color_folder, tiny_clip_dir, tmp_path, "processes")
+    recipe["grid"]["methods"], recipe["train"]["epochs"] = ["lora"], 200
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    driver = subprocess.Popen([sys.executable, "-m", "mmpeft", "compare", str(tmp_path / "recipe.yaml")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "processes").glob("cells/*/checkpoints")) and time.time() < deadline:
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted; continue with: mmpeft compare --resume" in err
