@@ -104,6 +104,8 @@ def test_executors_give_sequential_metrics_record_a_failure_and_resume_only_it(
                                                          "'regularisers'?); valid: fewshot, methods, regularisers"),
     ({"regularisers": ["naive"]}, "add `grid.kind: regularisers`"),
     ({"methods": ["lora"], "executor": "rey"}, "grid.executor: 'rey' is not an executor (did you mean 'ray'?)"),
+    ({"methods": ["lora"], "executor": None}, "grid.executor: expected a string, got "),  # `executor:` left empty:
+    ({"methods": ["lora"], "executor": 2}, "grid.executor: expected a string, got 2"),  # a TypeError traceback
     ({"methods": ["lora"], "executor": "processes", "gpus_per_cell": 0.5},
      "grid.gpus_per_cell: 0.5 is a fraction; the processes executor gives whole CPUs/GPUs"),
     ({"methods": ["lora"], "max_parallel": 0}, "grid.max_parallel: 0 is out of range; it must be >= 1"),
