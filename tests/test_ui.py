@@ -237,6 +237,9 @@ def test_start_refuses_a_run_folder_outside_the_runs_folder(ui_runs_dir, tmp_pat
     assert not isinstance(result, dict), f"started: {result}"
     assert any(p.startswith("output: the run folder") and "outside" in p for p in result.problems), result.problems
     assert launcher.launches() == [] and not (tmp_path / "out").exists()
+    checked, _ = launcher.check(yaml.safe_dump(recipe), "colors.yaml", [e.format(outside=tmp_path / "out")
+                                                                        for e in extra])
+    assert checked.problems == result.problems  # Check said `valid` to what Start then refused
     inner = launcher.start(yaml.safe_dump(recipe), "colors.yaml", [f"output.dir={tmp_path / 'runs' / 'sub'}",
                                                                    "train.epochs=1"])
     os.killpg(inner["pid"], signal.SIGKILL)  # started, which is all this test needs of it
