@@ -59,6 +59,11 @@ def test_a_search_in_its_trials_lists_them_with_it_and_resumes_as_a_search(ui_ru
     trial = entries["search-colors/trials/000-lora"]
     assert (trial.kind, trial.status) == ("trial", "finished")
     assert details(root, "search-colors").recipe.startswith("# mmpeft search")
+    (search / "search").mkdir()  # its trials so far: the leaderboard and the Pareto plot (report.md links them)
+    (search / "search" / "leaderboard.md").write_text("# Search leaderboard (val_accuracy, validation only)\n")
+    shutil.copyfile(search / "trials" / "000-lora" / "confusion_matrix.png", search / "search" / "pareto.png")
+    shown = details(root, "search-colors")  # the report view had neither: no report.md yet, plots of the top only
+    assert shown.report.startswith("# Search leaderboard") and search / "search" / "pareto.png" in shown.plots
     assert launch.RESUME_COMMANDS["search"] == "search"
     (search / "trials" / "000-lora" / "metrics.json").unlink()  # its search's driver was killed in it
     from mmpeft.ui.app import Workbench

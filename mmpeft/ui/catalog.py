@@ -267,10 +267,11 @@ def details(root: str | Path, relative: str, launches: dict[str, str] | None = N
     if entry is None:
         raise FileNotFoundError(f"{relative!r} is not a run, grid or continual folder (no {RECIPE_FILE} or "
                                 f"{GRID_RECIPE} in {folder})")
-    report_file = next((folder / n for n in ("report.md", "summary.md") if (folder / n).is_file()), None)
+    report_file = next((folder / n for n in ("report.md", "summary.md", "search/leaderboard.md")
+                        if (folder / n).is_file()), None)  # a search still in its trials: its leaderboard
     report = (strip_images(report_file.read_text(errors="replace")) if report_file else
               "*No report yet: the run has not finished.*")
-    plots = sorted(folder.glob("*.png")) + sorted(folder.glob("icl/*.png"))
+    plots = sorted(folder.glob("*.png")) + sorted(folder.glob("icl/*.png")) + sorted(folder.glob("search/*.png"))
     recipe_file = folder / {"run": RECIPE_FILE, "cell": RECIPE_FILE, "trial": RECIPE_FILE, "continual": RECIPE_FILE,
                             "search": SEARCH_RECIPE}.get(entry.kind, GRID_RECIPE)
     log_file = next((p for p in (folder / "train.log", folder / "compare.log", folder / "search.log")
