@@ -239,3 +239,37 @@ def test_ctrl_c_on_a_processes_grid_is_one_message_not_a_traceback_per_worker(co
     assert driver.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "interrupted; continue with: mmpeft compare --resume" in err
+
+
+def test_a_cell_whose_worker_dies_is_failed_and_the_others_finish(color_folder, tiny_clip_dir, tmp_path, monkeypatch):
+    """Issue 15's 'a cell whose worker dies is recorded as failed with its error, the others go on' (it had no test):
+    one pool worker is killed (-9) in its cell."""
+    import threading
+    import time
+
+    from mmpeft.grids import executors
+
+    workers, started = [], executors.Worker.__init__
+
+    def kept(self, *args, **kwargs):
+        started(self, *args, **kwargs)
+        workers.append(self)
+
+    monkeypatch.setattr(executors.Worker, "__init__", kept)
+    recipe = executor_grid(color_folder, tiny_clip_dir, tmp_path, "processes")
+    recipe["grid"]["methods"], recipe["train"]["epochs"] = ["lora"], 20
+    result = {}
+    driver = threading.Thread(target=lambda: result.update(mmpeft.compare(recipe)))
+    driver.start()
+    deadline = time.time() + 120
+    while not any(w.cell is not None and (w.cell.dir / "train.log").is_file() for w in workers):
+        assert time.time() < deadline and driver.is_alive(), "no cell started"
+        time.sleep(0.2)
+    victim = next(w for w in workers if w.cell is not None)
+    cell = victim.cell.name
+    victim.process.kill()
+    driver.join(timeout=120)
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert rows.pop(cell)["error"] == "WorkerDied: the worker process running this cell exited with code -9"
+    assert [r["status"] for r in rows.values()] == ["ok"]
+    assert "WorkerDied" in (tmp_path / "processes" / "cells" / cell / "error.txt").read_text()
