@@ -107,6 +107,8 @@ def test_a_grid_whose_cells_run_in_workers_reads_as_running_until_its_driver_let
         log.write("2026-01-01 00:00:00 INFO epoch 1: step=3\n")  # its worker writes it now
     (root / "grid" / ".mmpeft.lock").write_text("12345")
     assert by_path(root)["grid"].status == "running"
+    shown = details(root, "grid").log  # its live progress: the cell its worker writes, under the driver's log
+    assert "--- cells/bitfit-seed0/train.log ---" in shown and shown.endswith("epoch 1: step=3")
     (root / "grid" / ".mmpeft.lock").unlink()  # its driver ended
     assert by_path(root)["grid"].status == "interrupted"
     shutil.copytree(ui_runs_dir / "lora-run", root / "ended")

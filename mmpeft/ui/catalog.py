@@ -278,8 +278,12 @@ def details(root: str | Path, relative: str, launches: dict[str, str] | None = N
                      if p.is_file()), None)
     if log_file is None and launch_log is not None and launch_log.is_file():
         log_file = launch_log
-    return Details(entry, report, plots, recipe_file.read_text(errors="replace"),
-                   tail(log_file, log_lines) if log_file else "", log_file)
+    log = tail(log_file, log_lines) if log_file else ""
+    if entry.kind not in ("run", "cell", "trial", "continual"):  # cells in workers (processes, ray): a quiet driver log
+        newest = max(_member_logs(folder), key=lambda p: p.stat().st_mtime, default=None)
+        if newest is not None and (log_file is None or newest.stat().st_mtime > log_file.stat().st_mtime + 1):
+            log += f"\n--- {newest.relative_to(folder).as_posix()} ---\n{tail(newest, log_lines // 2)}"
+    return Details(entry, report, plots, recipe_file.read_text(errors="replace"), log, log_file)
 
 
 INLINE_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)]*)\)")
