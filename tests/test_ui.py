@@ -193,6 +193,25 @@ def test_compare_table_bolds_the_best_and_reads_grid_rows(ui_runs_dir):
         comparison_rows(ui_runs_dir, ["../elsewhere"])
 
 
+def test_compared_rows_are_also_plotted_on_one_axis(ui_runs_dir, tmp_path):
+    """Issue 16's Compare view has 'plots on one axis': it showed each folder's own plots side by side only."""
+    from PIL import Image
+
+    from mmpeft.ui.app import Workbench
+
+    root = tmp_path / "runs"
+    for name in ("lora-run", "grid"):
+        shutil.copytree(ui_runs_dir / name, root / name)
+    _, plots = Workbench(root).compare(["lora-run", "grid"])
+    together = [(path, caption) for path, caption in plots if caption.startswith("on one axis")]
+    assert [caption for _, caption in together] == ["on one axis: accuracy_vs_params.png",
+                                                    "on one axis: accuracy_vs_time.png"]
+    assert all(Path(path).parent == root / ".ui" / "compare" and Image.open(path).size[0] > 100
+               for path, _ in together)
+    assert any(caption == "lora-run: confusion_matrix.png" for _, caption in plots)  # and each folder's own
+    assert scan(root) and ".ui" not in {e.path.split("/")[0] for e in scan(root)}
+
+
 def test_paired_test_from_summary_json_is_shown(ui_runs_dir, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(ui_runs_dir / "grid", root / "grid")

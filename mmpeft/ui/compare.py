@@ -97,6 +97,23 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\nBold: best in its column (higher accuracy, fewer parameters, less time)."
 
 
+def comparison_plots(rows: list[dict], folder: Path) -> list[Path]:
+    """The compared rows on one axis each: accuracy against trainable parameters (log x) and against training
+    time, drawn by the grids' own plot functions into `folder` (the web app's RUNS_DIR/.ui/compare)."""
+    from mmpeft.report.grid_plots import Point, efficiency_png, time_png
+
+    written = []
+    for name, column, draw, what in (("accuracy_vs_params", "trainable params", efficiency_png, "trainable parameters"),
+                                     ("accuracy_vs_time", "train s", time_png, "training time")):
+        points = [Point(r["row"], float(r[column]), float(r["accuracy"])) for r in rows
+                  if _number(r.get("accuracy")) and _number(r.get(column)) and r[column] > 0]
+        if points:
+            folder.mkdir(parents=True, exist_ok=True)
+            draw(points, None, folder / f"{name}.png", f"compared: accuracy vs {what}")
+            written.append(folder / f"{name}.png")
+    return written
+
+
 def _format(column: str, value) -> str:
     if not _number(value):
         return "–" if value in (None, "") else str(value).replace("|", "/")
