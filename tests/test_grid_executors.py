@@ -273,3 +273,15 @@ def test_a_cell_whose_worker_dies_is_failed_and_the_others_finish(color_folder, 
     assert rows.pop(cell)["error"] == "WorkerDied: the worker process running this cell exited with code -9"
     assert [r["status"] for r in rows.values()] == ["ok"]
     assert "WorkerDied" in (tmp_path / "processes" / "cells" / cell / "error.txt").read_text()
+
+
+def test_ray_without_the_package_is_a_recipe_error_saying_how_to_install_it(monkeypatch, color_recipe):
+    """Issue 15 item 1 (it had no test): grid.executor: ray where Ray is not installed."""
+    from mmpeft.grids import loading
+
+    find_spec = loading.importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None if name == "ray" else find_spec(name))
+    recipe = {**{k: v for k, v in color_recipe.items() if k != "method"},
+              "grid": {"methods": ["zero_shot"], "executor": "ray"}}
+    assert pytest.raises(RecipeError, load_setup, recipe).value.problems == [
+        "grid.executor: ray needs the Ray package, which is not installed: pip install 'mmpeft[ray]'"]

@@ -371,7 +371,7 @@ def test_ui_command_binds_to_this_machine_unless_told(tmp_path):
     assert (args.runs_dir, args.host, args.port) == (str(tmp_path), "0.0.0.0", 8080)
 
 
-def test_ui_refuses_a_port_in_use_and_a_runs_dir_that_is_a_file_in_one_line(tmp_path, capsys):
+def test_ui_refuses_a_port_in_use_and_a_runs_dir_that_is_a_file_in_one_line(tmp_path, capsys, monkeypatch):
     """Both used to end in a traceback (Gradio's `Cannot find empty port`, `[Errno 17] File exists`)."""
     import socket
 
@@ -390,6 +390,11 @@ def test_ui_refuses_a_port_in_use_and_a_runs_dir_that_is_a_file_in_one_line(tmp_
     (tmp_path / "afile").write_text("x")
     assert main(["ui", str(tmp_path / "afile"), "--port", str(port)]) == 2
     assert f"error: RUNS_DIR {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "gradio", None)  # not installed: it exited with code 1, not 2
+    with pytest.raises(SystemExit) as exited:
+        main(["ui", str(tmp_path / "runs"), "--port", str(port)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: mmpeft ui needs Gradio: pip install 'mmpeft[ui]'\n"
 
 
 def test_stopping_a_launch_that_already_ended_says_so(tmp_path, monkeypatch):
