@@ -22,7 +22,7 @@ from mmpeft.cli import check as cli_check  # noqa: E402
 from mmpeft.core.io import PROJECT_ROOT  # noqa: E402
 from mmpeft.ui import launch  # noqa: E402
 from mmpeft.ui.catalog import OutsideError, details, inside, scan  # noqa: E402
-from mmpeft.ui.compare import comparison_rows, markdown_table  # noqa: E402
+from mmpeft.ui.compare import comparison_rows, markdown_table, paired_text  # noqa: E402
 from mmpeft.ui.launch import Launcher, check_recipe  # noqa: E402
 
 
@@ -220,6 +220,10 @@ def test_paired_test_from_summary_json_is_shown(ui_runs_dir, tmp_path):
     (root / "grid" / "summary.json").write_text(json.dumps(summary))
     table = markdown_table(comparison_rows(root, ["grid"]))
     assert "Δ +0.1250, p = 0.0123, better, n=3" in table
+    regularisers = {"average_accuracy": {"n": 2, "mean_difference": 0.1, "p": 0.04, "verdict": "better"},
+                    "average_forgetting": {"n": 2, "mean_difference": -0.2, "p": 0.5, "verdict": "no difference"}}
+    assert paired_text(regularisers) == ("average_accuracy: Δ +0.1000, p = 0.04, better, n=2; average_forgetting: "
+                                         "Δ -0.2000, p = 0.5, no difference, n=2")  # was `, n=None`
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

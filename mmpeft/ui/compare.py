@@ -68,6 +68,8 @@ def paired_text(paired: dict | None) -> str:
     """The grid's own paired t-test against its baseline: difference, p-value, verdict."""
     if not paired:
         return ""
+    if "verdict" not in paired and all(isinstance(v, dict) for v in paired.values()):  # regularisers: per metric
+        return "; ".join(f"{metric}: {paired_text(test)}" for metric, test in paired.items())
     difference, p = paired.get("mean_difference"), paired.get("p")
     numbers = [f"Δ {difference:+.4f}" if _number(difference) else "", f"p = {p:.3g}" if _number(p) else ""]
     return ", ".join([n for n in numbers if n] + [str(paired.get("verdict", "")), f"n={paired.get('n')}"])
