@@ -347,6 +347,8 @@ def test_a_finished_continual_run_is_listed_with_its_average_accuracy(color_reci
     assert entry.accuracy == metrics["summary"]["average_accuracy"]
     assert entry.seconds == pytest.approx(sum(t["seconds"] for t in metrics["train"]))
     assert {p.name for p in details(tmp_path / "runs", "sequence").plots} >= {"accuracy_matrix.png"}
+    (row,) = comparison_rows(tmp_path / "runs", ["sequence"])
+    assert (row["accuracy"], row["train s"]) == (entry.accuracy, entry.seconds)  # its seconds were `–` in Compare
 
 
 def test_a_grid_folder_says_its_kind_in_its_first_line(ui_runs_dir, tmp_path):
