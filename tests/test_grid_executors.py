@@ -285,3 +285,25 @@ def test_ray_without_the_package_is_a_recipe_error_saying_how_to_install_it(monk
               "grid": {"methods": ["zero_shot"], "executor": "ray"}}
     assert pytest.raises(RecipeError, load_setup, recipe).value.problems == [
         "grid.executor: ray needs the Ray package, which is not installed: pip install 'mmpeft[ray]'"]
+
+
+def test_a_ray_address_with_no_cluster_there_is_one_line(monkeypatch, color_recipe):
+    """`grid.ray_address: auto` (or host:port) where no Ray cluster runs ended in Ray's ConnectionError traceback."""
+    import sys
+    import types
+
+    from mmpeft.grids.ray_executor import ray_session
+
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'mmpeft[ray]')")
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    recipe = {**{k: v for k, v in color_recipe.items() if k != "method"},
+              "grid": {"methods": ["zero_shot"], "executor": "ray", "ray_address": "auto"}}
+    spec = load_setup(recipe).grid
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False, init=refuse))
+    with pytest.raises(ValueError) as caught, ray_session(spec):
+        pass
+    assert str(caught.value).startswith("grid.ray_address: 'auto': Could not find any running Ray instance. Start "
+                                        "the cluster first (`ray start --head` on its head node), or leave")
