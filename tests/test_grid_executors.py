@@ -307,3 +307,29 @@ def test_a_ray_address_with_no_cluster_there_is_one_line(monkeypatch, color_reci
         pass
     assert str(caught.value).startswith("grid.ray_address: 'auto': Could not find any running Ray instance. Start "
                                         "the cluster first (`ray start --head` on its head node), or leave")
+
+
+def test_a_resume_whose_executor_cannot_start_leaves_the_grid_recipe_as_it_was(monkeypatch, color_folder,
+                                                                               tiny_clip_dir, tmp_path):
+    """`mmpeft compare --resume GRID grid.executor=ray grid.ray_address=auto` with no cluster saved those settings in
+    compare.yaml before failing, so every later plain `--resume GRID` failed the same way."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from mmpeft.cli import main
+
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'mmpeft[ray]')")
+    recipe = executor_grid(color_folder, tiny_clip_dir, tmp_path, "sequential")
+    recipe["grid"].update(methods=["zero_shot"], seeds=[0])
+    mmpeft.compare(recipe)
+    grid = tmp_path / "sequential"
+    saved = (grid / "compare.yaml").read_text()
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(
+        is_initialized=lambda: False, init=refuse, __spec__=importlib.machinery.ModuleSpec("ray", None)))
+    assert main(["compare", "--resume", str(grid), "grid.executor=ray", "grid.ray_address=auto"]) == 2
+    assert (grid / "compare.yaml").read_text() == saved
