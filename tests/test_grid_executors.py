@@ -104,6 +104,8 @@ def test_executors_give_sequential_metrics_record_a_failure_and_resume_only_it(
                                                          "'regularisers'?); valid: fewshot, methods, regularisers"),
     ({"regularisers": ["naive"]}, "add `grid.kind: regularisers`"),
     ({"methods": ["lora"], "executor": "rey"}, "grid.executor: 'rey' is not an executor (did you mean 'ray'?)"),
+    ({"methods": ["lora"], "executor": None}, "grid.executor: expected a string, got "),  # `executor:` left empty:
+    ({"methods": ["lora"], "executor": 2}, "grid.executor: expected a string, got 2"),  # a TypeError traceback
     ({"methods": ["lora"], "executor": "processes", "gpus_per_cell": 0.5},
      "grid.gpus_per_cell: 0.5 is a fraction; the processes executor gives whole CPUs/GPUs"),
     ({"methods": ["lora"], "max_parallel": 0}, "grid.max_parallel: 0 is out of range; it must be >= 1"),
@@ -180,3 +182,154 @@ def test_processes_refuse_a_cell_larger_than_the_machine_instead_of_running_one_
         ProcessExecutor(setup.grid, kind_of(setup), tmp_path).slots(4)
     fitting = load_setup({**recipe, "grid": {**recipe["grid"], "cpus_per_cell": 1, "max_parallel": 3}})
     assert len(ProcessExecutor(fitting.grid, kind_of(fitting), tmp_path).slots(4)) == 2  # two 1-CPU slots on 2 CPUs
+
+
+def test_a_worker_that_cannot_see_the_grid_folder_stops_the_grid_in_one_line(monkeypatch, color_folder,
+                                                                             tiny_clip_dir, tmp_path, capsys):
+    """The multi-node check (issue 15: a worker that cannot see the folder fails clearly), seen from a processes
+    worker: the probe file it is given is not there, as on a node without the shared storage. A probe a killed
+    driver left in the folder is removed when the next driver starts."""
+    from mmpeft.cli import main
+    from mmpeft.grids.executors import Executor
+
+    recipe = executor_grid(color_folder, tiny_clip_dir, tmp_path, "processes")
+    recipe["grid"].update(methods=["zero_shot"], seeds=[0], max_parallel=1)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    grid = tmp_path / "processes"
+    grid.mkdir()
+    (grid / ".probe-0123").write_text("a killed driver's")
+    written = Executor.probe_file
+
+    def unseen(self) -> Path:  # written, then gone: what a node without the shared storage sees
+        path = written(self)
+        path.unlink()
+        return path
+
+    monkeypatch.setattr(Executor, "probe_file", unseen)
+    assert main(["compare", str(tmp_path / "recipe.yaml")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: grid folder {grid.resolve()} is not visible from a worker on ")
+    assert "must be on storage every node mounts at the same path" in error
+    assert not (grid / "cells").exists() and not (grid / ".probe-0123").exists()
+
+
+def test_ctrl_c_on_a_processes_grid_is_one_message_not_a_traceback_per_worker(color_folder, tiny_clip_dir, tmp_path):
+    """Ctrl+C in a terminal (and the UI's Stop, SIGINT to the launch's process group) reaches the pool workers too:
+    each printed a KeyboardInterrupt traceback under the driver's `interrupted; continue with` line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = executor_grid(color_folder, tiny_clip_dir, tmp_path, "processes")
+    recipe["grid"]["methods"], recipe["train"]["epochs"] = ["lora"], 200
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    driver = subprocess.Popen([sys.executable, "-m", "mmpeft", "compare", str(tmp_path / "recipe.yaml")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "processes").glob("cells/*/checkpoints")) and time.time() < deadline:
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted; continue with: mmpeft compare --resume" in err
+
+
+def test_a_cell_whose_worker_dies_is_failed_and_the_others_finish(color_folder, tiny_clip_dir, tmp_path, monkeypatch):
+    """Issue 15's 'a cell whose worker dies is recorded as failed with its error, the others go on' (it had no test):
+    one pool worker is killed (-9) in its cell."""
+    import threading
+    import time
+
+    from mmpeft.grids import executors
+
+    workers, started = [], executors.Worker.__init__
+
+    def kept(self, *args, **kwargs):
+        started(self, *args, **kwargs)
+        workers.append(self)
+
+    monkeypatch.setattr(executors.Worker, "__init__", kept)
+    recipe = executor_grid(color_folder, tiny_clip_dir, tmp_path, "processes")
+    recipe["grid"]["methods"], recipe["train"]["epochs"] = ["lora"], 20
+    result = {}
+    driver = threading.Thread(target=lambda: result.update(mmpeft.compare(recipe)))
+    driver.start()
+    deadline = time.time() + 120
+    while not any(w.cell is not None and (w.cell.dir / "train.log").is_file() for w in workers):
+        assert time.time() < deadline and driver.is_alive(), "no cell started"
+        time.sleep(0.2)
+    victim = next(w for w in workers if w.cell is not None)
+    cell = victim.cell.name
+    victim.process.kill()
+    driver.join(timeout=120)
+    rows = {r["cell"]: r for r in result["rows"]}
+    assert rows.pop(cell)["error"] == "WorkerDied: the worker process running this cell exited with code -9"
+    assert [r["status"] for r in rows.values()] == ["ok"]
+    assert "WorkerDied" in (tmp_path / "processes" / "cells" / cell / "error.txt").read_text()
+
+
+def test_ray_without_the_package_is_a_recipe_error_saying_how_to_install_it(monkeypatch, color_recipe):
+    """Issue 15 item 1 (it had no test): grid.executor: ray where Ray is not installed."""
+    from mmpeft.grids import loading
+
+    find_spec = loading.importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None if name == "ray" else find_spec(name))
+    recipe = {**{k: v for k, v in color_recipe.items() if k != "method"},
+              "grid": {"methods": ["zero_shot"], "executor": "ray"}}
+    assert pytest.raises(RecipeError, load_setup, recipe).value.problems == [
+        "grid.executor: ray needs the Ray package, which is not installed: pip install 'mmpeft[ray]'"]
+
+
+def test_a_ray_address_with_no_cluster_there_is_one_line(monkeypatch, color_recipe):
+    """`grid.ray_address: auto` (or host:port) where no Ray cluster runs ended in Ray's ConnectionError traceback."""
+    import sys
+    import types
+
+    from mmpeft.grids.ray_executor import ray_session
+
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'mmpeft[ray]')")
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    recipe = {**{k: v for k, v in color_recipe.items() if k != "method"},
+              "grid": {"methods": ["zero_shot"], "executor": "ray", "ray_address": "auto"}}
+    spec = load_setup(recipe).grid
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False, init=refuse))
+    with pytest.raises(ValueError) as caught, ray_session(spec):
+        pass
+    assert str(caught.value).startswith("grid.ray_address: 'auto': Could not find any running Ray instance. Start "
+                                        "the cluster first (`ray start --head` on its head node), or leave")
+
+
+def test_a_resume_whose_executor_cannot_start_leaves_the_grid_recipe_as_it_was(monkeypatch, color_folder,
+                                                                               tiny_clip_dir, tmp_path):
+    """`mmpeft compare --resume GRID grid.executor=ray grid.ray_address=auto` with no cluster saved those settings in
+    compare.yaml before failing, so every later plain `--resume GRID` failed the same way."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from mmpeft.cli import main
+
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'mmpeft[ray]')")
+    recipe = executor_grid(color_folder, tiny_clip_dir, tmp_path, "sequential")
+    recipe["grid"].update(methods=["zero_shot"], seeds=[0])
+    mmpeft.compare(recipe)
+    grid = tmp_path / "sequential"
+    saved = (grid / "compare.yaml").read_text()
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(
+        is_initialized=lambda: False, init=refuse, __spec__=importlib.machinery.ModuleSpec("ray", None)))
+    assert main(["compare", "--resume", str(grid), "grid.executor=ray", "grid.ray_address=auto"]) == 2
+    assert (grid / "compare.yaml").read_text() == saved

@@ -22,7 +22,7 @@ from mmpeft.cli import check as cli_check  # noqa: E402
 from mmpeft.core.io import PROJECT_ROOT  # noqa: E402
 from mmpeft.ui import launch  # noqa: E402
 from mmpeft.ui.catalog import OutsideError, details, inside, scan  # noqa: E402
-from mmpeft.ui.compare import comparison_rows, markdown_table  # noqa: E402
+from mmpeft.ui.compare import comparison_rows, markdown_table, paired_text  # noqa: E402
 from mmpeft.ui.launch import Launcher, check_recipe  # noqa: E402
 
 
@@ -59,7 +59,19 @@ def test_a_search_in_its_trials_lists_them_with_it_and_resumes_as_a_search(ui_ru
     trial = entries["search-colors/trials/000-lora"]
     assert (trial.kind, trial.status) == ("trial", "finished")
     assert details(root, "search-colors").recipe.startswith("# mmpeft search")
+    (search / "search").mkdir()  # its trials so far: the leaderboard and the Pareto plot (report.md links them)
+    (search / "search" / "leaderboard.md").write_text("# Search leaderboard (val_accuracy, validation only)\n")
+    shutil.copyfile(search / "trials" / "000-lora" / "confusion_matrix.png", search / "search" / "pareto.png")
+    shown = details(root, "search-colors")  # the report view had neither: no report.md yet, plots of the top only
+    assert shown.report.startswith("# Search leaderboard") and search / "search" / "pareto.png" in shown.plots
     assert launch.RESUME_COMMANDS["search"] == "search"
+    (search / "trials" / "000-lora" / "metrics.json").unlink()  # its search's driver was killed in it
+    from mmpeft.ui.app import Workbench
+
+    said = Workbench(root).resume("search-colors/trials/000-lora")  # raised a bare ValueError into the page
+    assert said.startswith("search-colors/trials/000-lora: a search's trial is not resumed on its own: resume its "
+                           "search, search-colors (`mmpeft search --resume ")
+    assert not (root / ".ui" / "launches").exists()  # nothing started
 
 
 def test_unfinished_folders_read_as_running_interrupted_or_failed(ui_runs_dir, tmp_path):
@@ -69,6 +81,7 @@ def test_unfinished_folders_read_as_running_interrupted_or_failed(ui_runs_dir, t
         (root / name / "metrics.json").unlink()
     with open(root / "live" / "train.log", "a") as log:
         log.write("2026-01-01 00:00:00 INFO epoch 1: step=3\n")  # no `finished in` yet, written just now
+    (root / "live" / ".mmpeft.lock").write_text("12345")  # held by the run writing it
     (root / "stopped" / "checkpoints" / "last").mkdir(parents=True)  # log closed, a checkpoint to resume from
     old = time.time() - 3600
     os.utime(root / "stopped" / "train.log", (old, old))
@@ -77,6 +90,32 @@ def test_unfinished_folders_read_as_running_interrupted_or_failed(ui_runs_dir, t
     assert statuses == {"live": "running", "stopped": "interrupted", "broken": "failed", "cell-failed": "failed"}
     assert scan(root, {"broken": "running"})[0].status in ("running", "failed")
     assert {e.path: e.status for e in scan(root, {"broken": "running"})}["broken"] == "running"
+
+
+def test_a_grid_whose_cells_run_in_workers_reads_as_running_until_its_driver_lets_go(ui_runs_dir, tmp_path):
+    """Under grid.executor processes/ray the driver's compare.log is quiet while its workers write the cells' logs:
+    such a grid read as `interrupted` after 5 minutes though it was running. And a driver that stopped with an
+    error (its lock file removed) read as `running` for 5 minutes; a run whose process ended likewise."""
+    root = tmp_path / "runs"
+    shutil.copytree(ui_runs_dir / "grid", root / "grid")
+    (root / "grid" / "summary.json").unlink()
+    old = time.time() - 3600
+    os.utime(root / "grid" / "compare.log", (old, old))
+    cell = root / "grid" / "cells" / "bitfit-seed0"
+    (cell / "metrics.json").unlink()
+    with open(cell / "train.log", "a") as log:
+        log.write("2026-01-01 00:00:00 INFO epoch 1: step=3\n")  # its worker writes it now
+    (root / "grid" / ".mmpeft.lock").write_text("12345")
+    assert by_path(root)["grid"].status == "running"
+    shown = details(root, "grid").log  # its live progress: the cell its worker writes, under the driver's log
+    assert "--- cells/bitfit-seed0/train.log ---" in shown and shown.endswith("epoch 1: step=3")
+    (root / "grid" / ".mmpeft.lock").unlink()  # its driver ended
+    assert by_path(root)["grid"].status == "interrupted"
+    shutil.copytree(ui_runs_dir / "lora-run", root / "ended")
+    (root / "ended" / "metrics.json").unlink()
+    with open(root / "ended" / "train.log", "a") as log:
+        log.write("2026-01-01 00:00:00 INFO epoch 1: step=3\n")  # recent, but no process holds the folder
+    assert by_path(root)["ended"].status == "failed"
 
 
 DAMAGES = {  # folder -> (copied from, file, what it is made to hold)
@@ -154,6 +193,25 @@ def test_compare_table_bolds_the_best_and_reads_grid_rows(ui_runs_dir):
         comparison_rows(ui_runs_dir, ["../elsewhere"])
 
 
+def test_compared_rows_are_also_plotted_on_one_axis(ui_runs_dir, tmp_path):
+    """Issue 16's Compare view has 'plots on one axis': it showed each folder's own plots side by side only."""
+    from PIL import Image
+
+    from mmpeft.ui.app import Workbench
+
+    root = tmp_path / "runs"
+    for name in ("lora-run", "grid"):
+        shutil.copytree(ui_runs_dir / name, root / name)
+    _, plots = Workbench(root).compare(["lora-run", "grid"])
+    together = [(path, caption) for path, caption in plots if caption.startswith("on one axis")]
+    assert [caption for _, caption in together] == ["on one axis: accuracy_vs_params.png",
+                                                    "on one axis: accuracy_vs_time.png"]
+    assert all(Path(path).parent == root / ".ui" / "compare" and Image.open(path).size[0] > 100
+               for path, _ in together)
+    assert any(caption == "lora-run: confusion_matrix.png" for _, caption in plots)  # and each folder's own
+    assert scan(root) and ".ui" not in {e.path.split("/")[0] for e in scan(root)}
+
+
 def test_paired_test_from_summary_json_is_shown(ui_runs_dir, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(ui_runs_dir / "grid", root / "grid")
@@ -162,6 +220,10 @@ def test_paired_test_from_summary_json_is_shown(ui_runs_dir, tmp_path):
     (root / "grid" / "summary.json").write_text(json.dumps(summary))
     table = markdown_table(comparison_rows(root, ["grid"]))
     assert "Δ +0.1250, p = 0.0123, better, n=3" in table
+    regularisers = {"average_accuracy": {"n": 2, "mean_difference": 0.1, "p": 0.04, "verdict": "better"},
+                    "average_forgetting": {"n": 2, "mean_difference": -0.2, "p": 0.5, "verdict": "no difference"}}
+    assert paired_text(regularisers) == ("average_accuracy: Δ +0.1000, p = 0.04, better, n=2; average_forgetting: "
+                                         "Δ -0.2000, p = 0.5, no difference, n=2")  # was `, n=None`
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -205,6 +267,9 @@ def test_start_refuses_a_run_folder_outside_the_runs_folder(ui_runs_dir, tmp_pat
     assert not isinstance(result, dict), f"started: {result}"
     assert any(p.startswith("output: the run folder") and "outside" in p for p in result.problems), result.problems
     assert launcher.launches() == [] and not (tmp_path / "out").exists()
+    checked, _ = launcher.check(yaml.safe_dump(recipe), "colors.yaml", [e.format(outside=tmp_path / "out")
+                                                                        for e in extra])
+    assert checked.problems == result.problems  # Check said `valid` to what Start then refused
     inner = launcher.start(yaml.safe_dump(recipe), "colors.yaml", [f"output.dir={tmp_path / 'runs' / 'sub'}",
                                                                    "train.epochs=1"])
     os.killpg(inner["pid"], signal.SIGKILL)  # started, which is all this test needs of it
@@ -282,6 +347,8 @@ def test_a_finished_continual_run_is_listed_with_its_average_accuracy(color_reci
     assert entry.accuracy == metrics["summary"]["average_accuracy"]
     assert entry.seconds == pytest.approx(sum(t["seconds"] for t in metrics["train"]))
     assert {p.name for p in details(tmp_path / "runs", "sequence").plots} >= {"accuracy_matrix.png"}
+    (row,) = comparison_rows(tmp_path / "runs", ["sequence"])
+    assert (row["accuracy"], row["train s"]) == (entry.accuracy, entry.seconds)  # its seconds were `–` in Compare
 
 
 def test_a_grid_folder_says_its_kind_in_its_first_line(ui_runs_dir, tmp_path):
@@ -310,7 +377,7 @@ def test_ui_command_binds_to_this_machine_unless_told(tmp_path):
     assert (args.runs_dir, args.host, args.port) == (str(tmp_path), "0.0.0.0", 8080)
 
 
-def test_ui_refuses_a_port_in_use_and_a_runs_dir_that_is_a_file_in_one_line(tmp_path, capsys):
+def test_ui_refuses_a_port_in_use_and_a_runs_dir_that_is_a_file_in_one_line(tmp_path, capsys, monkeypatch):
     """Both used to end in a traceback (Gradio's `Cannot find empty port`, `[Errno 17] File exists`)."""
     import socket
 
@@ -329,6 +396,11 @@ def test_ui_refuses_a_port_in_use_and_a_runs_dir_that_is_a_file_in_one_line(tmp_
     (tmp_path / "afile").write_text("x")
     assert main(["ui", str(tmp_path / "afile"), "--port", str(port)]) == 2
     assert f"error: RUNS_DIR {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "gradio", None)  # not installed: it exited with code 1, not 2
+    with pytest.raises(SystemExit) as exited:
+        main(["ui", str(tmp_path / "runs"), "--port", str(port)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: mmpeft ui needs Gradio: pip install 'mmpeft[ui]'\n"
 
 
 def test_stopping_a_launch_that_already_ended_says_so(tmp_path, monkeypatch):

@@ -116,7 +116,10 @@ class Executor:
         progress.ended(cell, row, was_running)
 
     def probe_file(self) -> Path:
-        """A file only this run writes: a worker that cannot read it does not share the grid folder."""
+        """A file only this run writes: a worker that cannot read it does not share the grid folder. A killed
+        driver's probe is removed first (this driver holds the folder's lock: no other one is using it)."""
+        for stale in self.grid_dir.glob(".probe-*"):
+            stale.unlink(missing_ok=True)
         path = self.grid_dir / f".probe-{uuid.uuid4().hex}"
         path.write_text(socket.gethostname())
         return path

@@ -93,7 +93,7 @@ def load_grid_spec(grid_data: Any, command: str, problems: list[str], example: s
 def executor_problems(grid: GridSpec) -> list[str]:
     """grid.executor and the per-cell resources, before anything runs."""
     problems = []
-    if grid.executor not in EXECUTORS:
+    if isinstance(grid.executor, str) and grid.executor not in EXECUTORS:  # not a string: the schema said so
         problems.append(f"grid.executor: {grid.executor!r} is not an executor{did_you_mean(grid.executor, EXECUTORS)}"
                         f"; valid: {', '.join(EXECUTORS)}")
     if grid.executor == "ray" and importlib.util.find_spec("ray") is None:

@@ -50,7 +50,11 @@ def ray_session(grid: GridSpec) -> Iterator[None]:
     if started:
         if grid.ray_address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
-        ray.init(address=grid.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=grid.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except ConnectionError as error:  # no cluster there: the recipe's address is wrong, or it is not started
+            raise ValueError(f"grid.ray_address: {grid.ray_address!r}: {error} Start the cluster first (`ray start "
+                             "--head` on its head node), or leave grid.ray_address out for a local Ray") from None
     try:
         if started and grid.ray_address is None:
             check_fits(ray, grid)

@@ -72,9 +72,11 @@ def run_grid(setup, grid_dir: Path) -> dict:
     context = kind.check(setup)  # may refuse settings that need the backbone: before anything is written
     cells = kind.plan_cells(setup, grid_dir)
     check_finished_cells(kind, cells)
-    write_text(grid_dir / GRID_RECIPE, kind.setup_yaml(setup, grid_dir))
     with make_executor(setup.grid, kind, grid_dir) as executor:
         executor.start(cells)  # worker processes load while the driver runs the baselines
+        # saved once the executor is up: a resume whose executor cannot start (no Ray cluster at grid.ray_address)
+        # leaves the folder's recipe as it was, so a plain --resume still works
+        write_text(grid_dir / GRID_RECIPE, kind.setup_yaml(setup, grid_dir))
         context = kind.begin(setup, grid_dir, context)
         rows = run_cells(executor, kind, setup, grid_dir, cells, context)
     return kind.write_report(setup, grid_dir, cells, rows, context)

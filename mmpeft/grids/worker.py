@@ -48,4 +48,7 @@ def exit_with_driver(driver: int) -> None:
 
 
 if __name__ == "__main__":
-    worker_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    try:
+        worker_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    except KeyboardInterrupt:  # Ctrl+C (or the UI's Stop) reaches the whole process group: the driver reports it
+        sys.exit(130)

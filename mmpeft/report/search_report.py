@@ -9,7 +9,7 @@ from pathlib import Path
 from mmpeft.core.io import write_csv, write_text
 
 LEADERBOARD_COLUMNS = {
-    "trial": "Optuna's trial number (its folder: trials/<number>-<method>)",
+    "trial": "Optuna's trial number (its folder: trials/<3-digit number>-<label>, e.g. trials/004-lora)",
     "method": "the search.methods label the trial ran",
     "params": "the searched settings it drew",
     "state": "complete | pruned (successive halving stopped it at a rung) | stopped (the budget ran out) | failed",
@@ -18,8 +18,8 @@ LEADERBOARD_COLUMNS = {
     "final_val": "validation score at its last epoch (what the search ranks complete trials by)",
     "trainable_params": "trainable parameters of its method",
     "train_seconds": "training time (the loop's own clock)",
-    "pareto_params": "yes: no other complete trial has a higher final_val with fewer trainable parameters",
-    "pareto_time": "yes: no other complete trial has a higher final_val with less training time",
+    "pareto_params": "yes: no other complete trial is as good on final_val and trainable parameters and better on one",
+    "pareto_time": "yes: no other complete trial is as good on final_val and training time and better on one",
     "dir": "its run folder, relative to the grid folder",
     "error": "a failed trial's error",
 }

@@ -7,13 +7,16 @@ except the CLI's `ui` command.
 
 from __future__ import annotations
 
+import sys
+
 
 def serve(runs_dir="runs", host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Start the workbench; see mmpeft.ui.app.serve."""
     try:
         import gradio  # noqa: F401
-    except ImportError:
-        raise SystemExit("error: mmpeft ui needs Gradio: pip install 'mmpeft[ui]'") from None
+    except ImportError:  # a user error: one line and exit code 2, as the CLI's others
+        print("error: mmpeft ui needs Gradio: pip install 'mmpeft[ui]'", file=sys.stderr)
+        raise SystemExit(2) from None
     from mmpeft.ui.app import serve as _serve
 
     return _serve(runs_dir, host=host, port=port, block=block)

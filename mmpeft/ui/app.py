@@ -16,7 +16,7 @@ from mmpeft.artifacts.loading import MANIFEST
 from mmpeft.artifacts.runs import read_run, run_data
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.ui.catalog import COLUMNS, UI_DIR, OutsideError, details, inside, scan
-from mmpeft.ui.compare import comparison_rows, markdown_table
+from mmpeft.ui.compare import comparison_plots, comparison_rows, markdown_table
 from mmpeft.ui.launch import Checked, Launcher
 
 LOG_REFRESH_SECONDS = 2.0
@@ -79,15 +79,20 @@ class Workbench:
         entry = next((e for e in self.entries() if e.path == relative), None)
         if entry is None or entry.status not in ("interrupted", "failed"):
             return f"{relative}: only an interrupted or failed run can be resumed"
-        record = self.launcher.resume(relative, entry.kind)
+        try:
+            record = self.launcher.resume(relative, entry.kind)
+        except ValueError as error:  # a folder that cannot be resumed itself: say what to resume instead
+            return f"{relative}: {error}"
         return f"resumed {relative} (pid {record['pid']})"
 
     def compare(self, selected: list[str] | None):
         selected = selected or []
         try:
             rows = comparison_rows(self.runs_dir, selected)
-            plots = [(str(plot), f"{relative}: {plot.name}") for relative in selected
-                     for plot in details(self.runs_dir, relative).plots]
+            plots = [(str(plot), f"on one axis: {plot.name}") for plot in
+                     comparison_plots(rows, self.runs_dir / UI_DIR / "compare")]
+            plots += [(str(plot), f"{relative}: {plot.name}") for relative in selected
+                      for plot in details(self.runs_dir, relative).plots]
         except (OutsideError, FileNotFoundError) as error:
             return f"**{error}**", []
         return markdown_table(rows), plots

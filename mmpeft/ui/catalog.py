@@ -8,8 +8,8 @@ The one reader of run folders for the web app (and testable without it). Shapes,
   search     search.yaml (+ search.log, trials/<n>-<method>/ run folders, search/leaderboard.*); once its trials
              are done, the grid of the chosen configurations in the same folder (compare.yaml, cells/)
 Status: finished (metrics.json, or a grid's summary.json), failed (a grid cell's error.txt, or a UI launch that
-ended with an error), running (a live UI launch, or a log written to in the last RUNNING_SECONDS), interrupted
-(anything else that stopped early: `--resume` continues it).
+ended with an error), running (a live UI launch, or a held folder whose log, or a cell's, was written to in the last
+RUNNING_SECONDS), interrupted (anything else that stopped early: `--resume` continues it).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import yaml
 from mmpeft.grids.base import GRID_RECIPE
 from mmpeft.grids.cells import ERROR_FILE
 from mmpeft.grids.search import SEARCH_RECIPE
-from mmpeft.runs.folder import METRICS_FILE, RECIPE_FILE
+from mmpeft.runs.folder import LOCK_FILE, METRICS_FILE, RECIPE_FILE
 from mmpeft.sequences.runner import STATE_DIR
 
 logger = logging.getLogger("mmpeft")
@@ -182,7 +182,8 @@ def _grid_entry(folder: Path, relative: str, launched: str | None) -> Entry:
             entry.accuracy, entry.trainable_percent = best
         entry.seconds = sum(float(r.get("train_seconds") or 0) for r in rows) or None
     else:
-        entry.status = _unfinished_status(folder, folder / "compare.log", launched, resumable=True)
+        entry.status = _unfinished_status(folder, folder / "compare.log", launched, resumable=True,
+                                          members=_member_logs(folder))
     entry.modified = _modified(folder)
     return entry
 
@@ -193,7 +194,8 @@ def _search_entry(folder: Path, relative: str, launched: str | None) -> Entry:
     labels = [m.get("label", m.get("name", m.get("preset", ""))) if isinstance(m, dict) else str(m) for m in methods]
     entry = Entry(relative, "search", str(recipe.get("name", "")), str((recipe.get("backbone") or {}).get("id", "")),
                   ", ".join(labels))
-    entry.status = _unfinished_status(folder, folder / "search.log", launched, resumable=True)
+    entry.status = _unfinished_status(folder, folder / "search.log", launched, resumable=True,
+                                      members=_member_logs(folder))
     entry.modified = _modified(folder)
     return entry
 
@@ -209,14 +211,26 @@ def _best_group(summary) -> tuple[float | None, float | None] | None:
     return max(scored, key=lambda pair: pair[0]) if scored else None
 
 
-def _unfinished_status(folder: Path, log: Path, launched: str | None, resumable: bool) -> str:
+def _unfinished_status(folder: Path, log: Path, launched: str | None, resumable: bool,
+                       members: list[Path] = ()) -> str:
+    """`members`: a grid's cell logs and a search's trial logs, which its workers write while the driver's own log
+    stays quiet (processes, ray). Only a held folder (its lock file is there: a process that ended, even with an
+    error, removed it) can be running."""
     if (folder / ERROR_FILE).is_file():
         return "failed"
     if launched is not None:  # the UI started it: the launch record knows best
         return launched
-    if log.is_file() and time.time() - log.stat().st_mtime < RUNNING_SECONDS and not _log_closed(log):
+    if (folder / LOCK_FILE).is_file() and any(_live(path) for path in (log, *members)):
         return "running"
     return "interrupted" if resumable or not log.is_file() else "failed"
+
+
+def _live(log: Path) -> bool:
+    return log.is_file() and time.time() - log.stat().st_mtime < RUNNING_SECONDS and not _log_closed(log)
+
+
+def _member_logs(folder: Path) -> list[Path]:
+    return [*folder.glob("cells/*/train.log"), *folder.glob("trials/*/train.log")]
 
 
 def _log_closed(log: Path) -> bool:
@@ -253,18 +267,23 @@ def details(root: str | Path, relative: str, launches: dict[str, str] | None = N
     if entry is None:
         raise FileNotFoundError(f"{relative!r} is not a run, grid or continual folder (no {RECIPE_FILE} or "
                                 f"{GRID_RECIPE} in {folder})")
-    report_file = next((folder / n for n in ("report.md", "summary.md") if (folder / n).is_file()), None)
+    report_file = next((folder / n for n in ("report.md", "summary.md", "search/leaderboard.md")
+                        if (folder / n).is_file()), None)  # a search still in its trials: its leaderboard
     report = (strip_images(report_file.read_text(errors="replace")) if report_file else
               "*No report yet: the run has not finished.*")
-    plots = sorted(folder.glob("*.png")) + sorted(folder.glob("icl/*.png"))
+    plots = sorted(folder.glob("*.png")) + sorted(folder.glob("icl/*.png")) + sorted(folder.glob("search/*.png"))
     recipe_file = folder / {"run": RECIPE_FILE, "cell": RECIPE_FILE, "trial": RECIPE_FILE, "continual": RECIPE_FILE,
                             "search": SEARCH_RECIPE}.get(entry.kind, GRID_RECIPE)
     log_file = next((p for p in (folder / "train.log", folder / "compare.log", folder / "search.log")
                      if p.is_file()), None)
     if log_file is None and launch_log is not None and launch_log.is_file():
         log_file = launch_log
-    return Details(entry, report, plots, recipe_file.read_text(errors="replace"),
-                   tail(log_file, log_lines) if log_file else "", log_file)
+    log = tail(log_file, log_lines) if log_file else ""
+    if entry.kind not in ("run", "cell", "trial", "continual"):  # cells in workers (processes, ray): a quiet driver log
+        newest = max(_member_logs(folder), key=lambda p: p.stat().st_mtime, default=None)
+        if newest is not None and (log_file is None or newest.stat().st_mtime > log_file.stat().st_mtime + 1):
+            log += f"\n--- {newest.relative_to(folder).as_posix()} ---\n{tail(newest, log_lines // 2)}"
+    return Details(entry, report, plots, recipe_file.read_text(errors="replace"), log, log_file)
 
 
 INLINE_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)]*)\)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mmpeft.grids.base import GRID_RECIPE
 from mmpeft.runs.folder import METRICS_FILE
-from mmpeft.ui.catalog import inside
+from mmpeft.ui.catalog import _continual_seconds, inside
 
 # column -> True where higher is better (accuracy), False where lower is (parameters, time)
 METRIC_COLUMNS = {"accuracy": True, "macro-F1": True, "trainable params": False, "trainable %": False,
@@ -45,7 +45,8 @@ def _run_row(folder: Path, relative: str) -> dict:
     return {"row": relative, "method": metrics.get("method", ""),
             "accuracy": test.get("accuracy", summary.get("average_accuracy")), "macro-F1": test.get("macro_f1"),
             "trainable params": params.get("trainable"), "trainable %": params.get("percent"),
-            "train s": train.get("seconds") if isinstance(train, dict) else None, "paired test": ""}
+            "train s": train.get("seconds") if isinstance(train, dict) else _continual_seconds(metrics),
+            "paired test": ""}
 
 
 def _grid_rows(folder: Path, relative: str) -> list[dict]:
@@ -68,6 +69,8 @@ def paired_text(paired: dict | None) -> str:
     """The grid's own paired t-test against its baseline: difference, p-value, verdict."""
     if not paired:
         return ""
+    if "verdict" not in paired and all(isinstance(v, dict) for v in paired.values()):  # regularisers: per metric
+        return "; ".join(f"{metric}: {paired_text(test)}" for metric, test in paired.items())
     difference, p = paired.get("mean_difference"), paired.get("p")
     numbers = [f"Δ {difference:+.4f}" if _number(difference) else "", f"p = {p:.3g}" if _number(p) else ""]
     return ", ".join([n for n in numbers if n] + [str(paired.get("verdict", "")), f"n={paired.get('n')}"])
@@ -95,6 +98,23 @@ def markdown_table(rows: list[dict]) -> str:
             cells.append(f"**{text}**" if column in best and _number(value) and value == best[column] else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nBold: best in its column (higher accuracy, fewer parameters, less time)."
+
+
+def comparison_plots(rows: list[dict], folder: Path) -> list[Path]:
+    """The compared rows on one axis each: accuracy against trainable parameters (log x) and against training
+    time, drawn by the grids' own plot functions into `folder` (the web app's RUNS_DIR/.ui/compare)."""
+    from mmpeft.report.grid_plots import Point, efficiency_png, time_png
+
+    written = []
+    for name, column, draw, what in (("accuracy_vs_params", "trainable params", efficiency_png, "trainable parameters"),
+                                     ("accuracy_vs_time", "train s", time_png, "training time")):
+        points = [Point(r["row"], float(r[column]), float(r["accuracy"])) for r in rows
+                  if _number(r.get("accuracy")) and _number(r.get(column)) and r[column] > 0]
+        if points:
+            folder.mkdir(parents=True, exist_ok=True)
+            draw(points, None, folder / f"{name}.png", f"compared: accuracy vs {what}")
+            written.append(folder / f"{name}.png")
+    return written
 
 
 def _format(column: str, value) -> str:

@@ -39,6 +39,7 @@ class Checked:
     resolved: str = ""  # the recipe with every default filled in, as `mmpeft check` prints it
     name: str = ""
     output_name: str | None = None
+    folder: str = ""  # the run folder it will write, relative to RUNS_DIR (Launcher.check)
 
     @property
     def ok(self) -> bool:
@@ -81,14 +82,15 @@ class Launcher:
         return [f"output.dir={self.runs_dir}", *extra]
 
     def check(self, text: str, stem: str, extra: list[str]) -> tuple[Checked, Path]:
+        """The recipe's problems, and those of the folder it would write (Check and Start say the same)."""
         path = self.stage(text, stem)
-        return check_recipe(path, self.overrides(extra)), path
+        checked = check_recipe(path, self.overrides(extra))
+        if checked.ok:
+            checked.folder = self.run_folder(checked)
+        return checked, path
 
-    def start(self, text: str, stem: str, extra: list[str]) -> Checked | dict:
-        """Validate, then start; returns the problems (nothing started) or the launch record."""
-        checked, path = self.check(text, stem, extra)
-        if not checked.ok:
-            return checked
+    def run_folder(self, checked: Checked) -> str:
+        """The run folder relative to RUNS_DIR, or "" with the problem added: outside RUNS_DIR, or already there."""
         folder = checked.output_name or f"{checked.name}-{datetime.now():%Y%m%d-%H%M%S}"
         out_dir = ((yaml.safe_load(checked.resolved) or {}).get("output") or {}).get("dir") or self.runs_dir
         try:  # output.dir / output.name from the recipe or an override: the run folder must be under RUNS_DIR
@@ -97,11 +99,19 @@ class Launcher:
         except OutsideError as error:
             checked.problems.append(f"output: the run folder {error}; a launch writes under RUNS_DIR only (leave "
                                     "output.dir out, and make output.name a plain folder name)")
-            return checked
+            return ""
         if (self.runs_dir / folder).exists():
             checked.problems.append(f"output.name: {folder!r} already exists under {self.runs_dir}; choose another "
                                     f"output.name (or continue it from the Runs tab)")
+            return ""
+        return folder
+
+    def start(self, text: str, stem: str, extra: list[str]) -> Checked | dict:
+        """Validate, then start; returns the problems (nothing started) or the launch record."""
+        checked, path = self.check(text, stem, extra)
+        if not checked.ok:
             return checked
+        folder = checked.folder
         overrides = self.overrides(extra) + ([] if checked.output_name else [f"output.name={folder}"])
         return self._spawn([checked.command, str(path), *overrides], folder)
 
@@ -109,6 +119,10 @@ class Launcher:
         """`mmpeft <command> --resume FOLDER [overrides]`: continues from the folder's last checkpoint."""
         folder = inside(self.runs_dir, relative)
         command = RESUME_COMMANDS.get(kind)
+        if kind == "trial":  # trials/<n>-<label>/ of a search: only the search continues (or retries) it
+            search = folder.parent.parent.relative_to(self.runs_dir).as_posix()
+            raise ValueError(f"a search's trial is not resumed on its own: resume its search, {search} (`mmpeft "
+                             f"search --resume {folder.parent.parent}`)")
         if command is None:
             raise ValueError(f"a {kind} folder cannot be resumed")
         return self._spawn([command, "--resume", str(folder), *(extra or [])],
