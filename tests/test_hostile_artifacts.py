@@ -127,6 +127,16 @@ def test_merge_refuses_non_finite_weights(finished_run, tmp_path, capsys, weight
     assert "weights:" in err and "must all be finite" in err and not out.exists()
 
 
+
+def test_merge_refuses_weights_that_overflow_the_adapter(finished_run, run_copy, tmp_path, capsys):
+    """Finite weights, but 1e300 * a float32 LoRA matrix is infinite: the merged adapter must not be written."""
+    out = tmp_path / "merged"
+    assert main(["merge", str(finished_run), str(run_copy), "--weights", "1e300", "1e300", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "merge with weights [1e+300, 1e+300] holds NaN or infinity" in err and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
 # (command after `mmpeft`, with {run}: a finished run, {copy}: a copy of it) -> a fragment of the one-line error
 REFUSED_COMMANDS = {
     "export_into_the_runs_saved_state": (["export", "{run}", "--out", "{run}/adapter/exported"],
