@@ -109,6 +109,9 @@ FILES = {  # file text (or bytes) -> what the error must say
                          "duplicate key 'epochs' (line 5; first given on line 3)"),
     "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not a YAML text file (byte 0 is not UTF-8 text)"),
     "not_yaml": ("method: [lora\n", "not valid YAML"),
+    "huge_integer": ("method: lora\nseed: " + "9" * 5000 + "\n",
+                     "an integer of 5000 characters is too long to read; write a shorter number (or quote it, if it "
+                     "is text) at line 2, column 7"),
 }
 
 

@@ -319,6 +319,14 @@ class RecipeLoader(yaml.SafeLoader):
                                        10 * MAX_ALIAS_NODES)
         return self.node_sizes[key]
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} characters is too long to read; write a shorter "
+                "number (or quote it, if it is text)", node.start_mark) from None
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
@@ -333,6 +341,8 @@ class RecipeLoader(yaml.SafeLoader):
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
 
 def parse_yaml(text: str) -> Any:
     """YAML text -> data through RecipeLoader; raises yaml.YAMLError."""
