@@ -137,10 +137,23 @@ def test_merge_keys_are_not_duplicates(tmp_path):
         load_recipe(path)
 
 
-def test_huge_values_are_quoted_short():
+HUGE = "x" * 100_000
+HUGE_VALUES = {  # a recipe with one huge value -> the start of the (short) error
+    "wrong_type": ({**BASE, "train": {"epochs": HUGE}}, "train.epochs: expected an integer"),
+    "template_without_label": ({**BASE, "data": {"templates": [HUGE]}}, "data.templates: 'xxx"),
+    "template_with_bad_field": ({**BASE, "data": {"templates": ["{label} {x}" + HUGE]}}, "data.templates[0]: '{label}"),
+    "unknown_method": ({"method": {"name": HUGE}}, "method.name: unknown method 'xxx"),
+    "method_not_a_mapping": ({"method": [HUGE]}, "method: expected a method name"),
+    "unknown_key": ({**BASE, "train": {HUGE: 1}}, "train.xxx"),
+}
+
+
+@pytest.mark.parametrize("case", list(HUGE_VALUES))
+def test_huge_values_are_quoted_short(case):
+    recipe, expected = HUGE_VALUES[case]
     with pytest.raises(RecipeError) as caught:
-        load_recipe({**BASE, "train": {"epochs": "x" * 100_000}})
-    assert "train.epochs: expected an integer" in str(caught.value) and len(str(caught.value)) < 400
+        load_recipe(recipe)
+    assert expected in str(caught.value) and len(str(caught.value)) < 600, str(caught.value)[:700]
 
 
 @pytest.mark.parametrize(("override", "expected"), [

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpeft.core.io import PROJECT_ROOT
-from mmpeft.core.schema import RecipeError, build, did_you_mean, to_plain
+from mmpeft.core.schema import RecipeError, build, did_you_mean, show, to_plain
 from mmpeft.grids.base import GridSpec, label_problems, pick_baseline, seed_problems
 from mmpeft.runs.recipe import load_recipe, preset_candidates, read_yaml
 from mmpeft.specs import DataSpec, Recipe, TrainSpec
@@ -148,7 +148,7 @@ def resolve_methods(grid: GridSpec, recipe: Recipe | None, base_dir: Path, probl
             build(TrainSpec, {**to_plain(recipe.train), **changes}, f"{where}.train", problems)
         name = mapping.get("name")
         if name not in METHODS:
-            problems.append(f"{where}: unknown method {name!r}{did_you_mean(str(name), METHODS.names())}; "
+            problems.append(f"{where}: unknown method {show(name)}{did_you_mean(str(name), METHODS.names())}; "
                             f"valid: {', '.join(METHODS.names())}")
             continue
         problems += label_problems(where, label)

@@ -51,10 +51,11 @@ def validate(data: dict, base_dir: Path, label: str | None = None, data_files: b
     if method_data is None:
         problems.append(f"method: required; valid methods: {', '.join(METHODS.names())}")
     elif not isinstance(method_data, dict) or "name" not in method_data:
-        problems.append(f"method: expected a method name, a preset file or a mapping with `name`, got {method_data!r}")
+        problems.append("method: expected a method name, a preset file or a mapping with `name`, got "
+                        f"{show(method_data)}")
     elif method_data["name"] not in METHODS:
         name = method_data["name"]
-        problems.append(f"method.name: unknown method {name!r}{did_you_mean(str(name), METHODS.names())}; "
+        problems.append(f"method.name: unknown method {show(name)}{did_you_mean(str(name), METHODS.names())}; "
                         f"valid: {', '.join(METHODS.names())}")
     else:
         method = build(METHODS.get(method_data["name"]).Config, method_data, "method", problems)
