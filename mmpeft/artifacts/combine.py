@@ -8,7 +8,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -25,6 +25,9 @@ from mmpeft.artifacts.runs import (
 from mmpeft.artifacts.single import base_info, manifest_for, run_scores
 from mmpeft.core.io import atomic_dir, write_json, write_text
 from mmpeft.core.schema import to_plain
+
+if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
 
 logger = logging.getLogger("mmpeft")
 
@@ -194,7 +197,7 @@ def combine(runs: list[RunFolder], weights: list[float], how: str, density: floa
     return info
 
 
-def evaluate(backbone, runs: list[RunFolder], data: list) -> list[dict]:
+def evaluate(backbone: Backbone, runs: list[RunFolder], data: list) -> list[dict]:
     """The merged adapter on each source run's test split, beside that run's own fine-tuned and zero-shot scores."""
     from mmpeft.evaluation import classification_metrics, predict
 
