@@ -139,7 +139,7 @@ class DataSpec:
                              "captions")
         if "{label}" not in self.answer_template:
             raise ValueError(f"data.answer_template: {self.answer_template!r} has no {{label}} placeholder")
-        if problem := _template_problem(self.answer_template):
+        if problem := template_problem(self.answer_template):
             raise ValueError(f"data.answer_template: {self.answer_template!r} {problem}")
         if self.source != "digits" and not self.path:
             raise ValueError(f"data.path is required for data.source: {self.source}")
@@ -149,11 +149,11 @@ class DataSpec:
         for i, template in enumerate(self.templates):
             if "{label}" not in template:
                 raise ValueError(f"data.templates: {show(template)} has no {{label}} placeholder")
-            if problem := _template_problem(template):
+            if problem := template_problem(template):
                 raise ValueError(f"data.templates[{i}]: {show(template)} {problem}")
 
 
-def _template_problem(template: str) -> str | None:
+def template_problem(template: str) -> str | None:
     """Why `template.format(label=...)` would fail at zero-shot time (KeyError, IndexError, ValueError) or leave the
     label out; None for a good template."""
     try:

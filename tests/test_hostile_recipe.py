@@ -189,6 +189,26 @@ def test_grid_seeds_have_the_recipe_seed_range(tmp_path):
         load_compare_recipe(path, [])
 
 
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("{label} {x}", "grid.templates[0]: '{label} {x}' has the unknown field {x}: only {label} is filled in"),
+    ("{label} {0}", "grid.templates[0]: '{label} {0}' has the unknown field {0}"),
+    ("{label} {", "grid.templates[0]: '{label} {' is not a valid template"),
+])
+def test_grid_templates_are_checked_like_data_templates(tmp_path, capsys, template, expected):
+    """The zero-shot baselines of a compare grid formatted grid.templates at run time: a KeyError traceback."""
+    from mmpeft.grids import load_compare_recipe
+
+    path = tmp_path / "compare.yaml"
+    path.write_text("grid:\n  methods: [lora]\n  seeds: [0]\n  templates: ['" + template + "']\n")
+    with pytest.raises(RecipeError) as caught:
+        load_compare_recipe(path, [])
+    assert expected in str(caught.value)
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(("override", "expected"), [
     ("regulariser.strength=-1", "regulariser.strength: -1 is out of range; it must be >= 0"),
     ("regulariser.fisher_samples=0", "regulariser.fisher_samples: 0 is out of range; it must be >= 1"),
