@@ -132,6 +132,10 @@ def quiet_dependencies() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels package notice
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    from PIL import Image
+
+    # PIL's notice as it reads a large image's header: mmpeft checks data.max_image_pixels itself and names the file
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
