@@ -132,6 +132,10 @@ def quiet_dependencies() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels package notice
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    from PIL import Image
+
+    # PIL's notice as it reads a large image's header: mmpeft checks data.max_image_pixels itself and names the file
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -142,9 +146,12 @@ def quiet_dependencies() -> None:
 
 class DependencyNoise(logging.Filter):
     """Dependency warnings the user cannot act on stay out of the terminal and go to the run's train.log: published
-    SigLIP configs keep CLIP's default bos/eos ids (49406/49407) outside their own 32k vocabulary."""
+    SigLIP configs keep CLIP's default bos/eos ids (49406/49407) outside their own 32k vocabulary; the tokenizer's
+    "sequence length is longer than the specified maximum ... indexing errors" when mmpeft measures texts against the
+    text tower's limit (mmpeft says itself what would be cut, and cuts it: nothing is indexed out of range)."""
 
-    NOISE = ("must be `None` or an integer within the vocabulary",)
+    NOISE = ("must be `None` or an integer within the vocabulary",
+             "Token indices sequence length is longer than the specified maximum sequence length")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not any(text in record.getMessage() for text in self.NOISE):

@@ -38,6 +38,7 @@ from mmpeft.data.loader import make_loader
 from mmpeft.data.sources import DatasetImage, ShardImage
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.specs import BackboneSpec, Recipe
 
 logger = logging.getLogger("mmpeft")
@@ -135,7 +136,7 @@ class FeatureDataset(Dataset):
 
 
 @torch.no_grad()
-def encode_dataset(backbone, dataset: Dataset, batch_size: int, desc: str = "features") -> torch.Tensor:
+def encode_dataset(backbone: Backbone, dataset: Dataset, batch_size: int, desc: str = "features") -> torch.Tensor:
     """Normalised image features [N, D] (float32, CPU) of every item, in eval mode."""
     was_training = backbone.training
     backbone.eval()
@@ -244,7 +245,7 @@ class FeatureBinding:
                 "seconds": round(self.seconds, 3), "disk": self.disk}
 
 
-def bind_features(recipe: Recipe, backbone) -> FeatureBinding | None:
+def bind_features(recipe: Recipe, backbone: Backbone) -> FeatureBinding | None:
     """The cache for this run's backbone, or None (logged) when the recipe or the backbone rules it out."""
     setting = recipe.train.feature_cache
     if setting == "recompute" or not backbone.caches_image_features:
@@ -258,7 +259,8 @@ def bind_features(recipe: Recipe, backbone) -> FeatureBinding | None:
     return FeatureBinding(backbone, fingerprint, recipe.eval.batch_size, disk=disk)
 
 
-def keep_after_apply(binding: FeatureBinding | None, recipe: Recipe, method, backbone) -> FeatureBinding | None:
+def keep_after_apply(binding: FeatureBinding | None, recipe: Recipe, method,
+                     backbone: Backbone) -> FeatureBinding | None:
     """Keep the cache for training and evaluation only if the applied method leaves the image features alone."""
     if binding is None:
         return None

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from mmpeft.core.schema import Range, to_plain
+from mmpeft.core.schema import Range, show, to_plain
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 # Numeric fields carry their valid range (checked by mmpeft.core.schema.build, reported with the YAML path).
@@ -139,7 +139,7 @@ class DataSpec:
                              "captions")
         if "{label}" not in self.answer_template:
             raise ValueError(f"data.answer_template: {self.answer_template!r} has no {{label}} placeholder")
-        if problem := _template_problem(self.answer_template):
+        if problem := template_problem(self.answer_template):
             raise ValueError(f"data.answer_template: {self.answer_template!r} {problem}")
         if self.source != "digits" and not self.path:
             raise ValueError(f"data.path is required for data.source: {self.source}")
@@ -148,12 +148,12 @@ class DataSpec:
                              f"not {self.source!r}")
         for i, template in enumerate(self.templates):
             if "{label}" not in template:
-                raise ValueError(f"data.templates: {template!r} has no {{label}} placeholder")
-            if problem := _template_problem(template):
-                raise ValueError(f"data.templates[{i}]: {template!r} {problem}")
+                raise ValueError(f"data.templates: {show(template)} has no {{label}} placeholder")
+            if problem := template_problem(template):
+                raise ValueError(f"data.templates[{i}]: {show(template)} {problem}")
 
 
-def _template_problem(template: str) -> str | None:
+def template_problem(template: str) -> str | None:
     """Why `template.format(label=...)` would fail at zero-shot time (KeyError, IndexError, ValueError) or leave the
     label out; None for a good template."""
     try:

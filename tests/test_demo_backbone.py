@@ -18,7 +18,7 @@ import mmpeft
 from mmpeft.backbones import load_backbone
 from mmpeft.core.io import PROJECT_ROOT
 from mmpeft.data import load_data, load_image
-from mmpeft.runs.demo import MARKER
+from mmpeft.runs.demo import CHILD_PRELUDE, MARKER
 from mmpeft.specs import BackboneSpec, DataSpec
 
 CAPTIONS = ["a photo of the digit three.", "a handwritten seven.", "a scan of the number zero."]
@@ -80,3 +80,18 @@ def test_lora_on_16_rotated_shots_lifts_rot90_accuracy(quickstart: tuple[dict, P
     assert metrics["test"]["accuracy"] >= metrics["zero_shot"]["accuracy"] + 0.3
     report = (run_dir / "report.md").read_text()
     assert "| shift | zero-shot | after training | change |" in report and "| rot90 |" in report
+
+
+def test_the_pretraining_child_prints_no_progress_bars(tmp_path: Path) -> None:
+    """The first quickstart run pre-trains in a child process; its save printed transformers' "Writing model shards"
+    bar into the user's terminal (the parent's quiet_dependencies does not reach a child)."""
+    import subprocess
+    import sys
+
+    code = CHILD_PRELUDE + ("from transformers import CLIPTextConfig, CLIPTextModel; "
+                            "CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, "
+                            "num_attention_heads=2, vocab_size=10)).save_pretrained(sys.argv[1])")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Writing model shards" not in done.stderr + done.stdout and (tmp_path / "model" / "config.json").is_file()

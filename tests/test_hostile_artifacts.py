@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,51 @@ def test_merge_refuses_non_finite_weights(finished_run, tmp_path, capsys, weight
     assert main(["merge", str(finished_run), str(finished_run), "--weights", *weights, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "weights:" in err and "must all be finite" in err and not out.exists()
+
+
+
+def test_merge_refuses_weights_that_overflow_the_adapter(finished_run, run_copy, tmp_path, capsys):
+    """Finite weights, but 1e300 * a float32 LoRA matrix is infinite: the merged adapter must not be written."""
+    out = tmp_path / "merged"
+    assert main(["merge", str(finished_run), str(run_copy), "--weights", "1e300", "1e300", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "merge with weights [1e+300, 1e+300] holds NaN or infinity" in err and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+
+def test_predict_skips_an_image_over_the_pixel_cap_before_decoding_it(finished_run, color_folder, tmp_path, capsys):
+    """A 200-byte PNG claiming 12000x12000 pixels was decoded by `mmpeft predict` (3 GB resident, then scored)."""
+    from test_hostile_data import write_bomb
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(next((color_folder / "red").iterdir()), photos / "ok.png")
+    write_bomb(photos / "bomb.png")
+    assert main(["predict", str(finished_run), str(photos), "--out", str(tmp_path / "p.jsonl")]) == 0
+    rows = {Path(row["path"]).name: row for row in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
+    assert rows["bomb.png"]["error"] == ("image too large: 12000x12000 = 144,000,000 pixels, over 50,000,000 "
+                                         "(data.max_image_pixels' default); downscale it")
+    assert rows["ok.png"]["labels"] and "Traceback" not in capsys.readouterr().err
+
+
+def test_pils_bomb_notice_stays_out_of_the_terminal(tmp_path):
+    """Reading a large image's header (mmpeft's own size check) made PIL print a DecompressionBombWarning with its
+    source line beside mmpeft's line naming the file."""
+    import warnings
+
+    from PIL import Image
+    from test_hostile_data import write_bomb
+
+    from mmpeft.cli import quiet_dependencies
+
+    path = write_bomb(tmp_path / "bomb.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_dependencies()
+        with Image.open(path) as opened:
+            assert opened.size == (12000, 12000)
+    assert [w.category for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == []
 
 
 # (command after `mmpeft`, with {run}: a finished run, {copy}: a copy of it) -> a fragment of the one-line error

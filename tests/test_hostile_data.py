@@ -153,6 +153,27 @@ def test_every_reader_uses_the_one_conversion(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(load_image(ref)), expected)
 
 
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_backbone_preprocesses_any_mode_as_the_data_pipeline_does(tmp_path: Path, kind: str) -> None:
+    """`backbone.preprocess([Image.open(path)])` (the Python API, the model card's snippet): a dual encoder handed a
+    16-bit PNG to its processor, whose RGB conversion clipped it to white."""
+    from mmpeft.backbones import load_backbone
+    from mmpeft.specs import BackboneSpec
+    from mmpeft.tiny.store import tiny_backbone
+
+    backbone = load_backbone(BackboneSpec(id=str(tiny_backbone(kind))))
+    path = save(tmp_path, "gray16.png", Image.fromarray(halves(0, 40000, np.uint16)))
+    with Image.open(path) as opened:
+        given = backbone.preprocess([opened])
+    assert torch_equal(given, backbone.preprocess([load_image(path)]))
+    assert not torch_equal(given, backbone.preprocess([Image.new("RGB", (4, 4), (255, 255, 255))]))
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
 # ---------------------------------------------------------------- hostile files through load_data
 
 

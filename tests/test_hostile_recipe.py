@@ -109,6 +109,9 @@ FILES = {  # file text (or bytes) -> what the error must say
                          "duplicate key 'epochs' (line 5; first given on line 3)"),
     "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not a YAML text file (byte 0 is not UTF-8 text)"),
     "not_yaml": ("method: [lora\n", "not valid YAML"),
+    "huge_integer": ("method: lora\nseed: " + "9" * 5000 + "\n",
+                     "an integer of 5000 characters is too long to read; write a shorter number (or quote it, if it "
+                     "is text) at line 2, column 7"),
 }
 
 
@@ -134,10 +137,23 @@ def test_merge_keys_are_not_duplicates(tmp_path):
         load_recipe(path)
 
 
-def test_huge_values_are_quoted_short():
+HUGE = "x" * 100_000
+HUGE_VALUES = {  # a recipe with one huge value -> the start of the (short) error
+    "wrong_type": ({**BASE, "train": {"epochs": HUGE}}, "train.epochs: expected an integer"),
+    "template_without_label": ({**BASE, "data": {"templates": [HUGE]}}, "data.templates: 'xxx"),
+    "template_with_bad_field": ({**BASE, "data": {"templates": ["{label} {x}" + HUGE]}}, "data.templates[0]: '{label}"),
+    "unknown_method": ({"method": {"name": HUGE}}, "method.name: unknown method 'xxx"),
+    "method_not_a_mapping": ({"method": [HUGE]}, "method: expected a method name"),
+    "unknown_key": ({**BASE, "train": {HUGE: 1}}, "train.xxx"),
+}
+
+
+@pytest.mark.parametrize("case", list(HUGE_VALUES))
+def test_huge_values_are_quoted_short(case):
+    recipe, expected = HUGE_VALUES[case]
     with pytest.raises(RecipeError) as caught:
-        load_recipe({**BASE, "train": {"epochs": "x" * 100_000}})
-    assert "train.epochs: expected an integer" in str(caught.value) and len(str(caught.value)) < 400
+        load_recipe(recipe)
+    assert expected in str(caught.value) and len(str(caught.value)) < 600, str(caught.value)[:700]
 
 
 @pytest.mark.parametrize(("override", "expected"), [
@@ -171,6 +187,26 @@ def test_grid_seeds_have_the_recipe_seed_range(tmp_path):
     path.write_text("# mmpeft compare compare.yaml\nmethod: lora\ngrid:\n  methods: [lora, full]\n  seeds: [0, -1]\n")
     with pytest.raises(RecipeError, match=r"grid.seeds\[1\]: -1 is out of range; it must be >= 0"):
         load_compare_recipe(path, [])
+
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("{label} {x}", "grid.templates[0]: '{label} {x}' has the unknown field {x}: only {label} is filled in"),
+    ("{label} {0}", "grid.templates[0]: '{label} {0}' has the unknown field {0}"),
+    ("{label} {", "grid.templates[0]: '{label} {' is not a valid template"),
+])
+def test_grid_templates_are_checked_like_data_templates(tmp_path, capsys, template, expected):
+    """The zero-shot baselines of a compare grid formatted grid.templates at run time: a KeyError traceback."""
+    from mmpeft.grids import load_compare_recipe
+
+    path = tmp_path / "compare.yaml"
+    path.write_text("grid:\n  methods: [lora]\n  seeds: [0]\n  templates: ['" + template + "']\n")
+    with pytest.raises(RecipeError) as caught:
+        load_compare_recipe(path, [])
+    assert expected in str(caught.value)
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(("override", "expected"), [

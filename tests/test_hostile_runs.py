@@ -325,6 +325,32 @@ def test_siglip_config_token_id_warnings_go_to_the_log_not_the_terminal(tmp_path
     assert "bos_token_id must be `None` or an integer within the vocabulary (between 0 and 96), got 49406" in log
 
 
+
+def test_the_tokenizers_length_notice_stays_out_of_the_terminal(tiny_clip_dir):
+    """mmpeft measures every class text and caption against the text tower's limit (and says itself what is cut);
+    the tokenizer's own "... will result in indexing errors" notice printed beside it, though nothing is."""
+    import io
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from mmpeft.backbones import load_backbone
+    from mmpeft.cli import quiet_dependencies
+    from mmpeft.specs import BackboneSpec
+
+    quiet_dependencies()
+    backbone = load_backbone(BackboneSpec(id=str(tiny_clip_dir)))
+    terminal = io.StringIO()
+    handlers = [h for h in hf_logging.get_logger().handlers if isinstance(h, logging.StreamHandler)]
+    streams = [h.setStream(terminal) for h in handlers]  # what prints transformers' notices
+    try:
+        limit, overlong = backbone.overlong_texts(["word " * 40])
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
+    assert limit == 16 and overlong and terminal.getvalue() == ""
+
+
 def published_style_siglip(folder):
     """A tiny SigLIP laid out like the published ones: SiglipTokenizer over a sentencepiece `spiece.model` (trained
     here, offline) and the config's own default bos/eos ids."""

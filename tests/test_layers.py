@@ -58,3 +58,19 @@ def test_no_code_asks_a_backbone_what_it_is():
               for number, line in enumerate(path.read_text().splitlines(), 1)
               if re.search(r"(hasattr|getattr)\((self\.)?backbone\b", line)]
     assert probes == []
+
+
+def test_public_functions_that_take_a_backbone_say_backbone():
+    """docs/ARCHITECTURE.md: a public function's `backbone` parameter is typed with the interface, not left untyped
+    or typed nn.Module (what it may be asked is what Backbone declares)."""
+    import ast
+
+    untyped = []
+    for path in sorted((ROOT / "mmpeft").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                untyped += [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+                            for arg in node.args.args + node.args.kwonlyargs if arg.arg == "backbone"
+                            and (arg.annotation is None or ast.unparse(arg.annotation) not in
+                                 ("Backbone", "GenerativeBackbone", "DualEncoder"))]
+    assert untyped == []

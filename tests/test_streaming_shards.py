@@ -255,6 +255,41 @@ def test_bad_samples_are_skipped_with_a_warning_and_an_all_bad_stream_fails(tmp_
         stream.keys()
 
 
+
+def test_a_streamed_image_over_the_pixel_cap_is_refused_before_it_decodes(tmp_path):
+    """data.max_image_pixels held for files and indexed shards only: a streamed 12000x12000 PNG (a few hundred
+    bytes of header) decoded to half a gigabyte and trained."""
+    pytest.importorskip("webdataset")
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    images = captioned_images(tmp_path / "img", 1)
+    small = (tmp_path / "img" / images[0][0]).read_bytes()  # 12x12
+    big = io.BytesIO()
+    Image.new("RGB", (24, 24), (40, 50, 220)).save(big, "PNG")
+    with wds.TarWriter(str(tmp_path / "big-0000.tar")) as sink:
+        sink.write({"__key__": "ok", "png": small, "txt": "a red image"})
+        sink.write({"__key__": "big", "png": big.getvalue(), "txt": "a blue image"})
+    with wds.TarWriter(str(tmp_path / "held-0000.tar")) as sink:
+        sink.write({"__key__": "ok", "png": small, "txt": "a red image"})
+    stream = train_stream(str(tmp_path / "big-0000.tar"), str(tmp_path / "held-0000.tar"), shuffle_buffer=0,
+                          max_image_pixels=12 * 12)  # the held-out 12x12 image fits, the streamed 24x24 does not
+    stream.plan([1, 1], 0)
+    batches = iter(stream)
+    assert [item["key"] for item in next(batches)] == ["big-0000.tar:ok"]
+    with pytest.raises(DataError, match=re.escape("the image of stream sample big-0000.tar:big is too large "
+                                                  "(24x24 = 576 pixels, over data.max_image_pixels = 144)")):
+        next(batches)
+    recipe = load_recipe({"method": "zero_shot", "train": {"objective": "contrastive"},  # held out behind a URL
+                          "data": stream_data(str(tmp_path / "held-0000.tar"), f"pipe:cat {tmp_path / 'big-0000.tar'}",
+                                              max_image_pixels=12 * 12)})
+    with pytest.raises(DataError, match=re.escape("big-0000.tar:big: image is too large (24x24 = 576 pixels, over "
+                                                  "data.max_image_pixels = 144)")):
+        load_data(recipe.data, 0)
+
+
 def test_pipe_urls_stream_through_webdataset(stream_shards):
     train, held_out = stream_shards
     piped = train_stream(f"pipe:cat {train}", f"pipe:cat {held_out}", shuffle_buffer=8)

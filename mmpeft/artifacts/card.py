@@ -126,7 +126,7 @@ def how_to_load(manifest: dict) -> list[str]:
                     "from mmpeft.artifacts import export_labels, load_adapter", "",
                     'backbone = load_adapter("path/to/this/folder")  # base="..." if the base model moved',
                     'labels = export_labels("path/to/this/folder")',
-                    'pixels = backbone.preprocess([Image.open("image.png").convert("RGB")])',
+                    'pixels = backbone.preprocess([Image.open("image.png")])  # any mode: 16-bit, float, RGBA, ...',
                     "with torch.no_grad():",
                     "    text = None if backbone.head is not None else backbone.class_text_features(labels)",
                     "    logits = backbone.classify(pixels, text)  # [images, classes]",

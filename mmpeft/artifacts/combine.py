@@ -8,17 +8,28 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from mmpeft.artifacts.card import model_card
 from mmpeft.artifacts.loading import CARD, load_adapter, write_manifest
-from mmpeft.artifacts.runs import ExportError, RunFolder, check_out_folder, read_run, run_data, run_labels
+from mmpeft.artifacts.runs import (
+    ExportError,
+    RunFolder,
+    check_out_folder,
+    non_finite_tensors,
+    read_run,
+    run_data,
+    run_labels,
+)
 from mmpeft.artifacts.single import base_info, manifest_for, run_scores
 from mmpeft.core.io import atomic_dir, write_json, write_text
 from mmpeft.core.schema import to_plain
 from mmpeft.data.conversation_data import CONVERSATION_SOURCES
+
+if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
 
 logger = logging.getLogger("mmpeft")
 
@@ -56,6 +67,9 @@ def merge(run_dirs: list[str | Path], weights: list[float] | None = None, how: M
     first = runs[0]
     with atomic_dir(out) as stage:
         base = combine(runs, weights, how, density, seed, stage)
+        for _, bad in non_finite_tensors(stage):  # finite weights can still overflow the adapter's dtype
+            raise ExportError(f"the {how} merge with weights {weights} holds NaN or infinity in {len(bad)} tensor(s) "
+                              f"({', '.join(bad[:2])}): the weights are too large; nothing was written")
         data = [run_data(run) for run in runs]
         manifest = manifest_for(first, data[0], "merge", "peft", base, None, 0, first.recipe.backbone.dtype,
                                 [], merge={"how": how, "weights": weights, "density": density, "seed": seed})
@@ -193,7 +207,7 @@ def combine(runs: list[RunFolder], weights: list[float], how: str, density: floa
     return info
 
 
-def evaluate(backbone, runs: list[RunFolder], data: list) -> list[dict]:
+def evaluate(backbone: Backbone, runs: list[RunFolder], data: list) -> list[dict]:
     """The merged adapter on each source run's test split, beside that run's own fine-tuned and zero-shot scores."""
     from mmpeft.evaluation import classification_metrics, predict
 

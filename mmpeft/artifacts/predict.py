@@ -25,10 +25,12 @@ from mmpeft.core.io import atomic_path
 from mmpeft.data import LabelSet, load_image
 from mmpeft.data.sources import IMAGE_EXTENSIONS
 from mmpeft.runs.folder import RECIPE_FILE
+from mmpeft.specs import DataSpec
 
 logger = logging.getLogger("mmpeft")
 
 DEFAULT_BATCH_SIZE = 16
+MAX_PIXELS = DataSpec.max_image_pixels  # the recipe default, for images given to predict
 TABLE_ROWS = 20  # rows shown on the terminal; the JSON lines hold all of them
 
 
@@ -199,7 +201,16 @@ def choose_labels(predictor: Predictor, names: list[str] | None, source: str | P
 
 
 def read_image(path: Path):
+    """(the image, None) or (None, why it is skipped). Its size is read from the header first: a PNG of a hundred
+    bytes can claim 12000x12000 pixels (half a gigabyte decoded); past data.max_image_pixels' default it is skipped."""
+    from PIL import Image
+
     try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+        if width * height > MAX_PIXELS:
+            return None, (f"image too large: {width}x{height} = {width * height:,} pixels, over {MAX_PIXELS:,} "
+                          "(data.max_image_pixels' default); downscale it")
         return load_image(str(path)), None
     except Exception as error:  # any unreadable file: PIL raises OSError, ValueError, DecompressionBombError, ...
         cause = error.__cause__ or error  # load_image's DataError wraps PIL's own

@@ -128,10 +128,19 @@ def check_hashes(adapter: Path) -> None:
 
 def check_finite(adapter: Path) -> None:
     """Refuse a saved state holding NaN or infinity: every output it gives would be NaN."""
+    for file, bad in non_finite_tensors(adapter):
+        raise ExportError(f"{file}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:3])}): the run "
+                          "diverged or the file was changed; nothing was exported. Train again with a lower "
+                          "train.lr or train.max_grad_norm")
+
+
+def non_finite_tensors(folder: Path) -> list[tuple[Path, list[str]]]:
+    """(file, names of its tensors holding NaN or infinity) for each safetensors file under `folder` that has any."""
     import torch
     from safetensors import SafetensorError, safe_open
 
-    for file in sorted(adapter.rglob("*.safetensors")):
+    found = []
+    for file in sorted(folder.rglob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as handle:
                 bad = [key for key in handle.keys() if _not_finite(handle.get_tensor(key), torch)]
@@ -139,9 +148,8 @@ def check_finite(adapter: Path) -> None:
             raise ExportError(f"{file} cannot be read ({str(error).splitlines()[0]}): the file is truncated or "
                               "damaged; run the recipe again") from None
         if bad:
-            raise ExportError(f"{file}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:3])}): the run "
-                              "diverged or the file was changed; nothing was exported. Train again with a lower "
-                              "train.lr or train.max_grad_norm")
+            found.append((file, bad))
+    return found
 
 
 def _not_finite(tensor, torch) -> bool:

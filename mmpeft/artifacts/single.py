@@ -8,7 +8,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mmpeft.artifacts.card import model_card
 from mmpeft.artifacts.loading import CARD, architecture, load_adapter, write_manifest
@@ -21,6 +21,9 @@ from mmpeft.core.schema import to_plain
 from mmpeft.methods.base import CannotMerge
 from mmpeft.runs.folder import HASH_FILE
 from mmpeft.runs.single import NOT_TESTED
+
+if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
 
 logger = logging.getLogger("mmpeft")
 
@@ -191,7 +194,7 @@ def export_adapter(run: RunFolder, data, stage: Path, verify: bool, tolerance: f
     return manifest
 
 
-def base_info(backbone) -> dict:
+def base_info(backbone: Backbone) -> dict:
     """What identifies the base: its family, model type and shape-defining config fields (see load_adapter)."""
     config = backbone.base_model.config
     return {"family": backbone.family, "model_type": getattr(config, "model_type", "unknown"),

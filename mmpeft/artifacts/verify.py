@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mmpeft.artifacts.runs import ExportError
 from mmpeft.data import LabelSet
+
+if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
 
 logger = logging.getLogger("mmpeft")
 
@@ -47,7 +51,7 @@ def make_probe(data) -> Probe:
 
 
 @torch.no_grad()
-def outputs(backbone, probe: Probe) -> dict[str, torch.Tensor]:
+def outputs(backbone: Backbone, probe: Probe) -> dict[str, torch.Tensor]:
     """Logits (and a dual encoder's embeddings) of the probe batch, on the CPU in float32."""
     backbone.eval()
     pixels = backbone.preprocess(probe.images)

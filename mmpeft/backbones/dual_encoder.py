@@ -14,6 +14,7 @@ from torch import nn
 
 from mmpeft.backbones.base import BACKBONES, Backbone, BackboneError
 from mmpeft.backbones.loading import load_pretrained
+from mmpeft.data.images import to_rgb
 from mmpeft.specs import GENERATIVE_DATA_KEYS
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ class DualEncoder(Backbone):
                                 f"{self.name_or_path!r} is a dual encoder (it resizes every image to its input size)")
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        """Any PIL mode (`data.images.to_rgb`: 16-bit and float scaled, transparency on white), then the processor,
+        whose own RGB conversion would clip a 16-bit image to white and a float one to black."""
+        return self.image_processor(images=[to_rgb(image) for image in images], return_tensors="pt")["pixel_values"]
 
     # --- the decoded-image cache: the processor's resize and crop once per image, rescale/normalise per batch -----
     @property

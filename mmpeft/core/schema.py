@@ -67,7 +67,7 @@ def build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            problems.append(f"{_join(path, str(key))}: unknown key{did_you_mean(str(key), fields)}; "
+            problems.append(f"{_join(path, str(key)[:MAX_SHOWN])}: unknown key{did_you_mean(str(key), fields)}; "
                             f"valid keys: {', '.join(fields)}")
     kwargs, out_of_range = {}, False
     for name, field in fields.items():

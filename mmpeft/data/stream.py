@@ -51,6 +51,7 @@ class StreamSource:
     classes: tuple[str, ...] | None = None  # a labelled stream's class keys in label order; None: caption data
     label_column: str = "label"
     classes_from: str = "data.classes"  # where the label set came from, for the out-of-set error
+    max_pixels: int | None = None  # data.max_image_pixels: a sample's header is checked before it is decoded
 
     @cached_property
     def class_index(self) -> dict[str, int]:
@@ -101,7 +102,7 @@ def open_stream(spec: DataSpec, urls: list[str], count: StreamCount | None,
                        "every epoch, each with a warning naming it", bad, length + bad, spec.path,
                        "label" if classes is not None else "caption")
     return StreamSource(tuple(urls), length, count is not None, spec.shuffle_buffer, spec.text_column,
-                        str(spec.path), bad, classes, spec.label_column, classes_from)
+                        str(spec.path), bad, classes, spec.label_column, classes_from, spec.max_image_pixels)
 
 
 def count_samples(urls: list[str], spec: DataSpec) -> StreamCount:
@@ -134,6 +135,12 @@ def held_out_rows(pattern: str, spec: DataSpec) -> list[Row]:
             rows.append(Row("", None, None, sample_name(sample), problem(sample, spec.text_column)))
             continue
         with Image.open(io.BytesIO(sample[image_member(sample)])) as opened:
+            width, height = opened.size  # from the header: over the cap, it is never decoded
+            if spec.max_image_pixels is not None and width * height > spec.max_image_pixels:
+                rows.append(Row("", None, None, sample_name(sample), f"image is too large ({width}x{height} = "
+                                f"{width * height:,} pixels, over data.max_image_pixels = {spec.max_image_pixels:,}):"
+                                " downscale it or raise data.max_image_pixels (null: no cap)"))
+                continue
             rows.append(Row(to_rgb(opened), label, caption, sample_name(sample)))
     return rows
 

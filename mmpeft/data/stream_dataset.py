@@ -98,7 +98,10 @@ class StreamDataset(IterableDataset):
         name = sample_name(sample)
         try:
             with Image.open(io.BytesIO(sample[image_member(sample)])) as opened:
+                too_large(opened, name, self.source.max_pixels)
                 image = to_rgb(opened)
+        except DataError:
+            raise
         except Exception as error:  # PIL raises many types for damaged bytes
             raise DataError(f"cannot decode the image of stream sample {name}: {type(error).__name__}: {error}. "
                             "Replace or remove the sample") from error
@@ -109,6 +112,16 @@ class StreamDataset(IterableDataset):
         item = {"image": image, "label": label, "index": position, "key": name,
                 "shard": shard_name(str(sample.get("__url__"))), "offset": int(sample["__offset__"])}
         return item if caption is None else {**item, "text": caption}
+
+
+def too_large(image: Image.Image, name: str, max_pixels: int | None) -> None:
+    """Refuse, from its header and before a pixel is decoded, a stream image over data.max_image_pixels (a PNG of a
+    hundred bytes can claim 12000x12000 pixels: half a gigabyte decoded)."""
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise DataError(f"the image of stream sample {name} is too large ({width}x{height} = {width * height:,} "
+                        f"pixels, over data.max_image_pixels = {max_pixels:,}): downscale it or raise "
+                        "data.max_image_pixels (null: no cap)")
 
 
 class StreamCollator:

@@ -14,11 +14,12 @@ from mmpeft.core.distributed import process_state
 from mmpeft.data.loader import make_loader
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import LabelSet
 
 
 @torch.no_grad()
-def predict(backbone, dataset: Dataset, labels: LabelSet, batch_size: int = 64,
+def predict(backbone: Backbone, dataset: Dataset, labels: LabelSet, batch_size: int = 64,
             desc: str = "eval") -> tuple[np.ndarray, np.ndarray]:
     """(true labels, predicted labels) for every example of `dataset`, each counted once.
 

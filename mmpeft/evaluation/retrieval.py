@@ -20,6 +20,7 @@ from mmpeft.data import ImageDataset
 from mmpeft.data.loader import make_loader
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import LabelSet
 
 KS = (1, 5, 10)
@@ -82,7 +83,7 @@ def retrieval_gallery(dataset: ImageDataset, labels: LabelSet) -> tuple[list[int
 
 
 @torch.no_grad()
-def evaluate_retrieval(backbone, dataset: ImageDataset, labels: LabelSet, batch_size: int = 64,
+def evaluate_retrieval(backbone: Backbone, dataset: ImageDataset, labels: LabelSet, batch_size: int = 64,
                        desc: str = "retrieval") -> dict:
     """Encode the split's distinct images and texts once, score all pairs, and measure both directions."""
     was_training = backbone.training

@@ -20,6 +20,7 @@ from mmpeft.evaluation.metrics import classification_metrics
 from mmpeft.features import encode_dataset
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import ImageDataset
     from mmpeft.features import FeatureBinding
 
@@ -67,7 +68,7 @@ def prompt_sets(labels: LabelSet, templates: Sequence[str]) -> list[tuple[str, s
 
 
 @torch.no_grad()
-def evaluate_zero_shot(backbone, sets: dict[str, ImageDataset], labels: LabelSet, templates: Sequence[str],
+def evaluate_zero_shot(backbone: Backbone, sets: dict[str, ImageDataset], labels: LabelSet, templates: Sequence[str],
                        batch_size: int = 64, features: FeatureBinding | None = None) -> list[dict]:
     """One row per prompt set: {"kind", "prompts", "accuracy", "macro_f1", "shifts": {set name: accuracy}}.
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from mmpeft.core.io import PROJECT_ROOT
-from mmpeft.core.schema import RecipeError, build, did_you_mean, to_plain
+from mmpeft.core.schema import RecipeError, build, did_you_mean, show, to_plain
 from mmpeft.grids.base import GridSpec, label_problems, pick_baseline, seed_problems
 from mmpeft.runs.recipe import load_recipe, preset_candidates, read_yaml
-from mmpeft.specs import DataSpec, Recipe, TrainSpec
+from mmpeft.specs import DataSpec, Recipe, TrainSpec, template_problem
 
 FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
 # A bare name in grid.methods -> the preset it runs (when the file exists in adapters/). Names not listed here try
@@ -118,8 +118,10 @@ def grid_problems(grid: GridSpec, command: str = "compare") -> list[str]:
                                 f"{did_you_mean(strategy, STRATEGIES)}; valid: {', '.join(STRATEGIES)}")
     for i, entry in enumerate(grid.templates):
         if "{label}" not in entry and entry not in TEMPLATE_SETS:
-            problems.append(f"grid.templates[{i}]: {entry!r} is neither a template with {{label}} nor a built-in "
+            problems.append(f"grid.templates[{i}]: {show(entry)} is neither a template with {{label}} nor a built-in "
                             f"set{did_you_mean(entry, TEMPLATE_SETS)}; sets: {', '.join(TEMPLATE_SETS)}")
+        elif entry not in TEMPLATE_SETS and (problem := template_problem(entry)):
+            problems.append(f"grid.templates[{i}]: {show(entry)} {problem}")
     return problems
 
 
@@ -148,7 +150,7 @@ def resolve_methods(grid: GridSpec, recipe: Recipe | None, base_dir: Path, probl
             build(TrainSpec, {**to_plain(recipe.train), **changes}, f"{where}.train", problems)
         name = mapping.get("name")
         if name not in METHODS:
-            problems.append(f"{where}: unknown method {name!r}{did_you_mean(str(name), METHODS.names())}; "
+            problems.append(f"{where}: unknown method {show(name)}{did_you_mean(str(name), METHODS.names())}; "
                             f"valid: {', '.join(METHODS.names())}")
             continue
         problems += label_problems(where, label)

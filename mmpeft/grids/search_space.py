@@ -186,7 +186,7 @@ def parse_param(where: str, name: str, key: str, value: dict, problems: list[str
     """A `{choices: [...]}` or `{low:, high:, log:, step:}` mapping -> Param (None with problems)."""
     unknown = [k for k in value if k not in SPACE_KEYS]
     for k in unknown:
-        problems.append(f"{where}: unknown key {k!r}{did_you_mean(str(k), SPACE_KEYS)}; a searched value is "
+        problems.append(f"{where}: unknown key {show(k)}{did_you_mean(str(k), SPACE_KEYS)}; a searched value is "
                         "{choices: [...]} or {low: ..., high: ...[, log: true][, step: ...]}")
     found = len(problems)  # the other checks still run after unknown keys: every problem at once
     if "choices" in value:
@@ -237,7 +237,7 @@ def parse_entry(i: int, entry: Any, base_dir: Path, problems: list[str]) -> Sear
         return None
     name = fixed.get("name")
     if name not in METHODS:
-        problems.append(f"{where}: unknown method {name!r}{did_you_mean(str(name), METHODS.names())}; "
+        problems.append(f"{where}: unknown method {show(name)}{did_you_mean(str(name), METHODS.names())}; "
                         f"valid: {', '.join(METHODS.names())}")
         return None
     problems += label_problems(where, label)

@@ -17,6 +17,7 @@ from mmpeft.core.registry import Registry
 from mmpeft.core.schema import to_plain
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import LabelSet
     from mmpeft.specs import Recipe
 
@@ -66,11 +67,11 @@ class Method:
             problems += quantization.problems(quant)
         return problems
 
-    def apply(self, backbone: nn.Module, config: MethodConfig, labels: LabelSet | None = None) -> None:
+    def apply(self, backbone: Backbone, config: MethodConfig, labels: LabelSet | None = None) -> None:
         """Wrap `backbone` in place. `labels` is the task's label set, for methods whose shape depends on it."""
         raise NotImplementedError
 
-    def image_tower_frozen(self, backbone: nn.Module, config: MethodConfig) -> bool:
+    def image_tower_frozen(self, backbone: Backbone, config: MethodConfig) -> bool:
         """After `apply`: are image features exactly the untouched backbone's? If so they may be cached once.
 
         The default reads the applied model instead of trusting a declaration: no trainable parameter and no forward
@@ -79,19 +80,19 @@ class Method:
         """
         return image_path_untouched(backbone)
 
-    def save(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+    def save(self, backbone: Backbone, config: MethodConfig, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in trainable_state(backbone).items()}
         with atomic_path(directory / STATE_FILE) as tmp:
             save_file(state, str(tmp))
         write_json(directory / CONFIG_FILE, {"method": to_plain(config), "base": backbone.name_or_path})
 
-    def load(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+    def load(self, backbone: Backbone, config: MethodConfig, directory: Path) -> None:
         """Restore trained state onto a backbone that `apply` has already wrapped."""
         state = load_file(str(directory / STATE_FILE))
         load_trainable_state(backbone, state)
 
-    def merge(self, backbone: nn.Module, config: MethodConfig) -> None:
+    def merge(self, backbone: Backbone, config: MethodConfig) -> None:
         """Fold the trained state into the base weights in place, so `backbone.model` becomes a plain transformers
         model that computes what the trained backbone computes (for `mmpeft export --merge`); raise CannotMerge
         saying why when it cannot. The default covers peft adapters (merge_and_unload) and methods whose trained
@@ -106,7 +107,7 @@ class CannotMerge(ValueError):
     """A method's trained state cannot be folded into the base model's own weights; the message says why."""
 
 
-def fold_into_base(backbone: nn.Module) -> None:
+def fold_into_base(backbone: Backbone) -> None:
     """The default `Method.merge`: unwrap a peft model with its own merge; refuse anything the base cannot hold."""
     if backbone.head is not None:
         raise CannotMerge("trains a classification head on the image features, which replaces label-text scoring; "
@@ -141,7 +142,7 @@ def register(cls: type[Method]) -> type[Method]:
     return METHODS.register(cls.name)(cls)
 
 
-def freeze(backbone: nn.Module) -> None:
+def freeze(backbone: Backbone) -> None:
     """Freeze every weight before a method unfreezes or adds its own; a k-bit base also gets peft's preparation."""
     backbone.requires_grad_(False)
     quantization.prepare_for_training(backbone.model)
@@ -157,7 +158,7 @@ def trainable_state(module: nn.Module) -> dict:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def image_path_untouched(backbone: nn.Module) -> bool:
+def image_path_untouched(backbone: Backbone) -> bool:
     """No trainable parameter and no forward hook under the image tower (and `encode_images` not replaced)."""
     if "encode_images" in vars(backbone):
         return False

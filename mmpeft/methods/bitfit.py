@@ -15,6 +15,7 @@ from torch import nn
 from mmpeft.methods.base import Method, MethodConfig, freeze, register
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import LabelSet
 
 
@@ -41,7 +42,7 @@ class BitFit(Method):
     quantized_bits = (4, 8)
     family_note = " (generative backbones: use lora)"
 
-    def apply(self, backbone: nn.Module, config: BitFitSpec, labels: LabelSet | None = None) -> None:
+    def apply(self, backbone: Backbone, config: BitFitSpec, labels: LabelSet | None = None) -> None:
         freeze(backbone)
         towers = [re.compile(backbone.tower_pattern(t)) for t in config.towers]
         for module_name, module in backbone.model.named_modules():

@@ -19,6 +19,7 @@ from mmpeft.core.schema import Range
 from mmpeft.methods.base import Method, MethodConfig, freeze, register
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import LabelSet
 
 PLACEMENTS = {"houlsby": ("self_attn", "mlp"), "pfeiffer": ("mlp",)}
@@ -69,7 +70,7 @@ class Bottleneck(Method):
     family_note = " (generative backbones: use lora)"
     variants = {"houlsby": {"placement": "houlsby"}, "pfeiffer": {"placement": "pfeiffer"}}
 
-    def apply(self, backbone: nn.Module, config: BottleneckSpec, labels: LabelSet | None = None) -> None:
+    def apply(self, backbone: Backbone, config: BottleneckSpec, labels: LabelSet | None = None) -> None:
         freeze(backbone)
         for tower in config.towers:
             dim = backbone.tower_model(tower).config.hidden_size

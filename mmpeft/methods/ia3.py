@@ -7,12 +7,13 @@ Which modules to scale comes from the backbone (`default_ia3_targets`), per towe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from mmpeft.methods.base import MethodConfig, register
 from mmpeft.methods.lora import PeftMethod, peft_targets
+
+if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class IA3(PeftMethod):
     families = ("dual_encoder",)
     family_note = " (generative backbones: use lora)"
 
-    def peft_config(self, backbone: nn.Module, config: IA3Spec):
+    def peft_config(self, backbone: Backbone, config: IA3Spec):
         from peft import IA3Config
 
         if config.target_modules is None:

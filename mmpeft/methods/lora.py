@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from torch import nn
-
 from mmpeft.backbones import family_towers, resolve_towers
 from mmpeft.backbones.quantization import cuda_available
 from mmpeft.core.io import write_json
@@ -16,6 +14,7 @@ from mmpeft.core.schema import Range, to_plain
 from mmpeft.methods.base import CONFIG_FILE, Method, MethodConfig, freeze, register
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import LabelSet
     from mmpeft.specs import Recipe
 
@@ -50,10 +49,10 @@ class PeftMethod(Method):
     quantized_bits = (4, 8)
     saved_format = "peft"  # merged exports use peft's merge_and_unload (the default Method.merge)
 
-    def peft_config(self, backbone: nn.Module, config: MethodConfig):
+    def peft_config(self, backbone: Backbone, config: MethodConfig):
         raise NotImplementedError
 
-    def apply(self, backbone: nn.Module, config: MethodConfig, labels: LabelSet | None = None) -> None:
+    def apply(self, backbone: Backbone, config: MethodConfig, labels: LabelSet | None = None) -> None:
         from peft import get_peft_model
 
         freeze(backbone)
@@ -63,12 +62,12 @@ class PeftMethod(Method):
         except ValueError as error:
             raise ValueError(f"method.target_modules: {error}") from None
 
-    def save(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+    def save(self, backbone: Backbone, config: MethodConfig, directory: Path) -> None:
         """peft's own format: `PeftModel.from_pretrained(base, directory)` loads it without mmpeft."""
         backbone.model.save_pretrained(directory)
         write_json(directory / CONFIG_FILE, {"method": to_plain(config), "base": backbone.name_or_path})
 
-    def load(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+    def load(self, backbone: Backbone, config: MethodConfig, directory: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -100,7 +99,7 @@ class Lora(PeftMethod):
         problems += generative_tower_problems(recipe)
         return problems
 
-    def peft_config(self, backbone: nn.Module, config: LoraSpec):
+    def peft_config(self, backbone: Backbone, config: LoraSpec):
         from peft import LoraConfig
 
         targets = config.target_modules

@@ -16,6 +16,7 @@ from torch import nn
 from mmpeft.methods.base import Method, MethodConfig, freeze, register, require_labels
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import LabelSet
 
 
@@ -32,7 +33,7 @@ class LinearProbe(Method):
     quantized_bits = (4, 8)
     family_note = " (generative backbones: use lora)"
 
-    def apply(self, backbone: nn.Module, config: LinearProbeSpec, labels: LabelSet | None = None) -> None:
+    def apply(self, backbone: Backbone, config: LinearProbeSpec, labels: LabelSet | None = None) -> None:
         labels = require_labels(self.name, labels, "the head has one output per class")
         freeze(backbone)
         with torch.no_grad():

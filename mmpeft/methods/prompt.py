@@ -25,6 +25,7 @@ from mmpeft.core.schema import Range
 from mmpeft.methods.base import Method, MethodConfig, freeze, register, require_labels
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import LabelSet
 
 GENERATIVE_LATER = " (peft prompt tuning for generative backbones is planned for a later version; use lora there)"
@@ -58,7 +59,7 @@ class TextContext(nn.Module):
     def n_ctx(self) -> int:
         return self.ctx.shape[-2]
 
-    def forward(self, backbone: nn.Module, labels: LabelSet) -> torch.Tensor:
+    def forward(self, backbone: Backbone, labels: LabelSet) -> torch.Tensor:
         ids, mask = self.token_ids(backbone, labels.names)
         if self.ctx.dim() == 3 and self.ctx.shape[0] != len(ids):
             raise ValueError(f"class-specific context was built for {self.ctx.shape[0]} classes, "
@@ -67,7 +68,7 @@ class TextContext(nn.Module):
         with _replaced_embeddings(embedding, self.ctx, self.start):
             return backbone.encode_texts(ids.to(backbone.device), mask.to(backbone.device))
 
-    def token_ids(self, backbone: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_ids(self, backbone: Backbone, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids and attention mask of `[bos] X*n_ctx name. [eos]` per class, padded as the backbone pads."""
         key = tuple(names)
         if key not in self._ids:
@@ -110,7 +111,7 @@ class CoOp(Method):
     quantized_bits = (4, 8)
     family_note = GENERATIVE_LATER
 
-    def apply(self, backbone: nn.Module, config: CoOpSpec, labels: LabelSet | None = None) -> None:
+    def apply(self, backbone: Backbone, config: CoOpSpec, labels: LabelSet | None = None) -> None:
         freeze(backbone)
         tokenizer = backbone.tokenizer
         text = backbone.tower_model("text")
@@ -160,7 +161,7 @@ class VPT(Method):
     quantized_bits = (4, 8)
     family_note = GENERATIVE_LATER
 
-    def apply(self, backbone: nn.Module, config: VPTSpec, labels: LabelSet | None = None) -> None:
+    def apply(self, backbone: Backbone, config: VPTSpec, labels: LabelSet | None = None) -> None:
         freeze(backbone)
         embeddings = backbone.tower_model("vision").embeddings
         if hasattr(embeddings, "vpt"):

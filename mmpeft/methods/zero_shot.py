@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from torch import nn
-
 from mmpeft.methods.base import Method, MethodConfig, register
 
 if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
     from mmpeft.data import LabelSet
 
 
@@ -20,11 +19,11 @@ class ZeroShot(Method):
     families = ("dual_encoder", "generative")
     quantized_bits = (4, 8)
 
-    def apply(self, backbone: nn.Module, config: MethodConfig, labels: LabelSet | None = None) -> None:
+    def apply(self, backbone: Backbone, config: MethodConfig, labels: LabelSet | None = None) -> None:
         backbone.requires_grad_(False)
 
-    def save(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+    def save(self, backbone: Backbone, config: MethodConfig, directory: Path) -> None:
         """Nothing was trained, so there is nothing to save."""
 
-    def load(self, backbone: nn.Module, config: MethodConfig, directory: Path) -> None:
+    def load(self, backbone: Backbone, config: MethodConfig, directory: Path) -> None:
         """Nothing to restore."""

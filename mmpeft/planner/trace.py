@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 if TYPE_CHECKING:
     from torch import nn
 
+    from mmpeft.backbones import Backbone
     from mmpeft.planner.model import MetaBackbone
 
 OUTSIDE = "outside encoder layers"
@@ -106,7 +107,7 @@ def trace_run(module: nn.Module, layers: list[tuple[str, nn.Module]], run: Calla
     return trace
 
 
-def encoder_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+def encoder_layers(backbone: Backbone) -> list[tuple[str, nn.Module]]:
     """(tower.index, layer) for every encoder layer the backbone exposes."""
     layers = []
     for tower in ("vision", "text"):

@@ -149,10 +149,15 @@ def pinnable() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+# The child's terminal is the user's: dependency notices and transformers' "Writing model shards" bar stay out of it
+# (as `mmpeft.cli.quiet_dependencies` keeps them out of the parent's).
+CHILD_PRELUDE = ("import json, logging, sys; logging.getLogger('bitsandbytes').setLevel(logging.ERROR); "
+                 "from transformers.utils import logging as hf_logging; hf_logging.disable_progress_bar(); ")
+
+
 def _pretrain_pinned(overrides: dict, metrics_file: Path) -> dict:
     """Run the pre-training recipe in a child process started with PINNED_NUMERICS; its metrics come back as JSON."""
-    code = ("import json, logging, sys; logging.getLogger('bitsandbytes').setLevel(logging.ERROR); "
-            "from mmpeft.runs.single import run; "
+    code = (CHILD_PRELUDE + "from mmpeft.runs.single import run; "
             "json.dump(run(sys.argv[1], json.loads(sys.argv[2])), open(sys.argv[3], 'w'))")
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, **PINNED_NUMERICS,

@@ -51,10 +51,11 @@ def validate(data: dict, base_dir: Path, label: str | None = None, data_files: b
     if method_data is None:
         problems.append(f"method: required; valid methods: {', '.join(METHODS.names())}")
     elif not isinstance(method_data, dict) or "name" not in method_data:
-        problems.append(f"method: expected a method name, a preset file or a mapping with `name`, got {method_data!r}")
+        problems.append("method: expected a method name, a preset file or a mapping with `name`, got "
+                        f"{show(method_data)}")
     elif method_data["name"] not in METHODS:
         name = method_data["name"]
-        problems.append(f"method.name: unknown method {name!r}{did_you_mean(str(name), METHODS.names())}; "
+        problems.append(f"method.name: unknown method {show(name)}{did_you_mean(str(name), METHODS.names())}; "
                         f"valid: {', '.join(METHODS.names())}")
     else:
         method = build(METHODS.get(method_data["name"]).Config, method_data, "method", problems)
@@ -319,6 +320,14 @@ class RecipeLoader(yaml.SafeLoader):
                                        10 * MAX_ALIAS_NODES)
         return self.node_sizes[key]
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} characters is too long to read; write a shorter "
+                "number (or quote it, if it is text)", node.start_mark) from None
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
@@ -333,6 +342,8 @@ class RecipeLoader(yaml.SafeLoader):
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
 
 def parse_yaml(text: str) -> Any:
     """YAML text -> data through RecipeLoader; raises yaml.YAMLError."""

@@ -19,6 +19,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from mmpeft.sequences.report import write_continual_report
 from mmpeft.sequences.sequence import TaskSequence, load_sequence
 from mmpeft.sequences.tasks import ContinualRecipe, load_continual_recipe
 from mmpeft.train import CHECKPOINT_DIR, Trainer
+
+if TYPE_CHECKING:
+    from mmpeft.backbones import Backbone
 
 logger = logging.getLogger("mmpeft")
 
@@ -176,8 +180,8 @@ def execute(recipe: ContinualRecipe, run_dir: Path, resume: bool = False) -> dic
     return finish(recipe, sequence, backbone, method, regulariser, progress, params, run_dir)
 
 
-def train_task(recipe: ContinualRecipe, sequence: TaskSequence, backbone, regulariser: Regulariser, index: int,
-               run_dir: Path) -> dict:
+def train_task(recipe: ContinualRecipe, sequence: TaskSequence, backbone: Backbone, regulariser: Regulariser,
+               index: int, run_dir: Path) -> dict:
     """One task through the ordinary Trainer; a task interrupted midway continues from the Trainer's checkpoint."""
     base, task = recipe.recipe, sequence.tasks[index]
     context, objective = task_context(recipe, sequence, backbone, index)
@@ -204,7 +208,7 @@ def train_task(recipe: ContinualRecipe, sequence: TaskSequence, backbone, regula
             "seconds": round(result.train_seconds, 3), "best_epoch": result.best_epoch, "history": result.history}
 
 
-def task_context(recipe: ContinualRecipe, sequence: TaskSequence, backbone, index: int,
+def task_context(recipe: ContinualRecipe, sequence: TaskSequence, backbone: Backbone, index: int,
                  ) -> tuple[TaskContext, RecordingClassification]:
     """What the regulariser sees of task `index`, and the objective that trains it (over every class seen so far)."""
     labels = sequence.labels_upto(index)
@@ -218,7 +222,7 @@ def task_context(recipe: ContinualRecipe, sequence: TaskSequence, backbone, inde
     return context, objective
 
 
-def evaluate_step(backbone, sequence: TaskSequence, regulariser: Regulariser | None, recipe: ContinualRecipe,
+def evaluate_step(backbone: Backbone, sequence: TaskSequence, regulariser: Regulariser | None, recipe: ContinualRecipe,
                   step: int | None) -> dict:
     """Accuracy on every task's test set after task `step` (None: the untouched backbone), plus the control set."""
     batch_size = recipe.recipe.eval.batch_size
@@ -236,12 +240,12 @@ def evaluate_step(backbone, sequence: TaskSequence, regulariser: Regulariser | N
     return {"tasks": row, "control": control}
 
 
-def accuracy(backbone, dataset: ImageDataset, labels: LabelSet, batch_size: int) -> float:
+def accuracy(backbone: Backbone, dataset: ImageDataset, labels: LabelSet, batch_size: int) -> float:
     truth, predicted = predict(backbone, dataset, labels, batch_size, desc="eval")
     return float(np.mean(truth == predicted))
 
 
-def finish(recipe: ContinualRecipe, sequence: TaskSequence, backbone, method, regulariser: Regulariser,
+def finish(recipe: ContinualRecipe, sequence: TaskSequence, backbone: Backbone, method, regulariser: Regulariser,
            progress: SequenceProgress, params: dict, run_dir: Path) -> dict:
     base = recipe.recipe
     zero_shot = progress.zero_shot or {}
@@ -274,7 +278,7 @@ def finish(recipe: ContinualRecipe, sequence: TaskSequence, backbone, method, re
     return metrics
 
 
-def save_adapters(method, backbone, regulariser: Regulariser, recipe: ContinualRecipe, run_dir: Path) -> None:
+def save_adapters(method, backbone: Backbone, regulariser: Regulariser, recipe: ContinualRecipe, run_dir: Path) -> None:
     """The final trainable state in the method's own format; one per task too when the regulariser keeps them."""
     _save_method_state(method, backbone, recipe, run_dir / ADAPTER_DIR)
     per_task = getattr(regulariser, "task_states", None)
@@ -297,7 +301,7 @@ def _save_method_state(method, backbone, recipe: ContinualRecipe, final: Path) -
 
 
 # --- the per-task checkpoint ----------------------------------------------------------------------------------------
-def save_state(run_dir: Path, backbone, regulariser: Regulariser, progress: SequenceProgress) -> None:
+def save_state(run_dir: Path, backbone: Backbone, regulariser: Regulariser, progress: SequenceProgress) -> None:
     """Written into a staging folder and swapped in: an interrupted save leaves the previous checkpoint whole."""
     final = run_dir / STATE_DIR
     staging, old = final.with_name(f".{STATE_DIR}.staging"), final.with_name(f".{STATE_DIR}.previous")
@@ -332,7 +336,7 @@ def read_progress(run_dir: Path) -> SequenceProgress:
     return SequenceProgress()
 
 
-def restore_state(run_dir: Path, backbone, regulariser: Regulariser) -> None:
+def restore_state(run_dir: Path, backbone: Backbone, regulariser: Regulariser) -> None:
     folder = run_dir / STATE_DIR
     if not (folder / "progress.json").is_file():
         folder = run_dir / f".{STATE_DIR}.previous"

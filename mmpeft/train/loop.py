@@ -122,7 +122,7 @@ def make_optimizer(spec: TrainSpec, params: list[torch.nn.Parameter]) -> torch.o
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
-def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(backbone: Backbone) -> None:
     """Both towers (or the whole generative model); non-reentrant, so peft's frozen inputs need no grad hack."""
     model = backbone.base_model
     if not getattr(model, "supports_gradient_checkpointing", False):
