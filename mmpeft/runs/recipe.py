@@ -345,6 +345,7 @@ class RecipeLoader(yaml.SafeLoader):
 
 RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
 
+
 def parse_yaml(text: str) -> Any:
     """YAML text -> data through RecipeLoader; raises yaml.YAMLError."""
     return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
