@@ -26,6 +26,18 @@ SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
+PIXEL_CAP_HINT = "downscale it or raise data.max_image_pixels (null: no cap)"
+
+
+def over_pixel_cap(image: Image.Image, max_pixels: int | None) -> str | None:
+    """Why an opened image is over data.max_image_pixels, read from its header before any pixel is decoded (a PNG of
+    a hundred bytes can claim 12000x12000 pixels: half a gigabyte decoded); None within the cap or with no cap."""
+    width, height = image.size
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels = {max_pixels:,}"
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """A new, fully loaded 8-bit RGB image: EXIF rotation applied, high bit depths scaled, transparency flattened."""
     image.load()

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmpeft.data.errors import DataError
-from mmpeft.data.images import to_rgb
+from mmpeft.data.images import PIXEL_CAP_HINT, over_pixel_cap, to_rgb
 from mmpeft.data.shards import IMAGE_EXTENSIONS, expand_shards, is_remote, read_shards
 from mmpeft.data.sources import Row
 from mmpeft.specs import DataSpec
@@ -135,11 +135,9 @@ def held_out_rows(pattern: str, spec: DataSpec) -> list[Row]:
             rows.append(Row("", None, None, sample_name(sample), problem(sample, spec.text_column)))
             continue
         with Image.open(io.BytesIO(sample[image_member(sample)])) as opened:
-            width, height = opened.size  # from the header: over the cap, it is never decoded
-            if spec.max_image_pixels is not None and width * height > spec.max_image_pixels:
-                rows.append(Row("", None, None, sample_name(sample), f"image is too large ({width}x{height} = "
-                                f"{width * height:,} pixels, over data.max_image_pixels = {spec.max_image_pixels:,}):"
-                                " downscale it or raise data.max_image_pixels (null: no cap)"))
+            if detail := over_pixel_cap(opened, spec.max_image_pixels):  # from the header: never decoded
+                rows.append(Row("", None, None, sample_name(sample),
+                                f"image is too large ({detail}): {PIXEL_CAP_HINT}"))
                 continue
             rows.append(Row(to_rgb(opened), label, caption, sample_name(sample)))
     return rows

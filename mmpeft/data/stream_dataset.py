@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from mmpeft.data.augment import augment, augment_enabled, check_augment
 from mmpeft.data.dataset import ImageCollator
 from mmpeft.data.errors import DataError
-from mmpeft.data.images import to_rgb
+from mmpeft.data.images import PIXEL_CAP_HINT, over_pixel_cap, to_rgb
 from mmpeft.data.shifts import apply_shifts, parse_shift
 from mmpeft.data.stream import StreamSource, epoch_samples, image_member, sample_name, shard_name
 from mmpeft.specs import AugmentSpec
@@ -115,13 +115,9 @@ class StreamDataset(IterableDataset):
 
 
 def too_large(image: Image.Image, name: str, max_pixels: int | None) -> None:
-    """Refuse, from its header and before a pixel is decoded, a stream image over data.max_image_pixels (a PNG of a
-    hundred bytes can claim 12000x12000 pixels: half a gigabyte decoded)."""
-    width, height = image.size
-    if max_pixels is not None and width * height > max_pixels:
-        raise DataError(f"the image of stream sample {name} is too large ({width}x{height} = {width * height:,} "
-                        f"pixels, over data.max_image_pixels = {max_pixels:,}): downscale it or raise "
-                        "data.max_image_pixels (null: no cap)")
+    """Refuse a stream image over data.max_image_pixels before a pixel of it is decoded."""
+    if detail := over_pixel_cap(image, max_pixels):
+        raise DataError(f"the image of stream sample {name} is too large ({detail}): {PIXEL_CAP_HINT}")
 
 
 class StreamCollator:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from mmpeft.core.schema import did_you_mean
 from mmpeft.data.errors import DataError
+from mmpeft.data.images import PIXEL_CAP_HINT, over_pixel_cap
 from mmpeft.data.sources import DatasetImage, Row, ShardImage
 
 logger = logging.getLogger("mmpeft")
@@ -94,10 +95,8 @@ def check_image(open_image: Callable[[], Image.Image], max_pixels: int | None) -
     """
     try:
         with open_image() as image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                return "large", (f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels = "
-                                 f"{max_pixels:,}")
+            if detail := over_pixel_cap(image, max_pixels):
+                return "large", detail
             if image.format == "PNG":
                 image.verify()
                 return None
@@ -158,8 +157,7 @@ def _row_problem(row: Row, allowed: set[str] | None, classes: Sequence[str] | No
         if kind == "missing":
             return "missing", f"image not found ({detail})"
         if kind == "large":
-            return "large", (f"{image} is too large ({detail}): downscale it or raise data.max_image_pixels "
-                             "(null: no cap)")
+            return "large", f"{image} is too large ({detail}): {PIXEL_CAP_HINT}"
         return "corrupt", f"{image} is unreadable ({detail})"
     if row.label is None:
         return "label", "no label"

@@ -149,7 +149,7 @@ def _run_entry(folder: Path, relative: str, launched: str | None, cell: bool) ->
         entry.trainable_percent = params.get("percent")
         if continual:
             entry.accuracy = (metrics.get("summary") or {}).get("average_accuracy")
-            entry.seconds = _continual_seconds(metrics)
+            entry.seconds = continual_seconds(metrics)
         else:
             entry.accuracy = (metrics.get("test") or {}).get("accuracy")
             entry.seconds = (metrics.get("train") or {}).get("seconds")
@@ -239,7 +239,7 @@ def _log_closed(log: Path) -> bool:
     return lines.endswith(" s") and " finished in " in lines
 
 
-def _continual_seconds(metrics: dict) -> float | None:
+def continual_seconds(metrics: dict) -> float | None:
     train = metrics.get("train")
     steps = train if isinstance(train, list) else [train]
     return sum(float(t.get("seconds") or 0) for t in steps if isinstance(t, dict)) or None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mmpeft.grids.base import GRID_RECIPE
 from mmpeft.runs.folder import METRICS_FILE
-from mmpeft.ui.catalog import _continual_seconds, inside
+from mmpeft.ui.catalog import continual_seconds, inside
 
 # column -> True where higher is better (accuracy), False where lower is (parameters, time)
 METRIC_COLUMNS = {"accuracy": True, "macro-F1": True, "trainable params": False, "trainable %": False,
@@ -45,7 +45,7 @@ def _run_row(folder: Path, relative: str) -> dict:
     return {"row": relative, "method": metrics.get("method", ""),
             "accuracy": test.get("accuracy", summary.get("average_accuracy")), "macro-F1": test.get("macro_f1"),
             "trainable params": params.get("trainable"), "trainable %": params.get("percent"),
-            "train s": train.get("seconds") if isinstance(train, dict) else _continual_seconds(metrics),
+            "train s": train.get("seconds") if isinstance(train, dict) else continual_seconds(metrics),
             "paired test": ""}
 
 
